@@ -1,0 +1,315 @@
+//! Wire types shared by the `ven` agent and the `pce`.
+//!
+//! Two channels carry them, both over TLS 1.3 with the PCE's own CA:
+//! - the VEN API (HTTPS, default port 8443): request and response bodies are postcard-encoded
+//!   messages from this crate, and every request names [`PROTOCOL_VERSION`] in [`PROTOCOL_HEADER`];
+//! - the event service (default port 8444): length-prefixed postcard frames ([`frame`]).
+//!
+//! Compatibility rule: postcard encodes enums by variant index and structs by field order, so a
+//! new variant or field is only ever appended, and anything else bumps [`PROTOCOL_VERSION`].
+#![forbid(unsafe_code)]
+
+pub mod frame;
+mod net;
+
+pub use net::{IpNet, IpNetError};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the messages in this crate. A PCE answers a request carrying another version with
+/// `409 Conflict` and an [`ErrorBody`] of kind [`ErrorKind::ProtocolMismatch`].
+pub const PROTOCOL_VERSION: u16 = 1;
+/// HTTP header carrying [`PROTOCOL_VERSION`] on every VEN API request and response.
+pub const PROTOCOL_HEADER: &str = "x-ven-protocol";
+/// Content type of postcard bodies on the VEN API.
+pub const CONTENT_TYPE: &str = "application/x-ven-postcard";
+/// Largest VEN API body either side accepts (a policy for a large host fits comfortably).
+pub const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Default port of the VEN API.
+pub const DEFAULT_API_PORT: u16 = 8443;
+/// Default port of the event service.
+pub const DEFAULT_EVENT_PORT: u16 = 8444;
+
+/// Paths of the VEN API. Authenticated requests carry `authorization: Bearer <agent_id>.<token>`.
+pub mod path {
+    /// POST [`ActivateRequest`](super::ActivateRequest) -> [`ActivateResponse`](super::ActivateResponse). No credentials.
+    pub const ACTIVATE: &str = "/ven/v1/activate";
+    /// POST [`HeartbeatRequest`](super::HeartbeatRequest) -> [`HeartbeatResponse`](super::HeartbeatResponse).
+    pub const HEARTBEAT: &str = "/ven/v1/heartbeat";
+    /// GET -> [`Policy`](super::Policy); with `if-none-match: <version>` answers 304 when unchanged.
+    pub const POLICY: &str = "/ven/v1/policy";
+    /// POST [`Goodbye`](super::Goodbye) -> empty 204: the agent is stopping (PCE marks it offline).
+    pub const GOODBYE: &str = "/ven/v1/goodbye";
+    /// POST -> empty 204: the agent unpairs; the PCE forgets it.
+    pub const DEACTIVATE: &str = "/ven/v1/deactivate";
+}
+
+/// Builds the `authorization` header value for an agent.
+pub fn bearer(agent_id: u64, agent_token: &str) -> String {
+    format!("Bearer {agent_id}.{agent_token}")
+}
+
+/// Parses an `authorization` header value built by [`bearer`].
+pub fn parse_bearer(value: &str) -> Option<(u64, &str)> {
+    let credentials = value.strip_prefix("Bearer ")?;
+    let (id, token) = credentials.split_once('.')?;
+    Some((id.parse().ok()?, token))
+}
+
+/// How the VEN's policy acts on the host's firewall (the spec's workload policy states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PolicyState {
+    /// The firewall is left as the host has it; the VEN only reports.
+    Idle,
+    /// Nothing is blocked; new connections are logged.
+    Build,
+    /// Nothing is blocked; what enforcement would block is logged as such.
+    Test,
+    /// Default deny: only what the rules allow passes; drops are logged.
+    Enforced,
+}
+
+impl PolicyState {
+    pub const ALL: [PolicyState; 4] = [Self::Idle, Self::Build, Self::Test, Self::Enforced];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Build => "build",
+            Self::Test => "test",
+            Self::Enforced => "enforced",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PolicyState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| format!("unknown policy state {s:?} (expected idle, build, test or enforced)"))
+    }
+}
+
+/// One network interface of the host and its addresses (with prefix length).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    pub addresses: Vec<IpNet>,
+}
+
+/// What the VEN reports about its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub hostname: String,
+    /// `uname -srm`-like description of the OS.
+    pub os: String,
+    pub agent_version: String,
+    pub interfaces: Vec<Interface>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    pub activation_code: String,
+    pub host: HostReport,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivateResponse {
+    pub agent_id: u64,
+    /// Secret for every later request; the PCE keeps only its hash.
+    pub agent_token: String,
+    pub heartbeat_interval_s: u32,
+    pub event_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    /// Version of the policy the firewall carries now (0: none yet).
+    pub applied_policy_version: u64,
+    /// State the firewall is in now.
+    pub applied_state: PolicyState,
+    /// Why the last apply failed, while the previous policy stays in force.
+    pub apply_error: Option<String>,
+    /// Sent when the host's interfaces changed since the last report.
+    pub host: Option<HostReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The policy version the PCE holds for this VEN; the VEN fetches it when it differs.
+    pub policy_version: u64,
+    pub heartbeat_interval_s: u32,
+}
+
+/// Sent when the agent stops, so that the PCE marks the workload offline at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub reason: String,
+}
+
+/// The whole policy of one host, computed by the PCE.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Increases whenever anything in the policy changes; never 0.
+    pub version: u64,
+    pub state: PolicyState,
+    /// Address lists that rules refer to by id; the VEN programs each as one ipset.
+    pub ip_sets: Vec<IpSet>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpSet {
+    /// Unique within the policy.
+    pub id: u32,
+    pub members: Vec<IpNet>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// Connections the host accepts (the host is the provider).
+    Inbound,
+    /// Connections the host opens (the host is the consumer).
+    Outbound,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Any,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Any => "any",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" | "6" => Ok(Self::Tcp),
+            "udp" | "17" => Ok(Self::Udp),
+            "icmp" | "1" => Ok(Self::Icmp),
+            "any" => Ok(Self::Any),
+            _ => Err(format!("unknown protocol {s:?} (expected tcp, udp, icmp or any)")),
+        }
+    }
+}
+
+/// Who is on the other end of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Peers {
+    Any,
+    /// The members of the [`IpSet`] with this id.
+    Set(u32),
+}
+
+/// An inclusive range of ports; a single port has `first == last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// One allow rule. Anything no rule allows is dropped in the enforced state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Unique within the policy; carried into log prefixes and flow records.
+    pub id: u32,
+    pub direction: Direction,
+    pub peers: Peers,
+    pub protocol: Protocol,
+    /// Destination ports (TCP and UDP only); `None` means all ports.
+    pub ports: Option<PortRange>,
+}
+
+/// Error body of every non-2xx VEN API answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The activation code is unknown, expired or used up.
+    BadActivationCode,
+    /// The agent credentials are unknown or wrong (the VEN is a lost agent).
+    Unauthorized,
+    ProtocolMismatch,
+    BadRequest,
+    Internal,
+}
+
+/// Encodes a message for the wire.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serialising these types into a Vec cannot fail: no maps with fallible keys, no I/O.
+    postcard::to_allocvec(message).unwrap_or_default()
+}
+
+/// Decodes a message from untrusted bytes.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, DecodeError> {
+    postcard::from_bytes(bytes).map_err(DecodeError)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed message: {0}")]
+pub struct DecodeError(postcard::Error);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_round_trips_and_rejects_garbage() {
+        let header = bearer(42, "abc");
+        assert_eq!(parse_bearer(&header), Some((42, "abc")));
+        assert_eq!(parse_bearer("Bearer 42"), None);
+        assert_eq!(parse_bearer("Basic 42.abc"), None);
+        assert_eq!(parse_bearer("Bearer x.abc"), None);
+    }
+
+    #[test]
+    fn policy_round_trips_through_postcard() {
+        let policy = Policy {
+            version: 7,
+            state: PolicyState::Enforced,
+            ip_sets: vec![IpSet { id: 1, members: vec!["198.18.0.2/32".parse().unwrap()] }],
+            rules: vec![Rule {
+                id: 3,
+                direction: Direction::Inbound,
+                peers: Peers::Set(1),
+                protocol: Protocol::Tcp,
+                ports: Some(PortRange { first: 5432, last: 5432 }),
+            }],
+        };
+        let bytes = encode(&policy);
+        assert_eq!(decode::<Policy>(&bytes).unwrap(), policy);
+        assert!(decode::<Policy>(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn policy_state_parses_its_own_names_only() {
+        for state in PolicyState::ALL {
+            assert_eq!(state.as_str().parse::<PolicyState>(), Ok(state));
+        }
+        assert!("enforcing".parse::<PolicyState>().is_err());
+    }
+}
