@@ -1,0 +1,1 @@
+//! PlatformHandler: policy to iptables/ipset rendering and applying (being written).
