@@ -1,4 +1,15 @@
 //! ven: the Virtual Enforcement Node agent and its CLI (one multi-call binary).
+//!
+//! Map (see ARCHITECTURE.md): [`cli`] parses and dispatches; [`agent`] is the daemon
+//! (AgentManager, EventSync, control socket); [`firewall`] renders and applies the policy
+//! (PlatformHandler); [`flows`] will hold the flow pipeline (vtapServer); [`state`] is the data
+//! directory.
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod cli;
+pub mod clock;
 pub mod firewall;
+pub mod flows;
+pub mod logging;
+pub mod state;

@@ -1,0 +1,161 @@
+//! The running agent's control socket: a root-only Unix socket in the data directory over which
+//! the CLI asks for status and hands over work that must not race the agent (deactivation, a new
+//! identity). One request per connection, postcard frames as on the event service.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use ven_proto::frame::{self, FrameError};
+
+use super::Input;
+use super::status::StatusReport;
+
+/// How long a client waits for the agent; deactivation talks to the PCE, so it gets longer.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+pub const WORK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Status,
+    /// `ven activate` wrote a new identity: load it and start talking to the PCE.
+    IdentityChanged,
+    /// Unpair, open the firewall and forget the identity.
+    Deactivate,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Status(StatusReport),
+    Done,
+    /// Deactivated; `pce_notice` says why the PCE could not be told, if it could not.
+    Deactivated {
+        pce_notice: Option<String>,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no agent is running on {0}")]
+    NotRunning(PathBuf),
+    #[error("another agent is already running on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("control socket {path}: {cause}")]
+    Socket { path: PathBuf, cause: io::Error },
+    #[error("control socket {path}: {cause}")]
+    Frame { path: PathBuf, cause: FrameError },
+}
+
+/// The serving side, on a thread named `control`.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds the socket (refusing when another agent answers on it) and starts serving. Status is
+    /// answered from `status` directly; other requests go to the manager through `inputs`.
+    pub fn start(
+        path: &Path,
+        status: Arc<Mutex<StatusReport>>,
+        inputs: SyncSender<Input>,
+    ) -> Result<Self, ControlError> {
+        let socket_error = |cause| ControlError::Socket { path: path.to_path_buf(), cause };
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::AlreadyRunning(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(socket_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(listener, &thread_stop, &status, &inputs))
+            .map_err(socket_error)?;
+        Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
+    }
+
+    /// Stops serving, joins the thread and removes the socket.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(
+    listener: UnixListener,
+    stop: &AtomicBool,
+    status: &Mutex<StatusReport>,
+    inputs: &SyncSender<Input>,
+) {
+    for connection in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut stream) = connection else { continue };
+        let _ = stream.set_read_timeout(Some(STATUS_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(STATUS_TIMEOUT));
+        let request: ControlRequest = match frame::read_frame(&mut stream, &mut Vec::new()) {
+            Ok(request) => request,
+            Err(e) => {
+                log::warn!("control socket: bad request: {e}");
+                continue;
+            }
+        };
+        let response = match request {
+            ControlRequest::Status => match status.lock() {
+                Ok(report) => ControlResponse::Status(report.clone()),
+                Err(_) => ControlResponse::Failed("status unavailable".into()),
+            },
+            work => {
+                let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+                if inputs.send(Input::Control(work, reply_tx)).is_err() {
+                    ControlResponse::Failed("the agent is stopping".into())
+                } else {
+                    reply_rx.recv_timeout(WORK_TIMEOUT).unwrap_or_else(|_| {
+                        ControlResponse::Failed("the agent did not answer in time".into())
+                    })
+                }
+            }
+        };
+        if let Err(e) = frame::write_frame(&mut stream, &response) {
+            log::warn!("control socket: cannot answer: {e}");
+        }
+    }
+}
+
+/// Sends one request to the agent serving `path` and waits up to `timeout` for its answer.
+pub fn request(
+    path: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, ControlError> {
+    let mut stream = match UnixStream::connect(path) {
+        Ok(stream) => stream,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            return Err(ControlError::NotRunning(path.to_path_buf()));
+        }
+        Err(cause) => return Err(ControlError::Socket { path: path.to_path_buf(), cause }),
+    };
+    let frame_error = |cause| ControlError::Frame { path: path.to_path_buf(), cause };
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|cause| ControlError::Socket { path: path.into(), cause })?;
+    frame::write_frame(&mut stream, request).map_err(frame_error)?;
+    frame::read_frame(&mut stream, &mut Vec::new()).map_err(frame_error)
+}

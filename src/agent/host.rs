@@ -1,0 +1,85 @@
+//! What the VEN reports about its host: name, OS, interfaces and their addresses.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ven_proto::{HostReport, Interface, IpNet};
+
+pub fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub fn report(hostname: &str) -> HostReport {
+    HostReport {
+        hostname: hostname.to_string(),
+        os: os_description(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        interfaces: interfaces(),
+    }
+}
+
+fn os_description() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{} {} {}", std::env::consts::OS, release.trim(), std::env::consts::ARCH)
+}
+
+/// Interfaces with their addresses, sorted by name; loopback and link-local addresses are left
+/// out because no peer can use them in a policy.
+pub fn interfaces() -> Vec<Interface> {
+    let mut by_name: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    for ifaddr in addrs {
+        let (Some(address), Some(netmask)) = (ifaddr.address, ifaddr.netmask) else { continue };
+        let (ip, prefix) = if let (Some(a), Some(m)) = (address.as_sockaddr_in(), netmask.as_sockaddr_in()) {
+            (IpAddr::V4(a.ip()), u32::from(m.ip()).count_ones() as u8)
+        } else if let (Some(a), Some(m)) = (address.as_sockaddr_in6(), netmask.as_sockaddr_in6()) {
+            (IpAddr::V6(a.ip()), u128::from(m.ip()).count_ones() as u8)
+        } else {
+            continue;
+        };
+        if !reportable(ip) {
+            continue;
+        }
+        if let Ok(net) = IpNet::new(ip, prefix) {
+            by_name.entry(ifaddr.interface_name).or_default().push(net);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, mut addresses)| {
+            addresses.sort();
+            Interface { name, addresses }
+        })
+        .collect()
+}
+
+fn reportable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_link_local_are_not_reported() {
+        assert!(!reportable("127.0.0.1".parse().unwrap()));
+        assert!(!reportable("::1".parse().unwrap()));
+        assert!(!reportable("fe80::1".parse().unwrap()));
+        assert!(reportable("198.18.0.2".parse().unwrap()));
+        assert!(reportable("2001:db8::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_report_never_lists_loopback() {
+        let report = report("web");
+        assert_eq!(report.hostname, "web");
+        assert!(report.interfaces.iter().all(|i| i.name != "lo"));
+    }
+}

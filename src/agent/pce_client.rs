@@ -1,0 +1,158 @@
+//! The VEN API client: HTTPS with postcard bodies, trusting only the PCE's CA.
+
+use std::time::Duration;
+
+use serde::{Serialize, de::DeserializeOwned};
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+use ven_proto::{
+    ActivateRequest, ActivateResponse, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest, HeartbeatResponse,
+    Policy, path,
+};
+
+/// Whole-request limit: a PCE that does not answer in this time counts as unreachable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the PCE at {server}: {cause}")]
+    Unreachable { server: String, cause: String },
+    #[error("the PCE at {server} refused {endpoint}: {message}")]
+    Refused { server: String, endpoint: &'static str, kind: ErrorKind, message: String },
+    #[error("the PCE at {server} answered {endpoint} with HTTP {status}")]
+    Status { server: String, endpoint: &'static str, status: u16 },
+    #[error("the PCE at {server} sent a malformed answer to {endpoint}: {cause}")]
+    Malformed { server: String, endpoint: &'static str, cause: String },
+}
+
+impl ClientError {
+    /// The PCE no longer knows our credentials: the spec's "lost agent".
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Self::Refused { kind: ErrorKind::Unauthorized, .. })
+    }
+}
+
+pub struct PceClient {
+    agent: ureq::Agent,
+    server: String,
+    authorization: Option<String>,
+}
+
+impl PceClient {
+    /// A client for `server` (`HOST:PORT`) that trusts only `ca_der`.
+    pub fn new(server: &str, ca_der: &[u8]) -> Self {
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::new_with_certs(&[Certificate::from_der(ca_der).to_owned()]))
+            .unversioned_rustls_crypto_provider(super::tls::provider())
+            .build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .https_only(true)
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .max_idle_connections(1)
+            .user_agent(concat!("ven/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Self { agent: config.into(), server: server.to_string(), authorization: None }
+    }
+
+    /// Sends the agent's credentials on every request from now on.
+    pub fn with_credentials(mut self, agent_id: u64, agent_token: &str) -> Self {
+        self.authorization = Some(ven_proto::bearer(agent_id, agent_token));
+        self
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn activate(&self, request: &ActivateRequest) -> Result<ActivateResponse, ClientError> {
+        self.post(path::ACTIVATE, request)?.ok_or_else(|| self.malformed(path::ACTIVATE, "empty body"))
+    }
+
+    pub fn heartbeat(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
+        self.post(path::HEARTBEAT, request)?.ok_or_else(|| self.malformed(path::HEARTBEAT, "empty body"))
+    }
+
+    /// The current policy, or `None` when it is still version `have`.
+    pub fn policy(&self, have: u64) -> Result<Option<Policy>, ClientError> {
+        let mut request = self.agent.get(self.url(path::POLICY)).header(ven_proto::PROTOCOL_HEADER, "1");
+        if let Some(auth) = &self.authorization {
+            request = request.header("authorization", auth);
+        }
+        if have != 0 {
+            request = request.header("if-none-match", have.to_string());
+        }
+        let response = request.call().map_err(|e| self.unreachable(e))?;
+        self.decode(path::POLICY, response)
+    }
+
+    pub fn goodbye(&self, reason: &str) -> Result<(), ClientError> {
+        self.post::<_, ()>(path::GOODBYE, &Goodbye { reason: reason.to_string() }).map(drop)
+    }
+
+    pub fn deactivate(&self) -> Result<(), ClientError> {
+        self.post::<_, ()>(path::DEACTIVATE, &()).map(drop)
+    }
+
+    fn url(&self, endpoint: &str) -> String {
+        format!("https://{}{endpoint}", self.server)
+    }
+
+    fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        body: &Req,
+    ) -> Result<Option<Resp>, ClientError> {
+        let mut request = self
+            .agent
+            .post(self.url(endpoint))
+            .header(ven_proto::PROTOCOL_HEADER, "1")
+            .header("content-type", ven_proto::CONTENT_TYPE);
+        if let Some(auth) = &self.authorization {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send(&ven_proto::encode(body)[..]).map_err(|e| self.unreachable(e))?;
+        self.decode(endpoint, response)
+    }
+
+    /// 2xx with a body -> `Some`, 204/304 -> `None`, anything else -> an error naming the cause.
+    fn decode<Resp: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        mut response: ureq::http::Response<ureq::Body>,
+    ) -> Result<Option<Resp>, ClientError> {
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(ven_proto::MAX_BODY_BYTES)
+            .read_to_vec()
+            .map_err(|e| self.malformed(endpoint, &e.to_string()))?;
+        match status {
+            204 | 304 => Ok(None),
+            200..=299 => {
+                ven_proto::decode(&body).map(Some).map_err(|e| self.malformed(endpoint, &e.to_string()))
+            }
+            _ => match ven_proto::decode::<ErrorBody>(&body) {
+                Ok(error) => Err(ClientError::Refused {
+                    server: self.server.clone(),
+                    endpoint,
+                    kind: error.kind,
+                    message: error.message,
+                }),
+                Err(_) => Err(ClientError::Status { server: self.server.clone(), endpoint, status }),
+            },
+        }
+    }
+
+    fn unreachable(&self, error: ureq::Error) -> ClientError {
+        ClientError::Unreachable { server: self.server.clone(), cause: error.to_string() }
+    }
+
+    fn malformed(&self, endpoint: &'static str, cause: &str) -> ClientError {
+        ClientError::Malformed { server: self.server.clone(), endpoint, cause: cause.to_string() }
+    }
+}

@@ -1,0 +1,70 @@
+//! Raw command-line arguments as argh parses them. Nothing outside `cli` sees these types:
+//! [`super::Command::from_raw`] validates them into typed commands.
+
+use argh::FromArgs;
+
+/// ven: the Virtual Enforcement Node. Pairs with a PCE and enforces its policy.
+#[derive(FromArgs, Debug)]
+pub struct RawArgs {
+    #[argh(subcommand)]
+    pub command: RawCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum RawCommand {
+    Activate(RawActivate),
+    Agent(RawAgent),
+    Status(RawStatus),
+    Deactivate(RawDeactivate),
+    Version(RawVersion),
+}
+
+/// Pair this host with a PCE (data directory: $VEN_DATA_DIR, default /var/lib/ven).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "activate")]
+pub struct RawActivate {
+    /// the PCE's VEN API as HOST:PORT, e.g. pce.example:8443
+    #[argh(option)]
+    pub management_server: String,
+    /// the activation code of a pairing profile
+    #[argh(option)]
+    pub activation_code: String,
+    /// SHA-256 fingerprint of the PCE's CA certificate (hex, colons allowed)
+    #[argh(option)]
+    pub ca_fingerprint: Option<String>,
+    /// file with the PCE's CA certificate (PEM or DER)
+    #[argh(option)]
+    pub ca_cert: Option<String>,
+    /// name to report for this host (default: the system hostname)
+    #[argh(option)]
+    pub hostname: Option<String>,
+}
+
+/// Run the agent in the foreground (what the init system starts).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "agent")]
+pub struct RawAgent {}
+
+/// Show pairing, PCE connectivity, policy state and version, last heartbeat.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct RawStatus {
+    /// print one JSON object
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Unpair from the PCE and open the host's firewall.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "deactivate")]
+pub struct RawDeactivate {
+    /// the firewall to leave behind: open (everything ven programmed is removed)
+    #[argh(option, default = "String::from(\"open\")")]
+    pub firewall: String,
+}
+
+/// Print the version.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "version")]
+pub struct RawVersion {}

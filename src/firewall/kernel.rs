@@ -1,0 +1,164 @@
+//! The kernel seam: the four things the firewall asks of the kernel, as a narrow trait, and the
+//! real implementation that runs the iptables and ipset tools as subprocesses.
+//!
+//! Children inherit the calling thread's network namespace, so a `Firewall` used on a thread that
+//! entered a namespace programs that namespace. A fake for unit tests lives in `fake.rs`
+//! (`#[cfg(test)]` only); production code always gets [`SystemKernel`].
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use super::{Family, FirewallConfig, FirewallError, ipset, iptables};
+
+/// What the firewall needs from the kernel, as text in the tools' own save/restore formats.
+pub(crate) trait Kernel: Send + Sync {
+    /// Table `filter` of `family`, as `iptables-save -t filter` prints it.
+    fn save_filter(&self, family: Family) -> Result<String, FirewallError>;
+    /// Applies one `iptables-restore --noflush` input for table `filter`, atomically.
+    fn restore_filter(&self, family: Family, input: &str) -> Result<(), FirewallError>;
+    /// Every set, as `ipset save` prints it.
+    fn ipset_save(&self) -> Result<String, FirewallError>;
+    /// Applies one `ipset restore` session (not atomic: it stops at the first failing line).
+    fn ipset_restore(&self, input: &str) -> Result<(), FirewallError>;
+}
+
+/// The kernel reached through the iptables and ipset tools.
+pub(crate) struct SystemKernel {
+    config: FirewallConfig,
+}
+
+impl SystemKernel {
+    pub(crate) fn new(config: FirewallConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Kernel for SystemKernel {
+    fn save_filter(&self, family: Family) -> Result<String, FirewallError> {
+        match family {
+            Family::V4 => iptables::save(&self.config.iptables_save),
+        }
+    }
+
+    fn restore_filter(&self, family: Family, input: &str) -> Result<(), FirewallError> {
+        match family {
+            Family::V4 => iptables::restore(&self.config.iptables_restore, "filter", input),
+        }
+    }
+
+    fn ipset_save(&self) -> Result<String, FirewallError> {
+        ipset::save(&self.config.ipset)
+    }
+
+    fn ipset_restore(&self, input: &str) -> Result<(), FirewallError> {
+        ipset::restore(&self.config.ipset, input)
+    }
+}
+
+/// Most bytes of a tool's stderr kept in an error.
+const MAX_STDERR_BYTES: usize = 4096;
+/// Most characters of one input line quoted in an error.
+const MAX_EXCERPT_LINE_CHARS: usize = 240;
+
+/// Runs `program` to completion with `stdin` as its input, in the C locale (stable messages).
+pub(crate) fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Result<Output, FirewallError> {
+    let spawn_error = |cause| FirewallError::Spawn { program: program.to_path_buf(), cause };
+    let mut child = Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    let pipe = child.stdin.take();
+    // Feed stdin from a second thread while this one drains stdout and stderr, so that neither
+    // side can block the other on a full pipe.
+    std::thread::scope(|scope| {
+        if let (Some(mut pipe), Some(text)) = (pipe, stdin) {
+            scope.spawn(move || {
+                // A tool that fails early stops reading (EPIPE); its exit status tells why.
+                let _ = pipe.write_all(text.as_bytes());
+            });
+        }
+        child.wait_with_output()
+    })
+    .map_err(spawn_error)
+}
+
+/// A tool's stderr as text, trimmed and capped at [`MAX_STDERR_BYTES`].
+pub(crate) fn stderr_text(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&stderr[..stderr.len().min(MAX_STDERR_BYTES)]);
+    text.trim().to_string()
+}
+
+/// The input lines around the one a tool's error message names (`line 4`, `line: 4`), numbered,
+/// with the named one marked `>`; the first lines when no line is named.
+pub(crate) fn excerpt(input: &str, stderr: &str) -> String {
+    let lines: Vec<&str> = input.lines().collect();
+    let (from, to, named) = match named_line(stderr) {
+        Some(line) if line >= 1 && line <= lines.len() => {
+            ((line - 1).max(1), (line + 1).min(lines.len()), line)
+        }
+        _ => (1, lines.len().min(3), 0),
+    };
+    let mut out = String::new();
+    for number in from..=to {
+        let text: String = lines[number - 1].chars().take(MAX_EXCERPT_LINE_CHARS).collect();
+        let marker = if number == named { '>' } else { ' ' };
+        out.push_str(&format!("{marker}{number:>5}: {text}\n"));
+    }
+    out.trim_end().to_string()
+}
+
+/// The line number in messages such as `Error occurred at line: 4` (iptables-restore) or
+/// `Error in line 3: ...` (ipset).
+fn named_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(at, word)| {
+        let rest = stderr[at + word.len()..].trim_start_matches([':', ' ']);
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INPUT: &str = "*filter\n:VEN-INPUT - [0:0]\n-A VEN-INPUT -j ACCEPT\n-A VEN-INPUT -p tcp --dport 0:-1 -j ACCEPT\n-A VEN-INPUT -j DROP\nCOMMIT\n";
+
+    #[test]
+    fn excerpt_marks_the_line_iptables_restore_names() {
+        // `iptables-restore --noflush` of INPUT (v1.8.9, nf_tables), stderr verbatim.
+        let stderr = "iptables-restore v1.8.9 (nf_tables): invalid port/service `-1' specified\n\
+                      Error occurred at line: 4\n\
+                      Try `iptables-restore -h' or 'iptables-restore --help' for more information.";
+        assert_eq!(
+            excerpt(INPUT, stderr),
+            "     3: -A VEN-INPUT -j ACCEPT\n>    4: -A VEN-INPUT -p tcp --dport 0:-1 -j ACCEPT\n     5: -A VEN-INPUT -j DROP"
+        );
+    }
+
+    #[test]
+    fn excerpt_marks_the_line_ipset_names_or_shows_the_start() {
+        // `ipset restore` (v7.17), stderr verbatim.
+        let stderr =
+            "ipset v7.17: Error in line 1: Set cannot be created: set with the same name already exists";
+        assert_eq!(
+            excerpt("create ven-1 hash:net\nadd ven-1 198.18.0.2\n", stderr),
+            ">    1: create ven-1 hash:net\n     2: add ven-1 198.18.0.2"
+        );
+        assert_eq!(excerpt("a\nb\nc\nd\n", "something odd"), "     1: a\n     2: b\n     3: c");
+        assert_eq!(excerpt("a\n", "line 99 failed"), "     1: a");
+    }
+
+    #[test]
+    fn run_reports_a_missing_program_and_feeds_stdin() {
+        let err = run(Path::new("/nonexistent/ven-no-such-tool"), &[], None).unwrap_err();
+        assert!(matches!(err, FirewallError::Spawn { .. }), "{err}");
+        let big = "x".repeat(1 << 20);
+        let output = run(Path::new("wc"), &["-c"], Some(&big)).unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), (1 << 20).to_string());
+    }
+}

@@ -1,0 +1,274 @@
+//! The data directory ($VEN_DATA_DIR, default /var/lib/ven) and the records kept in it.
+//!
+//! Every record is written atomically (temp file, fsync, rename, fsync of the directory) and
+//! carries a checksum, so a crash or a torn write leaves either the old record or the new one,
+//! and a damaged file is reported as corrupt instead of being half-read.
+//!
+//! ```text
+//! state/identity   pairing with the PCE (0600: holds the agent token)
+//! state/policy     the last-known-good policy, applied at boot before the PCE is contacted
+//! state/status     what `ven status` shows while the agent is stopped
+//! agent.sock       the running agent's control socket (root only)
+//! log/             logs and flow stores (later milestones)
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Default data directory when VEN_DATA_DIR is not set.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ven";
+/// Largest record we read back; anything bigger is corrupt by definition.
+const MAX_RECORD_BYTES: u64 = 32 * 1024 * 1024;
+const MAGIC: &[u8; 4] = b"VENR";
+const FORMAT_VERSION: u8 = 1;
+const CHECKSUM_BYTES: usize = 8;
+const HEADER_BYTES: usize = MAGIC.len() + 2 + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: PathBuf, cause: io::Error },
+    #[error("{path} is corrupt ({why}); it was left in place for inspection")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// The kinds of record, so that one file can never be read back as another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    Identity = 1,
+    Policy = 2,
+    Status = 3,
+}
+
+/// Paths inside one agent's data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory named by VEN_DATA_DIR, or [`DEFAULT_DATA_DIR`].
+    pub fn from_env() -> Self {
+        Self::new(
+            std::env::var_os("VEN_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        )
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub fn identity_path(&self) -> PathBuf {
+        self.state_dir().join("identity")
+    }
+
+    pub fn policy_path(&self) -> PathBuf {
+        self.state_dir().join("policy")
+    }
+
+    pub fn status_path(&self) -> PathBuf {
+        self.state_dir().join("status")
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join("agent.sock")
+    }
+
+    /// Creates the directory tree (mode 0700) if it is missing.
+    pub fn ensure(&self) -> Result<(), StateError> {
+        let state_dir = self.state_dir();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)
+            .map_err(|cause| StateError::Write { path: state_dir, cause })
+    }
+}
+
+/// Writes `value` to `path` atomically with the given file mode.
+pub fn write_record<T: Serialize>(
+    path: &Path,
+    kind: RecordKind,
+    value: &T,
+    mode: u32,
+) -> Result<(), StateError> {
+    let payload = postcard::to_allocvec(value).map_err(|e| StateError::Write {
+        path: path.to_path_buf(),
+        cause: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len() + CHECKSUM_BYTES);
+    bytes.extend_from_slice(MAGIC);
+    bytes.push(FORMAT_VERSION);
+    bytes.push(kind as u8);
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    let checksum = checksum(&bytes);
+    bytes.extend_from_slice(&checksum);
+    write_atomically(path, &bytes, mode)
+        .map_err(|cause| StateError::Write { path: path.to_path_buf(), cause })
+}
+
+/// Reads a record; `Ok(None)` when the file does not exist.
+pub fn read_record<T: DeserializeOwned>(path: &Path, kind: RecordKind) -> Result<Option<T>, StateError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(cause) => return Err(StateError::Read { path: path.to_path_buf(), cause }),
+    };
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(file, MAX_RECORD_BYTES + 1), &mut bytes)
+        .map_err(|cause| StateError::Read { path: path.to_path_buf(), cause })?;
+    decode_record(&bytes, kind).map(Some).map_err(|why| StateError::Corrupt { path: path.to_path_buf(), why })
+}
+
+/// Decodes the bytes of a record file (public for the fuzz target).
+pub fn decode_record<T: DeserializeOwned>(bytes: &[u8], kind: RecordKind) -> Result<T, String> {
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err("larger than any record".into());
+    }
+    if bytes.len() < HEADER_BYTES + CHECKSUM_BYTES || &bytes[..4] != MAGIC {
+        return Err("not a ven record".into());
+    }
+    let (body, stored_checksum) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
+    if checksum(body) != stored_checksum {
+        return Err("checksum mismatch".into());
+    }
+    if body[4] != FORMAT_VERSION {
+        return Err(format!("unknown format version {}", body[4]));
+    }
+    if body[5] != kind as u8 {
+        return Err(format!("record kind {} where {} was expected", body[5], kind as u8));
+    }
+    let len = u32::from_le_bytes([body[6], body[7], body[8], body[9]]) as usize;
+    let payload = &body[HEADER_BYTES..];
+    if payload.len() != len {
+        return Err("length mismatch".into());
+    }
+    postcard::from_bytes(payload).map_err(|e| format!("undecodable payload: {e}"))
+}
+
+fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_BYTES] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; CHECKSUM_BYTES];
+    out.copy_from_slice(&digest.as_ref()[..CHECKSUM_BYTES]);
+    out
+}
+
+/// Temp file in the same directory, fsync, rename over the target, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("record");
+    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Removes a record; a missing file is not an error.
+pub fn remove_record(path: &Path) -> Result<(), StateError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(StateError::Write { path: path.to_path_buf(), cause: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The agent's pairing with a PCE.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub agent_id: u64,
+    pub agent_token: String,
+    /// The name this VEN was activated with.
+    pub hostname: String,
+    /// `HOST:PORT` of the VEN API.
+    pub management_server: String,
+    pub event_port: u16,
+    /// The PCE's CA certificate (DER): the only trust anchor for both channels.
+    pub ca_cert_der: Vec<u8>,
+    pub heartbeat_interval_s: u32,
+    pub activated_at: u64,
+}
+
+/// What `ven status` shows of a stopped agent, saved when it stops and after each apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedStatus {
+    pub last_heartbeat: Option<u64>,
+    pub last_apply_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ven-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn records_round_trip_with_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("roundtrip");
+        let path = dir.join("status");
+        let status = SavedStatus { last_heartbeat: Some(5), last_apply_error: Some("boom".into()) };
+        write_record(&path, RecordKind::Status, &status, 0o600).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_record::<SavedStatus>(&path, RecordKind::Status).unwrap(), Some(status));
+        assert_eq!(read_record::<SavedStatus>(&dir.join("missing"), RecordKind::Status).unwrap(), None);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_or_foreign_records_are_corrupt_not_misread() {
+        let dir = temp_dir("corrupt");
+        let path = dir.join("status");
+        write_record(&path, RecordKind::Status, &SavedStatus::default(), 0o600).unwrap();
+        let good = fs::read(&path).unwrap();
+
+        let mut flipped = good.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x40;
+        fs::write(&path, &flipped).unwrap();
+        assert!(matches!(
+            read_record::<SavedStatus>(&path, RecordKind::Status),
+            Err(StateError::Corrupt { .. })
+        ));
+
+        fs::write(&path, &good[..good.len() - 3]).unwrap();
+        assert!(matches!(
+            read_record::<SavedStatus>(&path, RecordKind::Status),
+            Err(StateError::Corrupt { .. })
+        ));
+
+        fs::write(&path, &good).unwrap();
+        let as_policy = read_record::<ven_proto::Policy>(&path, RecordKind::Policy);
+        assert!(matches!(as_policy, Err(StateError::Corrupt { .. })), "{as_policy:?}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
