@@ -8,7 +8,7 @@
 
 pub mod agent;
 pub mod cli;
-pub mod clock;
+pub use ven_proto::clock;
 pub mod firewall;
 pub mod flows;
 pub mod logging;

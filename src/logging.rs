@@ -19,7 +19,7 @@ impl log::Log for StderrLogger {
         let component = record.target().rsplit("::").next().unwrap_or("ven");
         let line = format!(
             "{} {:<5} {component}: {}\n",
-            crate::clock::rfc3339(crate::clock::unix_now()),
+            crate::clock::rfc3339(crate::clock::now()),
             record.level(),
             record.args()
         );

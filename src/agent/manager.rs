@@ -180,7 +180,7 @@ impl Manager {
                     log::info!("heartbeat accepted by {}", pairing.client.server());
                 }
                 self.heartbeats.success();
-                self.last_heartbeat = Some(crate::clock::unix_now());
+                self.last_heartbeat = Some(crate::clock::now());
                 self.reported_host = Some(host);
                 self.heartbeat_interval = Duration::from_secs(u64::from(response.heartbeat_interval_s))
                     .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);

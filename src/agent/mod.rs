@@ -106,7 +106,7 @@ pub fn activate(
         event_port: response.event_port,
         ca_cert_der,
         heartbeat_interval_s: response.heartbeat_interval_s,
-        activated_at: crate::clock::unix_now(),
+        activated_at: crate::clock::now(),
     };
     data.ensure()?;
     state::write_record(&data.identity_path(), RecordKind::Identity, &identity, 0o600)?;

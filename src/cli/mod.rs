@@ -129,7 +129,7 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
             if json {
                 println!("{}", report.to_json());
             } else {
-                println!("{}", report.to_human(crate::clock::unix_now()));
+                println!("{}", report.to_human(crate::clock::now()));
             }
         }
         Command::Deactivate => {

@@ -168,6 +168,11 @@ impl Segment {
         Ok(Self { switch })
     }
 
+    /// The name of the namespace holding the bridge.
+    pub fn name(&self) -> &str {
+        self.switch.name()
+    }
+
     /// Plugs `host` into the segment as interface `eth0` with address `cidr` (e.g. 198.18.0.2/24).
     pub fn attach(&self, host: &Netns, cidr: &str) -> Result<(), NetnsError> {
         let port = format!("p{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));

@@ -9,6 +9,7 @@
 //! new variant or field is only ever appended, and anything else bumps [`PROTOCOL_VERSION`].
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod frame;
 mod net;
 

@@ -1,0 +1,349 @@
+//! Command-line arguments: the raw argh structs and their one conversion into a validated
+//! [`Command`]. Nothing else in the crate sees argh.
+
+use crate::ctl::{self, LabelRef, ServiceSpec};
+use crate::serve::{self, DEFAULT_DATA_DIR};
+use argh::FromArgs;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use ven_proto::{PolicyState, Protocol};
+
+/// What the command line asks for.
+pub enum Command {
+    Serve(serve::Config),
+    Admin(ctl::Target, ctl::Command),
+}
+
+/// Parses the process arguments (argh prints help and usage errors itself and exits), then
+/// validates them.
+pub fn parse() -> Result<Command, String> {
+    let args: Args = argh::from_env();
+    convert(args)
+}
+
+#[derive(FromArgs)]
+/// Reference Policy Compute Engine for ven: `pce serve` runs it, the other commands administer it
+/// through its admin API.
+struct Args {
+    /// data directory (default /var/lib/pce)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// admin API address HOST:PORT (default 127.0.0.1:8443)
+    #[argh(option)]
+    server: Option<String>,
+    /// admin API key (default: read from DIR/admin.key)
+    #[argh(option)]
+    api_key: Option<String>,
+    /// CA certificate to trust (default DIR/ca.pem)
+    #[argh(option)]
+    ca_cert: Option<PathBuf>,
+    #[argh(subcommand)]
+    command: Sub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Sub {
+    Serve(ServeArgs),
+    ActivationCode(ActivationCodeArgs),
+    CaFingerprint(CaFingerprintArgs),
+    Label(LabelArgs),
+    Workload(WorkloadArgs),
+    Rule(RuleArgs),
+    Provision(ProvisionArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "serve")]
+/// run the PCE: VEN and admin API (HTTPS) and the event service
+struct ServeArgs {
+    /// data directory (default /var/lib/pce)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// address to listen on (default 0.0.0.0)
+    #[argh(option, default = "IpAddr::from([0, 0, 0, 0])")]
+    listen: IpAddr,
+    /// port of the VEN and admin API (default 8443)
+    #[argh(option, default = "ven_proto::DEFAULT_API_PORT")]
+    api_port: u16,
+    /// port of the event service (default 8444)
+    #[argh(option, default = "ven_proto::DEFAULT_EVENT_PORT")]
+    event_port: u16,
+    /// extra name or address for the server certificate (repeatable)
+    #[argh(option)]
+    san: Vec<String>,
+    /// seconds between VEN heartbeats (default 300)
+    #[argh(option, default = "300")]
+    heartbeat_interval: u32,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "activation-code")]
+/// print the default pairing profile's activation code
+struct ActivationCodeArgs {}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "ca-fingerprint")]
+/// print the SHA-256 fingerprint of the CA certificate (offline)
+struct CaFingerprintArgs {}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "label")]
+/// create and list labels
+struct LabelArgs {
+    #[argh(subcommand)]
+    command: LabelSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum LabelSub {
+    Create(LabelCreateArgs),
+    List(LabelListArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "create")]
+/// create a label and print its href
+struct LabelCreateArgs {
+    /// label key, e.g. role
+    #[argh(positional)]
+    key: String,
+    /// label value, e.g. web
+    #[argh(positional)]
+    value: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the labels as a table
+struct LabelListArgs {
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the workloads as a table
+struct WorkloadListArgs {
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "workload")]
+/// list workloads and set their labels or policy state
+struct WorkloadArgs {
+    #[argh(subcommand)]
+    command: WorkloadSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum WorkloadSub {
+    List(WorkloadListArgs),
+    Set(WorkloadSetArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "set")]
+/// set a workload's labels (each replaces the label of the same key) and/or policy state
+struct WorkloadSetArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// KEY=VALUE of an existing label (repeatable)
+    #[argh(option)]
+    label: Vec<String>,
+    /// policy state: idle, build, test or enforced
+    #[argh(option)]
+    state: Option<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rule")]
+/// edit the draft rules
+struct RuleArgs {
+    #[argh(subcommand)]
+    command: RuleSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum RuleSub {
+    Add(RuleAddArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "add")]
+/// add a rule to the draft (takes effect at `pce provision`) and print its href
+struct RuleAddArgs {
+    /// labels of the consumers: KEY=VALUE[,KEY=VALUE...]
+    #[argh(option)]
+    consumers: String,
+    /// labels of the providers: KEY=VALUE[,KEY=VALUE...]
+    #[argh(option)]
+    providers: String,
+    /// service the providers offer: PORT[-PORT]/PROTO, PROTO tcp or udp (repeatable)
+    #[argh(option)]
+    service: Vec<String>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "provision")]
+/// make the draft rules active
+struct ProvisionArgs {}
+
+fn convert(args: Args) -> Result<Command, String> {
+    let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let command = match args.command {
+        Sub::Serve(serve) => {
+            if serve.heartbeat_interval == 0 {
+                return Err("--heartbeat-interval must be at least 1 second".into());
+            }
+            return Ok(Command::Serve(serve::Config {
+                // `pce serve --data-dir` and `pce --data-dir DIR serve` both work.
+                data_dir: serve.data_dir.unwrap_or(data_dir),
+                listen: serve.listen,
+                api_port: serve.api_port,
+                event_port: serve.event_port,
+                sans: serve.san,
+                heartbeat_interval_s: serve.heartbeat_interval,
+            }));
+        }
+        Sub::ActivationCode(_) => ctl::Command::ActivationCode,
+        Sub::CaFingerprint(_) => ctl::Command::CaFingerprint,
+        Sub::Label(LabelArgs { command: LabelSub::Create(create) }) => {
+            ctl::Command::LabelCreate { key: create.key, value: create.value }
+        }
+        Sub::Label(LabelArgs { command: LabelSub::List(list) }) => {
+            ctl::Command::LabelList { json: list.json }
+        }
+        Sub::Workload(WorkloadArgs { command: WorkloadSub::List(list) }) => {
+            ctl::Command::WorkloadList { json: list.json }
+        }
+        Sub::Workload(WorkloadArgs { command: WorkloadSub::Set(set) }) => {
+            let labels = set.label.iter().map(|text| label_ref(text)).collect::<Result<Vec<_>, _>>()?;
+            let state = set.state.as_deref().map(str::parse::<PolicyState>).transpose()?;
+            if labels.is_empty() && state.is_none() {
+                return Err("nothing to set: give --label KEY=VALUE and/or --state STATE".into());
+            }
+            ctl::Command::WorkloadSet { host: set.host, labels, state }
+        }
+        Sub::Rule(RuleArgs { command: RuleSub::Add(add) }) => {
+            if add.service.is_empty() {
+                return Err("a rule needs at least one --service PORT[-PORT]/PROTO".into());
+            }
+            ctl::Command::RuleAdd {
+                consumers: label_list(&add.consumers)?,
+                providers: label_list(&add.providers)?,
+                services: add.service.iter().map(|text| service(text)).collect::<Result<_, _>>()?,
+            }
+        }
+        Sub::Provision(_) => ctl::Command::Provision,
+    };
+    let target = ctl::Target {
+        data_dir,
+        server: args.server.unwrap_or_else(|| format!("127.0.0.1:{}", ven_proto::DEFAULT_API_PORT)),
+        api_key: args.api_key,
+        ca_cert: args.ca_cert,
+    };
+    Ok(Command::Admin(target, command))
+}
+
+/// `KEY=VALUE`.
+fn label_ref(text: &str) -> Result<LabelRef, String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !value.is_empty() => {
+            Ok(LabelRef { key: key.to_string(), value: value.to_string() })
+        }
+        _ => Err(format!("expected a label as KEY=VALUE, got {text:?}")),
+    }
+}
+
+/// `KEY=VALUE[,KEY=VALUE...]`.
+fn label_list(text: &str) -> Result<Vec<LabelRef>, String> {
+    text.split(',').map(label_ref).collect()
+}
+
+/// `PORT[-PORT]/PROTO`.
+fn service(text: &str) -> Result<ServiceSpec, String> {
+    let bad = || format!("expected a service as PORT[-PORT]/PROTO (PROTO tcp or udp), got {text:?}");
+    let (ports, proto) = text.split_once('/').ok_or_else(bad)?;
+    let protocol: Protocol = proto.parse()?;
+    if !matches!(protocol, Protocol::Tcp | Protocol::Udp) {
+        return Err(format!("{text:?}: only tcp and udp services are supported"));
+    }
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| format!("{text:?}: {p:?} is not a port 1-65535"))
+    };
+    let (first, last) = match ports.split_once('-') {
+        Some((first, last)) => (port(first)?, port(last)?),
+        None => (port(ports)?, port(ports)?),
+    };
+    if last < first {
+        return Err(format!("{text:?}: the range ends before it starts"));
+    }
+    Ok(ServiceSpec { first, last, protocol })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        let args = Args::from_args(&["pce"], args).map_err(|e| e.output)?;
+        convert(args)
+    }
+
+    #[test]
+    fn serve_takes_the_data_dir_on_either_side() {
+        let Ok(Command::Serve(config)) =
+            parse(&["--data-dir", "/a", "serve", "--api-port", "1", "--san", "x"])
+        else {
+            panic!("serve expected");
+        };
+        assert_eq!(config.data_dir, PathBuf::from("/a"));
+        assert_eq!((config.api_port, config.event_port, config.heartbeat_interval_s), (1, 8444, 300));
+        assert_eq!(config.sans, vec!["x".to_string()]);
+        assert_eq!(config.listen, IpAddr::from([0, 0, 0, 0]));
+        let Ok(Command::Serve(config)) = parse(&["serve", "--data-dir", "/b"]) else {
+            panic!("serve expected")
+        };
+        assert_eq!(config.data_dir, PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn admin_arguments_are_validated() {
+        let Ok(Command::Admin(target, ctl::Command::RuleAdd { consumers, services, .. })) = parse(&[
+            "rule",
+            "add",
+            "--consumers",
+            "role=web,env=prod",
+            "--providers",
+            "role=db",
+            "--service",
+            "5432/tcp",
+            "--service",
+            "1000-2000/udp",
+        ]) else {
+            panic!("rule add expected");
+        };
+        assert_eq!(target.server, "127.0.0.1:8443");
+        assert_eq!(consumers.len(), 2);
+        assert_eq!(services[1], ServiceSpec { first: 1000, last: 2000, protocol: Protocol::Udp });
+        assert!(service("0/tcp").is_err());
+        assert!(service("80/sctp").is_err());
+        assert!(service("90-80/tcp").is_err());
+        assert!(service("80").is_err());
+        assert!(label_ref("role").is_err());
+        assert!(parse(&["workload", "set", "web"]).is_err());
+        assert!(parse(&["workload", "set", "web", "--state", "enforcing"]).is_err());
+        assert!(parse(&["workload", "set", "web", "--label", "role=web"]).is_ok());
+    }
+}

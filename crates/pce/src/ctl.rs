@@ -1,0 +1,350 @@
+//! The admin commands: a small HTTPS/JSON client of the admin API (ureq, TLS 1.3 with the ring
+//! provider, trusting only the PCE's CA), and the tables it prints.
+
+use crate::serve::ADMIN_KEY_FILE;
+use crate::tls::{self, CA_CERT_FILE, TlsError};
+use serde_json::{Value, json};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+use ven_proto::{PolicyState, Protocol};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the admin API is and how to reach it.
+pub struct Target {
+    pub data_dir: PathBuf,
+    /// HOST:PORT.
+    pub server: String,
+    /// Default: `DIR/admin.key`.
+    pub api_key: Option<String>,
+    /// Default: `DIR/ca.pem`.
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelRef {
+    pub key: String,
+    pub value: String,
+}
+
+impl std::fmt::Display for LabelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub first: u16,
+    pub last: u16,
+    pub protocol: Protocol,
+}
+
+pub enum Command {
+    ActivationCode,
+    CaFingerprint,
+    LabelCreate { key: String, value: String },
+    LabelList { json: bool },
+    WorkloadList { json: bool },
+    WorkloadSet { host: String, labels: Vec<LabelRef>, state: Option<PolicyState> },
+    RuleAdd { consumers: Vec<LabelRef>, providers: Vec<LabelRef>, services: Vec<ServiceSpec> },
+    Provision,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("reading {path}: {source} (give --data-dir, or --api-key and --ca-cert)")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} holds no PEM certificate")]
+    Cert { path: PathBuf },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{method} {url}: {source}")]
+    Request { method: &'static str, url: String, source: ureq::Error },
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Api { method: &'static str, path: String, status: u16, message: String },
+    #[error("{method} {path}: unexpected answer: {reason}")]
+    Answer { method: &'static str, path: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+}
+
+pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
+    if let Command::CaFingerprint = command {
+        let path = target.ca_cert.unwrap_or_else(|| target.data_dir.join(CA_CERT_FILE));
+        println!("{}", tls::fingerprint_file(&path)?);
+        return Ok(());
+    }
+    let client = Client::new(&target)?;
+    match command {
+        Command::CaFingerprint => {}
+        Command::ActivationCode => {
+            let profiles = client.get("pairing_profiles")?;
+            let profiles = profiles.as_array().map(Vec::as_slice).unwrap_or_default();
+            let default = profiles.iter().find(|p| p["name"] == "default").or(profiles.first());
+            let code = default.and_then(|p| p["activation_code"].as_str());
+            println!("{}", code.ok_or_else(|| CtlError::NotFound("the PCE has no pairing profile".into()))?);
+        }
+        Command::LabelCreate { key, value } => {
+            let label = client.send("POST", "labels", &json!({ "key": key, "value": value }))?;
+            println!("{}", label["href"].as_str().unwrap_or_default());
+        }
+        Command::LabelList { json } => {
+            let labels = client.get("labels")?;
+            if json {
+                println!("{labels:#}");
+            } else {
+                let rows = items(&labels)
+                    .map(|l| vec![text(&l["href"]), text(&l["key"]), text(&l["value"])])
+                    .collect();
+                print_table(&["HREF", "KEY", "VALUE"], rows);
+            }
+        }
+        Command::WorkloadList { json } => {
+            let workloads = client.get("workloads")?;
+            if json {
+                println!("{workloads:#}");
+            } else {
+                print_table(
+                    &[
+                        "ID",
+                        "HOSTNAME",
+                        "STATE",
+                        "ONLINE",
+                        "POLICY",
+                        "APPLIED",
+                        "LABELS",
+                        "ADDRESSES",
+                        "LAST HEARTBEAT",
+                    ],
+                    items(&workloads).map(workload_row).collect(),
+                );
+            }
+        }
+        Command::WorkloadSet { host, labels, state } => set_workload(&client, &host, &labels, state)?,
+        Command::RuleAdd { consumers, providers, services } => {
+            let labels = client.get("labels")?;
+            let actors = |refs: &[LabelRef]| -> Result<Vec<Value>, CtlError> {
+                refs.iter().map(|r| Ok(json!({ "label": { "href": find_label(&labels, r)? } }))).collect()
+            };
+            let services: Vec<Value> = services
+                .iter()
+                .map(|s| json!({ "port": s.first, "to_port": s.last, "proto": s.protocol.as_str() }))
+                .collect();
+            let body = json!({ "consumers": actors(&consumers)?, "providers": actors(&providers)?, "ingress_services": services });
+            let rule = client.send("POST", "sec_policy/draft/rules", &body)?;
+            println!("{}", rule["href"].as_str().unwrap_or_default());
+        }
+        Command::Provision => {
+            let answer = client.send("POST", "sec_policy", &json!({}))?;
+            println!("provisioned version {}", answer["version"]);
+        }
+    }
+    Ok(())
+}
+
+fn set_workload(
+    client: &Client,
+    host: &str,
+    wanted: &[LabelRef],
+    state: Option<PolicyState>,
+) -> Result<(), CtlError> {
+    let workloads = client.get("workloads")?;
+    let by_id = host.parse::<u64>().ok().and_then(|id| items(&workloads).find(|w| w["id"] == id));
+    let workload = match by_id {
+        Some(workload) => workload,
+        None => {
+            let mut named = items(&workloads).filter(|w| w["hostname"] == host);
+            match (named.next(), named.next()) {
+                (Some(workload), None) => workload,
+                (None, _) => {
+                    return Err(CtlError::NotFound(format!("no workload with hostname or id {host:?}")));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(CtlError::NotFound(format!(
+                        "several workloads are named {host:?}; give the id"
+                    )));
+                }
+            }
+        }
+    };
+    let mut body = serde_json::Map::new();
+    if !wanted.is_empty() {
+        let labels = client.get("labels")?;
+        // Current labels by key, each then replaced by a wanted label of the same key.
+        let mut current: Vec<(String, String)> =
+            items(&workload["labels"]).map(|l| (text(&l["key"]), text(&l["href"]))).collect();
+        for label in wanted {
+            let href = find_label(&labels, label)?;
+            current.retain(|(key, _)| *key != label.key);
+            current.push((label.key.clone(), href));
+        }
+        body.insert("labels".into(), current.into_iter().map(|(_, href)| json!({ "href": href })).collect());
+    }
+    if let Some(state) = state {
+        body.insert("policy_state".into(), json!(state.as_str()));
+    }
+    let id = &workload["id"];
+    client.send("PUT", &format!("workloads/{id}"), &Value::Object(body))?;
+    println!("updated workload {id} ({})", text(&workload["hostname"]));
+    Ok(())
+}
+
+fn find_label(labels: &Value, wanted: &LabelRef) -> Result<String, CtlError> {
+    items(labels)
+        .find(|l| l["key"] == wanted.key.as_str() && l["value"] == wanted.value.as_str())
+        .map(|l| text(&l["href"]))
+        .ok_or_else(|| {
+            CtlError::NotFound(format!(
+                "no label {wanted}; create it first with: pce label create {} {}",
+                wanted.key, wanted.value
+            ))
+        })
+}
+
+fn workload_row(w: &Value) -> Vec<String> {
+    let labels: Vec<String> =
+        items(&w["labels"]).map(|l| format!("{}={}", text(&l["key"]), text(&l["value"]))).collect();
+    let addresses: Vec<String> = items(&w["interfaces"]).map(|i| text(&i["address"])).collect();
+    let applied = match w["applied_state"].as_str() {
+        Some(state) => format!("{} {state}", w["applied_policy_version"]),
+        None => "-".to_string(),
+    };
+    let applied = if w["apply_error"].is_string() { format!("{applied} (error)") } else { applied };
+    vec![
+        text(&w["id"]),
+        text(&w["hostname"]),
+        text(&w["policy_state"]),
+        if w["online"] == true { "yes" } else { "no" }.to_string(),
+        text(&w["policy_version"]),
+        applied,
+        labels.join(","),
+        addresses.join(","),
+        w["last_heartbeat_on"].as_str().unwrap_or("-").to_string(),
+    ]
+}
+
+fn items(value: &Value) -> impl Iterator<Item = &Value> {
+    value.as_array().into_iter().flatten()
+}
+
+/// A JSON scalar as plain text (strings without quotes).
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    authorization: String,
+}
+
+impl Client {
+    fn new(target: &Target) -> Result<Self, CtlError> {
+        let key = match &target.api_key {
+            Some(key) => key.clone(),
+            None => {
+                let path = target.data_dir.join(ADMIN_KEY_FILE);
+                std::fs::read_to_string(&path)
+                    .map_err(|source| CtlError::Read { path, source })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let ca_path = target.ca_cert.clone().unwrap_or_else(|| target.data_dir.join(CA_CERT_FILE));
+        let pem =
+            std::fs::read(&ca_path).map_err(|source| CtlError::Read { path: ca_path.clone(), source })?;
+        let ca = Certificate::from_pem(&pem).map_err(|_| CtlError::Cert { path: ca_path })?;
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(tls::provider())
+            .root_certs(RootCerts::Specific(Arc::new(vec![ca])))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(TIMEOUT))
+            .build()
+            .new_agent();
+        Ok(Client {
+            agent,
+            base: format!("https://{}/api/v2/", target.server),
+            authorization: format!("Bearer {key}"),
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let answer = self.agent.get(&url).header("authorization", &self.authorization).call();
+        self.answer("GET", path, &url, answer)
+    }
+
+    /// POST or PUT a JSON body; returns the answer's JSON (null when empty).
+    fn send(&self, method: &'static str, path: &str, body: &Value) -> Result<Value, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let request = if method == "PUT" { self.agent.put(&url) } else { self.agent.post(&url) };
+        let answer = request
+            .header("authorization", &self.authorization)
+            .header("content-type", "application/json")
+            .send(body.to_string());
+        self.answer(method, path, &url, answer)
+    }
+
+    fn answer(
+        &self,
+        method: &'static str,
+        path: &str,
+        url: &str,
+        answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value, CtlError> {
+        let mut response =
+            answer.map_err(|source| CtlError::Request { method, url: url.to_string(), source })?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().map_err(|source| CtlError::Request {
+            method,
+            url: url.to_string(),
+            source,
+        })?;
+        let path = format!("/api/v2/{path}");
+        let json: Value = if body.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body).map_err(|e| CtlError::Answer {
+                method,
+                path: path.clone(),
+                reason: format!("{e}: {body}"),
+            })?
+        };
+        if (200..300).contains(&status) {
+            return Ok(json);
+        }
+        let messages: Vec<String> = items(&json).map(|e| text(&e["message"])).collect();
+        let message = if messages.is_empty() { body } else { messages.join("; ") };
+        Err(CtlError::Api { method, path, status, message })
+    }
+}

@@ -1,0 +1,467 @@
+//! A small HTTP/1.1 server for one connection (already TLS), on smol and httparse.
+//!
+//! Guarantees towards a hostile client: the header block is capped at [`MAX_HEAD_BYTES`], bodies at
+//! [`ven_proto::MAX_BODY_BYTES`] and must come with Content-Length (chunked is refused with 411,
+//! other transfer codings with 501); a request must arrive in full within [`REQUEST_TIMEOUT`] of the
+//! previous answer, and an answer must be taken within [`WRITE_TIMEOUT`]. Keep-alive and
+//! pipelining are supported. Handlers are synchronous and run on the blocking thread pool.
+
+use smol::Timer;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub const MAX_HEADERS: usize = 64;
+/// Time for a whole request to arrive, counted from the previous answer (or the connection).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("the request header block exceeds {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers")]
+    HeadTooLarge,
+    #[error("a request body of {0} bytes exceeds the limit of {max} bytes", max = ven_proto::MAX_BODY_BYTES)]
+    BodyTooLarge(u64),
+    #[error("chunked request bodies are not supported; send Content-Length")]
+    Chunked,
+    #[error("transfer coding {0:?} is not supported")]
+    TransferCoding(String),
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("the client was too slow")]
+    Timeout,
+}
+
+impl HttpError {
+    /// The status to answer with, for errors the client caused and can still hear.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Malformed(_) => Some(400),
+            Self::HeadTooLarge => Some(431),
+            Self::BodyTooLarge(_) => Some(413),
+            Self::Chunked => Some(411),
+            Self::TransferCoding(_) => Some(501),
+            Self::Io(_) | Self::Timeout => None,
+        }
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Names in lower case, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub keep_alive: bool,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body length the head announces, refusing what this server does not read.
+    pub fn body_length(&self) -> Result<usize, HttpError> {
+        if let Some(coding) = self.header("transfer-encoding") {
+            return Err(if coding.to_ascii_lowercase().contains("chunked") {
+                HttpError::Chunked
+            } else {
+                HttpError::TransferCoding(coding.to_string())
+            });
+        }
+        let mut lengths = self.headers.iter().filter(|(n, _)| n == "content-length").map(|(_, v)| v.trim());
+        let Some(first) = lengths.next() else { return Ok(0) };
+        if lengths.any(|other| other != first) {
+            return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
+        }
+        let length: u64 =
+            first.parse().map_err(|_| HttpError::Malformed(format!("bad Content-Length {first:?}")))?;
+        if length > ven_proto::MAX_BODY_BYTES {
+            return Err(HttpError::BodyTooLarge(length));
+        }
+        usize::try_from(length).map_err(|_| HttpError::BodyTooLarge(length))
+    }
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` while incomplete, else the head and its
+/// length in bytes.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let used = match request.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(HttpError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(used)) => used,
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    };
+    if used > MAX_HEAD_BYTES {
+        return Err(HttpError::HeadTooLarge);
+    }
+    // httparse fills these three in a complete parse.
+    let (Some(method), Some(target), Some(version)) = (request.method, request.path, request.version) else {
+        return Err(HttpError::Malformed("incomplete request line".into()));
+    };
+    let mut parsed = Vec::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let value = std::str::from_utf8(header.value)
+            .map_err(|_| HttpError::Malformed(format!("header {} is not UTF-8", header.name)))?;
+        parsed.push((header.name.to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut head = Head {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        headers: parsed,
+        keep_alive: false,
+    };
+    let connection = head.header("connection").unwrap_or("").to_ascii_lowercase();
+    let has = |token: &str| connection.split(',').any(|t| t.trim() == token);
+    head.keep_alive = if version >= 1 { !has("close") } else { has("keep-alive") };
+    Ok(Some((head, used)))
+}
+
+pub struct Request {
+    pub head: Head,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.header(name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn empty(status: u16) -> Self {
+        Response { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    pub fn with_body(status: u16, content_type: &str, body: Vec<u8>) -> Self {
+        Response { status, headers: vec![("content-type", content_type.to_string())], body }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn serialize(&self, keep_alive: bool) -> Vec<u8> {
+        let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).into_bytes();
+        // 204 and 304 carry neither a body nor its length.
+        let bodiless = matches!(self.status, 204 | 304);
+        if !bodiless {
+            out.extend_from_slice(format!("content-length: {}\r\n", self.body.len()).as_bytes());
+        }
+        out.extend_from_slice(if keep_alive {
+            b"connection: keep-alive\r\n"
+        } else {
+            b"connection: close\r\n"
+        });
+        for (name, value) in &self.headers {
+            // Values are ours, but never let one break the header block.
+            let value: String = value.chars().filter(|c| !c.is_control()).collect();
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if !bodiless {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// What answers the requests of a connection.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: Request) -> Response;
+    /// The answer to a request this server refused before the handler saw it; `path` when known.
+    fn reject(&self, path: Option<&str>, error: &HttpError) -> Response;
+}
+
+/// Serves requests on `stream` until the client closes it, stops keeping it alive, or misbehaves.
+pub async fn serve<S>(mut stream: S, handler: Arc<dyn Handler>) -> Result<(), HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let (head, used) = loop {
+            match parse_head(&buf) {
+                Ok(Some(parsed)) => break parsed,
+                Ok(None) => {}
+                Err(error) => return refuse(&mut stream, handler.as_ref(), None, error).await,
+            }
+            if read_more(&mut stream, &mut buf, deadline).await? == 0 {
+                return if buf.is_empty() {
+                    Ok(())
+                } else {
+                    Err(HttpError::Malformed("truncated head".into()))
+                };
+            }
+        };
+        buf.drain(..used);
+        let length = match head.body_length() {
+            Ok(length) => length,
+            Err(error) => return refuse(&mut stream, handler.as_ref(), Some(&head.path), error).await,
+        };
+        if length > buf.len() && head.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            within(deadline, stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")).await?;
+        }
+        while buf.len() < length {
+            if read_more(&mut stream, &mut buf, deadline).await? == 0 {
+                return Err(HttpError::Malformed("truncated body".into()));
+            }
+        }
+        let rest = buf.split_off(length);
+        let body = std::mem::replace(&mut buf, rest);
+        let keep_alive = head.keep_alive;
+        let handler_ = handler.clone();
+        let response = smol::unblock(move || {
+            // A handler bug must cost one answer, not an executor thread.
+            let handled = std::panic::AssertUnwindSafe(move || handler_.handle(Request { head, body }));
+            std::panic::catch_unwind(handled)
+                .unwrap_or_else(|_| Response::with_body(500, "text/plain", b"internal error\n".to_vec()))
+        })
+        .await;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        within(deadline, stream.write_all(&response.serialize(keep_alive))).await?;
+        within(deadline, stream.flush()).await?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+/// Answers a refused request (when the client can hear it), closes, and reports the error.
+async fn refuse<S>(
+    stream: &mut S,
+    handler: &dyn Handler,
+    path: Option<&str>,
+    error: HttpError,
+) -> Result<(), HttpError>
+where
+    S: AsyncWrite + Unpin,
+{
+    if let Some(status) = error.status() {
+        let mut response = handler.reject(path, &error);
+        response.status = status;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        within(deadline, stream.write_all(&response.serialize(false))).await?;
+        within(deadline, stream.flush()).await?;
+    }
+    Err(error)
+}
+
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<usize, HttpError> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = within(deadline, stream.read(&mut chunk)).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Runs an I/O future unless `deadline` passes first.
+pub async fn within<T>(deadline: Instant, io: impl Future<Output = io::Result<T>>) -> Result<T, HttpError> {
+    smol::future::or(async { io.await.map_err(HttpError::Io) }, async {
+        Timer::at(deadline).await;
+        Err(HttpError::Timeout)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(Head, usize)>, HttpError> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_request_head() {
+        let text = "POST /ven/v1/heartbeat?x=1 HTTP/1.1\r\nHost: pce\r\nX-Ven-Protocol: 1\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, used) = head(text).unwrap().unwrap();
+        assert_eq!(used, text.len() - 5);
+        assert_eq!(
+            (head.method.as_str(), head.path.as_str(), head.query.as_str()),
+            ("POST", "/ven/v1/heartbeat", "x=1")
+        );
+        assert_eq!(head.header("x-ven-protocol"), Some("1"));
+        assert!(head.keep_alive);
+        assert_eq!(head.body_length().unwrap(), 5);
+    }
+
+    #[test]
+    fn incomplete_heads_wait_and_connection_tokens_count() {
+        assert!(head("GET / HTTP/1.1\r\nHost: pce\r\n").unwrap().is_none());
+        assert!(!head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap().0.keep_alive);
+        assert_eq!(head("GET / HTTP/1.1\r\n\r\n").unwrap().unwrap().0.body_length().unwrap(), 0);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        for text in [
+            "GARBAGE\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            "GET / HTTP/9.9\r\n\r\n",
+            "\0\0\0\r\n",
+        ] {
+            let result = head(text);
+            assert!(matches!(result, Err(HttpError::Malformed(_))), "{text:?}: {result:?}");
+        }
+        let bad_utf8 = b"GET / HTTP/1.1\r\nX: \xff\xfe\r\n\r\n";
+        assert!(matches!(parse_head(bad_utf8), Err(HttpError::Malformed(_))));
+    }
+
+    #[test]
+    fn oversized_heads_are_refused() {
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(head(&long), Err(HttpError::HeadTooLarge)));
+        let complete = format!("{long}\r\n");
+        assert!(matches!(head(&complete), Err(HttpError::HeadTooLarge)));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(head(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HttpError::HeadTooLarge)));
+    }
+
+    #[test]
+    fn bodies_need_a_sane_content_length() {
+        let length = |text: &str| head(text).unwrap().unwrap().0.body_length();
+        assert!(matches!(
+            length("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HttpError::Chunked)
+        ));
+        assert!(matches!(
+            length("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Err(HttpError::TransferCoding(_))
+        ));
+        let too_big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", ven_proto::MAX_BODY_BYTES + 1);
+        assert!(matches!(length(&too_big), Err(HttpError::BodyTooLarge(_))));
+        assert!(matches!(
+            length("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(HttpError::Malformed(_))
+        ));
+        assert!(matches!(
+            length("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Err(HttpError::Malformed(_))
+        ));
+        assert_eq!(length("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").unwrap(), 3);
+        assert_eq!(HttpError::Chunked.status(), Some(411));
+    }
+
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(&self, request: Request) -> Response {
+            Response::with_body(200, "text/plain", request.body)
+        }
+        fn reject(&self, _path: Option<&str>, error: &HttpError) -> Response {
+            Response::with_body(400, "text/plain", error.to_string().into_bytes())
+        }
+    }
+
+    /// A byte stream fed from a fixed input, collecting what is written.
+    struct Wire {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+    impl AsyncRead for Wire {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(io::Read::read(&mut self.input, buf))
+        }
+    }
+    impl AsyncWrite for Wire {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.output.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn exchange(input: &str) -> (Result<(), HttpError>, String) {
+        let mut wire = Wire { input: io::Cursor::new(input.as_bytes().to_vec()), output: Vec::new() };
+        let result = smol::block_on(serve(&mut wire, Arc::new(Echo)));
+        (result, String::from_utf8_lossy(&wire.output).into_owned())
+    }
+
+    #[test]
+    fn serves_pipelined_requests_and_refuses_chunked_ones() {
+        let (result, output) = exchange(
+            "POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nyou",
+        );
+        assert!(result.is_ok());
+        assert_eq!(output.matches("HTTP/1.1 200 OK").count(), 2);
+        assert!(output.ends_with("\r\n\r\nyou"));
+
+        let (result, output) =
+            exchange("POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n");
+        assert!(matches!(result, Err(HttpError::Chunked)));
+        assert!(output.starts_with("HTTP/1.1 411 Length Required\r\n"));
+        assert!(output.contains("connection: close"));
+
+        let (result, _) = exchange("POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort");
+        assert!(matches!(result, Err(HttpError::Malformed(_))));
+    }
+}

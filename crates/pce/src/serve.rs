@@ -1,0 +1,360 @@
+//! `pce serve`: prepares the data directory (PKI, admin key, state), binds the VEN/admin API and
+//! the event service, and runs them until SIGTERM or SIGINT, then writes the state and returns.
+//!
+//! Threads: the main thread blocks both signals before any other thread exists (all inherit the
+//! mask) and waits for them with sigwait; a few named executor threads run the connections; the
+//! synchronous request handlers run on smol's blocking pool. Connections per listener are capped.
+
+use crate::events::{self, Sessions};
+use crate::http::{self, HttpError, Request, Response};
+use crate::store::{Changes, Store, StoreError};
+use crate::tls::{self, TlsError};
+use crate::{admin, clock, venapi};
+use futures_rustls::TlsAcceptor;
+use futures_rustls::server::TlsStream;
+use nix::sys::signal::{SigSet, Signal};
+use smol::net::{TcpListener, TcpStream};
+use smol::{Executor, Timer};
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use ven_proto::{ErrorKind, PROTOCOL_HEADER};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/pce";
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// Concurrent connections to the VEN/admin API.
+pub const MAX_API_CONNECTIONS: usize = 1024;
+/// Concurrent connections to the event service: every registered agent plus some in handshake.
+pub const MAX_EVENT_CONNECTIONS: usize = events::MAX_EVENT_SESSIONS + 256;
+const MAX_EXECUTOR_THREADS: usize = 4;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often heartbeat bookkeeping is written and silent workloads are looked for.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+/// A workload silent for this many heartbeat intervals goes offline (the spec: 12 x 5 min = 1 h).
+const OFFLINE_AFTER_HEARTBEATS: u64 = 12;
+const ADMIN_KEY_BYTES: usize = 32;
+
+/// Everything `pce serve` needs, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: IpAddr,
+    pub api_port: u16,
+    pub event_port: u16,
+    pub sans: Vec<String>,
+    pub heartbeat_interval_s: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("reading {path}: {source}")]
+    ReadKey { path: PathBuf, source: io::Error },
+    #[error("writing {path}: {source}")]
+    WriteKey { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("binding the {what} to {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: io::Error },
+    #[error("blocking SIGTERM and SIGINT: {0}")]
+    Signals(nix::Error),
+    #[error("starting thread {name}: {source}")]
+    Thread { name: String, source: io::Error },
+    #[error("writing to stdout: {0}")]
+    Stdout(io::Error),
+}
+
+/// What the request handlers and sessions share.
+pub struct App {
+    store: Mutex<Store>,
+    pub sessions: Sessions,
+    admin_key_sha256: String,
+    pub heartbeat_interval_s: u32,
+    pub event_port: u16,
+}
+
+impl App {
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn is_admin_key(&self, key: &str) -> bool {
+        tls::constant_time_eq(tls::sha256_hex(key.as_bytes()).as_bytes(), self.admin_key_sha256.as_bytes())
+    }
+
+    /// Tells the connected agents among `changes` that their policy changed.
+    pub fn publish(&self, changes: &Changes) {
+        self.sessions.notify(changes);
+    }
+
+    fn housekeeping(&self, started_at: u64) {
+        let quiet_for = OFFLINE_AFTER_HEARTBEATS * u64::from(self.heartbeat_interval_s);
+        let mut store = self.store();
+        let changes = store.sweep_offline(clock::now(), quiet_for, started_at).unwrap_or_else(|e| {
+            log::error!("marking silent workloads offline: {e}");
+            Vec::new()
+        });
+        if let Err(e) = store.flush() {
+            log::error!("{e}");
+        }
+        drop(store);
+        self.publish(&changes);
+    }
+}
+
+pub fn run(config: Config) -> Result<(), ServeError> {
+    // INVARIANT: blocked before any thread starts, so that only sigwait below takes them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(ServeError::Signals)?;
+
+    let dir = &config.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| ServeError::DataDir { path: dir.clone(), source })?;
+    let pki = tls::ensure(dir, &tls::server_names(config.listen, &config.sans), clock::now())?;
+    let acceptor = TlsAcceptor::from(pki.server_config()?);
+    let admin_key = admin_key(dir)?;
+    let (store, created) = Store::open(dir)?;
+
+    let mut stdout = io::stdout().lock();
+    if created {
+        let code =
+            store.state().pairing_profiles.first().map(|p| p.activation_code.as_str()).unwrap_or_default();
+        writeln!(stdout, "activation code: {code}").map_err(ServeError::Stdout)?;
+        writeln!(stdout, "CA fingerprint (SHA-256): {}", pki.ca_fingerprint).map_err(ServeError::Stdout)?;
+        writeln!(stdout, "admin API key: {admin_key}").map_err(ServeError::Stdout)?;
+    }
+    let api = bind("VEN and admin API", SocketAddr::new(config.listen, config.api_port))?;
+    let event = bind("event service", SocketAddr::new(config.listen, config.event_port))?;
+    let api_addr = api.local_addr().map_err(ServeError::Stdout)?;
+    let event_addr = event.local_addr().map_err(ServeError::Stdout)?;
+    writeln!(stdout, "listening: api {api_addr} events {event_addr}").map_err(ServeError::Stdout)?;
+    stdout.flush().map_err(ServeError::Stdout)?;
+    drop(stdout);
+    log::info!("data directory {}, {} workloads", dir.display(), store.state().workloads.len());
+
+    let app = Arc::new(App {
+        store: Mutex::new(store),
+        sessions: Sessions::default(),
+        admin_key_sha256: tls::sha256_hex(admin_key.as_bytes()),
+        heartbeat_interval_s: config.heartbeat_interval_s,
+        event_port: event_addr.port(),
+    });
+    let ex = Arc::new(Executor::new());
+    let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));
+    ex.spawn(accept_loop(
+        api,
+        acceptor.clone(),
+        Limit::new("API", MAX_API_CONNECTIONS),
+        ex.clone(),
+        move |stream| {
+            let handler = handler.clone();
+            async move {
+                if let Err(e) = http::serve(stream, handler).await {
+                    log::debug!("API connection: {e}");
+                }
+            }
+        },
+    ))
+    .detach();
+    let sessions_app = app.clone();
+    ex.spawn(accept_loop(
+        event,
+        acceptor,
+        Limit::new("event", MAX_EVENT_CONNECTIONS),
+        ex.clone(),
+        move |stream| {
+            let app = sessions_app.clone();
+            async move {
+                if let Err(e) = events::serve(stream, &app).await {
+                    log::debug!("event session: {e}");
+                }
+            }
+        },
+    ))
+    .detach();
+    let started_at = clock::now();
+    let housekeeping_app = app.clone();
+    ex.spawn(async move {
+        loop {
+            Timer::after(HOUSEKEEPING_INTERVAL).await;
+            let app = housekeeping_app.clone();
+            smol::unblock(move || app.housekeeping(started_at)).await;
+        }
+    })
+    .detach();
+
+    let (stop, stopped) = smol::channel::bounded::<()>(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_EXECUTOR_THREADS);
+    let mut workers = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let (ex, stopped) = (ex.clone(), stopped.clone());
+        let name = format!("pce-exec-{index}");
+        let worker = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || smol::block_on(ex.run(stopped.recv())))
+            .map_err(|source| ServeError::Thread { name, source })?;
+        workers.push(worker);
+    }
+
+    let signal = signals.wait();
+    log::info!("{}: shutting down", signal.map_or_else(|e| e.to_string(), |s| s.as_str().to_string()));
+    drop(stop);
+    for worker in workers {
+        let _ = worker.join();
+    }
+    app.store().save()?;
+    Ok(())
+}
+
+/// Reads `dir/admin.key`, creating it (0600) on first start.
+fn admin_key(dir: &Path) -> Result<String, ServeError> {
+    let path = dir.join(ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(key) => Ok(key.trim().to_string()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = tls::random_hex(ADMIN_KEY_BYTES)?;
+            crate::store::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
+                .map_err(|source| ServeError::WriteKey { path, source })?;
+            Ok(key)
+        }
+        Err(source) => Err(ServeError::ReadKey { path, source }),
+    }
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    let bind_error = |source| ServeError::Bind { what, addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    TcpListener::try_from(listener).map_err(bind_error)
+}
+
+/// Counts the open connections of one listener.
+struct Limit {
+    name: &'static str,
+    max: usize,
+    open: AtomicUsize,
+    /// Unix time of the last "full" warning, to log it at most every few seconds.
+    last_warning: AtomicU64,
+}
+
+struct Slot(Arc<Limit>);
+
+impl Limit {
+    fn new(name: &'static str, max: usize) -> Arc<Self> {
+        Arc::new(Limit { name, max, open: AtomicUsize::new(0), last_warning: AtomicU64::new(0) })
+    }
+
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let acquired = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < self.max).then_some(open + 1));
+        match acquired {
+            Ok(_) => Some(Slot(self.clone())),
+            Err(_) => {
+                self.warn(&format!("{} connections at their limit of {}; refusing", self.name, self.max));
+                None
+            }
+        }
+    }
+
+    /// Logs a warning unless one went out in the last 10 seconds (remote peers can trigger these).
+    fn warn(&self, message: &str) {
+        let now = clock::now();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            log::warn!("{message}");
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts connections, completes the TLS handshake (bounded in time) and hands each stream to
+/// `serve` in its own task.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limit: Arc<Limit>,
+    ex: Arc<Executor<'static>>,
+    serve: F,
+) where
+    F: Fn(TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let serve = Arc::new(serve);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                limit.warn(&format!("accepting {} connections: {e}", limit.name));
+                Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = limit.try_acquire() else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, serve) = (acceptor.clone(), serve.clone());
+        ex.spawn(async move {
+            let _slot = slot;
+            let handshake =
+                smol::future::or(async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) }, async {
+                    Timer::after(HANDSHAKE_TIMEOUT).await;
+                    Err("timed out".to_string())
+                });
+            match handshake.await {
+                Ok(stream) => serve(stream).await,
+                Err(e) => log::debug!("TLS handshake with {peer}: {e}"),
+            }
+        })
+        .detach();
+    }
+}
+
+/// Routes API requests: `/ven/` to the VEN API, `/api/` to the admin API.
+struct Api(Arc<App>);
+
+impl http::Handler for Api {
+    fn handle(&self, request: Request) -> Response {
+        let path = request.head.path.as_str();
+        let response = if path.starts_with("/ven/") {
+            venapi::handle(&self.0, &request)
+        } else if path.starts_with(admin::PREFIX) {
+            admin::handle(&self.0, &request)
+        } else {
+            Response::with_body(404, "text/plain", b"not found\n".to_vec())
+        };
+        response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
+    }
+
+    fn reject(&self, path: Option<&str>, error: &HttpError) -> Response {
+        let status = error.status().unwrap_or(400);
+        let message = error.to_string();
+        let response = match path {
+            Some(path) if path.starts_with("/ven/") => venapi::error(status, ErrorKind::BadRequest, message),
+            Some(path) if path.starts_with(admin::PREFIX) => {
+                admin::error(status, "invalid_request", &message)
+            }
+            _ => Response::with_body(status, "text/plain", format!("{message}\n").into_bytes()),
+        };
+        response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
+    }
+}

@@ -1,0 +1,211 @@
+//! The VEN API (paths under `/ven/v1/`): activation, heartbeats, policy, goodbye, deactivation.
+//!
+//! Bodies are postcard messages from `ven_proto`; every request must name protocol version 1 in
+//! `x-ven-protocol` (else 409). Authenticated calls carry `Bearer <agent_id>.<token>`; anything
+//! wrong there is 401 `Unauthorized`, so a VEN knows it is a lost agent. Errors carry an
+//! [`ErrorBody`]. Sizes in host reports are bounded before anything reaches the store.
+
+use crate::clock;
+use crate::http::{Request, Response};
+use crate::serve::App;
+use crate::store::StoreError;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use ven_proto::{
+    ActivateRequest, ActivateResponse, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest, HeartbeatResponse,
+    HostReport, PROTOCOL_HEADER, PROTOCOL_VERSION, path,
+};
+
+const MAX_INTERFACES: usize = 256;
+const MAX_ADDRESSES_PER_INTERFACE: usize = 64;
+const MAX_NAME_BYTES: usize = 255;
+/// Longer apply errors are cut (a VEN may forward a whole iptables-restore complaint).
+const MAX_APPLY_ERROR_BYTES: usize = 4096;
+
+pub fn handle(app: &App, request: &Request) -> Response {
+    let version = request.header(PROTOCOL_HEADER);
+    if version != Some(PROTOCOL_VERSION.to_string().as_str()) {
+        let message = format!(
+            "this PCE speaks VEN protocol {PROTOCOL_VERSION}; the request names {}",
+            version.map_or("none".to_string(), |v| format!("{v:?}"))
+        );
+        return error(409, ErrorKind::ProtocolMismatch, message);
+    }
+    let result = match (request.head.method.as_str(), request.head.path.as_str()) {
+        ("POST", path::ACTIVATE) => activate(app, request),
+        ("POST", path::HEARTBEAT) => heartbeat(app, request),
+        ("GET", path::POLICY) => policy(app, request),
+        ("POST", path::GOODBYE) => goodbye(app, request),
+        ("POST", path::DEACTIVATE) => deactivate(app, request),
+        (
+            method,
+            known @ (path::ACTIVATE | path::HEARTBEAT | path::POLICY | path::GOODBYE | path::DEACTIVATE),
+        ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
+        (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
+    };
+    result.unwrap_or_else(|response| response)
+}
+
+/// An error answer with a postcard [`ErrorBody`].
+pub fn error(status: u16, kind: ErrorKind, message: impl Into<String>) -> Response {
+    message_response(status, &ErrorBody { kind, message: message.into() })
+}
+
+fn message_response<T: Serialize>(status: u16, message: &T) -> Response {
+    Response::with_body(status, ven_proto::CONTENT_TYPE, ven_proto::encode(message))
+}
+
+type Answer = Result<Response, Response>;
+
+fn activate(app: &App, request: &Request) -> Answer {
+    let activation: ActivateRequest = decode(request)?;
+    check_host(&activation.host)?;
+    let hostname = activation.host.hostname.clone();
+    let activated = app.store().activate(&activation.activation_code, activation.host, clock::now());
+    let Some(activated) = activated.map_err(store_error)? else {
+        return Err(error(401, ErrorKind::BadActivationCode, "unknown activation code"));
+    };
+    log::info!("activated workload {} ({hostname})", activated.agent_id);
+    app.publish(&activated.changes);
+    Ok(message_response(
+        200,
+        &ActivateResponse {
+            agent_id: activated.agent_id,
+            agent_token: activated.agent_token,
+            heartbeat_interval_s: app.heartbeat_interval_s,
+            event_port: app.event_port,
+        },
+    ))
+}
+
+fn heartbeat(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let mut report: HeartbeatRequest = decode(request)?;
+    if let Some(host) = &report.host {
+        check_host(host)?;
+    }
+    if let Some(message) = report.apply_error.as_mut() {
+        truncate(message, MAX_APPLY_ERROR_BYTES);
+    }
+    let (changes, policy_version) = {
+        let mut store = app.store();
+        let changes = store.heartbeat(agent_id, report, clock::now()).map_err(store_error)?;
+        (changes, store.policy(agent_id).map_or(0, |policy| policy.version))
+    };
+    app.publish(&changes);
+    Ok(message_response(
+        200,
+        &HeartbeatResponse { policy_version, heartbeat_interval_s: app.heartbeat_interval_s },
+    ))
+}
+
+fn policy(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let store = app.store();
+    let Some(policy) = store.policy(agent_id) else {
+        return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));
+    };
+    let known = request.header("if-none-match").map(|v| v.trim_matches('"'));
+    if known == Some(policy.version.to_string().as_str()) {
+        return Ok(Response::empty(304));
+    }
+    Ok(message_response(200, policy))
+}
+
+fn goodbye(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    // The reason is informative only; an agent that sends none is still let go.
+    let reason = decode::<Goodbye>(request).map(|goodbye| goodbye.reason).unwrap_or_default();
+    let changes = app.store().goodbye(agent_id).map_err(store_error)?;
+    log::info!("workload {agent_id} said goodbye ({reason}): offline");
+    app.publish(&changes);
+    Ok(Response::empty(204))
+}
+
+fn deactivate(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let changes = app.store().deactivate(agent_id).map_err(store_error)?;
+    log::info!("workload {agent_id} deactivated");
+    app.sessions.disconnect(agent_id);
+    app.publish(&changes);
+    Ok(Response::empty(204))
+}
+
+fn authenticate(app: &App, request: &Request) -> Result<u64, Response> {
+    let credentials = request.header("authorization").and_then(ven_proto::parse_bearer);
+    match credentials {
+        Some((agent_id, token)) if app.store().authenticate(agent_id, token) => Ok(agent_id),
+        Some(_) => Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token")),
+        None => Err(error(401, ErrorKind::Unauthorized, "missing or malformed agent credentials")),
+    }
+}
+
+fn decode<T: DeserializeOwned>(request: &Request) -> Result<T, Response> {
+    ven_proto::decode(&request.body).map_err(|e| error(400, ErrorKind::BadRequest, e.to_string()))
+}
+
+fn check_host(host: &HostReport) -> Result<(), Response> {
+    let bad = |message: String| Err(error(400, ErrorKind::BadRequest, message));
+    if host.hostname.is_empty() || host.hostname.len() > MAX_NAME_BYTES {
+        return bad(format!("the hostname must have 1 to {MAX_NAME_BYTES} bytes"));
+    }
+    if host.os.len() > MAX_NAME_BYTES || host.agent_version.len() > MAX_NAME_BYTES {
+        return bad(format!("os and agent_version are limited to {MAX_NAME_BYTES} bytes"));
+    }
+    if host.interfaces.len() > MAX_INTERFACES {
+        return bad(format!("{} interfaces reported; the limit is {MAX_INTERFACES}", host.interfaces.len()));
+    }
+    for interface in &host.interfaces {
+        if interface.name.len() > MAX_NAME_BYTES || interface.addresses.len() > MAX_ADDRESSES_PER_INTERFACE {
+            return bad(format!(
+                "interface {:?}: names are limited to {MAX_NAME_BYTES} bytes, addresses to {MAX_ADDRESSES_PER_INTERFACE}",
+                interface.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::NoWorkload(_) => error(401, ErrorKind::Unauthorized, "unknown agent"),
+        StoreError::Rejected(message) => error(400, ErrorKind::BadRequest, message),
+        other => {
+            log::error!("VEN API: {other}");
+            error(500, ErrorKind::Internal, "the PCE could not record the change")
+        }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_characters() {
+        let mut text = "aé".repeat(3);
+        truncate(&mut text, 4);
+        assert_eq!(text, "aéa");
+        let mut short = "ok".to_string();
+        truncate(&mut short, 4);
+        assert_eq!(short, "ok");
+    }
+
+    #[test]
+    fn errors_carry_a_postcard_error_body() {
+        let response = error(401, ErrorKind::BadActivationCode, "no");
+        let body: ErrorBody = ven_proto::decode(&response.body).unwrap();
+        assert_eq!((response.status, body.kind), (401, ErrorKind::BadActivationCode));
+    }
+}

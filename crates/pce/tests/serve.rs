@@ -1,0 +1,386 @@
+//! End to end against the real binary: `pce serve` on 127.0.0.1 with free ports and a temporary
+//! data directory, administered with the `pce` CLI, spoken to as a VEN over HTTPS (ureq, trusting
+//! the CA from the data directory) and over the event service (rustls, frames from ven-proto).
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use ven_proto::frame::{self, Event, PceFrame, VenFrame};
+use ven_proto::{
+    ActivateRequest, ActivateResponse, Direction, ErrorBody, ErrorKind, HeartbeatRequest, HeartbeatResponse,
+    HostReport, Interface, IpNet, Peers, Policy, PolicyState, PortRange, Protocol, path,
+};
+
+const PCE: &str = env!("CARGO_BIN_EXE_pce");
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A temporary data directory, removed on drop.
+struct DataDir(PathBuf);
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `pce serve`; killed on drop if the test did not stop it.
+struct Server {
+    child: Child,
+    /// stdout lines up to and including "listening: ...".
+    lines: Vec<String>,
+}
+
+impl Server {
+    fn start(dir: &Path, api: u16, events: u16) -> Server {
+        let mut child = Command::new(PCE)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--listen",
+                "127.0.0.1",
+                "--api-port",
+                &api.to_string(),
+                "--event-port",
+                &events.to_string(),
+            ])
+            .args(["--heartbeat-interval", "7"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pce serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server { child, lines: Vec::new() };
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("pce serve printed no listening line in time");
+            let done = line.starts_with("listening: ");
+            server.lines.push(line);
+            if done {
+                break;
+            }
+        }
+        server
+    }
+
+    fn line(&self, prefix: &str) -> Option<String> {
+        self.lines.iter().find_map(|line| line.strip_prefix(prefix).map(str::to_string))
+    }
+
+    /// SIGTERM, then expect a clean exit.
+    fn stop(mut self) {
+        let status =
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for pce") {
+                assert!(status.success(), "pce serve exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "pce serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// Runs the admin CLI against the server; returns its output.
+fn cli(dir: &Path, api: u16, args: &[&str]) -> Output {
+    Command::new(PCE)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--server", &format!("127.0.0.1:{api}")])
+        .args(args)
+        .output()
+        .expect("run pce")
+}
+
+/// Runs the admin CLI and expects success; returns stdout, trimmed.
+fn cli_ok(dir: &Path, api: u16, args: &[&str]) -> String {
+    let output = cli(dir, api, args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "pce {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn ca(dir: &Path) -> CertificateDer<'static> {
+    CertificateDer::from_pem_file(dir.join("ca.pem")).expect("CA certificate")
+}
+
+/// The VEN side of the VEN API.
+struct Ven {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Ven {
+    fn new(dir: &Path, api: u16) -> Ven {
+        let ca = ureq::tls::Certificate::from_der(ca(dir).as_ref()).to_owned();
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Ven { agent, base: format!("https://127.0.0.1:{api}") }
+    }
+
+    /// Sends a request; returns the status and body.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, Vec<u8>) {
+        let url = format!("{}{path}", self.base);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let request = request.header("content-type", ven_proto::CONTENT_TYPE).body(body).expect("request");
+        let mut response = self.agent.run(request).expect("VEN API request");
+        assert_eq!(
+            response.headers().get(ven_proto::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_vec().expect("response body"))
+    }
+
+    fn post<T: serde::Serialize>(&self, path: &str, auth: Option<&str>, message: &T) -> (u16, Vec<u8>) {
+        self.call("POST", path, auth, &[(ven_proto::PROTOCOL_HEADER, "1")], ven_proto::encode(message))
+    }
+
+    fn activate(&self, code: &str, hostname: &str, address: &str) -> (u16, Vec<u8>) {
+        let host = HostReport {
+            hostname: hostname.to_string(),
+            os: "Linux 6.1.0 x86_64".to_string(),
+            agent_version: "0.1.0".to_string(),
+            interfaces: vec![
+                Interface { name: "lo".into(), addresses: vec![net("127.0.0.1/8")] },
+                Interface { name: "eth0".into(), addresses: vec![net(address)] },
+            ],
+        };
+        self.post(path::ACTIVATE, None, &ActivateRequest { activation_code: code.to_string(), host })
+    }
+
+    fn heartbeat(&self, auth: &str, applied: u64) -> (u16, Vec<u8>) {
+        let beat = HeartbeatRequest {
+            applied_policy_version: applied,
+            applied_state: PolicyState::Idle,
+            apply_error: None,
+            host: None,
+        };
+        self.post(path::HEARTBEAT, Some(auth), &beat)
+    }
+
+    fn policy(&self, auth: &str, known: Option<u64>) -> (u16, Vec<u8>) {
+        let known = known.map(|v| v.to_string());
+        let mut headers = vec![(ven_proto::PROTOCOL_HEADER, "1")];
+        if let Some(known) = &known {
+            headers.push(("if-none-match", known));
+        }
+        self.call("GET", path::POLICY, Some(auth), &headers, Vec::new())
+    }
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().expect("address")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
+    ven_proto::decode(bytes).expect("postcard body")
+}
+
+/// Opens an event session and sends Hello; returns the stream.
+fn event_session(
+    dir: &Path,
+    port: u16,
+    agent_id: u64,
+    token: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca(dir)).expect("CA into roots");
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").expect("server name");
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the event service");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    let hello = VenFrame::Hello { protocol_version: 1, agent_id, agent_token: token.to_string() };
+    frame::write_frame(&mut stream, &hello).expect("send Hello");
+    stream
+}
+
+fn read_event(stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> PceFrame {
+    frame::read_frame(stream, &mut Vec::new()).expect("event frame")
+}
+
+#[test]
+fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-e2e-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let d = dir.0.as_path();
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(d, api, events);
+
+    // First start: the three secrets, and the CLI agrees with them.
+    let code = server.line("activation code: ").expect("activation code line");
+    let fingerprint = server.line("CA fingerprint (SHA-256): ").expect("fingerprint line");
+    assert!(server.line("admin API key: ").is_some());
+    assert_eq!(server.line("listening: ").unwrap(), format!("api 127.0.0.1:{api} events 127.0.0.1:{events}"));
+    assert_eq!(code.len(), 20);
+    assert_eq!(cli_ok(d, api, &["ca-fingerprint"]), fingerprint);
+    assert_eq!(cli_ok(d, api, &["activation-code"]), code);
+
+    // Labels, a draft rule, provisioning.
+    assert_eq!(cli_ok(d, api, &["label", "create", "role", "web"]), "/api/v2/labels/1");
+    assert_eq!(cli_ok(d, api, &["label", "create", "role", "db"]), "/api/v2/labels/2");
+    let rule = ["rule", "add", "--consumers", "role=web", "--providers", "role=db", "--service", "5432/tcp"];
+    assert_eq!(cli_ok(d, api, &rule), "/api/v2/sec_policy/draft/rules/1");
+    assert_eq!(cli_ok(d, api, &["provision"]), "provisioned version 1");
+    let missing = cli(
+        d,
+        api,
+        &["rule", "add", "--consumers", "role=nope", "--providers", "role=db", "--service", "1/udp"],
+    );
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no label role=nope"));
+
+    // Activation: a wrong code is 401 BadActivationCode, a missing protocol header 409.
+    let ven = Ven::new(d, api);
+    let (status, body) = ven.activate("not-the-code", "web", "198.18.0.2/24");
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (401, ErrorKind::BadActivationCode));
+    let (status, body) = ven.call("POST", path::ACTIVATE, None, &[], Vec::new());
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (409, ErrorKind::ProtocolMismatch));
+    let (status, body) = ven.activate(&code, "web", "198.18.0.2/24");
+    assert_eq!(status, 200);
+    let web: ActivateResponse = decode(&body);
+    assert_eq!((web.heartbeat_interval_s, web.event_port), (7, events));
+    let (status, body) = ven.activate(&code, "db", "198.18.0.3/24");
+    assert_eq!(status, 200);
+    let db: ActivateResponse = decode(&body);
+    let web_auth = ven_proto::bearer(web.agent_id, &web.agent_token);
+    let db_auth = ven_proto::bearer(db.agent_id, &db.agent_token);
+
+    // Wrong credentials are 401 Unauthorized, on the API and the event service alike.
+    let wrong = ven_proto::bearer(web.agent_id, &db.agent_token);
+    let (status, body) = ven.heartbeat(&wrong, 0);
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (401, ErrorKind::Unauthorized));
+    assert_eq!(ven.policy(&wrong, None).0, 401);
+    let mut refused = event_session(d, events, web.agent_id, &db.agent_token);
+    assert!(matches!(read_event(&mut refused), PceFrame::Nack { .. }));
+
+    // An event session for db: Ack, then the current version.
+    let mut db_events = event_session(d, events, db.agent_id, &db.agent_token);
+    assert_eq!(read_event(&mut db_events), PceFrame::Ack { ping_interval_s: 30 });
+    assert!(matches!(read_event(&mut db_events), PceFrame::Event(Event::PolicyChanged { .. })));
+
+    // Labels and states through the CLI; a missing label is a clear error.
+    cli_ok(d, api, &["workload", "set", "web", "--label", "role=web", "--state", "enforced"]);
+    cli_ok(d, api, &["workload", "set", &db.agent_id.to_string(), "--label", "role=db"]);
+    let missing = cli(d, api, &["workload", "set", "web", "--label", "role=cache"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no label role=cache"));
+    let PceFrame::Event(Event::PolicyChanged { version: pushed }) = read_event(&mut db_events) else {
+        panic!("expected a policy event for db");
+    };
+
+    // Heartbeat and policy: db accepts 5432/tcp from web only; web may reach db on it.
+    let (status, body) = ven.heartbeat(&db_auth, 0);
+    assert_eq!(status, 200);
+    let beat: HeartbeatResponse = decode(&body);
+    assert_eq!((beat.policy_version, beat.heartbeat_interval_s), (pushed, 7));
+    let (status, body) = ven.policy(&db_auth, None);
+    assert_eq!(status, 200);
+    let db_policy: Policy = decode(&body);
+    assert_eq!((db_policy.version, db_policy.state), (pushed, PolicyState::Idle));
+    assert_eq!(db_policy.rules.len(), 1);
+    let rule = &db_policy.rules[0];
+    assert_eq!((rule.direction, rule.protocol), (Direction::Inbound, Protocol::Tcp));
+    assert_eq!(rule.ports, Some(PortRange { first: 5432, last: 5432 }));
+    let Peers::Set(set_id) = rule.peers else { panic!("peers should be a set") };
+    let set = db_policy.ip_sets.iter().find(|s| s.id == set_id).expect("the rule's set");
+    assert_eq!(set.members, vec![net("198.18.0.2/32")]);
+    assert_eq!(ven.policy(&db_auth, Some(pushed)).0, 304);
+
+    ven.heartbeat(&web_auth, 0);
+    let (_, body) = ven.policy(&web_auth, None);
+    let web_policy: Policy = decode(&body);
+    assert_eq!(web_policy.state, PolicyState::Enforced);
+    assert_eq!(web_policy.rules[0].direction, Direction::Outbound);
+    assert_eq!(web_policy.ip_sets[0].members, vec![net("198.18.0.3/32")]);
+
+    // The workload list as JSON, in the contract's shape.
+    let list: serde_json::Value =
+        serde_json::from_str(&cli_ok(d, api, &["workload", "list", "--json"])).expect("JSON");
+    let web_json = &list.as_array().expect("array")[0];
+    assert_eq!(web_json["hostname"], "web");
+    assert_eq!(web_json["labels"][0]["key"], "role");
+    assert_eq!(web_json["policy_state"], "enforced");
+    assert_eq!(web_json["online"], true);
+    assert_eq!(web_json["applied_state"], "idle");
+    assert!(web_json["last_heartbeat_on"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(web_json["interfaces"][1]["address"], "198.18.0.2/24");
+    assert!(cli_ok(d, api, &["workload", "list"]).contains("role=web"));
+
+    // Restart: identities, labels, rules and versions are kept.
+    drop(db_events);
+    server.stop();
+    let server = Server::start(d, api, events);
+    assert!(server.line("activation code: ").is_none(), "secrets are printed on first start only");
+    let (status, body) = ven.heartbeat(&db_auth, pushed);
+    assert_eq!(status, 200);
+    assert_eq!(decode::<HeartbeatResponse>(&body).policy_version, pushed);
+    let (_, body) = ven.policy(&db_auth, None);
+    assert_eq!(decode::<Policy>(&body), db_policy);
+    assert!(cli_ok(d, api, &["label", "list"]).contains("/api/v2/labels/2  role  db"));
+
+    // Deactivation forgets the workload, and web's policy loses db.
+    let (status, _) =
+        ven.call("POST", path::DEACTIVATE, Some(&db_auth), &[(ven_proto::PROTOCOL_HEADER, "1")], Vec::new());
+    assert_eq!(status, 204);
+    assert_eq!(ven.heartbeat(&db_auth, 0).0, 401);
+    let (_, body) = ven.policy(&web_auth, None);
+    assert!(decode::<Policy>(&body).ip_sets[0].members.is_empty());
+    server.stop();
+}
