@@ -332,7 +332,7 @@ mod tests {
         let summary = firewall(&fake)
             .apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.1.0/24"]), &safeguards())
             .unwrap();
-        assert_eq!(summary, ApplySummary { rules: 8, sets: 1, set_members_added: 2, set_members_removed: 0 });
+        assert_eq!(summary, ApplySummary { rules: 9, sets: 1, set_members_added: 2, set_members_removed: 0 });
         assert_eq!(fake.set_members("ven-1"), Some(vec!["198.18.0.2".into(), "198.18.1.0/24".into()]));
         let calls = fake.calls();
         assert_eq!(

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use ven_proto::{Direction, IpNet, Peers, Policy, PolicyState, Protocol, Rule};
 
@@ -64,9 +64,21 @@ pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards) -
         .map(|set| (family.set_name(set.id), set_members(family, &set.members)))
         .collect();
 
+    let management = management_endpoints(family, safeguards);
     let mut input = ChainBuilder::new(INPUT_CHAIN);
     input.push("-i lo", "ACCEPT");
     input.push("-m conntrack --ctstate RELATED,ESTABLISHED", "ACCEPT");
+    // INVARIANT: the PCE's side of the management channel is accepted before any policy rule or
+    // default drop, without conntrack: a connection opened before our rules loaded (no conntrack
+    // hooks in the namespace yet) is picked up mid-stream as NEW, and the PCE's next packet would
+    // otherwise be dropped (the spec's 8444 caveat). Not SYN (`! --syn`, written as iptables-save
+    // prints it so that read-back compares equal): it never opens a connection.
+    for (host, port) in &management {
+        input.push(
+            &format!("-s {host} -p tcp -m tcp --sport {port} ! --tcp-flags FIN,SYN,RST,ACK SYN"),
+            "ACCEPT",
+        );
+    }
     for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Inbound) {
         input.push(&rule_matches(family, rule, "src"), "ACCEPT");
     }
@@ -76,13 +88,8 @@ pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards) -
     output.push("-o lo", "ACCEPT");
     output.push("-m conntrack --ctstate RELATED,ESTABLISHED", "ACCEPT");
     // INVARIANT: the management channel is allowed before any policy rule or default drop.
-    let mut seen = BTreeSet::new();
-    for endpoint in &safeguards.management {
-        if let Some(matches) = management_matches(family, endpoint) {
-            if seen.insert(*endpoint) {
-                output.push(&matches, "ACCEPT");
-            }
-        }
+    for (host, port) in &management {
+        output.push(&format!("-d {host} -p tcp -m tcp --dport {port}"), "ACCEPT");
     }
     for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Outbound) {
         output.push(&rule_matches(family, rule, "dst"), "ACCEPT");
@@ -136,12 +143,16 @@ fn rule_matches(family: Family, rule: &Rule, peer_side: &str) -> String {
     matches
 }
 
-fn management_matches(family: Family, endpoint: &SocketAddr) -> Option<String> {
-    let host = IpNet::host(endpoint.ip());
-    if !family.contains(&host) {
-        return None;
-    }
-    Some(format!("-d {host} -p tcp -m tcp --dport {}", endpoint.port()))
+/// The PCE endpoints of this family, as host prefix and port, without duplicates, in order.
+fn management_endpoints(family: Family, safeguards: &Safeguards) -> Vec<(IpNet, u16)> {
+    let mut seen = BTreeSet::new();
+    safeguards
+        .management
+        .iter()
+        .map(|endpoint| (IpNet::host(endpoint.ip()), endpoint.port()))
+        .filter(|(host, _)| family.contains(host))
+        .filter(|endpoint| seen.insert(*endpoint))
+        .collect()
 }
 
 /// The members of a set as the kernel will hold them: this family only, host bits cleared,
@@ -316,6 +327,18 @@ mod tests {
         assert!(output.rules.last().unwrap().ends_with("-j DROP"));
         assert_eq!(output.rules.iter().filter(|r| r.contains("-d 198.18.0.1/32")).count(), 2, "deduplicated");
         assert!(!output.rules.iter().any(|r| r.contains("2001:db8")), "IPv6 endpoints skipped");
+
+        let input = &ruleset.chains[0];
+        let replies: Vec<&String> = input.rules.iter().filter(|r| r.contains("-s 198.18.0.1/32")).collect();
+        assert_eq!(replies.len(), 2, "the PCE's side of both channels: {replies:?}");
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.contains("! --tcp-flags FIN,SYN,RST,ACK SYN") && r.contains("--sport 844"))
+        );
+        let first_policy = input.rules.iter().position(|r| r.contains("--ctstate NEW")).unwrap();
+        let last_reply = input.rules.iter().rposition(|r| r.contains("-s 198.18.0.1/32")).unwrap();
+        assert!(last_reply < first_policy, "before any policy rule or the drop");
     }
 
     #[test]
