@@ -49,6 +49,9 @@ pub struct Manager {
     next_heartbeat: Instant,
     last_heartbeat: Option<u64>,
     reported_host: Option<HostReport>,
+    /// A version the firewall rejected is fetched again only after this instant (one heartbeat
+    /// interval), so that reporting the rejection cannot turn into a fetch-and-fail loop.
+    rejected: Option<(u64, Instant)>,
 }
 
 impl Manager {
@@ -71,6 +74,7 @@ impl Manager {
             next_heartbeat: Instant::now(),
             last_heartbeat: None,
             reported_host: None,
+            rejected: None,
         }
     }
 
@@ -185,7 +189,9 @@ impl Manager {
                 self.heartbeat_interval = Duration::from_secs(u64::from(response.heartbeat_interval_s))
                     .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
                 self.next_heartbeat = Instant::now() + jitter(self.heartbeat_interval);
-                if response.policy_version != self.applied_version() {
+                if response.policy_version != self.applied_version()
+                    && !self.recently_rejected(response.policy_version)
+                {
                     self.sync_policy();
                 }
             }
@@ -215,7 +221,7 @@ impl Manager {
             Event::PolicyChanged { version } => {
                 if self.heartbeats.connectivity() == Connectivity::Diminished {
                     log::info!("ignoring policy event for version {version} while diminished");
-                } else if version != self.applied_version() {
+                } else if version != self.applied_version() && !self.recently_rejected(version) {
                     self.sync_policy();
                 }
             }
@@ -255,6 +261,7 @@ impl Manager {
                 }
                 self.applied = Some(policy);
                 self.apply_error = None;
+                self.rejected = None;
                 self.save_status();
             }
             Err(e) => {
@@ -264,8 +271,15 @@ impl Manager {
                     self.applied_version()
                 );
                 self.apply_error = Some(format!("version {}: {e}", policy.version));
+                self.rejected = Some((policy.version, Instant::now() + self.heartbeat_interval));
             }
         }
+        // Tell the PCE what the firewall carries now rather than at the next interval.
+        self.next_heartbeat = Instant::now();
+    }
+
+    fn recently_rejected(&self, version: u64) -> bool {
+        matches!(self.rejected, Some((rejected, until)) if rejected == version && Instant::now() < until)
     }
 
     fn on_control(&mut self, request: ControlRequest) -> ControlResponse {

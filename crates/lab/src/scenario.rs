@@ -94,7 +94,8 @@ pub struct LabOptions {
     pub name_prefix: String,
     /// Leave the work dir (data dirs, logs) behind for debugging.
     pub keep_workdir: bool,
-    /// Passed to `pce serve --heartbeat-interval` when set (short, so the lab converges quickly).
+    /// Passed to `pce serve --heartbeat-interval` when set. Unset by default: the PCE's 5-minute
+    /// interval, so the lab converges only if policy pushes (lightning bolts) work.
     pub heartbeat_interval: Option<u32>,
     /// Limit for each one-shot command (`pce workload ...`, `ven status`, `ven activate`).
     pub command_timeout: Duration,
@@ -109,7 +110,7 @@ impl Default for LabOptions {
         Self {
             name_prefix: "venlab".into(),
             keep_workdir: false,
-            heartbeat_interval: Some(5),
+            heartbeat_interval: None,
             command_timeout: Duration::from_secs(30),
             pce_start_timeout: Duration::from_secs(30),
             policy_timeout: Duration::from_secs(20),
