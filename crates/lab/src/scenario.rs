@@ -380,15 +380,7 @@ impl Lab {
 
     /// Runs a one-shot command and requires exit status 0.
     pub fn run_ok(&self, command: Command) -> Result<Captured, LabError> {
-        let done = self.run(command)?;
-        if !done.success() {
-            return Err(LabError::Failed {
-                command: done.command.clone(),
-                status: done.status.to_string(),
-                stderr: first_nonempty(&done.stderr, &done.stdout),
-            });
-        }
-        Ok(done)
+        require_success(self.run(command)?)
     }
 
     /// The admin CLI: `pce ... ARGS`, which must succeed.
@@ -490,16 +482,12 @@ impl Lab {
     /// `ven activate` on `host` against the lab's PCE with the right pairing material.
     pub fn activate(&self, host: Host) -> Result<Captured, LabError> {
         let pairing = self.pairing.as_ref().ok_or(LabError::NotStarted("the PCE"))?;
-        let done =
-            self.try_activate(host, &management_server(), &pairing.activation_code, &pairing.ca_fingerprint)?;
-        if !done.success() {
-            return Err(LabError::Failed {
-                command: done.command.clone(),
-                status: done.status.to_string(),
-                stderr: first_nonempty(&done.stderr, &done.stdout),
-            });
-        }
-        Ok(done)
+        require_success(self.try_activate(
+            host,
+            &management_server(),
+            &pairing.activation_code,
+            &pairing.ca_fingerprint,
+        )?)
     }
 
     /// `ven activate` on `host` with whatever arguments the caller chooses (for failure tests).
@@ -699,6 +687,18 @@ impl Drop for Lab {
         }
         self.teardown.run();
     }
+}
+
+/// A finished command that must have exited 0, or the error that names it and its output.
+fn require_success(done: Captured) -> Result<Captured, LabError> {
+    if !done.success() {
+        return Err(LabError::Failed {
+            command: done.command.clone(),
+            status: done.status.to_string(),
+            stderr: first_nonempty(&done.stderr, &done.stdout),
+        });
+    }
+    Ok(done)
 }
 
 fn first_nonempty(a: &str, b: &str) -> String {
