@@ -147,6 +147,7 @@ fn policy(version: u64, members: &[&str]) -> Policy {
             protocol: Protocol::Tcp,
             ports: Some(PortRange { first: RULED, last: RULED }),
         }],
+        custom_rules: Vec::new(),
     }
 }
 
@@ -381,6 +382,7 @@ fn every_rule_shape_loads_into_the_kernel() {
             rule(6, Direction::Outbound, Peers::Set(1), Protocol::Udp, None),
             rule(7, Direction::Outbound, Peers::Any, Protocol::Any, None),
         ],
+        custom_rules: Vec::new(),
     };
     let summary = lab.apply(&everything).unwrap();
     assert_eq!(summary.sets, 3);

@@ -177,6 +177,7 @@ impl Manager {
             applied_state: self.applied.as_ref().map_or(PolicyState::Idle, |p| p.state),
             apply_error: self.apply_error.clone(),
             host: host_changed.then(|| host.clone()),
+            events: Vec::new(),
         };
         match pairing.client.heartbeat(&request) {
             Ok(response) => {

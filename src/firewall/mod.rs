@@ -305,6 +305,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: Some(PortRange { first: 22, last: 22 }),
             }],
+            custom_rules: Vec::new(),
         }
     }
 

@@ -267,6 +267,7 @@ mod tests {
                 rule(201, Direction::Outbound, Peers::Any, Protocol::Udp, Some((123, 123))),
                 rule(202, Direction::Outbound, Peers::Set(1), Protocol::Any, None),
             ],
+            custom_rules: Vec::new(),
         }
     }
 
@@ -312,7 +313,13 @@ mod tests {
     fn golden_empty_enforced() {
         golden(
             "empty-enforced",
-            &Policy { version: 1, state: PolicyState::Enforced, ip_sets: Vec::new(), rules: Vec::new() },
+            &Policy {
+                version: 1,
+                state: PolicyState::Enforced,
+                ip_sets: Vec::new(),
+                rules: Vec::new(),
+                custom_rules: Vec::new(),
+            },
         );
     }
 

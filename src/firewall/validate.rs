@@ -89,6 +89,7 @@ mod tests {
             state: PolicyState::Enforced,
             ip_sets: vec![IpSet { id: 1, members: vec!["198.18.0.2".parse().unwrap()] }],
             rules,
+            custom_rules: Vec::new(),
         }
     }
 

@@ -104,8 +104,13 @@ fn policy_for(
     rules: &[&RuleDef],
     matched: &[(Vec<bool>, Vec<bool>)],
 ) -> Policy {
-    let mut policy =
-        Policy { version: 0, state: members[target].state, ip_sets: Vec::new(), rules: Vec::new() };
+    let mut policy = Policy {
+        version: 0,
+        state: members[target].state,
+        ip_sets: Vec::new(),
+        rules: Vec::new(),
+        custom_rules: Vec::new(),
+    };
     for (rule, (consumers, providers)) in rules.iter().zip(matched) {
         if rule.id > MAX_RULE_ID {
             continue;

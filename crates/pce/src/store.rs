@@ -502,6 +502,7 @@ mod tests {
             applied_state: PolicyState::Idle,
             apply_error: None,
             host,
+            events: Vec::new(),
         }
     }
 

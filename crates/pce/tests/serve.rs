@@ -205,6 +205,7 @@ impl Ven {
             applied_state: PolicyState::Idle,
             apply_error: None,
             host: None,
+            events: Vec::new(),
         };
         self.post(path::HEARTBEAT, Some(auth), &beat)
     }

@@ -5,8 +5,10 @@
 //!   messages from this crate, and every request names [`PROTOCOL_VERSION`] in [`PROTOCOL_HEADER`];
 //! - the event service (default port 8444): length-prefixed postcard frames ([`frame`]).
 //!
-//! Compatibility rule: postcard encodes enums by variant index and structs by field order, so a
-//! new variant or field is only ever appended, and anything else bumps [`PROTOCOL_VERSION`].
+//! Compatibility rule: postcard encodes enums by variant index and structs by field order, with no
+//! field names and no defaults for missing fields. New enum variants are only ever appended (an
+//! old message still decodes); any new field, or any other change of the encoding, bumps
+//! [`PROTOCOL_VERSION`].
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -19,7 +21,9 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the messages in this crate. A PCE answers a request carrying another version with
 /// `409 Conflict` and an [`ErrorBody`] of kind [`ErrorKind::ProtocolMismatch`].
-pub const PROTOCOL_VERSION: u16 = 1;
+// History: 1 = walking skeleton; 2 = custom rules in policies, agent events in heartbeats,
+// suspend notices.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// HTTP header carrying [`PROTOCOL_VERSION`] on every VEN API request and response.
 pub const PROTOCOL_HEADER: &str = "x-ven-protocol";
 /// Content type of postcard bodies on the VEN API.
@@ -43,6 +47,9 @@ pub mod path {
     pub const GOODBYE: &str = "/ven/v1/goodbye";
     /// POST -> empty 204: the agent unpairs; the PCE forgets it.
     pub const DEACTIVATE: &str = "/ven/v1/deactivate";
+    /// POST [`SuspendNotice`](super::SuspendNotice) -> empty 204: the VEN was suspended or
+    /// unsuspended (a suspended VEN sends no heartbeats and is not taken offline for it).
+    pub const SUSPEND: &str = "/ven/v1/suspend";
 }
 
 /// Builds the `authorization` header value for an agent.
@@ -141,6 +148,35 @@ pub struct HeartbeatRequest {
     pub apply_error: Option<String>,
     /// Sent when the host's interfaces changed since the last report.
     pub host: Option<HostReport>,
+    /// What happened on the VEN since the last accepted heartbeat, oldest first (at most
+    /// [`MAX_EVENTS_PER_HEARTBEAT`]); the VEN drops them only once a heartbeat is accepted.
+    pub events: Vec<AgentEvent>,
+}
+
+/// Most [`AgentEvent`]s one heartbeat carries.
+pub const MAX_EVENTS_PER_HEARTBEAT: usize = 16;
+
+/// Something the VEN noticed that the PCE records as an organisation event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Unix seconds.
+    pub at: u64,
+    pub kind: AgentEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentEventKind {
+    /// The firewall differed from the applied policy (`summary` says how); `repaired` tells
+    /// whether the VEN put it back.
+    Tampering { summary: String, repaired: bool },
+}
+
+/// Sent when the operator suspends (`suspended: true`) or unsuspends the VEN.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspendNotice {
+    pub suspended: bool,
+    /// Policy state the firewall carried before the suspension (when suspending).
+    pub previous_state: Option<PolicyState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +201,61 @@ pub struct Policy {
     /// Address lists that rules refer to by id; the VEN programs each as one ipset.
     pub ip_sets: Vec<IpSet>,
     pub rules: Vec<Rule>,
+    /// The operator's own iptables rules for this host, kept in chains of their own.
+    pub custom_rules: Vec<CustomRule>,
+}
+
+/// Address family a custom rule applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RuleFamily {
+    V4,
+    V6,
+    Both,
+}
+
+/// Which traffic a custom rule sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CustomChain {
+    /// Traffic to this host.
+    Input,
+    /// Traffic from this host.
+    Output,
+    /// Traffic the host routes (only programmed on boards that route).
+    Forward,
+}
+
+impl CustomChain {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Input => "input",
+            Self::Output => "output",
+            Self::Forward => "forward",
+        }
+    }
+}
+
+impl std::str::FromStr for CustomChain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "input" => Ok(Self::Input),
+            "output" => Ok(Self::Output),
+            "forward" => Ok(Self::Forward),
+            _ => Err(format!("unknown chain {s:?} (expected input, output or forward)")),
+        }
+    }
+}
+
+/// One custom iptables rule: matches and a target as `iptables -A` takes them after the chain
+/// name, for example `-p tcp --dport 9000 -j ACCEPT`. The VEN accepts only plain matches and the
+/// targets ACCEPT, DROP, REJECT and RETURN; the kernel checks the rest when it is applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomRule {
+    /// Unique among the policy's custom rules.
+    pub id: u32,
+    pub family: RuleFamily,
+    pub chain: CustomChain,
+    pub rule: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +390,12 @@ mod tests {
                 peers: Peers::Set(1),
                 protocol: Protocol::Tcp,
                 ports: Some(PortRange { first: 5432, last: 5432 }),
+            }],
+            custom_rules: vec![CustomRule {
+                id: 1,
+                family: RuleFamily::Both,
+                chain: CustomChain::Input,
+                rule: "-p tcp --dport 9000 -j ACCEPT".into(),
             }],
         };
         let bytes = encode(&policy);
