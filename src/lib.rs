@@ -9,7 +9,10 @@
 pub mod agent;
 pub mod cli;
 pub use ven_proto::clock;
+pub mod config;
+pub mod conntrack;
 pub mod firewall;
 pub mod flows;
+pub mod history;
 pub mod logging;
 pub mod state;
