@@ -1,2 +1,331 @@
-//! The agent's configuration: board profile values (caps, fail-safe services, interfaces).
-//! Being built for issue 3.
+//! The agent's configuration: one `key = value` file (default `/etc/ven/ven.conf`, or
+//! `$VEN_CONFIG`), the same format as the board profiles in `board-configs/`, which are installed
+//! as that file on their board.
+//!
+//! Format: one setting per line, `#` starts a comment, lists are comma-separated, durations are
+//! seconds. Keys under `board.` describe the build (target triple, name) and are not read by the
+//! agent. An unknown key or a bad value is an error naming the file and line: a typo must not
+//! silently leave a default in force on a device nobody watches.
+//!
+//! A missing file means every default (a generic Linux host).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ven_proto::Protocol;
+
+/// Where the configuration is read from unless `$VEN_CONFIG` names another file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ven/ven.conf";
+/// Largest configuration file read (a board profile is a few hundred bytes).
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+
+/// Which iptables implementation programs the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Detect at start the way Calico Felix does (see `firewall::backend`).
+    Auto,
+    Legacy,
+    Nft,
+}
+
+/// Direction of a fail-safe service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServiceDirection {
+    /// The host serves it (e.g. SSH): new connections to this port are accepted.
+    Inbound,
+    /// The host uses it (e.g. DNS, DHCP): new connections to this port are allowed out.
+    Outbound,
+}
+
+/// A service the board needs whatever the policy says (never lock the operator out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service {
+    pub direction: ServiceDirection,
+    /// Tcp or Udp.
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let direction = match self.direction {
+            ServiceDirection::Inbound => "",
+            ServiceDirection::Outbound => "out:",
+        };
+        write!(f, "{direction}{}/{}", self.protocol.as_str(), self.port)
+    }
+}
+
+impl std::str::FromStr for Service {
+    type Err = String;
+    /// `tcp/22` (inbound) or `out:udp/53`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (direction, rest) = match text.strip_prefix("out:") {
+            Some(rest) => (ServiceDirection::Outbound, rest),
+            None => (ServiceDirection::Inbound, text.strip_prefix("in:").unwrap_or(text)),
+        };
+        let (protocol, port) =
+            rest.split_once('/').ok_or_else(|| format!("{text:?} is not PROTOCOL/PORT (e.g. tcp/22)"))?;
+        let protocol = match protocol {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(format!("{text:?}: a service is tcp or udp")),
+        };
+        let port: u16 = port.parse().map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
+        if port == 0 {
+            return Err(format!("{text:?}: port 0 is not a service"));
+        }
+        Ok(Self { direction, protocol, port })
+    }
+}
+
+/// Largest policy the board accepts; a bigger one is rejected whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    pub max_rules: usize,
+    pub max_sets: usize,
+    pub max_set_members: usize,
+    pub max_custom_rules: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Self { max_rules: 20_000, max_sets: 4096, max_set_members: 131_072, max_custom_rules: 256 }
+    }
+}
+
+/// Every setting of the agent, with defaults for a generic Linux host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub firewall_backend: BackendChoice,
+    /// Program ip6tables and `inet6` sets too.
+    pub ipv6: bool,
+    /// The host routes: FORWARD also jumps to our chain (custom forward rules live there).
+    pub routes: bool,
+    pub failsafe_services: Vec<Service>,
+    /// Interfaces the policy does not apply to: their traffic returns to the host's own rules.
+    pub ignored_interfaces: Vec<String>,
+    /// NFLOG group of our log rules (the flow pipeline binds it).
+    pub nflog_group: u16,
+    pub caps: Caps,
+    /// Full comparison of kernel and policy (rules and every set member): the spec's 10 minutes.
+    pub tamper_check_interval: Duration,
+    /// Cheap comparison of our rules and set sizes, to catch flushes and deletions fast.
+    pub canary_interval: Duration,
+    /// `nf_conntrack_tcp_timeout_established` set at start; `None` leaves the host's value.
+    pub conntrack_established_timeout: Option<u32>,
+    /// Delete the conntrack entries of connections a tightened policy no longer allows.
+    pub conntrack_cut_on_tighten: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            firewall_backend: BackendChoice::Auto,
+            ipv6: true,
+            routes: false,
+            // SSH stays reachable on a generic host; board profiles name their own services.
+            failsafe_services: vec![Service {
+                direction: ServiceDirection::Inbound,
+                protocol: Protocol::Tcp,
+                port: 22,
+            }],
+            ignored_interfaces: Vec::new(),
+            nflog_group: 7,
+            caps: Caps::default(),
+            tamper_check_interval: Duration::from_secs(600),
+            canary_interval: Duration::from_secs(5),
+            conntrack_established_timeout: Some(28_800),
+            conntrack_cut_on_tighten: true,
+        }
+    }
+}
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {cause}", path.display())]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("{} is larger than {MAX_CONFIG_BYTES} bytes", path.display())]
+    TooLarge { path: PathBuf },
+    #[error("{}:{line}: {problem}", path.display())]
+    Invalid { path: PathBuf, line: usize, problem: String },
+}
+
+impl Config {
+    /// The file `$VEN_CONFIG` names, else [`DEFAULT_CONFIG_PATH`]; defaults when that is absent.
+    pub fn load() -> Result<Self, ConfigError> {
+        match std::env::var_os("VEN_CONFIG") {
+            Some(path) => Self::read(Path::new(&path)),
+            None => match Self::read(Path::new(DEFAULT_CONFIG_PATH)) {
+                Err(ConfigError::Read { cause, .. }) if cause.kind() == std::io::ErrorKind::NotFound => {
+                    Ok(Self::default())
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// Reads one configuration file (it must exist).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let read_error = |cause| ConfigError::Read { path: path.to_path_buf(), cause };
+        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        if metadata.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: path.to_path_buf() });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        Self::parse(&text).map_err(|(line, problem)| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            problem,
+        })
+    }
+
+    /// Parses the text of a configuration file; the error names the line (1-based).
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut config = Self::default();
+        for (index, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err((index + 1, format!("{line:?} is not KEY = VALUE")));
+            };
+            config.set(key.trim(), value.trim()).map_err(|problem| (index + 1, problem))?;
+        }
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "firewall_backend" => {
+                self.firewall_backend = match value {
+                    "auto" => BackendChoice::Auto,
+                    "legacy" => BackendChoice::Legacy,
+                    "nft" => BackendChoice::Nft,
+                    _ => return Err(format!("firewall_backend is auto, legacy or nft, not {value:?}")),
+                }
+            }
+            "ipv6" => self.ipv6 = boolean(key, value)?,
+            "routes" => self.routes = boolean(key, value)?,
+            "failsafe_services" => {
+                self.failsafe_services = list(value).map(str::parse).collect::<Result<_, _>>()?;
+                self.failsafe_services.sort();
+                self.failsafe_services.dedup();
+            }
+            "ignored_interfaces" => {
+                self.ignored_interfaces = list(value)
+                    .map(|name| interface_name(name).map(str::to_string))
+                    .collect::<Result<_, _>>()?;
+            }
+            "nflog_group" => self.nflog_group = number(key, value, 0, u64::from(u16::MAX))? as u16,
+            "max_rules" => self.caps.max_rules = number(key, value, 1, 1_000_000)? as usize,
+            "max_sets" => self.caps.max_sets = number(key, value, 1, 65_536)? as usize,
+            "max_set_members" => self.caps.max_set_members = number(key, value, 1, 1 << 24)? as usize,
+            "max_custom_rules" => self.caps.max_custom_rules = number(key, value, 0, 10_000)? as usize,
+            "tamper_check_interval_s" => {
+                self.tamper_check_interval = Duration::from_secs(number(key, value, 1, 86_400)?)
+            }
+            "canary_interval_s" => self.canary_interval = Duration::from_secs(number(key, value, 1, 86_400)?),
+            "conntrack_established_timeout_s" => {
+                let seconds = number(key, value, 0, u64::from(u32::MAX))? as u32;
+                self.conntrack_established_timeout = (seconds > 0).then_some(seconds);
+            }
+            "conntrack_cut_on_tighten" => self.conntrack_cut_on_tighten = boolean(key, value)?,
+            _ if key.starts_with("board.") => {}
+            _ => return Err(format!("unknown setting {key:?}")),
+        }
+        Ok(())
+    }
+}
+
+fn list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|item| !item.is_empty())
+}
+
+fn boolean(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(format!("{key} is true or false, not {value:?}")),
+    }
+}
+
+fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{key} is a whole number from {min} to {max}, not {value:?}")),
+    }
+}
+
+/// An interface name as the kernel allows it (IFNAMSIZ - 1 bytes, no `/`, whitespace or quote),
+/// so that it can be written into an iptables rule as is.
+fn interface_name(name: &str) -> Result<&str, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 15
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'));
+    if valid { Ok(name) } else { Err(format!("{name:?} is not an interface name")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        assert_eq!(Config::parse("# nothing\n\n"), Ok(Config::default()));
+    }
+
+    #[test]
+    fn every_setting_parses() {
+        let config = Config::parse(
+            "board.target = aarch64-unknown-linux-musl\n\
+             firewall_backend = legacy\nipv6 = no\nroutes = yes\n\
+             failsafe_services = tcp/22, out:udp/53, tcp/22, in:udp/67\n\
+             ignored_interfaces = wg0, br-lan.1 # comment\n\
+             nflog_group = 9\nmax_rules = 500\nmax_sets = 10\nmax_set_members = 1000\nmax_custom_rules = 0\n\
+             tamper_check_interval_s = 2\ncanary_interval_s = 1\n\
+             conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n",
+        )
+        .unwrap();
+        assert_eq!(config.firewall_backend, BackendChoice::Legacy);
+        assert!(!config.ipv6 && config.routes && !config.conntrack_cut_on_tighten);
+        let services: Vec<String> = config.failsafe_services.iter().map(ToString::to_string).collect();
+        assert_eq!(services, ["tcp/22", "udp/67", "out:udp/53"]);
+        assert_eq!(config.ignored_interfaces, ["wg0", "br-lan.1"]);
+        assert_eq!(config.nflog_group, 9);
+        assert_eq!(
+            config.caps,
+            Caps { max_rules: 500, max_sets: 10, max_set_members: 1000, max_custom_rules: 0 }
+        );
+        assert_eq!(config.tamper_check_interval, Duration::from_secs(2));
+        assert_eq!(config.canary_interval, Duration::from_secs(1));
+        assert_eq!(config.conntrack_established_timeout, None);
+    }
+
+    #[test]
+    fn mistakes_name_their_line() {
+        let cases = [
+            ("ipv6 = true\nipv7 = true\n", 2, "unknown setting"),
+            ("routes = maybe", 1, "true or false"),
+            ("failsafe_services = icmp/1", 1, "tcp or udp"),
+            ("failsafe_services = tcp/0", 1, "port 0"),
+            ("failsafe_services = tcp/70000", 1, "not a port"),
+            ("ignored_interfaces = eth0 -j ACCEPT", 1, "not an interface name"),
+            ("tamper_check_interval_s = 0", 1, "from 1"),
+            ("just words", 1, "KEY = VALUE"),
+        ];
+        for (text, line, problem) in cases {
+            let (got_line, got_problem) = Config::parse(text).unwrap_err();
+            assert_eq!(got_line, line, "{text}");
+            assert!(got_problem.contains(problem), "{text}: {got_problem}");
+        }
+    }
+
+    #[test]
+    fn a_missing_named_file_is_an_error_with_its_path() {
+        let err = Config::read(Path::new("/nonexistent/ven.conf")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ven.conf"), "{err}");
+    }
+}
