@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ven::firewall::{ApplySummary, Firewall, FirewallConfig, FirewallError, PolicyError, Safeguards};
+use ven::firewall::{ApplySummary, Firewall, FirewallConfig, FirewallError, PolicyError, Safeguards, Tools};
 use ven_lab::netns::{self, Netns, Segment};
 use ven_proto::{Direction, IpSet, Peers, Policy, PolicyState, PortRange, Protocol, Rule};
 
@@ -86,7 +86,9 @@ impl Lab {
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
-        self.b.run(|| Firewall::new(FirewallConfig::default()).remove()).expect("enter namespace b")
+        self.b
+            .run(|| Firewall::new(FirewallConfig::default()).remove().map(|_| ()))
+            .expect("enter namespace b")
     }
 
     /// B's table filter as iptables-save prints it, without comments and counters.
@@ -103,10 +105,18 @@ impl Lab {
             .join("\n")
     }
 
-    /// B's sets as `ipset save` prints them.
+    /// B's sets as `ipset save` prints them, without the random `initval` of each hash (a set
+    /// rebuilt and swapped in has a new one).
     fn sets(&self) -> String {
         let output = self.b.exec("ipset", &["save"]).expect("ipset save");
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| match line.find(" initval ") {
+                Some(at) => &line[..at],
+                None => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn b_sh(&self, script: &str) {
@@ -163,7 +173,7 @@ fn enforced_policy_allows_the_ruled_port_from_the_peer_set_only() {
     let lab = Lab::new("fwk-enf");
     assert_eq!(lab.inbound(), OPEN, "no firewall yet");
     let summary = lab.apply(&policy(1, &[A])).unwrap();
-    assert_eq!(summary.sets, 1);
+    assert_eq!(summary.sets, 2, "ven-1 and its IPv6 twin ven-1-6");
     assert_eq!(summary.set_members_added, 1);
     assert_eq!(lab.inbound(), ONLY_A);
     assert!(connects(&lab.b, A, MANAGEMENT), "the management channel stays open outbound");
@@ -251,7 +261,8 @@ fn kernel_rejection_leaves_the_previous_ruleset_and_sets_intact() {
         ports: Some(PortRange { first: OTHER, last: OTHER }),
     });
     let rejecting = RejectingRestore::new("rej");
-    let config = FirewallConfig { iptables_restore: rejecting.0.clone(), ..FirewallConfig::default() };
+    let tools = Tools { iptables_restore: rejecting.0.clone(), ..Tools::plain() };
+    let config = FirewallConfig { tools, ..FirewallConfig::default() };
     let err = lab.apply_with(config, &next).unwrap_err();
     match &err {
         FirewallError::Restore { table, stderr, input_excerpt, .. } => {
@@ -385,8 +396,9 @@ fn every_rule_shape_loads_into_the_kernel() {
         custom_rules: Vec::new(),
     };
     let summary = lab.apply(&everything).unwrap();
-    assert_eq!(summary.sets, 3);
-    let filter = lab.filter();
+    assert_eq!(summary.sets, 6, "three sets in each family");
+    let v6 = lab.b.exec("ip6tables-save", &["-t", "filter"]).expect("ip6tables-save");
+    let filter = format!("{}\n{}", lab.filter(), String::from_utf8_lossy(&v6.stdout));
     let hashed = filter.lines().filter(|l| l.contains("--comment \"ven:") && !l.contains("ven:jump")).count();
     assert_eq!(hashed, summary.rules, "{filter}");
     assert!(lab.sets().contains("add ven-1 198.18.4.0/22"), "host bits cleared");

@@ -16,22 +16,33 @@ pub(crate) struct FakeKernel {
 }
 
 struct State {
-    /// Chains in creation order, each with its rule specs.
-    chains: Vec<(String, Vec<String>)>,
+    /// Per family: chains in creation order, each with its rule specs.
+    chains: BTreeMap<Family, Vec<(String, Vec<String>)>>,
     /// Sets by name: header and member texts in insertion order.
     sets: BTreeMap<String, (String, Vec<String>)>,
     calls: Vec<(&'static str, String)>,
     fail_filter: Option<String>,
+    /// Family whose next `restore_filter` fails (after the other family's may have succeeded).
+    fail_filter_family: Option<Family>,
     fail_ipset_after: Option<usize>,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
-            chains: ["INPUT", "FORWARD", "OUTPUT"].iter().map(|c| (c.to_string(), Vec::new())).collect(),
+            chains: Family::ALL
+                .into_iter()
+                .map(|family| {
+                    (
+                        family,
+                        ["INPUT", "FORWARD", "OUTPUT"].iter().map(|c| (c.to_string(), Vec::new())).collect(),
+                    )
+                })
+                .collect(),
             sets: BTreeMap::new(),
             calls: Vec::new(),
             fail_filter: None,
+            fail_filter_family: None,
             fail_ipset_after: None,
         }
     }
@@ -59,6 +70,20 @@ impl FakeKernel {
         self.lock().fail_filter = Some(stderr.to_string());
     }
 
+    /// The next `restore_filter` of `family` fails with this stderr and changes nothing.
+    pub(crate) fn fail_next_filter_restore_of(&self, family: Family, stderr: &str) {
+        let mut state = self.lock();
+        state.fail_filter = Some(stderr.to_string());
+        state.fail_filter_family = Some(family);
+    }
+
+    /// Replaces table `filter` of `family` as `iptables-restore --noflush` would (a tamperer).
+    pub(crate) fn tamper(&self, family: Family, input: &str) {
+        let mut state = self.lock();
+        let chains = state.chains.get_mut(&family).expect("family");
+        apply_filter(chains, input).expect("tamper input");
+    }
+
     /// The next `ipset_restore` applies `lines` lines, then fails on the one after.
     pub(crate) fn fail_ipset_restore_after_lines(&self, lines: usize) {
         self.lock().fail_ipset_after = Some(lines);
@@ -78,14 +103,20 @@ impl FakeKernel {
         render_sets(&self.lock().sets)
     }
 
+    /// Table `filter` of IPv4 as iptables-save prints it.
     pub(crate) fn filter_text(&self) -> String {
+        self.filter_text_of(Family::V4)
+    }
+
+    pub(crate) fn filter_text_of(&self, family: Family) -> String {
         let state = self.lock();
+        let chains = &state.chains[&family];
         let mut text = String::from("*filter\n");
-        for (name, _) in &state.chains {
+        for (name, _) in chains {
             let policy = if matches!(name.as_str(), "INPUT" | "FORWARD" | "OUTPUT") { "ACCEPT" } else { "-" };
             text.push_str(&format!(":{name} {policy} [0:0]\n"));
         }
-        for (name, rules) in &state.chains {
+        for (name, rules) in chains {
             for rule in rules {
                 text.push_str(&format!("-A {name} {rule}\n"));
             }
@@ -93,6 +124,19 @@ impl FakeKernel {
         text.push_str("COMMIT\n");
         text
     }
+}
+
+/// `ipset list -t` output of the fake's sets.
+fn render_terse(sets: &BTreeMap<String, (String, Vec<String>)>) -> String {
+    let mut text = String::new();
+    for (name, (header, members)) in sets {
+        let (kind, rest) = header.split_once(' ').unwrap_or((header.as_str(), ""));
+        text.push_str(&format!(
+            "Name: {name}\nType: {kind}\nRevision: 7\nHeader: {rest}\nSize in memory: 1\nReferences: 0\nNumber of entries: {}\n",
+            members.len()
+        ));
+    }
+    text
 }
 
 fn render_sets(sets: &BTreeMap<String, (String, Vec<String>)>) -> String {
@@ -134,6 +178,15 @@ fn apply_ipset(
             ["destroy", name] => {
                 sets.remove(*name);
             }
+            ["flush", name] => {
+                sets.get_mut(*name).ok_or(index + 1)?.1.clear();
+            }
+            ["swap", from, to] => {
+                let first = sets.remove(*from).ok_or(index + 1)?;
+                let second = sets.remove(*to).ok_or(index + 1)?;
+                sets.insert(from.to_string(), second);
+                sets.insert(to.to_string(), first);
+            }
             [] => {}
             _ => return Err(index + 1),
         }
@@ -149,7 +202,7 @@ fn apply_filter(chains: &mut Vec<(String, Vec<String>)>, input: &str) -> Result<
     }
     for (index, line) in input.lines().enumerate() {
         let bad = index + 1;
-        if line == "*filter" || line == "COMMIT" || line.is_empty() {
+        if line == "*filter" || line == "COMMIT" || line.is_empty() || line.starts_with('#') {
             continue;
         }
         if let Some(declaration) = line.strip_prefix(':') {
@@ -195,21 +248,26 @@ fn apply_filter(chains: &mut Vec<(String, Vec<String>)>, input: &str) -> Result<
 }
 
 impl Kernel for FakeKernel {
-    fn save_filter(&self, _family: Family) -> Result<String, FirewallError> {
-        let text = self.filter_text();
-        self.lock().calls.push(("save_filter", String::new()));
+    fn save_filter(&self, family: Family) -> Result<String, FirewallError> {
+        let text = self.filter_text_of(family);
+        self.lock().calls.push(("save_filter", family.name().to_string()));
         Ok(text)
     }
 
-    fn restore_filter(&self, _family: Family, input: &str) -> Result<(), FirewallError> {
+    fn restore_filter(&self, family: Family, input: &str) -> Result<(), FirewallError> {
         let mut state = self.lock();
         state.calls.push(("restore_filter", input.to_string()));
-        let mut chains = state.chains.clone();
-        let stderr = match state.fail_filter.take() {
+        let mut chains = state.chains[&family].clone();
+        let this_family = state.fail_filter_family.is_none_or(|f| f == family);
+        let failure_now = if this_family { state.fail_filter.take() } else { None };
+        if failure_now.is_some() {
+            state.fail_filter_family = None;
+        }
+        let stderr = match failure_now {
             Some(stderr) => stderr,
             None => match apply_filter(&mut chains, input) {
                 Ok(()) => {
-                    state.chains = chains;
+                    state.chains.insert(family, chains);
                     return Ok(());
                 }
                 Err(line) => format!("fake iptables-restore: Error occurred at line: {line}"),
@@ -222,6 +280,34 @@ impl Kernel for FakeKernel {
             input_excerpt: excerpt(input, &stderr),
             stderr,
         })
+    }
+
+    fn save_tables(&self, family: Family) -> Result<String, FirewallError> {
+        let text = self.filter_text_of(family);
+        self.lock().calls.push(("save_tables", family.name().to_string()));
+        Ok(text)
+    }
+
+    /// A full restore of table `filter`: the chains become exactly what `input` declares.
+    fn restore_tables(&self, family: Family, input: &str) -> Result<(), FirewallError> {
+        let mut state = self.lock();
+        state.calls.push(("restore_tables", input.to_string()));
+        let mut chains = Vec::new();
+        apply_filter(&mut chains, input).map_err(|line| FirewallError::Restore {
+            program: "iptables-restore".into(),
+            table: "all",
+            status: failure(),
+            input_excerpt: excerpt(input, &format!("line {line}")),
+            stderr: format!("fake iptables-restore: Error occurred at line: {line}"),
+        })?;
+        state.chains.insert(family, chains);
+        Ok(())
+    }
+
+    fn ipset_list_terse(&self) -> Result<String, FirewallError> {
+        let text = render_terse(&self.lock().sets);
+        self.lock().calls.push(("ipset_list_terse", String::new()));
+        Ok(text)
     }
 
     fn ipset_save(&self) -> Result<String, FirewallError> {

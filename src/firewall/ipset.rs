@@ -1,9 +1,12 @@
-//! ipset: runs `ipset save` and `ipset restore`, reads the save output for our sets (`ven-*`),
-//! computes the delta to the desired contents and renders it as one `ipset restore` session.
+//! ipset: runs `ipset save`, `ipset list -t` and `ipset restore`, reads the output for our sets
+//! (`ven-*`), computes the changes to the desired contents and renders them as one `ipset
+//! restore` session.
 //!
 //! Guarantees: only sets named `ven-*` are read or written; a set that stays is changed by adding
-//! and deleting members, never flushed and refilled, so it is never briefly empty; the session
-//! runs with `-exist`, so replaying a delta that was partly applied is harmless.
+//! and deleting members, or, when that would rewrite most of it or its size limit changed, by
+//! filling a temp set and swapping it in (`swap` exchanges the two atomically for the rules that
+//! refer to the set); never flushed and refilled, so it is never briefly empty. The session runs
+//! with `-exist`, so replaying a plan that was partly applied is harmless.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -12,21 +15,32 @@ use std::path::Path;
 use ven_proto::IpNet;
 
 use super::render::DesiredSets;
-use super::{Family, FirewallError, MAX_SET_MEMBERS, kernel};
+use super::{Family, FirewallError, kernel};
 
 /// Prefix of every set we own.
 pub(crate) const SET_PREFIX: &str = "ven-";
-
-/// `maxelem` of the sets we create: twice what a policy may put in one, so that a delta's adds
-/// fit before its deletes run (a limit, not preallocated memory).
-const SET_MAXELEM: usize = 2 * MAX_SET_MEMBERS;
+/// Suffix of our IPv6 sets (`ven-<id>-6`).
+pub(crate) const V6_SUFFIX: &str = "-6";
+/// Suffix of the temp set a full reload fills before swapping it in.
+pub(crate) const TEMP_SUFFIX: &str = "-t";
+/// `hashsize` of the sets we create: the initial bucket count; the kernel grows it.
+const HASHSIZE: usize = 1024;
 
 /// Runs `ipset save` (all sets: ipset cannot list by prefix).
 pub(crate) fn save(program: &Path) -> Result<String, FirewallError> {
-    let output = kernel::run(program, &["save"], None)?;
+    run_listing(program, &["save"])
+}
+
+/// Runs `ipset list -t`: every set's header and size, without members (cheap).
+pub(crate) fn list_terse(program: &Path) -> Result<String, FirewallError> {
+    run_listing(program, &["list", "-t"])
+}
+
+fn run_listing(program: &Path, args: &[&str]) -> Result<String, FirewallError> {
+    let output = kernel::run(program, args, None)?;
     if !output.status.success() {
         return Err(FirewallError::Save {
-            command: format!("{} save", program.display()),
+            command: format!("{} {}", program.display(), args.join(" ")),
             status: output.status,
             stderr: kernel::stderr_text(&output.stderr),
         });
@@ -60,10 +74,17 @@ pub(crate) struct KernelSet {
 /// Our sets in the kernel, by name.
 pub(crate) type KernelSets = BTreeMap<String, KernelSet>;
 
-/// Whether an existing set can hold what we put in sets of `family`.
-pub(crate) fn compatible(header: &str, family: Family) -> bool {
+/// Whether an existing set is of the type we use for `family` (its contents can be swapped
+/// with a set we create).
+pub(crate) fn same_type(header: &str, family: Family) -> bool {
     let words: Vec<&str> = header.split_whitespace().collect();
     words.first() == Some(&"hash:net") && words.windows(2).any(|w| w == ["family", family.ipset_family()])
+}
+
+/// The `maxelem` in a set header, if any.
+fn maxelem_of(header: &str) -> Option<usize> {
+    let words: Vec<&str> = header.split_whitespace().collect();
+    words.windows(2).find(|w| w[0] == "maxelem").and_then(|w| w[1].parse().ok())
 }
 
 /// Reads our sets out of `ipset save` output; foreign sets are skipped.
@@ -98,35 +119,90 @@ pub(crate) fn parse_save(text: &str) -> Result<KernelSets, FirewallError> {
     Ok(sets)
 }
 
-/// A set of changes to our sets, in the order one `ipset restore` session applies them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SetPlan {
-    family: Family,
-    create: Vec<String>,
-    delete: Vec<(String, IpNet)>,
-    add: Vec<(String, IpNet)>,
-    /// Sets to destroy, with how many members they held.
-    destroy: Vec<(String, usize)>,
+/// Our sets' sizes out of `ipset list -t` output (`Name:` ... `Number of entries:` blocks).
+pub(crate) fn parse_terse(text: &str) -> BTreeMap<String, usize> {
+    let mut sizes = BTreeMap::new();
+    let mut name: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("Name:") {
+            name = Some(value.trim()).filter(|name| name.starts_with(SET_PREFIX));
+        } else if let Some(value) = line.strip_prefix("Number of entries:") {
+            if let (Some(name), Ok(size)) = (name.take(), value.trim().parse()) {
+                sizes.insert(name.to_string(), size);
+            }
+        }
+    }
+    sizes
 }
 
-/// The changes that turn `current` into `desired`: missing sets are created, members added and
-/// deleted, sets not desired destroyed.
-pub(crate) fn plan(family: Family, current: &KernelSets, desired: &DesiredSets) -> SetPlan {
+/// `ipset save` output without our sets (for the pre-install snapshot).
+pub(crate) fn without_ours(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let ours = line.split_whitespace().nth(1).is_some_and(|name| name.starts_with(SET_PREFIX));
+        if !ours {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// One set rebuilt in a temp set and swapped in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Reload {
+    name: String,
+    family: Family,
+    members: Vec<IpNet>,
+}
+
+/// A set of changes to our sets, in the order one `ipset restore` session applies them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SetPlan {
+    /// New sets: name, family, maxelem.
+    create: Vec<(String, Family, usize)>,
+    delete: Vec<(String, Family, IpNet)>,
+    add: Vec<(String, Family, IpNet)>,
+    /// Full reloads (temp set + swap), with the maxelem they get.
+    reload: Vec<(Reload, usize)>,
+    /// Sets to destroy, with how many members they held.
+    destroy: Vec<(String, usize)>,
+    /// Members a reload adds and removes compared with the set it replaces (for the summary).
+    reload_added: usize,
+    reload_removed: usize,
+}
+
+/// The changes that turn the sets of `family` in `current` into `desired`: missing sets are
+/// created, members added and deleted (or the set rebuilt and swapped when that rewrites more
+/// than it keeps, or its `maxelem` is not `maxelem`), sets not desired destroyed (leftover
+/// temp sets included).
+pub(crate) fn plan(family: Family, current: &KernelSets, desired: &DesiredSets, maxelem: usize) -> SetPlan {
     let empty = BTreeSet::new();
-    let mut plan =
-        SetPlan { family, create: Vec::new(), delete: Vec::new(), add: Vec::new(), destroy: Vec::new() };
+    let mut plan = SetPlan::default();
     for (name, wanted) in desired {
         let have = match current.get(name) {
-            Some(set) => &set.members,
+            Some(set) => {
+                let churn = set.members.symmetric_difference(wanted).count();
+                let resize = maxelem_of(&set.header) != Some(maxelem);
+                if resize || (churn > 0 && churn > wanted.len() && !wanted.is_empty()) {
+                    plan.reload_added += wanted.difference(&set.members).count();
+                    plan.reload_removed += set.members.difference(wanted).count();
+                    let reload =
+                        Reload { name: name.clone(), family, members: wanted.iter().copied().collect() };
+                    plan.reload.push((reload, maxelem));
+                    continue;
+                }
+                &set.members
+            }
             None => {
-                plan.create.push(name.clone());
+                plan.create.push((name.clone(), family, maxelem));
                 &empty
             }
         };
-        plan.delete.extend(have.difference(wanted).map(|member| (name.clone(), *member)));
-        plan.add.extend(wanted.difference(have).map(|member| (name.clone(), *member)));
+        plan.delete.extend(have.difference(wanted).map(|member| (name.clone(), family, *member)));
+        plan.add.extend(wanted.difference(have).map(|member| (name.clone(), family, *member)));
     }
-    for (name, set) in current {
+    for (name, set) in current.iter().filter(|(name, _)| family.owns_set(name)) {
         if !desired.contains_key(name) {
             plan.destroy.push((name.clone(), set.members.len()));
         }
@@ -136,52 +212,75 @@ pub(crate) fn plan(family: Family, current: &KernelSets, desired: &DesiredSets) 
 
 impl SetPlan {
     pub(crate) fn is_empty(&self) -> bool {
-        self.create.is_empty() && self.delete.is_empty() && self.add.is_empty() && self.destroy.is_empty()
+        self.create.is_empty()
+            && self.delete.is_empty()
+            && self.add.is_empty()
+            && self.reload.is_empty()
+            && self.destroy.is_empty()
+    }
+
+    /// Appends another plan (another family's) to this one.
+    pub(crate) fn extend(&mut self, other: SetPlan) {
+        self.create.extend(other.create);
+        self.delete.extend(other.delete);
+        self.add.extend(other.add);
+        self.reload.extend(other.reload);
+        self.destroy.extend(other.destroy);
+        self.reload_added += other.reload_added;
+        self.reload_removed += other.reload_removed;
     }
 
     /// Splits off the destroys (which must wait until no rule refers to those sets).
     pub(crate) fn take_destroy(&mut self) -> SetPlan {
-        SetPlan {
-            family: self.family,
-            create: Vec::new(),
-            delete: Vec::new(),
-            add: Vec::new(),
-            destroy: std::mem::take(&mut self.destroy),
-        }
+        SetPlan { destroy: std::mem::take(&mut self.destroy), ..SetPlan::default() }
     }
 
     pub(crate) fn added(&self) -> usize {
-        self.add.len()
+        self.add.len() + self.reload_added
     }
 
     /// Members deleted, plus the members of destroyed sets.
     pub(crate) fn removed(&self) -> usize {
-        self.delete.len() + self.destroy.iter().map(|(_, members)| members).sum::<usize>()
+        self.delete.len()
+            + self.reload_removed
+            + self.destroy.iter().map(|(_, members)| members).sum::<usize>()
     }
 
-    /// The `ipset restore` input: creates, then adds, then deletes, then destroys. Adding before
-    /// deleting keeps an address matched throughout when a member is replaced by an overlapping
-    /// one (a /24 by the /23 holding it); [`SET_MAXELEM`] leaves room for both at once.
+    /// The `ipset restore` input: creates, then adds, then deletes, then reloads, then destroys.
+    /// Adding before deleting keeps an address matched throughout when a member is replaced by
+    /// an overlapping one (a /24 by the /23 holding it); `maxelem` is twice a set's cap, leaving
+    /// room for both at once. A reload fills `<name>-t` (flushed first: it may be left over from
+    /// an interrupted run; it is never referenced), swaps it with the set and destroys it.
     pub(crate) fn render(&self) -> String {
         let mut input = String::new();
-        for name in &self.create {
-            let _ = writeln!(
-                input,
-                "create {name} hash:net family {} hashsize 1024 maxelem {SET_MAXELEM}",
-                self.family.ipset_family()
-            );
+        for (name, family, maxelem) in &self.create {
+            let _ = writeln!(input, "{}", create_line(name, *family, *maxelem));
         }
-        for (name, member) in &self.add {
-            let _ = writeln!(input, "add {name} {}", member_text(self.family, member));
+        for (name, family, member) in &self.add {
+            let _ = writeln!(input, "add {name} {}", member_text(*family, member));
         }
-        for (name, member) in &self.delete {
-            let _ = writeln!(input, "del {name} {}", member_text(self.family, member));
+        for (name, family, member) in &self.delete {
+            let _ = writeln!(input, "del {name} {}", member_text(*family, member));
+        }
+        for (reload, maxelem) in &self.reload {
+            let temp = format!("{}{TEMP_SUFFIX}", reload.name);
+            let _ = writeln!(input, "{}", create_line(&temp, reload.family, *maxelem));
+            let _ = writeln!(input, "flush {temp}");
+            for member in &reload.members {
+                let _ = writeln!(input, "add {temp} {}", member_text(reload.family, member));
+            }
+            let _ = writeln!(input, "swap {temp} {}", reload.name);
+            let _ = writeln!(input, "destroy {temp}");
         }
         for (name, _) in &self.destroy {
             let _ = writeln!(input, "destroy {name}");
         }
         input
     }
+}
+
+fn create_line(name: &str, family: Family, maxelem: usize) -> String {
+    format!("create {name} hash:net family {} hashsize {HASHSIZE} maxelem {maxelem}", family.ipset_family())
 }
 
 /// A member as ipset prints it: a bare address for a host, `address/prefix` otherwise.
@@ -196,6 +295,9 @@ mod tests {
     /// Captured in a fresh network namespace (ipset v7.17) after applying the `enforced` golden
     /// policy next to a foreign set: `ip netns exec NS ipset save`
     const SAVED: &str = include_str!("testdata/ipset-save.txt");
+
+    /// The maxelem of the captured sets.
+    const MAXELEM: usize = 131072;
 
     fn net(text: &str) -> IpNet {
         text.parse().unwrap()
@@ -217,16 +319,17 @@ mod tests {
             "{}",
             one.header
         );
-        assert!(compatible(&one.header, Family::V4));
+        assert!(same_type(&one.header, Family::V4));
         assert_eq!(one.members, [net("198.18.0.2"), net("198.18.1.0/24")].into_iter().collect());
         assert!(sets["ven-3"].members.is_empty());
     }
 
     #[test]
     fn recognises_sets_we_cannot_use() {
-        assert!(!compatible("hash:ip family inet hashsize 1024", Family::V4));
-        assert!(!compatible("hash:net family inet6 hashsize 1024", Family::V4));
-        assert!(!compatible("", Family::V4));
+        assert!(!same_type("hash:ip family inet hashsize 1024", Family::V4));
+        assert!(!same_type("hash:net family inet6 hashsize 1024", Family::V4));
+        assert!(same_type("hash:net family inet6 hashsize 1024", Family::V6));
+        assert!(!same_type("", Family::V4));
     }
 
     #[test]
@@ -241,6 +344,7 @@ mod tests {
                 ("ven-3", &[]),
                 ("ven-4", &["198.18.4.0/22"]),
             ]),
+            MAXELEM,
         );
         assert_eq!(plan.added(), 2);
         assert_eq!(plan.removed(), 1);
@@ -257,7 +361,8 @@ mod tests {
     #[test]
     fn sets_no_longer_wanted_are_destroyed_separately() {
         let current = parse_save(SAVED).unwrap();
-        let mut plan = plan(Family::V4, &current, &desired(&[("ven-2", &["198.18.0.2", "198.18.2.0/28"])]));
+        let mut plan =
+            plan(Family::V4, &current, &desired(&[("ven-2", &["198.18.0.2", "198.18.2.0/28"])]), MAXELEM);
         let stale = plan.take_destroy();
         assert!(plan.is_empty());
         assert_eq!(stale.render(), "destroy ven-1\ndestroy ven-3\n");
@@ -269,7 +374,7 @@ mod tests {
         let current = parse_save(SAVED).unwrap();
         let same: DesiredSets =
             current.iter().map(|(name, set)| (name.clone(), set.members.clone())).collect();
-        assert!(plan(Family::V4, &current, &same).is_empty());
+        assert!(plan(Family::V4, &current, &same, MAXELEM).is_empty());
     }
 
     #[test]
@@ -281,5 +386,79 @@ mod tests {
             parse_save("add foreign whatever\n").unwrap().is_empty(),
             "foreign lines are not ours to judge"
         );
+    }
+
+    #[test]
+    fn most_of_a_set_rewritten_or_resized_is_rebuilt_and_swapped() {
+        let current = parse_save(SAVED).unwrap();
+        let fresh = ["198.18.7.1", "198.18.7.2", "198.18.7.3"];
+        let plan_ = plan(
+            Family::V4,
+            &current,
+            &desired(&[("ven-1", &fresh), ("ven-2", &[]), ("ven-3", &[])]),
+            MAXELEM,
+        );
+        assert_eq!(
+            plan_.render(),
+            "del ven-2 198.18.0.2\n\
+             del ven-2 198.18.2.0/28\n\
+             create ven-1-t hash:net family inet hashsize 1024 maxelem 131072\n\
+             flush ven-1-t\n\
+             add ven-1-t 198.18.7.1\nadd ven-1-t 198.18.7.2\nadd ven-1-t 198.18.7.3\n\
+             swap ven-1-t ven-1\n\
+             destroy ven-1-t\n"
+        );
+        assert_eq!((plan_.added(), plan_.removed()), (3, 4));
+        let resized = plan(Family::V4, &current, &desired(&[("ven-3", &[])]), 2 * MAXELEM);
+        assert!(
+            resized
+                .render()
+                .starts_with("create ven-3-t hash:net family inet hashsize 1024 maxelem 262144\n")
+        );
+        assert!(!resized.render().contains("flush ven-3\n"), "never the live set");
+    }
+
+    #[test]
+    fn a_family_plans_only_its_own_sets() {
+        let mut current = parse_save(SAVED).unwrap();
+        current.insert(
+            "ven-1-6".into(),
+            KernelSet { header: "hash:net family inet6".into(), members: BTreeSet::new() },
+        );
+        current.insert(
+            "ven-9-t".into(),
+            KernelSet { header: "hash:net family inet".into(), members: BTreeSet::new() },
+        );
+        let v4 = plan(Family::V4, &current, &DesiredSets::new(), MAXELEM);
+        assert_eq!(v4.render(), "destroy ven-1\ndestroy ven-2\ndestroy ven-3\ndestroy ven-9-t\n");
+        let v6 = plan(Family::V6, &current, &desired(&[("ven-2-6", &["2001:2::/64"])]), MAXELEM);
+        assert_eq!(
+            v6.render(),
+            "create ven-2-6 hash:net family inet6 hashsize 1024 maxelem 131072\nadd ven-2-6 2001:2::/64\ndestroy ven-1-6\n"
+        );
+    }
+
+    #[test]
+    fn terse_listing_gives_our_set_sizes() {
+        let text = "Name: ven-1\nType: hash:net\nRevision: 7\nHeader: family inet hashsize 1024 maxelem 100\n\
+                    Size in memory: 504\nReferences: 1\nNumber of entries: 2\n\
+                    Name: foreign\nType: hash:ip\nNumber of entries: 9\n\
+                    Name: ven-1-6\nType: hash:net\nNumber of entries: 0\n";
+        let sizes = parse_terse(text);
+        assert_eq!(
+            sizes.into_iter().collect::<Vec<_>>(),
+            [("ven-1".to_string(), 2), ("ven-1-6".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn the_snapshot_keeps_foreign_sets_only() {
+        let kept = without_ours(SAVED);
+        assert!(
+            kept.contains("create foreign-set hash:ip family inet hashsize 1024 maxelem 65536"),
+            "{kept}"
+        );
+        assert!(kept.contains("add foreign-set 10.0.0.1\n"), "{kept}");
+        assert!(!kept.contains("ven-"), "{kept}");
     }
 }

@@ -1,15 +1,19 @@
-//! iptables: runs `iptables-save -t filter` and `iptables-restore --noflush`, reads the save
-//! output for our chains and jumps, and builds the restore input that replaces our chains and
-//! puts our jumps right.
+//! iptables: runs `iptables-save` and `iptables-restore` (or the ip6tables pair), reads the save
+//! output for our chains and jumps, compares them with what we want, and builds the restore input
+//! that replaces our chains and puts our jumps right.
 //!
 //! Guarantees: the restore input names only our chains (`VEN-*`) and rules that jump to them, so
 //! foreign chains and rules are never touched; it is one table in one transaction
-//! (iptables-restore commits a table atomically or not at all).
+//! (iptables-restore commits a table atomically or not at all). Read-back recognises our rules by
+//! their hash comment (the Felix way), so the kernel's rewriting of a rule's text (`-p tcp
+//! --dport` becomes `-p tcp -m tcp --dport`) never looks like a change.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
-use super::render::{OurChain, jump_spec};
+use super::render::{JUMP_COMMENT, OurChain, jump_spec};
 use super::{FirewallError, kernel};
 
 /// Prefix of every chain we own.
@@ -18,13 +22,20 @@ pub(crate) const CHAIN_PREFIX: &str = "VEN-";
 /// How long iptables-restore waits for the xtables lock (legacy backend) before failing, so a
 /// stuck holder cannot hang the agent.
 const LOCK_WAIT: &str = "--wait=30";
+/// Attempts of one restore that fails for a passing reason (exit status 4: resource problem,
+/// such as the lock or a concurrent nft transaction), with the first delay, doubling.
+const RESTORE_ATTEMPTS: u32 = 5;
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// iptables-restore's exit status for a resource problem (xtables.h `RESOURCE_PROBLEM`).
+const RESOURCE_PROBLEM: i32 = 4;
 
-/// Runs `iptables-save -t filter`.
-pub(crate) fn save(program: &Path) -> Result<String, FirewallError> {
-    let output = kernel::run(program, &["-t", "filter"], None)?;
+/// Runs `<save program> [-t filter]`: one table, or all of them when `table` is `None`.
+pub(crate) fn save(program: &Path, table: Option<&str>) -> Result<String, FirewallError> {
+    let args: Vec<&str> = table.map(|table| vec!["-t", table]).unwrap_or_default();
+    let output = kernel::run(program, &args, None)?;
     if !output.status.success() {
         return Err(FirewallError::Save {
-            command: format!("{} -t filter", program.display()),
+            command: format!("{} {}", program.display(), args.join(" ")),
             status: output.status,
             stderr: kernel::stderr_text(&output.stderr),
         });
@@ -32,11 +43,29 @@ pub(crate) fn save(program: &Path) -> Result<String, FirewallError> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Runs `iptables-restore --noflush` with `input` (one table).
-pub(crate) fn restore(program: &Path, table: &'static str, input: &str) -> Result<(), FirewallError> {
-    let output = kernel::run(program, &["--noflush", LOCK_WAIT], Some(input))?;
-    if !output.status.success() {
+/// Runs `<restore program> --noflush` with `input` (one table), or without `--noflush` when
+/// `flush` (a full restore of every table in `input`). Retries a passing failure with backoff;
+/// a rejected input fails at once.
+pub(crate) fn restore(
+    program: &Path,
+    table: &'static str,
+    input: &str,
+    flush: bool,
+) -> Result<(), FirewallError> {
+    let args: &[&str] = if flush { &[LOCK_WAIT] } else { &["--noflush", LOCK_WAIT] };
+    let mut delay = FIRST_RETRY_DELAY;
+    for attempt in 1..=RESTORE_ATTEMPTS {
+        let output = kernel::run(program, args, Some(input))?;
+        if output.status.success() {
+            return Ok(());
+        }
         let stderr = kernel::stderr_text(&output.stderr);
+        if output.status.code() == Some(RESOURCE_PROBLEM) && attempt < RESTORE_ATTEMPTS {
+            log::warn!("{} busy (attempt {attempt}): {stderr}; retrying in {delay:?}", program.display());
+            std::thread::sleep(delay);
+            delay *= 2;
+            continue;
+        }
         return Err(FirewallError::Restore {
             program: program.to_path_buf(),
             table,
@@ -45,7 +74,7 @@ pub(crate) fn restore(program: &Path, table: &'static str, input: &str) -> Resul
             stderr,
         });
     }
-    Ok(())
+    unreachable!("the last attempt returns")
 }
 
 /// One rule of the save output.
@@ -114,9 +143,10 @@ pub(crate) fn parse_save(text: &str) -> Result<FilterState, FirewallError> {
     Ok(state)
 }
 
-/// The iptables-restore input that makes our chains exactly `chains` and leaves one jump to each
-/// at rule 1 of its hook. Declaring a chain flushes it (or creates it): our rules are replaced in
-/// the same transaction, with no moment where the chain is empty.
+/// The iptables-restore input that makes our chains exactly `chains`, leaves one jump to each
+/// hooked chain at rule 1 of its hook, and removes our chains that are not in `chains`.
+/// Declaring a chain flushes it (or creates it): our rules are replaced in the same transaction,
+/// with no moment where the chain is empty.
 pub(crate) fn restore_input(chains: &[OurChain], current: &FilterState) -> String {
     let mut input = String::from("*filter\n");
     for chain in chains {
@@ -129,27 +159,139 @@ pub(crate) fn restore_input(chains: &[OurChain], current: &FilterState) -> Strin
         }
     }
     for chain in chains {
-        for line in jump_fixes(current, chain.hook, chain.name) {
-            input.push_str(&line);
-            input.push('\n');
+        if let Some(hook) = &chain.hook {
+            for line in jump_fixes(current, hook, &chain.name) {
+                input.push_str(&line);
+                input.push('\n');
+            }
         }
+    }
+    let stale: Vec<&String> = current
+        .chains
+        .iter()
+        .filter(|name| name.starts_with(CHAIN_PREFIX) && !chains.iter().any(|chain| &chain.name == *name))
+        .collect();
+    for rule in current.rules.iter().filter(|rule| !rule.chain.starts_with(CHAIN_PREFIX)) {
+        if rule.target().is_some_and(|target| stale.contains(&&target)) {
+            let _ = writeln!(input, "-D {} {}", rule.chain, rule.spec);
+        }
+    }
+    // Flush all before deleting any: stale chains may refer to each other.
+    for name in &stale {
+        let _ = writeln!(input, "-F {name}");
+    }
+    for name in &stale {
+        let _ = writeln!(input, "-X {name}");
     }
     input.push_str("COMMIT\n");
     input
 }
 
-/// Whether the kernel already holds exactly `chains` (rule for rule, as iptables-save prints
-/// them) with their jumps right, so that an apply has nothing to write.
-pub(crate) fn up_to_date(chains: &[OurChain], current: &FilterState) -> bool {
-    chains.iter().all(|chain| {
-        let prefix = format!("-A {} ", chain.name);
-        let have =
-            current.rules.iter().filter(|rule| rule.chain == chain.name).map(|rule| rule.spec.as_str());
-        let want = chain.rules.iter().map(|rule| rule.strip_prefix(&prefix).unwrap_or(rule));
-        current.chains.iter().any(|name| name == chain.name)
-            && have.eq(want)
-            && jump_fixes(current, chain.hook, chain.name).is_empty()
-    })
+/// The `ven:<hash>` comment of a rule (a full `-A` line or a saved spec), if it has one.
+pub(crate) fn hash_of(rule: &str) -> Option<&str> {
+    let at = rule.find("--comment ")? + "--comment ".len();
+    let rest = rule[at..].trim_start_matches('"');
+    let hash = rest.strip_prefix("ven:")?.get(..16)?;
+    hash.bytes().all(|b| b.is_ascii_hexdigit()).then_some(hash)
+}
+
+/// How the kernel differs from `chains` (our chains, rule hashes in order, jumps at rule 1 of
+/// their hooks, no other chain of ours), one line per difference; empty when it holds exactly
+/// `chains` and an apply has nothing to write.
+pub(crate) fn drift(chains: &[OurChain], current: &FilterState) -> Vec<String> {
+    let mut differences = Vec::new();
+    for chain in chains {
+        if !current.chains.contains(&chain.name) {
+            differences.push(format!("chain {} missing", chain.name));
+        } else {
+            let want: Vec<Option<&str>> = chain.rules.iter().map(|rule| hash_of(rule)).collect();
+            let have: Vec<Option<&str>> = current
+                .rules
+                .iter()
+                .filter(|rule| rule.chain == chain.name)
+                .map(|rule| hash_of(&rule.spec))
+                .collect();
+            if have != want {
+                let mut wanted: HashMap<Option<&str>, usize> = HashMap::new();
+                for hash in &want {
+                    *wanted.entry(*hash).or_default() += 1;
+                }
+                let mut unexpected = 0;
+                for hash in &have {
+                    match wanted.get_mut(hash) {
+                        Some(count) if *count > 0 && hash.is_some() => *count -= 1,
+                        _ => unexpected += 1,
+                    }
+                }
+                let missing: usize = wanted.values().sum();
+                if missing + unexpected == 0 {
+                    differences.push(format!("rules of {} reordered", chain.name));
+                } else {
+                    differences
+                        .push(format!("{}: {missing} rules missing, {unexpected} unexpected", chain.name));
+                }
+            }
+        }
+        if let Some(hook) = &chain.hook {
+            if !jump_fixes(current, hook, &chain.name).is_empty() {
+                let jumps = current
+                    .rules
+                    .iter()
+                    .filter(|rule| {
+                        rule.chain == *hook && rule.target().as_deref() == Some(chain.name.as_str())
+                    })
+                    .count();
+                differences.push(match jumps {
+                    0 => format!("jump from {hook} to {} missing", chain.name),
+                    _ => format!("jump from {hook} to {} not alone at rule 1", chain.name),
+                });
+            }
+        }
+    }
+    for name in &current.chains {
+        if name.starts_with(CHAIN_PREFIX) && !chains.iter().any(|chain| chain.name == *name) {
+            differences.push(format!("unexpected chain {name}"));
+        }
+    }
+    differences
+}
+
+/// Our chains and hooks as `state` holds them, in a form [`restore_input`] can write back.
+pub(crate) fn ours(state: &FilterState) -> Vec<OurChain> {
+    state
+        .chains
+        .iter()
+        .filter(|name| name.starts_with(CHAIN_PREFIX))
+        .map(|name| OurChain {
+            name: name.clone(),
+            hook: state
+                .rules
+                .iter()
+                .find(|rule| {
+                    !rule.chain.starts_with(CHAIN_PREFIX)
+                        && rule.spec == jump_spec(name)
+                        && rule.target().as_deref() == Some(name.as_str())
+                })
+                .map(|rule| rule.chain.clone()),
+            rules: state
+                .rules
+                .iter()
+                .filter(|rule| rule.chain == *name)
+                .map(|rule| format!("-A {name} {}", rule.spec))
+                .collect(),
+        })
+        .collect()
+}
+
+/// The input that turns our chains in `now` back into those of `previous`, or `None` when they
+/// already are.
+pub(crate) fn rollback_input(previous: &FilterState, now: &FilterState) -> Option<String> {
+    let chains = ours(previous);
+    if chains.is_empty() {
+        return removal_input(now);
+    }
+    let same = ours(now) == chains && drift(&chains, now).is_empty();
+    (!same).then(|| restore_input(&chains, now))
 }
 
 /// Lines that leave exactly one canonical jump from `hook` to `chain`, at rule 1.
@@ -199,6 +341,28 @@ pub(crate) fn removal_input(current: &FilterState) -> Option<String> {
     Some(input)
 }
 
+/// Full `iptables-save` output (all tables) without our chains, our rules and jumps to them:
+/// the host's own firewall, as `iptables-restore` takes it back.
+pub(crate) fn without_ours(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let ours = if let Some(declaration) = line.strip_prefix(':') {
+            declaration.starts_with(CHAIN_PREFIX)
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            let saved = SavedRule { chain: chain.to_string(), spec: spec.to_string() };
+            chain.starts_with(CHAIN_PREFIX) || saved.jumps_to_ours() || spec.contains(JUMP_COMMENT)
+        } else {
+            false
+        };
+        if !ours {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Splits a rule spec into words as iptables-restore does: whitespace separates, double quotes
 /// group (with `\"` inside them).
 fn split_words(spec: &str) -> Vec<String> {
@@ -235,6 +399,7 @@ fn split_words(spec: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::render::OurChain;
     use super::*;
 
     /// Captured in a fresh network namespace (iptables v1.8.9, nf_tables backend) after a foreign
@@ -256,13 +421,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_capture_of_our_own_rules_is_up_to_date_once_the_jumps_are_right() {
-        use super::super::render::OurChain;
-        let state = parse_save(SAVED).unwrap();
-        let ours = |name: &'static str, hook: &'static str| OurChain {
-            name,
-            hook,
+    fn our_chains_of(state: &FilterState) -> Vec<OurChain> {
+        let chain = |name: &str, hook: &str| OurChain {
+            name: name.into(),
+            hook: Some(hook.into()),
             rules: state
                 .rules
                 .iter()
@@ -270,18 +432,115 @@ mod tests {
                 .map(|r| format!("-A {name} {}", r.spec))
                 .collect(),
         };
-        let chains = [ours("VEN-INPUT", "INPUT"), ours("VEN-OUTPUT", "OUTPUT")];
-        assert!(!up_to_date(&chains, &state), "the capture's jumps are out of place");
+        vec![chain("VEN-INPUT", "INPUT"), chain("VEN-OUTPUT", "OUTPUT")]
+    }
+
+    #[test]
+    fn a_capture_of_our_own_rules_has_no_drift_once_the_jumps_are_right() {
+        let state = parse_save(SAVED).unwrap();
+        let chains = our_chains_of(&state);
+        assert_eq!(
+            drift(&chains, &state),
+            [
+                "jump from INPUT to VEN-INPUT not alone at rule 1",
+                "jump from OUTPUT to VEN-OUTPUT not alone at rule 1"
+            ]
+        );
         let mut fixed = state.clone();
         fixed.rules.retain(|r| {
             r.target().as_deref() != Some("VEN-INPUT") && r.target().as_deref() != Some("VEN-OUTPUT")
         });
         fixed.rules.insert(0, SavedRule { chain: "INPUT".into(), spec: jump_spec("VEN-INPUT") });
         fixed.rules.insert(0, SavedRule { chain: "OUTPUT".into(), spec: jump_spec("VEN-OUTPUT") });
-        assert!(up_to_date(&chains, &fixed));
-        fixed.rules.pop();
-        assert!(!up_to_date(&chains, &fixed), "a missing rule");
-        assert!(!up_to_date(&chains, &FilterState::default()));
+        assert!(drift(&chains, &fixed).is_empty());
+
+        // Tampering, one kind at a time.
+        let mut deleted = fixed.clone();
+        let at = deleted.rules.iter().position(|r| r.chain == "VEN-INPUT").unwrap() + 2;
+        deleted.rules.remove(at);
+        assert_eq!(drift(&chains, &deleted), ["VEN-INPUT: 1 rules missing, 0 unexpected"]);
+        let mut added = fixed.clone();
+        added
+            .rules
+            .insert(at, SavedRule { chain: "VEN-INPUT".into(), spec: "-s 198.18.9.9/32 -j ACCEPT".into() });
+        assert_eq!(drift(&chains, &added), ["VEN-INPUT: 0 rules missing, 1 unexpected"]);
+        let mut modified = fixed.clone();
+        modified.rules[at].spec = "-p tcp -m tcp --dport 1 -j ACCEPT".into();
+        assert_eq!(drift(&chains, &modified), ["VEN-INPUT: 1 rules missing, 1 unexpected"]);
+        let mut reordered = fixed.clone();
+        reordered.rules.swap(at, at + 1);
+        assert_eq!(drift(&chains, &reordered), ["rules of VEN-INPUT reordered"]);
+        let mut unhooked = fixed.clone();
+        unhooked.rules.retain(|r| !(r.chain == "OUTPUT" && r.target().as_deref() == Some("VEN-OUTPUT")));
+        assert_eq!(drift(&chains, &unhooked), ["jump from OUTPUT to VEN-OUTPUT missing"]);
+        let flushed =
+            FilterState { chains: vec!["INPUT".into(), "FORWARD".into(), "OUTPUT".into()], rules: vec![] };
+        assert_eq!(
+            drift(&chains, &flushed),
+            [
+                "chain VEN-INPUT missing",
+                "jump from INPUT to VEN-INPUT missing",
+                "chain VEN-OUTPUT missing",
+                "jump from OUTPUT to VEN-OUTPUT missing"
+            ]
+        );
+        let mut stray = fixed.clone();
+        stray.chains.push("VEN-OLD".into());
+        assert_eq!(drift(&chains, &stray), ["unexpected chain VEN-OLD"]);
+    }
+
+    #[test]
+    fn restore_input_removes_chains_of_ours_no_longer_wanted() {
+        let mut state = parse_save(SAVED).unwrap();
+        state.chains.push("VEN-CUSTOM-IN".into());
+        state.rules.push(SavedRule { chain: "VEN-INPUT".into(), spec: "-j VEN-CUSTOM-IN".into() });
+        state.rules.push(SavedRule { chain: "VEN-CUSTOM-IN".into(), spec: "-p tcp -j ACCEPT".into() });
+        state.rules.push(SavedRule { chain: "FORWARD".into(), spec: jump_spec("VEN-FORWARD") });
+        state.chains.push("VEN-FORWARD".into());
+        let chains = our_chains_of(&parse_save(SAVED).unwrap());
+        let input = restore_input(&chains, &state);
+        assert!(input.contains("-D FORWARD -m comment --comment \"ven:jump\" -j VEN-FORWARD\n"), "{input}");
+        assert!(
+            input.ends_with("-F VEN-CUSTOM-IN\n-F VEN-FORWARD\n-X VEN-CUSTOM-IN\n-X VEN-FORWARD\nCOMMIT\n"),
+            "{input}"
+        );
+        assert!(!input.contains("DOCKER-LIKE"));
+    }
+
+    #[test]
+    fn rollback_puts_our_previous_chains_back() {
+        let before = parse_save(SAVED).unwrap();
+        let now = FilterState { chains: vec!["INPUT".into(), "VEN-INPUT".into()], rules: vec![] };
+        let input = rollback_input(&before, &now).unwrap();
+        assert!(input.contains(":VEN-OUTPUT - [0:0]\n"), "{input}");
+        assert!(
+            input.contains("-A VEN-INPUT -i lo -m comment --comment \"ven:2976ea3491b8bb45\" -j ACCEPT\n")
+        );
+        assert!(input.contains("-I INPUT 1 -m comment --comment \"ven:jump\" -j VEN-INPUT\n"));
+        assert_eq!(rollback_input(&FilterState::default(), &FilterState::default()), None);
+        let removal = rollback_input(&FilterState::default(), &before).unwrap();
+        assert!(removal.contains("-X VEN-INPUT"), "nothing of ours before: remove what is there now");
+    }
+
+    #[test]
+    fn hash_comments_are_read_from_lines_and_specs() {
+        assert_eq!(
+            hash_of("-A VEN-INPUT -i lo -m comment --comment \"ven:2976ea3491b8bb45\" -j ACCEPT"),
+            Some("2976ea3491b8bb45")
+        );
+        assert_eq!(hash_of("-m comment --comment ven:2976ea3491b8bb45 -j ACCEPT"), Some("2976ea3491b8bb45"));
+        assert_eq!(hash_of(&jump_spec("VEN-INPUT")), None);
+        assert_eq!(hash_of("-m comment --comment \"ven:xyz\" -j ACCEPT"), None);
+        assert_eq!(hash_of("-j ACCEPT"), None);
+    }
+
+    #[test]
+    fn the_snapshot_text_leaves_out_everything_of_ours() {
+        let text = format!("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n{SAVED}");
+        let host = without_ours(&text);
+        assert!(host.contains(":DOCKER-LIKE - [0:0]\n-A INPUT -s 198.18.0.99/32 -j DOCKER-LIKE\n"), "{host}");
+        assert!(host.contains("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"));
+        assert!(!host.contains("VEN-") && !host.contains("ven:"), "{host}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The kernel seam: the four things the firewall asks of the kernel, as a narrow trait, and the
-//! real implementation that runs the iptables and ipset tools as subprocesses.
+//! The kernel seam: what the firewall asks of the kernel, as a narrow trait, and the real
+//! implementation that runs the iptables, ip6tables and ipset tools as subprocesses.
 //!
 //! Children inherit the calling thread's network namespace, so a `Firewall` used on a thread that
 //! entered a namespace programs that namespace. A fake for unit tests lives in `fake.rs`
@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use super::{Family, FirewallConfig, FirewallError, ipset, iptables};
+use super::{Family, FirewallError, Tools, ipset, iptables};
 
 /// What the firewall needs from the kernel, as text in the tools' own save/restore formats.
 pub(crate) trait Kernel: Send + Sync {
@@ -17,42 +17,70 @@ pub(crate) trait Kernel: Send + Sync {
     fn save_filter(&self, family: Family) -> Result<String, FirewallError>;
     /// Applies one `iptables-restore --noflush` input for table `filter`, atomically.
     fn restore_filter(&self, family: Family, input: &str) -> Result<(), FirewallError>;
+    /// Every table of `family`, as `iptables-save` prints them.
+    fn save_tables(&self, family: Family) -> Result<String, FirewallError>;
+    /// Replaces every table named in `input` (a full `iptables-restore`, each table atomically).
+    fn restore_tables(&self, family: Family, input: &str) -> Result<(), FirewallError>;
     /// Every set, as `ipset save` prints it.
     fn ipset_save(&self) -> Result<String, FirewallError>;
+    /// Every set's header and size, as `ipset list -t` prints them.
+    fn ipset_list_terse(&self) -> Result<String, FirewallError>;
     /// Applies one `ipset restore` session (not atomic: it stops at the first failing line).
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError>;
 }
 
 /// The kernel reached through the iptables and ipset tools.
 pub(crate) struct SystemKernel {
-    config: FirewallConfig,
+    tools: Tools,
 }
 
 impl SystemKernel {
-    pub(crate) fn new(config: FirewallConfig) -> Self {
-        Self { config }
+    pub(crate) fn new(tools: Tools) -> Self {
+        Self { tools }
+    }
+
+    fn save_program(&self, family: Family) -> &Path {
+        match family {
+            Family::V4 => &self.tools.iptables_save,
+            Family::V6 => &self.tools.ip6tables_save,
+        }
+    }
+
+    fn restore_program(&self, family: Family) -> &Path {
+        match family {
+            Family::V4 => &self.tools.iptables_restore,
+            Family::V6 => &self.tools.ip6tables_restore,
+        }
     }
 }
 
 impl Kernel for SystemKernel {
     fn save_filter(&self, family: Family) -> Result<String, FirewallError> {
-        match family {
-            Family::V4 => iptables::save(&self.config.iptables_save),
-        }
+        iptables::save(self.save_program(family), Some("filter"))
     }
 
     fn restore_filter(&self, family: Family, input: &str) -> Result<(), FirewallError> {
-        match family {
-            Family::V4 => iptables::restore(&self.config.iptables_restore, "filter", input),
-        }
+        iptables::restore(self.restore_program(family), "filter", input, false)
+    }
+
+    fn save_tables(&self, family: Family) -> Result<String, FirewallError> {
+        iptables::save(self.save_program(family), None)
+    }
+
+    fn restore_tables(&self, family: Family, input: &str) -> Result<(), FirewallError> {
+        iptables::restore(self.restore_program(family), "all", input, true)
     }
 
     fn ipset_save(&self) -> Result<String, FirewallError> {
-        ipset::save(&self.config.ipset)
+        ipset::save(&self.tools.ipset)
+    }
+
+    fn ipset_list_terse(&self) -> Result<String, FirewallError> {
+        ipset::list_terse(&self.tools.ipset)
     }
 
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError> {
-        ipset::restore(&self.config.ipset, input)
+        ipset::restore(&self.tools.ipset, input)
     }
 }
 

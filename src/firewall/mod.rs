@@ -1,24 +1,32 @@
-//! PlatformHandler: programs the host's policy into the kernel with iptables and ipset.
+//! PlatformHandler: programs the host's policy into the kernel with iptables, ip6tables and ipset,
+//! checks that it stays there, and repairs it when it does not.
 //!
 //! Mechanism: `render` turns a [`Policy`] into iptables-restore text for table `filter` and the
-//! desired contents of our sets (pure, golden-tested); [`Firewall::apply`] reads the kernel's state
-//! once (`iptables-save -t filter`, `ipset save`), changes the sets by delta in one `ipset restore`
-//! session, replaces our chains in one `iptables-restore --noflush` (skipped when the kernel
-//! already holds them rule for rule), then destroys the sets no longer used. Every kernel call goes
-//! through the narrow `kernel::Kernel` seam.
+//! desired contents of our sets, per family (pure, golden-tested); [`Firewall::apply`] reads the
+//! kernel's state once (`iptables-save -t filter` per family, `ipset save`), changes the sets in
+//! one `ipset restore` session (deltas; temp set + `swap` for full reloads), replaces our chains
+//! with one `iptables-restore --noflush` per family (skipped when the kernel already holds them
+//! hash for hash), then destroys the sets no longer used. Every kernel call goes through the
+//! narrow `kernel::Kernel` seam; `backend` picks legacy or nft tools the way Felix does.
 //!
 //! Guarantees:
 //! - only our objects are touched: chains `VEN-*`, sets `ven-*`, and one jump tagged `ven:jump`
-//!   at position 1 of INPUT and OUTPUT; foreign chains, rules and sets are never changed;
-//! - loopback, established connections and the management channel to the PCE are allowed before
-//!   any policy rule or default drop, whatever the policy says;
+//!   at position 1 of INPUT and OUTPUT (and FORWARD when the board routes); foreign chains,
+//!   rules and sets are never changed;
+//! - loopback, established connections, the management channel to the PCE, IPv6 neighbour
+//!   discovery and the board's fail-safe services are allowed before any custom rule, policy
+//!   rule or default drop, whatever the policy says;
 //! - an apply is all or nothing: when validation, ipset or iptables-restore fails, the previous
-//!   ruleset stays in force and set changes already made are undone (between the set delta and
-//!   the iptables-restore, for milliseconds, the old rules see the new set members);
-//! - sets change by delta, never flush-then-add, so a set is never briefly empty.
-//!
-//! IPv4 only in this milestone; `Family` is where ip6tables and `family inet6` sets slot in.
+//!   ruleset stays in force (families already replaced are put back from their saved text) and
+//!   set changes already made are undone (between the set delta and the iptables-restore, for
+//!   milliseconds, the old rules see the new set members);
+//! - sets change by delta or by swapping in a filled temp set, never flush-then-add, so a set is
+//!   never briefly empty;
+//! - [`Firewall::verify`] compares the kernel with the last applied rulesets (rule hashes, jumps,
+//!   set sizes or members) and [`Firewall::repair`] converges back; neither looks at anything
+//!   that is not ours.
 
+pub mod backend;
 mod ipset;
 mod iptables;
 mod kernel;
@@ -28,112 +36,189 @@ mod validate;
 #[cfg(test)]
 mod fake;
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
 use std::process::ExitStatus;
 use std::sync::Mutex;
 
-use ven_proto::{IpNet, Policy, PolicyState};
+use serde::{Deserialize, Serialize};
+use ven_proto::{IpNet, Policy, PolicyState, RuleFamily};
 
+use crate::config::Config;
+pub use crate::config::{Caps, Service, ServiceDirection};
+pub use backend::{Backend, Tools};
 use kernel::{Kernel, SystemKernel};
-pub use validate::{MAX_SET_MEMBERS, PolicyError, validate};
+pub use render::{LogVerdict, log_prefix, parse_log_prefix};
+pub use validate::{PolicyError, validate};
 
-/// Where the kernel tools are.
+/// How the firewall is laid out on this board (from the configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub ipv6: bool,
+    /// FORWARD jumps to our chain too (custom forward rules).
+    pub routes: bool,
+    pub failsafe: Vec<Service>,
+    pub ignored_interfaces: Vec<String>,
+    pub nflog_group: u16,
+    pub caps: Caps,
+}
+
+impl Options {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            ipv6: config.ipv6,
+            routes: config.routes,
+            failsafe: config.failsafe_services.clone(),
+            ignored_interfaces: config.ignored_interfaces.clone(),
+            nflog_group: config.nflog_group,
+            caps: config.caps,
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self::from_config(&Config::default())
+    }
+}
+
+/// Where the kernel tools are and how the firewall is laid out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FirewallConfig {
-    pub iptables_restore: PathBuf,
-    pub iptables_save: PathBuf,
-    pub ipset: PathBuf,
+    pub tools: Tools,
+    pub options: Options,
+}
+
+impl FirewallConfig {
+    /// Tools for the configured backend (detected when `auto`), options from the configuration.
+    /// IPv6 is turned off, with a warning, when ip6tables is not usable here.
+    pub fn from_config(config: &Config) -> Self {
+        let tools = backend::select(config.firewall_backend);
+        let mut options = Options::from_config(config);
+        if options.ipv6 && !tools.ipv6_usable() {
+            log::warn!("ip6tables is not usable on this host; IPv6 traffic is not policed");
+            options.ipv6 = false;
+        }
+        Self { tools, options }
+    }
 }
 
 impl Default for FirewallConfig {
-    /// The tools as found in `PATH` (the iptables backend is whatever `iptables-restore` is).
+    /// The tools as found in `PATH` under their plain names (whatever backend they are), default
+    /// options.
     fn default() -> Self {
-        Self {
-            iptables_restore: PathBuf::from("iptables-restore"),
-            iptables_save: PathBuf::from("iptables-save"),
-            ipset: PathBuf::from("ipset"),
-        }
+        Self { tools: Tools::plain(), options: Options::default() }
     }
 }
 
 /// What stays reachable whatever the policy says (never lock the operator out).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Safeguards {
-    /// PCE API and event service endpoints: outbound TCP to them is always allowed.
+    /// PCE API and event service endpoints: TCP to them is always allowed.
     pub management: Vec<std::net::SocketAddr>,
 }
 
 /// What an apply wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplySummary {
-    /// Rules in our chains (fixed safeguards, policy rules and final verdicts), all families.
+    /// Rules in our chains (safeguards, log rules, policy rules, custom rules and final
+    /// verdicts), all families.
     pub rules: usize,
-    /// Sets the policy asked for (each `ven-<id>`).
+    /// Kernel sets the policy asked for, all families.
     pub sets: usize,
     pub set_members_added: usize,
     /// Members deleted from sets that stay, plus the members of sets destroyed.
     pub set_members_removed: usize,
+    /// Whether anything in the kernel changed.
+    pub changed: bool,
 }
 
 /// Address family of one iptables instance and its sets.
-///
-/// IPv6 slots in as a second variant: `ip6tables-restore` paths in [`FirewallConfig`], sets of
-/// `family inet6` under names of their own, and `icmpv6` for [`ven_proto::Protocol::Icmp`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Family {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
     V4,
+    V6,
 }
 
 impl Family {
-    pub(crate) fn contains(self, net: &IpNet) -> bool {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn name(self) -> &'static str {
         match self {
-            Self::V4 => net.is_ipv4(),
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
         }
     }
 
-    /// Name of the kernel set holding set `id` of the policy.
-    // INVARIANT: at most 31 characters (ipset's limit): "ven-" + 10 digits of a u32.
+    pub(crate) fn contains(self, net: &IpNet) -> bool {
+        match self {
+            Self::V4 => net.is_ipv4(),
+            Self::V6 => !net.is_ipv4(),
+        }
+    }
+
+    /// Whether a custom rule for `family` goes into this family's chains.
+    pub(crate) fn takes(self, family: RuleFamily) -> bool {
+        matches!(
+            (self, family),
+            (_, RuleFamily::Both) | (Self::V4, RuleFamily::V4) | (Self::V6, RuleFamily::V6)
+        )
+    }
+
+    /// Name of the kernel set holding set `id` of the policy: `ven-<id>` or `ven-<id>-6`.
+    // INVARIANT: at most 31 characters (ipset's limit) with the temp suffix: "ven-" + 10 digits
+    // of a u32 + "-6" + "-t".
     pub(crate) fn set_name(self, id: u32) -> String {
         match self {
             Self::V4 => format!("{}{id}", ipset::SET_PREFIX),
+            Self::V6 => format!("{}{id}{}", ipset::SET_PREFIX, ipset::V6_SUFFIX),
         }
+    }
+
+    /// Whether the set `name` (one of ours) belongs to this family.
+    pub(crate) fn owns_set(self, name: &str) -> bool {
+        let base = name.strip_suffix(ipset::TEMP_SUFFIX).unwrap_or(name);
+        name.starts_with(ipset::SET_PREFIX) && (base.ends_with(ipset::V6_SUFFIX) == (self == Self::V6))
     }
 
     /// The `family` argument of `ipset create`.
     pub(crate) fn ipset_family(self) -> &'static str {
         match self {
             Self::V4 => "inet",
+            Self::V6 => "inet6",
         }
     }
 
     pub(crate) fn host_prefix(self) -> u8 {
         match self {
             Self::V4 => 32,
+            Self::V6 => 128,
         }
     }
 
-    /// The `-p` value for ICMP.
+    /// The `-p` value for ICMP, as iptables-save prints it.
     pub(crate) fn icmp(self) -> &'static str {
         match self {
             Self::V4 => "icmp",
+            Self::V6 => "ipv6-icmp",
         }
     }
 }
 
-/// Why applying or removing the firewall failed. Unless noted, the kernel is as it was before.
+/// Why applying, checking or removing the firewall failed. Unless noted, the kernel is as it was
+/// before.
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("invalid policy: {0}")]
     Policy(#[from] PolicyError),
     #[error("cannot run {}: {cause}", program.display())]
-    Spawn { program: PathBuf, cause: std::io::Error },
+    Spawn { program: std::path::PathBuf, cause: std::io::Error },
     #[error("`{command}` failed ({status}): {stderr}")]
     Save { command: String, status: ExitStatus, stderr: String },
     #[error("unexpected output of `{command}` at line {line}: {text:?}")]
     SaveOutput { command: String, line: usize, text: String },
     #[error("{} rejected table {table} ({status}): {stderr}\n{input_excerpt}", program.display())]
     Restore {
-        program: PathBuf,
+        program: std::path::PathBuf,
         table: &'static str,
         status: ExitStatus,
         stderr: String,
@@ -145,90 +230,275 @@ pub enum FirewallError {
         "set {set} exists as {found:?}, not as hash:net family {family}; remove it to let ven recreate it"
     )]
     SetType { set: String, found: String, family: &'static str },
-    /// The apply failed and putting the sets back failed too: the sets may differ from before
-    /// (the ruleset itself is unchanged).
-    #[error("{cause}; restoring the previous set contents also failed: {rollback}")]
+    /// The apply failed and putting the previous state back failed too: the kernel may differ
+    /// from before.
+    #[error("{cause}; restoring the previous state also failed: {rollback}")]
     Rollback { cause: Box<FirewallError>, rollback: Box<FirewallError> },
+    #[error("nothing has been applied yet, so there is nothing to check or repair")]
+    NothingApplied,
 }
 
-/// The PlatformHandler: applies policies and removes everything it owns.
-///
-/// Calls are serialised: one apply or remove at a time per `Firewall`.
+/// How thoroughly [`Firewall::verify`] compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckDepth {
+    /// Our chains by rule hash, the jumps, and the size of every set (`ipset list -t`): cheap,
+    /// catches flushes, deleted or added rules and deleted members.
+    Quick,
+    /// As quick, plus every set member (`ipset save`): catches a swapped member too.
+    Full,
+}
+
+/// The host's firewall as it was before ven touched it (the `saved` of `deactivate`), without
+/// any object of ours.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// `iptables-save` output (all tables).
+    pub v4: String,
+    /// `ip6tables-save` output, when IPv6 is in use.
+    pub v6: Option<String>,
+    /// `ipset save` output (foreign sets only).
+    pub ipsets: String,
+}
+
+/// The last rulesets applied, per family: what verify compares with and repair restores.
+struct Applied {
+    rulesets: Vec<(Family, render::Ruleset)>,
+}
+
+/// The PlatformHandler: applies policies, verifies and repairs them, and removes everything it
+/// owns. Calls are serialised: one kernel operation at a time per `Firewall`.
 pub struct Firewall {
     kernel: Box<dyn Kernel>,
-    busy: Mutex<()>,
+    options: Options,
+    applied: Mutex<Option<Applied>>,
 }
 
 impl Firewall {
     pub fn new(config: FirewallConfig) -> Self {
-        Self::with_kernel(Box::new(SystemKernel::new(config)))
+        let options = config.options.clone();
+        Self::with_kernel(Box::new(SystemKernel::new(config.tools)), options)
     }
 
-    pub(crate) fn with_kernel(kernel: Box<dyn Kernel>) -> Self {
-        Self { kernel, busy: Mutex::new(()) }
+    pub(crate) fn with_kernel(kernel: Box<dyn Kernel>, options: Options) -> Self {
+        Self { kernel, options, applied: Mutex::new(None) }
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    fn families(&self) -> Vec<Family> {
+        Family::ALL.into_iter().filter(|family| *family == Family::V4 || self.options.ipv6).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Applied>> {
+        self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Validates, renders and applies the policy. Idle state = remove everything we own.
     /// On error the previous ruleset (and set contents) stays fully in force.
     pub fn apply(&self, policy: &Policy, safeguards: &Safeguards) -> Result<ApplySummary, FirewallError> {
-        validate(policy)?;
-        let _busy = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        validate(policy, &self.options.caps)?;
+        let mut applied = self.lock();
         if policy.state == PolicyState::Idle {
             let removed = self.remove_locked()?;
-            return Ok(ApplySummary { set_members_removed: removed, ..ApplySummary::default() });
+            *applied = None;
+            return Ok(ApplySummary {
+                set_members_removed: removed,
+                changed: removed > 0,
+                ..ApplySummary::default()
+            });
         }
-        self.apply_family(Family::V4, policy, safeguards)
+        let rulesets: Vec<(Family, render::Ruleset)> = self
+            .families()
+            .into_iter()
+            .map(|family| (family, render::render(family, policy, safeguards, &self.options)))
+            .collect();
+        let summary = self.apply_rulesets(&rulesets)?;
+        *applied = Some(Applied { rulesets });
+        Ok(summary)
     }
 
-    /// Removes every chain, jump and set we own (deactivate with --firewall open); idempotent.
-    pub fn remove(&self) -> Result<(), FirewallError> {
-        let _busy = self.busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.remove_locked().map(|_| ())
+    /// Removes every chain, jump and set we own (deactivate with `--firewall open`, suspend);
+    /// idempotent. Returns how many set members went with the sets.
+    pub fn remove(&self) -> Result<usize, FirewallError> {
+        let mut applied = self.lock();
+        let removed = self.remove_locked()?;
+        *applied = None;
+        Ok(removed)
     }
 
-    fn apply_family(
-        &self,
-        family: Family,
-        policy: &Policy,
-        safeguards: &Safeguards,
-    ) -> Result<ApplySummary, FirewallError> {
-        let desired = render::render(family, policy, safeguards);
-        let filter = iptables::parse_save(&self.kernel.save_filter(family)?)?;
-        let before = ipset::parse_save(&self.kernel.ipset_save()?)?;
-        for name in desired.sets.keys() {
-            if let Some(existing) = before.get(name) {
-                if !ipset::compatible(&existing.header, family) {
-                    return Err(FirewallError::SetType {
-                        set: name.clone(),
-                        found: existing.header.clone(),
-                        family: family.ipset_family(),
-                    });
+    /// Compares the kernel with the last applied policy; returns what differs (empty: nothing).
+    pub fn verify(&self, depth: CheckDepth) -> Result<Vec<String>, FirewallError> {
+        let applied = self.lock();
+        let applied = applied.as_ref().ok_or(FirewallError::NothingApplied)?;
+        let mut drift = Vec::new();
+        for (family, ruleset) in &applied.rulesets {
+            let filter = iptables::parse_save(&self.kernel.save_filter(*family)?)?;
+            for difference in iptables::drift(&ruleset.chains, &filter) {
+                drift.push(format!("{}: {difference}", family.name()));
+            }
+        }
+        let wanted = applied.rulesets.iter().flat_map(|(_, ruleset)| ruleset.sets.iter());
+        match depth {
+            CheckDepth::Quick => {
+                let sizes = ipset::parse_terse(&self.kernel.ipset_list_terse()?);
+                for (name, members) in wanted {
+                    match sizes.get(name) {
+                        None => drift.push(format!("set {name} missing")),
+                        Some(&size) if size != members.len() => {
+                            drift.push(format!("set {name} holds {size} members, not {}", members.len()))
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            CheckDepth::Full => {
+                let sets = ipset::parse_save(&self.kernel.ipset_save()?)?;
+                for (name, members) in wanted {
+                    match sets.get(name) {
+                        None => drift.push(format!("set {name} missing")),
+                        Some(set) => {
+                            let missing = members.difference(&set.members).count();
+                            let extra = set.members.difference(members).count();
+                            if missing + extra > 0 {
+                                drift.push(format!(
+                                    "set {name}: {missing} members missing, {extra} unexpected"
+                                ));
+                            }
+                        }
+                    }
                 }
             }
         }
+        Ok(drift)
+    }
 
-        let mut update = ipset::plan(family, &before, &desired.sets);
+    /// Puts the last applied policy back (after [`Firewall::verify`] found drift).
+    pub fn repair(&self) -> Result<ApplySummary, FirewallError> {
+        let applied = self.lock();
+        let applied = applied.as_ref().ok_or(FirewallError::NothingApplied)?;
+        self.apply_rulesets(&applied.rulesets)
+    }
+
+    /// The last applied firewall as text: our chains per family in iptables-restore syntax, then
+    /// our sets with their member counts (what `ven history` keeps and prints).
+    pub fn applied_text(&self) -> String {
+        let applied = self.lock();
+        let mut text = String::new();
+        let Some(applied) = applied.as_ref() else { return text };
+        for (family, ruleset) in &applied.rulesets {
+            let _ = writeln!(text, "# {}", family.name());
+            text.push_str(&iptables::restore_input(&ruleset.chains, &iptables::FilterState::default()));
+        }
+        text.push_str("# sets\n");
+        for (family, ruleset) in &applied.rulesets {
+            for (name, members) in &ruleset.sets {
+                let _ = writeln!(text, "{name} hash:net {} {} members", family.ipset_family(), members.len());
+            }
+        }
+        text
+    }
+
+    /// Takes the host's firewall as it is, without our objects (for `deactivate --firewall saved`).
+    pub fn snapshot(&self) -> Result<Snapshot, FirewallError> {
+        let _applied = self.lock();
+        let v4 = iptables::without_ours(&self.kernel.save_tables(Family::V4)?);
+        let v6 = if self.options.ipv6 {
+            Some(iptables::without_ours(&self.kernel.save_tables(Family::V6)?))
+        } else {
+            None
+        };
+        let ipsets = ipset::without_ours(&self.kernel.ipset_save()?);
+        Ok(Snapshot { v4, v6, ipsets })
+    }
+
+    /// Removes everything of ours and puts the snapshot's tables and sets back (all tables in
+    /// the snapshot are replaced as they were, each family in one transaction).
+    pub fn restore_snapshot(&self, snapshot: &Snapshot) -> Result<(), FirewallError> {
+        let mut applied = self.lock();
+        self.remove_locked()?;
+        *applied = None;
+        if !snapshot.ipsets.trim().is_empty() {
+            self.kernel.ipset_restore(&snapshot.ipsets)?;
+        }
+        if !snapshot.v4.trim().is_empty() {
+            self.kernel.restore_tables(Family::V4, &snapshot.v4)?;
+        }
+        if let Some(v6) = snapshot.v6.as_ref().filter(|text| !text.trim().is_empty()) {
+            self.kernel.restore_tables(Family::V6, v6)?;
+        }
+        Ok(())
+    }
+
+    /// Applies rendered rulesets: sets first (one session, all families), then one
+    /// iptables-restore per family, then stale sets go. Families not in `rulesets` lose our
+    /// chains in the same pass.
+    fn apply_rulesets(&self, rulesets: &[(Family, render::Ruleset)]) -> Result<ApplySummary, FirewallError> {
+        let mut filters = Vec::with_capacity(Family::ALL.len());
+        for family in Family::ALL {
+            if rulesets.iter().any(|(f, _)| *f == family) {
+                filters.push((family, iptables::parse_save(&self.kernel.save_filter(family)?)?));
+            } else if self.options.ipv6 || family == Family::V4 {
+                // Enabled but not wanted cannot happen; disabled families are left alone unless
+                // they hold chains of ours from an earlier configuration.
+                filters.push((family, iptables::parse_save(&self.kernel.save_filter(family)?)?));
+            }
+        }
+        let before = ipset::parse_save(&self.kernel.ipset_save()?)?;
+        let maxelem = 2 * self.options.caps.max_set_members;
+
+        let mut update = ipset::SetPlan::default();
+        for (family, ruleset) in rulesets {
+            for name in ruleset.sets.keys() {
+                if let Some(existing) = before.get(name) {
+                    if !ipset::same_type(&existing.header, *family) {
+                        return Err(FirewallError::SetType {
+                            set: name.clone(),
+                            found: existing.header.clone(),
+                            family: family.ipset_family(),
+                        });
+                    }
+                }
+            }
+            update.extend(ipset::plan(*family, &before, &ruleset.sets, maxelem));
+        }
         // Sets no longer wanted may still be referenced by the old chains: they go last.
         let stale = update.take_destroy();
         let mut summary = ApplySummary {
-            rules: desired.rule_count(),
-            sets: desired.sets.len(),
+            rules: rulesets.iter().map(|(_, ruleset)| ruleset.rule_count()).sum(),
+            sets: rulesets.iter().map(|(_, ruleset)| ruleset.sets.len()).sum(),
             set_members_added: update.added(),
             set_members_removed: update.removed() + stale.removed(),
+            changed: !update.is_empty() || !stale.is_empty(),
         };
         if !update.is_empty() {
             if let Err(cause) = self.kernel.ipset_restore(&update.render()) {
                 // ipset restore stops at the first bad line, after applying the ones before it.
-                return Err(self.restore_sets(family, &before, &desired.sets, cause));
+                return Err(self.restore_sets(&before, cause, maxelem));
             }
         }
 
-        if !iptables::up_to_date(&desired.chains, &filter) {
-            let input = iptables::restore_input(&desired.chains, &filter);
-            if let Err(cause) = self.kernel.restore_filter(family, &input) {
-                // iptables-restore is atomic per table: the old chains are intact; put the sets back.
-                return Err(self.restore_sets(family, &before, &desired.sets, cause));
+        let mut replaced: Vec<(Family, &iptables::FilterState)> = Vec::new();
+        for (family, filter) in &filters {
+            let empty = Vec::new();
+            let chains = rulesets.iter().find(|(f, _)| f == family).map_or(&empty, |(_, r)| &r.chains);
+            let input = if chains.is_empty() {
+                iptables::removal_input(filter)
+            } else if iptables::drift(chains, filter).is_empty() {
+                None
+            } else {
+                Some(iptables::restore_input(chains, filter))
+            };
+            let Some(input) = input else { continue };
+            if let Err(cause) = self.kernel.restore_filter(*family, &input) {
+                // iptables-restore is atomic per table: this family's old chains are intact; put
+                // back the families already replaced, then the sets.
+                let cause = self.roll_back_filters(&replaced, cause);
+                return Err(self.restore_sets(&before, cause, maxelem));
             }
+            summary.changed = true;
+            replaced.push((*family, filter));
         }
 
         if !stale.is_empty() {
@@ -242,22 +512,51 @@ impl Firewall {
         Ok(summary)
     }
 
-    /// Puts the contents of every set this apply touched back as they were in `before`, and
-    /// destroys the sets it created. Returns the error to report for the failed apply.
-    fn restore_sets(
+    /// Puts our chains of each family in `replaced` back as they were saved before this apply.
+    fn roll_back_filters(
         &self,
-        family: Family,
-        before: &ipset::KernelSets,
-        desired: &render::DesiredSets,
+        replaced: &[(Family, &iptables::FilterState)],
         cause: FirewallError,
     ) -> FirewallError {
+        for (family, previous) in replaced {
+            let result =
+                self.kernel.save_filter(*family).and_then(|text| iptables::parse_save(&text)).and_then(
+                    |now| match iptables::rollback_input(previous, &now) {
+                        Some(input) => self.kernel.restore_filter(*family, &input),
+                        None => Ok(()),
+                    },
+                );
+            if let Err(rollback) = result {
+                return FirewallError::Rollback { cause: Box::new(cause), rollback: Box::new(rollback) };
+            }
+        }
+        cause
+    }
+
+    /// Puts the contents of every set of ours back as they were in `before`, and destroys the
+    /// sets this apply created. Returns the error to report for the failed apply.
+    fn restore_sets(
+        &self,
+        before: &ipset::KernelSets,
+        cause: FirewallError,
+        maxelem: usize,
+    ) -> FirewallError {
         let result = self.kernel.ipset_save().and_then(|text| ipset::parse_save(&text)).and_then(|now| {
-            let touched = now
-                .into_iter()
-                .filter(|(name, _)| before.contains_key(name) || desired.contains_key(name))
-                .collect();
-            let target = before.iter().map(|(name, set)| (name.clone(), set.members.clone())).collect();
-            let back = ipset::plan(family, &touched, &target);
+            let mut back = ipset::SetPlan::default();
+            for family in Family::ALL {
+                // Every set of ours now: those this apply created (temp sets included) go.
+                let touched = now
+                    .iter()
+                    .filter(|(name, _)| family.owns_set(name))
+                    .map(|(name, set)| (name.clone(), set.clone()))
+                    .collect();
+                let target = before
+                    .iter()
+                    .filter(|(name, _)| family.owns_set(name))
+                    .map(|(name, set)| (name.clone(), set.members.clone()))
+                    .collect();
+                back.extend(ipset::plan(family, &touched, &target, maxelem));
+            }
             if back.is_empty() { Ok(()) } else { self.kernel.ipset_restore(&back.render()) }
         });
         match result {
@@ -266,16 +565,20 @@ impl Firewall {
         }
     }
 
-    /// Removes our jumps and chains in one iptables-restore, then destroys our sets.
+    /// Removes our jumps and chains in one iptables-restore per family, then destroys our sets.
     /// Returns how many set members went with the sets.
     fn remove_locked(&self) -> Result<usize, FirewallError> {
-        let family = Family::V4;
-        let filter = iptables::parse_save(&self.kernel.save_filter(family)?)?;
-        if let Some(input) = iptables::removal_input(&filter) {
-            self.kernel.restore_filter(family, &input)?;
+        for family in self.families() {
+            let filter = iptables::parse_save(&self.kernel.save_filter(family)?)?;
+            if let Some(input) = iptables::removal_input(&filter) {
+                self.kernel.restore_filter(family, &input)?;
+            }
         }
         let sets = ipset::parse_save(&self.kernel.ipset_save()?)?;
-        let teardown = ipset::plan(family, &sets, &render::DesiredSets::new());
+        let mut teardown = ipset::SetPlan::default();
+        for family in Family::ALL {
+            teardown.extend(ipset::plan(family, &sets, &render::DesiredSets::new(), 0));
+        }
         if !teardown.is_empty() {
             self.kernel.ipset_restore(&teardown.render())?;
         }
@@ -287,7 +590,7 @@ impl Firewall {
 mod tests {
     use super::fake::FakeKernel;
     use super::*;
-    use ven_proto::{Direction, IpSet, Peers, PortRange, Protocol, Rule};
+    use ven_proto::{CustomChain, CustomRule, Direction, IpSet, Peers, PortRange, Protocol, Rule};
 
     fn net(text: &str) -> IpNet {
         text.parse().unwrap()
@@ -323,8 +626,17 @@ mod tests {
         Safeguards { management: vec!["198.18.0.1:8443".parse().unwrap()] }
     }
 
+    /// IPv4 only and no fail-safe services: the call sequences stay short to read.
+    fn v4_only() -> Options {
+        Options { ipv6: false, failsafe: Vec::new(), ..Options::default() }
+    }
+
     fn firewall(fake: &FakeKernel) -> Firewall {
-        Firewall::with_kernel(Box::new(fake.clone()))
+        Firewall::with_kernel(Box::new(fake.clone()), v4_only())
+    }
+
+    fn call_names(fake: &FakeKernel) -> Vec<&'static str> {
+        fake.calls().iter().map(|c| c.0).collect()
     }
 
     #[test]
@@ -333,13 +645,13 @@ mod tests {
         let summary = firewall(&fake)
             .apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.1.0/24"]), &safeguards())
             .unwrap();
-        assert_eq!(summary, ApplySummary { rules: 9, sets: 1, set_members_added: 2, set_members_removed: 0 });
+        assert_eq!(
+            summary,
+            ApplySummary { rules: 12, sets: 1, set_members_added: 2, set_members_removed: 0, changed: true }
+        );
         assert_eq!(fake.set_members("ven-1"), Some(vec!["198.18.0.2".into(), "198.18.1.0/24".into()]));
         let calls = fake.calls();
-        assert_eq!(
-            calls.iter().map(|c| c.0).collect::<Vec<_>>(),
-            ["save_filter", "ipset_save", "ipset_restore", "restore_filter"]
-        );
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_save", "ipset_restore", "restore_filter"]);
         assert!(calls[3].1.contains("-I INPUT 1 -m comment --comment \"ven:jump\" -j VEN-INPUT"));
     }
 
@@ -372,8 +684,24 @@ mod tests {
         fw.apply(&same, &safeguards()).unwrap();
         fake.clear_calls();
         let summary = fw.apply(&same, &safeguards()).unwrap();
-        assert_eq!((summary.set_members_added, summary.set_members_removed), (0, 0));
-        assert_eq!(fake.calls().iter().map(|c| c.0).collect::<Vec<_>>(), ["save_filter", "ipset_save"]);
+        assert_eq!((summary.set_members_added, summary.set_members_removed, summary.changed), (0, 0, false));
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_save"]);
+    }
+
+    #[test]
+    fn both_families_are_programmed_with_their_own_sets() {
+        let fake = FakeKernel::default();
+        let fw = Firewall::with_kernel(Box::new(fake.clone()), Options::default());
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "2001:2::/64"]), &safeguards()).unwrap();
+        assert_eq!(fake.set_members("ven-1"), Some(vec!["198.18.0.2".into()]));
+        assert_eq!(fake.set_members("ven-1-6"), Some(vec!["2001:2::/64".into()]));
+        let v6 = fake.filter_text_of(Family::V6);
+        assert!(v6.contains("-m set --match-set ven-1-6 src"), "{v6}");
+        assert!(v6.contains("--icmpv6-type 135"), "{v6}");
+        assert!(!fake.filter_text().contains("ven-1-6"));
+        fw.remove().unwrap();
+        assert!(!fake.filter_text_of(Family::V6).contains("VEN-"));
+        assert_eq!(fake.ipset_text(), "");
     }
 
     #[test]
@@ -395,6 +723,22 @@ mod tests {
             }
             other => panic!("unexpected error {other}"),
         }
+        assert_eq!(fake.ipset_text(), sets_before);
+    }
+
+    #[test]
+    fn a_family_that_fails_takes_the_other_back_too() {
+        let fake = FakeKernel::default();
+        let fw = Firewall::with_kernel(Box::new(fake.clone()), Options::default());
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "2001:2::2"]), &safeguards()).unwrap();
+        let (v4_before, v6_before, sets_before) =
+            (fake.filter_text(), fake.filter_text_of(Family::V6), fake.ipset_text());
+        fake.fail_next_filter_restore_of(Family::V6, "ip6tables-restore: line 3 failed");
+        let err =
+            fw.apply(&policy(PolicyState::Test, &["198.18.0.3", "2001:2::3"]), &safeguards()).unwrap_err();
+        assert!(matches!(err, FirewallError::Restore { .. }), "{err}");
+        assert_eq!(fake.filter_text(), v4_before, "IPv4 went back to the previous policy");
+        assert_eq!(fake.filter_text_of(Family::V6), v6_before);
         assert_eq!(fake.ipset_text(), sets_before);
     }
 
@@ -455,12 +799,105 @@ mod tests {
         let fw = firewall(&fake);
         fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
         let summary = fw.apply(&policy(PolicyState::Idle, &["198.18.0.2"]), &safeguards()).unwrap();
-        assert_eq!(summary, ApplySummary { set_members_removed: 1, ..ApplySummary::default() });
+        assert_eq!(
+            summary,
+            ApplySummary { set_members_removed: 1, changed: true, ..ApplySummary::default() }
+        );
         assert_eq!(fake.ipset_text(), "");
         assert!(!fake.filter_text().contains("VEN-"), "{}", fake.filter_text());
 
         fake.clear_calls();
         fw.remove().unwrap();
-        assert_eq!(fake.calls().iter().map(|c| c.0).collect::<Vec<_>>(), ["save_filter", "ipset_save"]);
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_save"]);
+    }
+
+    #[test]
+    fn verify_finds_tampering_and_repair_converges() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        assert!(matches!(fw.verify(CheckDepth::Quick), Err(FirewallError::NothingApplied)));
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.0.3"]), &safeguards()).unwrap();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
+        let intact = (fake.filter_text(), fake.ipset_text());
+
+        fake.tamper(Family::V4, "-D INPUT -m comment --comment \"ven:jump\" -j VEN-INPUT\n-F VEN-OUTPUT\n");
+        assert_eq!(
+            fw.verify(CheckDepth::Quick).unwrap(),
+            ["IPv4: jump from INPUT to VEN-INPUT missing", "IPv4: VEN-OUTPUT: 5 rules missing, 0 unexpected"]
+        );
+        fw.repair().unwrap();
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
+        assert_eq!(fake.filter_text(), intact.0);
+
+        // A member swapped for another keeps the size: only the full check sees it.
+        fake.set_ipset_text(&intact.1.replace("198.18.0.3", "198.18.0.99"));
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), ["set ven-1: 1 members missing, 1 unexpected"]);
+        fake.set_ipset_text(&intact.1.replace("add ven-1 198.18.0.3\n", ""));
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), ["set ven-1 holds 1 members, not 2"]);
+        fw.repair().unwrap();
+        assert_eq!(fake.ipset_text(), intact.1);
+        fw.remove().unwrap();
+        assert!(matches!(fw.repair(), Err(FirewallError::NothingApplied)));
+    }
+
+    #[test]
+    fn custom_rules_get_their_own_chain_and_go_with_the_policy() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        let mut with_custom = policy(PolicyState::Enforced, &[]);
+        with_custom.custom_rules.push(CustomRule {
+            id: 1,
+            family: RuleFamily::Both,
+            chain: CustomChain::Input,
+            rule: "-p tcp --dport 9000 -j ACCEPT".into(),
+        });
+        fw.apply(&with_custom, &safeguards()).unwrap();
+        let text = fake.filter_text();
+        assert!(text.contains(":VEN-CUSTOM-IN - [0:0]"), "{text}");
+        assert!(text.contains("-A VEN-CUSTOM-IN -p tcp --dport 9000 -m comment --comment \"ven:"), "{text}");
+        fw.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
+        assert!(!fake.filter_text().contains("VEN-CUSTOM-IN"), "{}", fake.filter_text());
+    }
+
+    #[test]
+    fn snapshot_leaves_ours_out_and_restoring_it_brings_the_host_back() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        Kernel::restore_filter(
+            &fake,
+            Family::V4,
+            "*filter\n:HOST - [0:0]\n-A HOST -j RETURN\n-A INPUT -j HOST\nCOMMIT\n",
+        )
+        .unwrap();
+        fake.set_ipset_text(
+            "create host-set hash:ip family inet hashsize 1024 maxelem 65536\nadd host-set 198.18.5.5\n",
+        );
+        let before = fake.filter_text();
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        let snapshot = fw.snapshot().unwrap();
+        assert!(!snapshot.v4.contains("VEN-") && !snapshot.ipsets.contains("ven-"), "{snapshot:?}");
+        assert_eq!(snapshot.v6, None, "IPv6 is off on this board");
+        Kernel::restore_filter(&fake, Family::V4, "*filter\n-D INPUT -j HOST\nCOMMIT\n").unwrap();
+        fw.restore_snapshot(&snapshot).unwrap();
+        assert_eq!(fake.filter_text(), before);
+        assert!(fake.ipset_text().contains("add host-set 198.18.5.5"));
+        assert!(!fake.ipset_text().contains("ven-"));
+    }
+
+    #[test]
+    fn applied_text_shows_chains_per_family_and_set_sizes() {
+        let fake = FakeKernel::default();
+        let fw = Firewall::with_kernel(Box::new(fake.clone()), Options::default());
+        assert_eq!(fw.applied_text(), "");
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "2001:2::2"]), &safeguards()).unwrap();
+        let text = fw.applied_text();
+        assert!(text.starts_with("# IPv4\n*filter\n:VEN-INPUT - [0:0]\n"), "{text}");
+        assert!(text.contains("# IPv6\n*filter\n"), "{text}");
+        assert!(
+            text.ends_with("# sets\nven-1 hash:net inet 1 members\nven-1-6 hash:net inet6 1 members\n"),
+            "{text}"
+        );
     }
 }

@@ -1,41 +1,70 @@
-//! Pure rendering: a policy and the safeguards become our chains (iptables-restore rule lines for
-//! table `filter`) and the desired members of our sets, for one address family.
+//! Pure rendering: a policy, the safeguards and the board's options become our chains
+//! (iptables-restore rule lines for table `filter`) and the desired members of our sets, for one
+//! address family.
 //!
 //! Guarantees: the same input always gives the same text; every rule carries a hash comment
 //! `ven:<16 hex>` (SHA-256 over chain, previous rule's hash and rule text, so identical rules in
-//! one chain differ and a reordered chain shows); loopback, established connections and the
-//! management channel come before any policy rule or final verdict.
+//! one chain differ and a reordered chain shows), which is how read-back recognises our rules;
+//! loopback, established connections, the management channel, IPv6 neighbour discovery and the
+//! board's fail-safe services come before any custom rule, policy rule or final verdict.
+//!
+//! Chain layout (per family): `VEN-INPUT` (jumped to from rule 1 of INPUT), `VEN-OUTPUT` (from
+//! OUTPUT), `VEN-FORWARD` (from FORWARD, only on boards that route), and `VEN-CUSTOM-IN`,
+//! `VEN-CUSTOM-OUT`, `VEN-CUSTOM-FWD` holding the operator's custom rules (only when the policy
+//! has some for that family and direction), jumped to after the safeguards.
+//!
+//! Logging: every policy rule is an NFLOG rule followed by the same matches with ACCEPT, so the
+//! first packet of each accepted connection is logged with the rule id; the final verdict logs
+//! what no rule allowed. The prefix is [`log_prefix`]; the flow pipeline reads it back with
+//! [`parse_log_prefix`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use ven_proto::{Direction, IpNet, Peers, Policy, PolicyState, Protocol, Rule};
+use ven_proto::{CustomChain, Direction, IpNet, Peers, Policy, PolicyState, Protocol, Rule};
 
-use super::{Family, Safeguards};
+use super::{Family, Options, Safeguards};
 
 /// Our chain for traffic to this host, jumped to from INPUT.
 pub(crate) const INPUT_CHAIN: &str = "VEN-INPUT";
 /// Our chain for traffic from this host, jumped to from OUTPUT.
 pub(crate) const OUTPUT_CHAIN: &str = "VEN-OUTPUT";
+/// Our chain for routed traffic, jumped to from FORWARD when the board routes.
+pub(crate) const FORWARD_CHAIN: &str = "VEN-FORWARD";
+/// Chains of the policy's custom rules.
+pub(crate) const CUSTOM_INPUT_CHAIN: &str = "VEN-CUSTOM-IN";
+pub(crate) const CUSTOM_OUTPUT_CHAIN: &str = "VEN-CUSTOM-OUT";
+pub(crate) const CUSTOM_FORWARD_CHAIN: &str = "VEN-CUSTOM-FWD";
 // INVARIANT: our chain names are at most 28 characters (iptables' limit) and start with
 // `iptables::CHAIN_PREFIX`, which is how read-back and removal recognise them.
-const _: () = assert!(INPUT_CHAIN.len() <= 28 && OUTPUT_CHAIN.len() <= 28);
+const _: () = assert!(CUSTOM_OUTPUT_CHAIN.len() <= 28 && FORWARD_CHAIN.len() <= 28);
 
 /// Comment of the jump from a built-in chain into ours.
 pub(crate) const JUMP_COMMENT: &str = "ven:jump";
+/// Bytes of each logged packet copied to the flow pipeline: IPv6 + TCP headers with options.
+const NFLOG_COPY_BYTES: u16 = 128;
+/// ICMPv6 types of neighbour discovery (router solicitation and advertisement, neighbour
+/// solicitation and advertisement): without them IPv6 stops working on the link.
+const NEIGHBOUR_DISCOVERY: [u8; 4] = [133, 134, 135, 136];
 
 /// Members wanted in each of our sets, by kernel set name.
 pub(crate) type DesiredSets = BTreeMap<String, BTreeSet<IpNet>>;
 
-/// One of our chains and the built-in chain that jumps to it.
+/// One of our chains and the built-in chain that jumps to it, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct OurChain {
-    pub name: &'static str,
-    /// The built-in chain whose rule 1 jumps here.
-    pub hook: &'static str,
+    pub name: String,
+    /// The built-in chain whose rule 1 jumps here; `None` for chains jumped to from ours.
+    pub hook: Option<String>,
     /// Complete `-A <name> ...` lines, in order.
     pub rules: Vec<String>,
+}
+
+impl OurChain {
+    fn new(name: &str, hook: Option<&str>, rules: Vec<String>) -> Self {
+        Self { name: name.to_string(), hook: hook.map(str::to_string), rules }
+    }
 }
 
 /// Everything one family needs in the kernel.
@@ -51,20 +80,78 @@ impl Ruleset {
     }
 }
 
+/// What a log rule says about the connection it logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LogVerdict {
+    /// Accepted by the policy rule named in the prefix.
+    Allowed,
+    /// A new connection no rule allowed, accepted because the state is build.
+    Observed,
+    /// A new connection no rule allowed, accepted because the state is test: enforcement
+    /// would drop it.
+    WouldDrop,
+    /// Dropped by the enforced state's default deny.
+    Dropped,
+}
+
+impl LogVerdict {
+    fn letter(self) -> char {
+        match self {
+            Self::Allowed => 'a',
+            Self::Observed => 'o',
+            Self::WouldDrop => 'w',
+            Self::Dropped => 'd',
+        }
+    }
+}
+
+/// The NFLOG prefix of a log rule: `ven:<verdict letter>:<rule id>` (rule 0: no rule matched).
+pub fn log_prefix(verdict: LogVerdict, rule: u32) -> String {
+    format!("ven:{}:{rule}", verdict.letter())
+}
+
+/// Reads a prefix written by [`log_prefix`] (as NFLOG delivers it, possibly NUL-terminated).
+pub fn parse_log_prefix(prefix: &[u8]) -> Option<(LogVerdict, u32)> {
+    let end = prefix.iter().position(|&b| b == 0).unwrap_or(prefix.len());
+    let text = std::str::from_utf8(&prefix[..end]).ok()?;
+    let rest = text.strip_prefix("ven:")?;
+    let (letter, rule) = rest.split_once(':')?;
+    let verdict = match letter {
+        "a" => LogVerdict::Allowed,
+        "o" => LogVerdict::Observed,
+        "w" => LogVerdict::WouldDrop,
+        "d" => LogVerdict::Dropped,
+        _ => return None,
+    };
+    if rule.is_empty() || !rule.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((verdict, rule.parse().ok()?))
+}
+
 /// The jump rule (without `-A`/`-I <hook>`) from a built-in chain into `chain`.
 pub(crate) fn jump_spec(chain: &str) -> String {
     format!("-m comment --comment \"{JUMP_COMMENT}\" -j {chain}")
 }
 
 /// Renders the policy for one family. The policy must have passed [`super::validate`].
-pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards) -> Ruleset {
+pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards, options: &Options) -> Ruleset {
     let sets = policy
         .ip_sets
         .iter()
         .map(|set| (family.set_name(set.id), set_members(family, &set.members)))
         .collect();
-
     let management = management_endpoints(family, safeguards);
+    let custom = |chain: CustomChain| -> Vec<(&str, &str)> {
+        policy
+            .custom_rules
+            .iter()
+            .filter(|rule| rule.chain == chain && family.takes(rule.family))
+            .filter_map(|rule| split_target(&rule.rule))
+            .collect()
+    };
+    let mut chains = Vec::with_capacity(6);
+
     let mut input = ChainBuilder::new(INPUT_CHAIN);
     input.push("-i lo", "ACCEPT");
     input.push("-m conntrack --ctstate RELATED,ESTABLISHED", "ACCEPT");
@@ -79,10 +166,26 @@ pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards) -
             "ACCEPT",
         );
     }
-    for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Inbound) {
-        input.push(&rule_matches(family, rule, "src"), "ACCEPT");
+    push_neighbour_discovery(&mut input, family);
+    for interface in &options.ignored_interfaces {
+        input.push(&format!("-i {interface}"), "RETURN");
     }
-    push_verdict(&mut input, policy.state);
+    for service in options.failsafe.iter().filter(|s| s.direction == super::ServiceDirection::Inbound) {
+        let protocol = service.protocol.as_str();
+        input.push(
+            &format!("-p {protocol} -m {protocol} --dport {} -m conntrack --ctstate NEW", service.port),
+            "ACCEPT",
+        );
+    }
+    let custom_input = custom(CustomChain::Input);
+    if !custom_input.is_empty() {
+        input.push("", CUSTOM_INPUT_CHAIN);
+    }
+    for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Inbound) {
+        push_policy_rule(&mut input, &rule_matches(family, rule, "src"), rule.id, options);
+    }
+    push_verdict(&mut input, policy.state, options);
+    chains.push(OurChain::new(INPUT_CHAIN, Some("INPUT"), input.rules));
 
     let mut output = ChainBuilder::new(OUTPUT_CHAIN);
     output.push("-o lo", "ACCEPT");
@@ -91,28 +194,115 @@ pub(crate) fn render(family: Family, policy: &Policy, safeguards: &Safeguards) -
     for (host, port) in &management {
         output.push(&format!("-d {host} -p tcp -m tcp --dport {port}"), "ACCEPT");
     }
-    for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Outbound) {
-        output.push(&rule_matches(family, rule, "dst"), "ACCEPT");
+    push_neighbour_discovery(&mut output, family);
+    for interface in &options.ignored_interfaces {
+        output.push(&format!("-o {interface}"), "RETURN");
     }
-    push_verdict(&mut output, policy.state);
+    for service in options.failsafe.iter().filter(|s| s.direction == super::ServiceDirection::Outbound) {
+        let protocol = service.protocol.as_str();
+        output.push(
+            &format!("-p {protocol} -m {protocol} --dport {} -m conntrack --ctstate NEW", service.port),
+            "ACCEPT",
+        );
+    }
+    let custom_output = custom(CustomChain::Output);
+    if !custom_output.is_empty() {
+        output.push("", CUSTOM_OUTPUT_CHAIN);
+    }
+    for rule in policy.rules.iter().filter(|rule| rule.direction == Direction::Outbound) {
+        push_policy_rule(&mut output, &rule_matches(family, rule, "dst"), rule.id, options);
+    }
+    push_verdict(&mut output, policy.state, options);
+    chains.push(OurChain::new(OUTPUT_CHAIN, Some("OUTPUT"), output.rules));
 
-    Ruleset {
-        chains: vec![
-            OurChain { name: INPUT_CHAIN, hook: "INPUT", rules: input.rules },
-            OurChain { name: OUTPUT_CHAIN, hook: "OUTPUT", rules: output.rules },
-        ],
-        sets,
+    // Routed traffic is the board's own business except for the operator's custom rules: the
+    // policy describes this host's connections only.
+    let custom_forward = if options.routes { custom(CustomChain::Forward) } else { Vec::new() };
+    if options.routes {
+        let mut forward = ChainBuilder::new(FORWARD_CHAIN);
+        if !custom_forward.is_empty() {
+            for interface in &options.ignored_interfaces {
+                forward.push(&format!("-i {interface}"), "RETURN");
+                forward.push(&format!("-o {interface}"), "RETURN");
+            }
+            forward.push("", CUSTOM_FORWARD_CHAIN);
+        }
+        chains.push(OurChain::new(FORWARD_CHAIN, Some("FORWARD"), forward.rules));
+    }
+
+    for (name, rules) in [
+        (CUSTOM_INPUT_CHAIN, custom_input),
+        (CUSTOM_OUTPUT_CHAIN, custom_output),
+        (CUSTOM_FORWARD_CHAIN, custom_forward),
+    ] {
+        if rules.is_empty() {
+            continue;
+        }
+        let mut chain = ChainBuilder::new(name);
+        for (matches, target) in rules {
+            chain.push(matches, target);
+        }
+        chains.push(OurChain::new(name, None, chain.rules));
+    }
+
+    Ruleset { chains, sets }
+}
+
+/// A custom rule split into its matches and its target (`-j` and what follows). Validation
+/// guarantees exactly one `-j`, no quotes and no other jump.
+fn split_target(rule: &str) -> Option<(&str, &str)> {
+    let rule = rule.trim();
+    if let Some(target) = rule.strip_prefix("-j ") {
+        return Some(("", target.trim()));
+    }
+    let at = rule.find(" -j ")?;
+    Some((rule[..at].trim(), rule[at + 4..].trim()))
+}
+
+/// IPv6 neighbour discovery in and out, before anything can drop it.
+fn push_neighbour_discovery(chain: &mut ChainBuilder, family: Family) {
+    if family == Family::V6 {
+        for icmp_type in NEIGHBOUR_DISCOVERY {
+            chain.push(&format!("-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type}"), "ACCEPT");
+        }
     }
 }
 
-/// The last rule of a chain: what happens to traffic no rule allowed.
-fn push_verdict(chain: &mut ChainBuilder, state: PolicyState) {
-    // Logging seam (flows milestone): NFLOG rules go here, before the verdict: new connections
-    // in build, would-be drops in test, drops in enforced; the prefix encodes verdict and rule id.
+/// The NFLOG target of a log rule.
+fn nflog_target(verdict: LogVerdict, rule: u32, options: &Options) -> String {
+    format!(
+        "NFLOG --nflog-prefix \"{}\" --nflog-group {} --nflog-size {NFLOG_COPY_BYTES}",
+        log_prefix(verdict, rule),
+        options.nflog_group
+    )
+}
+
+/// One allow rule: log the first packet of the connection with the rule id, then accept it.
+fn push_policy_rule(chain: &mut ChainBuilder, matches: &str, rule: u32, options: &Options) {
+    chain.push(matches, &nflog_target(LogVerdict::Allowed, rule, options));
+    chain.push(matches, "ACCEPT");
+}
+
+/// The last rules of a chain: what happens to traffic no rule allowed, logged.
+fn push_verdict(chain: &mut ChainBuilder, state: PolicyState, options: &Options) {
+    const NEW: &str = "-m conntrack --ctstate NEW";
     match state {
-        PolicyState::Enforced => chain.push("", "DROP"),
+        // Every dropped packet is logged (the flow pipeline counts connections, and samples
+        // under load); in the other states only the first packet of a connection.
+        PolicyState::Enforced => {
+            chain.push("", &nflog_target(LogVerdict::Dropped, 0, options));
+            chain.push("", "DROP");
+        }
+        PolicyState::Test => {
+            chain.push(NEW, &nflog_target(LogVerdict::WouldDrop, 0, options));
+            chain.push("", "ACCEPT");
+        }
+        PolicyState::Build => {
+            chain.push(NEW, &nflog_target(LogVerdict::Observed, 0, options));
+            chain.push("", "ACCEPT");
+        }
         // Idle never reaches the renderer (it removes everything); were it to, allow all.
-        PolicyState::Build | PolicyState::Test | PolicyState::Idle => chain.push("", "ACCEPT"),
+        PolicyState::Idle => chain.push("", "ACCEPT"),
     }
 }
 
@@ -170,12 +360,11 @@ pub(crate) fn set_members(family: Family, members: &[IpNet]) -> BTreeSet<IpNet> 
 }
 
 fn halves(family: Family) -> BTreeSet<IpNet> {
-    match family {
-        Family::V4 => [[0, 0, 0, 0], [128, 0, 0, 0]]
-            .into_iter()
-            .filter_map(|octets| IpNet::new(IpAddr::from(octets), 1).ok())
-            .collect(),
-    }
+    let (low, high): (IpAddr, IpAddr) = match family {
+        Family::V4 => ([0u8, 0, 0, 0].into(), [128u8, 0, 0, 0].into()),
+        Family::V6 => (std::net::Ipv6Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::from(1u128 << 127).into()),
+    };
+    [low, high].into_iter().filter_map(|addr| IpNet::new(addr, 1).ok()).collect()
 }
 
 /// Appends rules to one chain, chaining their hashes.
@@ -221,7 +410,7 @@ pub(crate) fn rule_hash(chain: &str, previous: &str, text: &str) -> String {
 mod tests {
     use super::super::{ipset, iptables};
     use super::*;
-    use ven_proto::{IpSet, PortRange};
+    use ven_proto::{CustomRule, IpSet, PortRange, RuleFamily};
 
     fn net(text: &str) -> IpNet {
         text.parse().unwrap()
@@ -271,14 +460,33 @@ mod tests {
         }
     }
 
-    /// Compares with `src/firewall/testdata/<name>.rules` (iptables-restore input applied to a
-    /// kernel holding nothing of ours) and `<name>.sets` (the `ipset restore` input for it).
-    /// Regenerate after an intended change with `UPDATE_GOLDEN=1 cargo test -p ven --lib firewall`
-    /// and review the diff.
-    fn golden(name: &str, policy: &Policy) {
-        let ruleset = render(Family::V4, policy, &safeguards());
-        let rules = iptables::restore_input(&ruleset.chains, &iptables::FilterState::default());
-        let sets = ipset::plan(Family::V4, &ipset::KernelSets::new(), &ruleset.sets).render();
+    /// A board that routes, ignores `wg0`, keeps SSH reachable and lets DNS out.
+    fn board() -> Options {
+        Options {
+            routes: true,
+            ignored_interfaces: vec!["wg0".into()],
+            failsafe: vec!["tcp/22".parse().unwrap(), "out:udp/53".parse().unwrap()],
+            ..Options::default()
+        }
+    }
+
+    fn custom(id: u32, family: RuleFamily, chain: CustomChain, rule: &str) -> CustomRule {
+        CustomRule { id, family, chain, rule: rule.into() }
+    }
+
+    /// Compares with `src/firewall/testdata/<name>.rules` (iptables-restore input per family,
+    /// applied to a kernel holding nothing of ours) and `<name>.sets` (the `ipset restore` input
+    /// for it). Regenerate after an intended change with
+    /// `UPDATE_GOLDEN=1 cargo test -p ven --lib firewall` and review the diff.
+    fn golden(name: &str, policy: &Policy, options: &Options) {
+        let mut rules = String::new();
+        let mut sets = String::new();
+        for family in Family::ALL {
+            let ruleset = render(family, policy, &safeguards(), options);
+            rules.push_str(&format!("# {}\n", family.name()));
+            rules.push_str(&iptables::restore_input(&ruleset.chains, &iptables::FilterState::default()));
+            sets.push_str(&ipset::plan(family, &ipset::KernelSets::new(), &ruleset.sets, 262_144).render());
+        }
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/firewall/testdata");
         for (extension, actual) in [("rules", rules), ("sets", sets)] {
             let path = dir.join(format!("{name}.{extension}"));
@@ -296,36 +504,73 @@ mod tests {
 
     #[test]
     fn golden_enforced() {
-        golden("enforced", &full_policy(PolicyState::Enforced));
+        golden("enforced", &full_policy(PolicyState::Enforced), &Options::default());
     }
 
     #[test]
     fn golden_build() {
-        golden("build", &full_policy(PolicyState::Build));
+        golden("build", &full_policy(PolicyState::Build), &Options::default());
     }
 
     #[test]
     fn golden_test() {
-        golden("test", &full_policy(PolicyState::Test));
+        golden("test", &full_policy(PolicyState::Test), &Options::default());
     }
 
     #[test]
     fn golden_empty_enforced() {
-        golden(
-            "empty-enforced",
-            &Policy {
-                version: 1,
-                state: PolicyState::Enforced,
-                ip_sets: Vec::new(),
-                rules: Vec::new(),
-                custom_rules: Vec::new(),
-            },
+        let empty = Policy {
+            version: 1,
+            state: PolicyState::Enforced,
+            ip_sets: Vec::new(),
+            rules: Vec::new(),
+            custom_rules: Vec::new(),
+        };
+        golden("empty-enforced", &empty, &Options { failsafe: Vec::new(), ..Options::default() });
+    }
+
+    #[test]
+    fn golden_router_with_custom_rules() {
+        let mut policy = full_policy(PolicyState::Enforced);
+        policy.custom_rules = vec![
+            custom(1, RuleFamily::Both, CustomChain::Input, "-p tcp --dport 9000 -j ACCEPT"),
+            custom(2, RuleFamily::V4, CustomChain::Input, "-s 198.18.0.66 -j DROP"),
+            custom(
+                3,
+                RuleFamily::V6,
+                CustomChain::Output,
+                "-p udp --dport 5353 -j REJECT --reject-with icmp6-port-unreachable",
+            ),
+            custom(4, RuleFamily::Both, CustomChain::Forward, "-i eth1 -o eth0 -j ACCEPT"),
+        ];
+        golden("router-custom", &policy, &board());
+    }
+
+    #[test]
+    fn safeguards_come_before_custom_and_policy_rules_and_the_verdict() {
+        let mut policy = full_policy(PolicyState::Enforced);
+        policy.custom_rules = vec![custom(1, RuleFamily::Both, CustomChain::Input, "-j DROP")];
+        let ruleset = render(Family::V4, &policy, &safeguards(), &board());
+        let input = &ruleset.chains[0];
+        let position = |needle: &str| input.rules.iter().position(|r| r.contains(needle)).unwrap();
+        let custom_jump = position("-j VEN-CUSTOM-IN");
+        for safeguard in ["-i lo", "RELATED,ESTABLISHED", "--sport 8443", "-i wg0", "--dport 22 -m conntrack"]
+        {
+            assert!(position(safeguard) < custom_jump, "{safeguard}");
+        }
+        assert!(custom_jump < position("--match-set ven-1 src"));
+        assert_eq!(
+            ruleset.chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["VEN-INPUT", "VEN-OUTPUT", "VEN-FORWARD", "VEN-CUSTOM-IN"]
         );
+        assert_eq!(ruleset.chains[2].hook.as_deref(), Some("FORWARD"));
+        assert_eq!(ruleset.chains[3].hook, None);
     }
 
     #[test]
     fn management_comes_before_policy_rules_and_verdict() {
-        let ruleset = render(Family::V4, &full_policy(PolicyState::Enforced), &safeguards());
+        let ruleset =
+            render(Family::V4, &full_policy(PolicyState::Enforced), &safeguards(), &Options::default());
         let output = &ruleset.chains[1];
         assert_eq!(output.name, OUTPUT_CHAIN);
         let first_management = output.rules.iter().position(|r| r.contains("--dport 8443")).unwrap();
@@ -346,16 +591,72 @@ mod tests {
         let first_policy = input.rules.iter().position(|r| r.contains("--ctstate NEW")).unwrap();
         let last_reply = input.rules.iter().rposition(|r| r.contains("-s 198.18.0.1/32")).unwrap();
         assert!(last_reply < first_policy, "before any policy rule or the drop");
+
+        let v6 = render(Family::V6, &full_policy(PolicyState::Enforced), &safeguards(), &Options::default());
+        assert!(
+            v6.chains[1].rules.iter().any(|r| r.contains("-d 2001:db8::1/128 -p tcp -m tcp --dport 8443"))
+        );
+        assert!(v6.chains[0].rules.iter().any(|r| r.contains("--icmpv6-type 135")), "neighbour discovery");
+        assert!(v6.sets.contains_key("ven-1-6") && v6.sets["ven-1-6"].len() == 1);
+    }
+
+    #[test]
+    fn every_state_logs_what_it_should() {
+        let verdicts = |state| {
+            let ruleset = render(Family::V4, &full_policy(state), &safeguards(), &Options::default());
+            ruleset.chains[0].rules.iter().rev().take(2).rev().cloned().collect::<Vec<_>>()
+        };
+        let enforced = verdicts(PolicyState::Enforced);
+        assert!(enforced[0].contains("-j NFLOG --nflog-prefix \"ven:d:0\" --nflog-group 7 --nflog-size 128"));
+        assert!(!enforced[0].contains("--ctstate NEW"), "every dropped packet is logged");
+        assert!(enforced[1].ends_with("-j DROP"));
+        let test = verdicts(PolicyState::Test);
+        assert!(test[0].contains("--ctstate NEW") && test[0].contains("\"ven:w:0\""));
+        assert!(test[1].ends_with("-j ACCEPT"));
+        let build = verdicts(PolicyState::Build);
+        assert!(build[0].contains("\"ven:o:0\"") && build[1].ends_with("-j ACCEPT"));
+        let ruleset =
+            render(Family::V4, &full_policy(PolicyState::Enforced), &safeguards(), &Options::default());
+        let logged = ruleset.chains[0].rules.iter().position(|r| r.contains("\"ven:a:100\"")).unwrap();
+        assert!(
+            ruleset.chains[0].rules[logged + 1].ends_with("-j ACCEPT"),
+            "log, then accept the same matches"
+        );
+    }
+
+    #[test]
+    fn log_prefixes_round_trip_and_reject_garbage() {
+        for verdict in [LogVerdict::Allowed, LogVerdict::Observed, LogVerdict::WouldDrop, LogVerdict::Dropped]
+        {
+            let prefix = log_prefix(verdict, 4_294_967_295);
+            assert!(prefix.len() < 64, "NFLOG prefixes hold 63 bytes");
+            assert_eq!(parse_log_prefix(prefix.as_bytes()), Some((verdict, 4_294_967_295)));
+        }
+        assert_eq!(parse_log_prefix(b"ven:d:0\0\0"), Some((LogVerdict::Dropped, 0)));
+        for garbage in [
+            &b"ven:x:1"[..],
+            b"ven:a:",
+            b"ven:a:-1",
+            b"ven:a:99999999999",
+            b"other",
+            b"",
+            b"ven:a:1 2",
+            b"\xff",
+        ] {
+            assert_eq!(parse_log_prefix(garbage), None, "{garbage:?}");
+        }
     }
 
     #[test]
     fn hashes_are_stable_and_differ_for_identical_rules() {
         let mut policy = full_policy(PolicyState::Enforced);
-        let first = render(Family::V4, &policy, &safeguards());
-        assert_eq!(first, render(Family::V4, &policy, &safeguards()));
+        let options = Options::default();
+        let first = render(Family::V4, &policy, &safeguards(), &options);
+        assert_eq!(first, render(Family::V4, &policy, &safeguards(), &options));
         policy.rules.push(rule(105, Direction::Inbound, Peers::Any, Protocol::Icmp, None));
-        let again = render(Family::V4, &policy, &safeguards());
-        let icmp: Vec<&String> = again.chains[0].rules.iter().filter(|r| r.contains("-p icmp")).collect();
+        let again = render(Family::V4, &policy, &safeguards(), &options);
+        let icmp: Vec<&String> =
+            again.chains[0].rules.iter().filter(|r| r.contains("-p icmp") && r.ends_with("ACCEPT")).collect();
         assert_eq!(icmp.len(), 2);
         assert_ne!(icmp[0], icmp[1]);
         assert_eq!(rule_hash("VEN-INPUT", "", "-i lo -j ACCEPT").len(), 16);
@@ -376,5 +677,7 @@ mod tests {
             everything.into_iter().map(|m| m.to_string()).collect::<Vec<_>>(),
             ["0.0.0.0/1", "128.0.0.0/1"]
         );
+        let v6 = set_members(Family::V6, &[net("2001:2::1/64"), net("198.18.0.2"), net("::/0")]);
+        assert_eq!(v6.into_iter().map(|m| m.to_string()).collect::<Vec<_>>(), ["::/1", "8000::/1"]);
     }
 }

@@ -1,13 +1,49 @@
 //! Checks a policy before anything reaches the kernel, so that a policy the firewall cannot
-//! express is refused whole (naming the rule or set and the problem) and never half-applied.
+//! express, or larger than the board allows, is refused whole (naming the rule or set and the
+//! problem) and never half-applied.
+//!
+//! Custom rules are the one place where policy text reaches an iptables-restore line, so they
+//! are held to a strict shape: plain matches and one final `-j` to ACCEPT, DROP, REJECT (with
+//! its `--reject-with`) or RETURN; no quotes, no control characters, nothing that names a chain,
+//! a table or another jump. The kernel checks the matches themselves when the policy is applied,
+//! and a rule it refuses fails the whole apply.
 
 use std::collections::HashSet;
 
 use ven_proto::{Peers, Policy, PortRange, Protocol};
 
-/// Most members one set of a policy may hold (the kernel sets we create have room for twice as
-/// many, so a delta can add before it deletes).
-pub const MAX_SET_MEMBERS: usize = 65536;
+use crate::config::Caps;
+
+/// Longest custom rule accepted.
+pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
+/// Targets a custom rule may use.
+const CUSTOM_TARGETS: [&str; 4] = ["ACCEPT", "DROP", "REJECT", "RETURN"];
+/// Words that would make a custom rule do more than match and decide: commands, tables, other
+/// jumps or gotos.
+const FORBIDDEN_WORDS: [&str; 22] = [
+    "-A",
+    "--append",
+    "-I",
+    "--insert",
+    "-D",
+    "--delete",
+    "-R",
+    "--replace",
+    "-F",
+    "--flush",
+    "-X",
+    "--delete-chain",
+    "-N",
+    "--new-chain",
+    "-P",
+    "--policy",
+    "-E",
+    "--rename-chain",
+    "-t",
+    "--table",
+    "-g",
+    "--goto",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -15,27 +51,39 @@ pub enum PolicyError {
     DuplicateRuleId(u32),
     #[error("set id {0} is used by more than one set")]
     DuplicateSetId(u32),
+    #[error("custom rule id {0} is used by more than one custom rule")]
+    DuplicateCustomRuleId(u32),
     #[error("rule {rule} refers to set {set}, which the policy does not define")]
     UnknownSet { rule: u32, set: u32 },
     #[error("rule {rule}: ports {}:{} {problem}", ports.first, ports.last)]
     BadPorts { rule: u32, ports: PortRange, problem: &'static str },
-    #[error("set {set} has {members} members, more than the {max} a set can hold")]
+    #[error("set {set} has {members} members, more than the {max} this board allows in a set")]
     SetTooLarge { set: u32, members: usize, max: usize },
+    #[error("the policy has {count} {what}, more than the {max} this board allows")]
+    TooMany { what: &'static str, count: usize, max: usize },
+    #[error("custom rule {id} ({rule:?}): {problem}")]
+    BadCustomRule { id: u32, rule: String, problem: String },
 }
 
-/// Checks that every id is unique, every set a rule names exists, every port range is usable
-/// and every set fits in a kernel set.
-pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
+/// Checks that every id is unique, every set a rule names exists, every port range is usable,
+/// every custom rule has the allowed shape and the policy fits the board's caps.
+pub fn validate(policy: &Policy, caps: &Caps) -> Result<(), PolicyError> {
+    let too_many = |what, count: usize, max: usize| {
+        if count > max { Err(PolicyError::TooMany { what, count, max }) } else { Ok(()) }
+    };
+    too_many("rules", policy.rules.len(), caps.max_rules)?;
+    too_many("sets", policy.ip_sets.len(), caps.max_sets)?;
+    too_many("custom rules", policy.custom_rules.len(), caps.max_custom_rules)?;
     let mut set_ids = HashSet::with_capacity(policy.ip_sets.len());
     for set in &policy.ip_sets {
         if !set_ids.insert(set.id) {
             return Err(PolicyError::DuplicateSetId(set.id));
         }
-        if set.members.len() > MAX_SET_MEMBERS {
+        if set.members.len() > caps.max_set_members {
             return Err(PolicyError::SetTooLarge {
                 set: set.id,
                 members: set.members.len(),
-                max: MAX_SET_MEMBERS,
+                max: caps.max_set_members,
             });
         }
     }
@@ -65,13 +113,62 @@ pub fn validate(policy: &Policy) -> Result<(), PolicyError> {
             }
         }
     }
+    let mut custom_ids = HashSet::with_capacity(policy.custom_rules.len());
+    for custom in &policy.custom_rules {
+        if !custom_ids.insert(custom.id) {
+            return Err(PolicyError::DuplicateCustomRuleId(custom.id));
+        }
+        check_custom_rule(&custom.rule).map_err(|problem| PolicyError::BadCustomRule {
+            id: custom.id,
+            rule: custom.rule.chars().take(80).collect(),
+            problem,
+        })?;
+    }
+    Ok(())
+}
+
+/// The shape a custom rule must have (see the module comment).
+fn check_custom_rule(rule: &str) -> Result<(), String> {
+    if rule.len() > MAX_CUSTOM_RULE_BYTES {
+        return Err(format!("longer than {MAX_CUSTOM_RULE_BYTES} bytes"));
+    }
+    if let Some(bad) =
+        rule.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ') || matches!(c, '"' | '\'' | '\\'))
+    {
+        return Err(format!("contains {bad:?} (only printable ASCII without quotes or backslashes)"));
+    }
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    if let Some(word) = words.iter().find(|word| FORBIDDEN_WORDS.contains(word)) {
+        return Err(format!("{word} is not allowed: a custom rule only matches and decides"));
+    }
+    let jumps: Vec<usize> = words
+        .iter()
+        .enumerate()
+        .filter(|(_, word)| matches!(**word, "-j" | "--jump"))
+        .map(|(at, _)| at)
+        .collect();
+    let [jump] = jumps.as_slice() else {
+        return Err("needs exactly one -j TARGET".into());
+    };
+    let target = words.get(jump + 1).copied().unwrap_or("");
+    if !CUSTOM_TARGETS.contains(&target) {
+        return Err(format!("target {target:?} is not one of {}", CUSTOM_TARGETS.join(", ")));
+    }
+    let after = &words[jump + 2..];
+    let reject_with = target == "REJECT" && after.len() == 2 && after[0] == "--reject-with";
+    if !after.is_empty() && !reject_with {
+        return Err("nothing but REJECT's --reject-with may follow the target".into());
+    }
+    if words[0] != "-j" && words[0] != "--jump" && !words[0].starts_with('-') && !words[0].starts_with('!') {
+        return Err(format!("starts with {:?}, not an option", words[0]));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ven_proto::{Direction, IpSet, PolicyState, Rule};
+    use ven_proto::{CustomChain, CustomRule, Direction, IpSet, PolicyState, Rule, RuleFamily};
 
     fn rule(id: u32, peers: Peers, protocol: Protocol, ports: Option<(u16, u16)>) -> Rule {
         Rule {
@@ -102,7 +199,7 @@ mod tests {
             rule(4, Peers::Set(1), Protocol::Any, None),
             rule(5, Peers::Any, Protocol::Tcp, None),
         ]);
-        assert_eq!(validate(&good), Ok(()));
+        assert_eq!(validate(&good, &Caps::default()), Ok(()));
     }
 
     #[test]
@@ -150,23 +247,76 @@ mod tests {
             ),
         ];
         for (policy, error, message) in cases {
-            assert_eq!(validate(&policy), Err(error.clone()));
+            assert_eq!(validate(&policy, &Caps::default()), Err(error.clone()));
             assert_eq!(error.to_string(), message);
         }
         let mut any_ports = policy(vec![rule(12, Peers::Any, Protocol::Any, Some((1, 2)))]);
-        assert!(matches!(validate(&any_ports), Err(PolicyError::BadPorts { rule: 12, .. })));
+        assert!(matches!(
+            validate(&any_ports, &Caps::default()),
+            Err(PolicyError::BadPorts { rule: 12, .. })
+        ));
         any_ports.rules.clear();
         any_ports.ip_sets.push(IpSet { id: 1, members: Vec::new() });
-        assert_eq!(validate(&any_ports), Err(PolicyError::DuplicateSetId(1)));
+        assert_eq!(validate(&any_ports, &Caps::default()), Err(PolicyError::DuplicateSetId(1)));
     }
 
     #[test]
-    fn refuses_a_set_larger_than_a_kernel_set() {
+    fn refuses_what_exceeds_the_boards_caps() {
+        let caps = Caps { max_rules: 2, max_sets: 1, max_set_members: 3, max_custom_rules: 0 };
         let mut big = policy(Vec::new());
-        big.ip_sets[0].members = vec!["198.18.0.2".parse().unwrap(); MAX_SET_MEMBERS + 1];
-        assert_eq!(
-            validate(&big),
-            Err(PolicyError::SetTooLarge { set: 1, members: MAX_SET_MEMBERS + 1, max: MAX_SET_MEMBERS })
-        );
+        big.ip_sets[0].members = vec!["198.18.0.2".parse().unwrap(); 4];
+        assert_eq!(validate(&big, &caps), Err(PolicyError::SetTooLarge { set: 1, members: 4, max: 3 }));
+        let rules = policy((1..=3).map(|id| rule(id, Peers::Any, Protocol::Tcp, None)).collect());
+        let err = validate(&rules, &caps).unwrap_err();
+        assert_eq!(err.to_string(), "the policy has 3 rules, more than the 2 this board allows");
+        let mut sets = policy(Vec::new());
+        sets.ip_sets.push(IpSet { id: 2, members: Vec::new() });
+        assert!(matches!(validate(&sets, &caps), Err(PolicyError::TooMany { what: "sets", .. })));
+    }
+
+    fn custom(id: u32, text: &str) -> CustomRule {
+        CustomRule { id, family: RuleFamily::Both, chain: CustomChain::Input, rule: text.into() }
+    }
+
+    #[test]
+    fn custom_rules_must_only_match_and_decide() {
+        let good = [
+            "-p tcp --dport 9000 -j ACCEPT",
+            "-s 198.18.0.0/24 -p udp -m udp --dport 53 -j DROP",
+            "-j RETURN",
+            "! -s 198.18.0.1 -p tcp -j REJECT --reject-with tcp-reset",
+            "-m set --match-set foreign src -j ACCEPT",
+        ];
+        for text in good {
+            let mut with = policy(Vec::new());
+            with.custom_rules.push(custom(1, text));
+            assert_eq!(validate(&with, &Caps::default()), Ok(()), "{text}");
+        }
+        let bad = [
+            ("-p tcp --dport 9000", "exactly one -j"),
+            ("-p tcp -j ACCEPT -j DROP", "exactly one -j"),
+            ("-p tcp -j VEN-INPUT", "not one of"),
+            ("-p tcp -j LOG", "not one of"),
+            ("-j ACCEPT\n-A INPUT -j DROP", "contains"),
+            ("-m comment --comment \"x\" -j ACCEPT", "contains '\"'"),
+            ("-t nat -j ACCEPT", "-t is not allowed"),
+            ("-g VEN-OUTPUT", "-g is not allowed"),
+            ("-I INPUT 1 -j ACCEPT", "-I is not allowed"),
+            ("-j ACCEPT --reject-with x", "nothing but"),
+            ("COMMIT -j ACCEPT", "not an option"),
+        ];
+        for (text, problem) in bad {
+            let mut with = policy(Vec::new());
+            with.custom_rules.push(custom(4, text));
+            let err = validate(&with, &Caps::default()).unwrap_err();
+            assert!(matches!(&err, PolicyError::BadCustomRule { id: 4, .. }), "{text}: {err}");
+            assert!(err.to_string().contains(problem), "{text}: {err}");
+        }
+        let mut long = policy(Vec::new());
+        long.custom_rules.push(custom(5, &format!("-p tcp {} -j ACCEPT", "-s 198.18.0.1 ".repeat(50))));
+        assert!(validate(&long, &Caps::default()).unwrap_err().to_string().contains("longer than"));
+        let mut twice = policy(Vec::new());
+        twice.custom_rules = vec![custom(6, "-j ACCEPT"), custom(6, "-j DROP")];
+        assert_eq!(validate(&twice, &Caps::default()), Err(PolicyError::DuplicateCustomRuleId(6)));
     }
 }
