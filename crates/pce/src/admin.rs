@@ -1,19 +1,22 @@
 //! The admin API: JSON under `/api/v2`, shaped after the public Illumio REST API v2 (labels with
 //! href/key/value, draft rules with consumers/providers/ingress_services, provisioning by POST to
-//! `/sec_policy`, pairing profiles with their activation code).
+//! `/sec_policy`, pairing profiles with their activation code, organisation events), plus each
+//! workload's custom iptables rules under `/workloads/<id>/custom_iptables_rules`.
 //!
 //! Every call needs `authorization: Bearer <admin key>` (compared in constant time). Collections
 //! answer with `X-Total-Count`; errors are a JSON array `[{"token": ..., "message": ...}]`.
+//! `GET /events?format=cef|leef` answers `text/plain`, one line per event.
 
 use crate::clock;
 use crate::http::{Request, Response};
-use crate::policy::{Label, RuleDef, Service};
+use crate::orgevents::{self, EventType, OrgEvent};
+use crate::policy::{self, Label, RuleDef, Service};
 use crate::serve::App;
 use crate::store::{PairingProfile, Store, StoreError, Workload};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::str::FromStr;
-use ven_proto::{PolicyState, PortRange, Protocol};
+use ven_proto::{CustomChain, CustomRule, PolicyState, PortRange, Protocol, RuleFamily};
 
 pub const PREFIX: &str = "/api/v2/";
 const MAX_LABEL_TEXT: usize = 255;
@@ -46,6 +49,16 @@ pub fn handle(app: &App, request: &Request) -> Response {
             workload.map(|w| ok(200, workload_json(&store, w))).ok_or_else(not_found)
         }
         ("PUT", ["workloads", id]) => update_workload(app, id, request),
+        ("GET", ["workloads", id, "custom_iptables_rules"]) => {
+            let store = app.store();
+            let workload = id.parse().ok().and_then(|id| store.state().workloads.get(&id));
+            workload
+                .map(|w| collection(w.custom_rules.iter().map(|r| custom_rule_json(w.id, r)).collect()))
+                .ok_or_else(not_found)
+        }
+        ("POST", ["workloads", id, "custom_iptables_rules"]) => add_custom_rule(app, id, request),
+        ("DELETE", ["workloads", id, "custom_iptables_rules", rule]) => remove_custom_rule(app, id, rule),
+        ("GET", ["events"]) => list_events(app, &request.head.query),
         ("GET", ["sec_policy", version @ ("draft" | "active"), "rules"]) => {
             let store = app.store();
             let rules =
@@ -63,6 +76,9 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | ["labels", _]
             | ["workloads"]
             | ["workloads", _]
+            | ["workloads", _, "custom_iptables_rules"]
+            | ["workloads", _, "custom_iptables_rules", _]
+            | ["events"]
             | ["sec_policy"]
             | ["sec_policy", _, "rules"]
             | ["pairing_profiles"],
@@ -102,6 +118,7 @@ fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::Rejected(message) => invalid(&message),
         StoreError::NoWorkload(_) => not_found(),
+        e @ StoreError::NoCustomRule { .. } => error(404, "not_found", &e.to_string()),
         other => {
             log::error!("admin API: {other}");
             error(500, "internal_error", "the PCE could not record the change")
@@ -175,6 +192,100 @@ fn update_workload(app: &App, id: &str, request: &Request) -> Answer {
     };
     app.publish(&changes);
     Ok(Response::empty(204))
+}
+
+#[derive(Deserialize)]
+struct NewCustomRule {
+    chain: String,
+    /// Default: both.
+    family: Option<String>,
+    rule: String,
+}
+
+/// Custom rules apply at once (no provisioning): see [`Store::add_custom_rule`].
+fn add_custom_rule(app: &App, id: &str, request: &Request) -> Answer {
+    let Ok(id) = id.parse::<u64>() else { return Err(not_found()) };
+    let new: NewCustomRule = parse_json(request)?;
+    let chain = CustomChain::from_str(&new.chain).map_err(|e| invalid(&e))?;
+    let family = match &new.family {
+        Some(text) => policy::parse_family(text).map_err(|e| invalid(&e))?,
+        None => RuleFamily::Both,
+    };
+    let (rule, changes) = app.store().add_custom_rule(id, family, chain, &new.rule).map_err(store_error)?;
+    log::info!("workload {id}: custom rule {} added", rule.id);
+    app.publish(&changes);
+    Ok(ok(201, custom_rule_json(id, &rule)))
+}
+
+fn remove_custom_rule(app: &App, id: &str, rule: &str) -> Answer {
+    let (Ok(id), Ok(rule)) = (id.parse::<u64>(), rule.parse::<u32>()) else { return Err(not_found()) };
+    let changes = app.store().remove_custom_rule(id, rule).map_err(store_error)?;
+    log::info!("workload {id}: custom rule {rule} removed");
+    app.publish(&changes);
+    Ok(Response::empty(204))
+}
+
+/// What `GET /events` was asked for.
+#[derive(Debug, PartialEq)]
+struct EventQuery {
+    event_type: Option<EventType>,
+    max_results: Option<usize>,
+    format: EventFormat,
+}
+
+#[derive(Debug, PartialEq, Clone, Copy)]
+enum EventFormat {
+    Json,
+    Cef,
+    Leef,
+}
+
+/// `event_type=T`, `max_results=N` (the newest N), `format=json|cef|leef`; other keys are ignored.
+fn event_query(query: &str) -> Result<EventQuery, String> {
+    let mut parsed = EventQuery { event_type: None, max_results: None, format: EventFormat::Json };
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "event_type" => parsed.event_type = Some(EventType::from_str(value)?),
+            "max_results" => {
+                let max = value.parse().map_err(|_| format!("max_results {value:?} is not a number"))?;
+                parsed.max_results = Some(max);
+            }
+            "format" => {
+                parsed.format = match value {
+                    "json" => EventFormat::Json,
+                    "cef" => EventFormat::Cef,
+                    "leef" => EventFormat::Leef,
+                    _ => return Err(format!("unknown format {value:?} (expected json, cef or leef)")),
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(parsed)
+}
+
+/// The events, oldest first; `X-Total-Count` counts all that match, before `max_results`.
+fn list_events(app: &App, query: &str) -> Answer {
+    let query = event_query(query).map_err(|e| invalid(&e))?;
+    let store = app.store();
+    let matching: Vec<&OrgEvent> = store
+        .events()
+        .iter()
+        .filter(|event| query.event_type.is_none_or(|wanted| event.event_type == wanted))
+        .collect();
+    let total = matching.len();
+    let newest = &matching[total - query.max_results.unwrap_or(total).min(total)..];
+    let version = env!("CARGO_PKG_VERSION");
+    let response = match query.format {
+        EventFormat::Json => ok(200, Value::Array(newest.iter().map(|e| event_json(e)).collect())),
+        EventFormat::Cef | EventFormat::Leef => {
+            let format = if query.format == EventFormat::Cef { orgevents::cef } else { orgevents::leef };
+            let text: String = newest.iter().map(|e| format!("{}\n", format(e, version))).collect();
+            Response::with_body(200, "text/plain; charset=utf-8", text.into_bytes())
+        }
+    };
+    Ok(response.header("x-total-count", total.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -256,8 +367,15 @@ fn workload_json(store: &Store, workload: &Workload) -> Value {
         .iter()
         .flat_map(|i| i.addresses.iter().map(|a| json!({ "name": i.name, "address": a.to_string() })))
         .collect();
+    let agent_status = if workload.suspended {
+        "suspended"
+    } else if workload.online {
+        "online"
+    } else {
+        "offline"
+    };
     json!({
-        "href": format!("/api/v2/workloads/{}", workload.id),
+        "href": workload_href(workload.id),
         "id": workload.id,
         "hostname": workload.hostname,
         "os": workload.os,
@@ -265,12 +383,44 @@ fn workload_json(store: &Store, workload: &Workload) -> Value {
         "labels": labels,
         "policy_state": workload.policy_state.as_str(),
         "online": workload.online,
+        "agent_status": agent_status,
+        "suspended": workload.suspended,
         "last_heartbeat_on": workload.last_heartbeat.map(clock::rfc3339),
         "policy_version": workload.policy_version,
         "applied_policy_version": workload.applied_policy_version,
         "applied_state": workload.applied_state.map(PolicyState::as_str),
         "apply_error": workload.apply_error,
         "interfaces": interfaces,
+    })
+}
+
+fn workload_href(id: u64) -> String {
+    format!("/api/v2/workloads/{id}")
+}
+
+fn custom_rule_json(workload_id: u64, rule: &CustomRule) -> Value {
+    json!({
+        "href": format!("{}/custom_iptables_rules/{}", workload_href(workload_id), rule.id),
+        "id": rule.id,
+        "chain": rule.chain.as_str(),
+        "family": policy::family_name(rule.family),
+        "rule": rule.rule,
+    })
+}
+
+fn event_json(event: &OrgEvent) -> Value {
+    let workload = event
+        .workload_id
+        .map(|id| json!({ "href": workload_href(id), "id": id, "hostname": event.hostname }));
+    json!({
+        "href": format!("/api/v2/events/{}", event.id),
+        "id": event.id,
+        "timestamp": clock::rfc3339(event.at),
+        "event_type": event.event_type.as_str(),
+        "severity": event.severity().as_str(),
+        "workload": workload,
+        "message": event.message,
+        "details": event.details,
     })
 }
 
@@ -319,6 +469,25 @@ mod tests {
         assert!(service(80, None, json!("sctp")).unwrap_err().contains("sctp"));
         assert!(service(80, None, json!("icmp")).unwrap_err().contains("not supported"));
         assert!(service(80, None, json!(null)).is_err());
+    }
+
+    #[test]
+    fn event_queries_are_validated() {
+        assert_eq!(
+            event_query("").unwrap(),
+            EventQuery { event_type: None, max_results: None, format: EventFormat::Json }
+        );
+        assert_eq!(
+            event_query("event_type=tampering&max_results=5&format=cef&other=1").unwrap(),
+            EventQuery {
+                event_type: Some(EventType::Tampering),
+                max_results: Some(5),
+                format: EventFormat::Cef
+            }
+        );
+        assert!(event_query("event_type=nope").unwrap_err().contains("unknown event type"));
+        assert!(event_query("max_results=-1").unwrap_err().contains("max_results"));
+        assert!(event_query("format=xml").unwrap_err().contains("cef"));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Command-line arguments: the raw argh structs and their one conversion into a validated
 //! [`Command`]. Nothing else in the crate sees argh.
 
-use crate::ctl::{self, LabelRef, ServiceSpec};
+use crate::ctl::{self, EventFormat, LabelRef, ServiceSpec};
+use crate::orgevents::EventType;
+use crate::policy;
 use crate::serve::{self, DEFAULT_DATA_DIR};
 use argh::FromArgs;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use ven_proto::{PolicyState, Protocol};
+use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 
 /// What the command line asks for.
 pub enum Command {
@@ -51,6 +53,7 @@ enum Sub {
     Workload(WorkloadArgs),
     Rule(RuleArgs),
     Provision(ProvisionArgs),
+    Events(EventsArgs),
 }
 
 #[derive(FromArgs)]
@@ -75,6 +78,10 @@ struct ServeArgs {
     /// seconds between VEN heartbeats (default 300)
     #[argh(option, default = "300")]
     heartbeat_interval: u32,
+    /// silent heartbeat intervals before a workload goes offline and leaves its peers' policies
+    /// (default 12; suspended workloads never do)
+    #[argh(option, default = "serve::DEFAULT_OFFLINE_AFTER_HEARTBEATS")]
+    offline_after_heartbeats: u32,
 }
 
 #[derive(FromArgs)]
@@ -134,7 +141,7 @@ struct WorkloadListArgs {
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "workload")]
-/// list workloads and set their labels or policy state
+/// list workloads, set their labels or policy state, edit their custom iptables rules
 struct WorkloadArgs {
     #[argh(subcommand)]
     command: WorkloadSub,
@@ -145,6 +152,83 @@ struct WorkloadArgs {
 enum WorkloadSub {
     List(WorkloadListArgs),
     Set(WorkloadSetArgs),
+    CustomRule(CustomRuleArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "custom-rule")]
+/// list, add and remove a workload's custom iptables rules (they apply at once, no provisioning)
+struct CustomRuleArgs {
+    #[argh(subcommand)]
+    command: CustomRuleSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum CustomRuleSub {
+    List(CustomRuleListArgs),
+    Add(CustomRuleAddArgs),
+    Remove(CustomRuleRemoveArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list a workload's custom rules as a table
+struct CustomRuleListArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "add")]
+/// add a custom rule to a workload and print its href
+struct CustomRuleAddArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// chain: input, output or forward
+    #[argh(option)]
+    chain: String,
+    /// address family: v4, v6 or both (default both)
+    #[argh(option, default = "String::from(\"both\")")]
+    family: String,
+    /// matches and target as `iptables -A CHAIN` takes them, e.g. "-p tcp --dport 9000 -j ACCEPT"
+    #[argh(option)]
+    rule: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "remove")]
+/// remove a custom rule from a workload
+struct CustomRuleRemoveArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// id of the custom rule (see `pce workload custom-rule list`)
+    #[argh(positional)]
+    id: u32,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "events")]
+/// list the organisation events, oldest first
+struct EventsArgs {
+    /// print the raw JSON array (same as --format json)
+    #[argh(switch)]
+    json: bool,
+    /// output: table (default), json, cef or leef (one line per event)
+    #[argh(option)]
+    format: Option<String>,
+    /// only events of this type, e.g. tampering or server_suspended
+    #[argh(option, long = "type")]
+    event_type: Option<String>,
+    /// only the newest N events
+    #[argh(option)]
+    max: Option<usize>,
 }
 
 #[derive(FromArgs)]
@@ -203,6 +287,9 @@ fn convert(args: Args) -> Result<Command, String> {
             if serve.heartbeat_interval == 0 {
                 return Err("--heartbeat-interval must be at least 1 second".into());
             }
+            if serve.offline_after_heartbeats == 0 {
+                return Err("--offline-after-heartbeats must be at least 1".into());
+            }
             return Ok(Command::Serve(serve::Config {
                 // `pce serve --data-dir` and `pce --data-dir DIR serve` both work.
                 data_dir: serve.data_dir.unwrap_or(data_dir),
@@ -211,6 +298,7 @@ fn convert(args: Args) -> Result<Command, String> {
                 event_port: serve.event_port,
                 sans: serve.san,
                 heartbeat_interval_s: serve.heartbeat_interval,
+                offline_after_heartbeats: serve.offline_after_heartbeats,
             }));
         }
         Sub::ActivationCode(_) => ctl::Command::ActivationCode,
@@ -231,6 +319,35 @@ fn convert(args: Args) -> Result<Command, String> {
                 return Err("nothing to set: give --label KEY=VALUE and/or --state STATE".into());
             }
             ctl::Command::WorkloadSet { host: set.host, labels, state }
+        }
+        Sub::Workload(WorkloadArgs { command: WorkloadSub::CustomRule(CustomRuleArgs { command }) }) => {
+            match command {
+                CustomRuleSub::List(list) => {
+                    ctl::Command::CustomRuleList { host: list.host, json: list.json }
+                }
+                CustomRuleSub::Add(add) => {
+                    let chain: CustomChain = add.chain.parse()?;
+                    let family: RuleFamily = policy::parse_family(&add.family)?;
+                    ctl::Command::CustomRuleAdd { host: add.host, chain, family, rule: add.rule }
+                }
+                CustomRuleSub::Remove(remove) => {
+                    ctl::Command::CustomRuleRemove { host: remove.host, id: remove.id }
+                }
+            }
+        }
+        Sub::Events(events) => {
+            let format = match (events.json, events.format.as_deref()) {
+                (true, None | Some("json")) | (false, Some("json")) => EventFormat::Json,
+                (false, None | Some("table")) => EventFormat::Table,
+                (false, Some("cef")) => EventFormat::Cef,
+                (false, Some("leef")) => EventFormat::Leef,
+                (true, Some(other)) => return Err(format!("--json contradicts --format {other}")),
+                (false, Some(other)) => {
+                    return Err(format!("unknown format {other:?} (expected table, json, cef or leef)"));
+                }
+            };
+            let event_type = events.event_type.as_deref().map(str::parse::<EventType>).transpose()?;
+            ctl::Command::Events { format, event_type, max: events.max }
         }
         Sub::Rule(RuleArgs { command: RuleSub::Add(add) }) => {
             if add.service.is_empty() {
@@ -345,5 +462,42 @@ mod tests {
         assert!(parse(&["workload", "set", "web"]).is_err());
         assert!(parse(&["workload", "set", "web", "--state", "enforcing"]).is_err());
         assert!(parse(&["workload", "set", "web", "--label", "role=web"]).is_ok());
+    }
+
+    #[test]
+    fn custom_rule_and_event_arguments_are_validated() {
+        let add = ["workload", "custom-rule", "add", "web", "--chain", "input", "--rule", "-j ACCEPT"];
+        let Ok(Command::Admin(_, ctl::Command::CustomRuleAdd { host, chain, family, rule })) = parse(&add)
+        else {
+            panic!("custom-rule add expected");
+        };
+        assert_eq!(
+            (host.as_str(), chain, family, rule.as_str()),
+            ("web", CustomChain::Input, RuleFamily::Both, "-j ACCEPT")
+        );
+        let bad_chain = ["workload", "custom-rule", "add", "web", "--chain", "INPUT", "--rule", "-j ACCEPT"];
+        assert!(parse(&bad_chain).err().unwrap_or_default().contains("input, output or forward"));
+        let bad_family = [&add[..], &["--family", "4"]].concat();
+        assert!(parse(&bad_family).err().unwrap_or_default().contains("v4, v6 or both"));
+        assert!(matches!(
+            parse(&["workload", "custom-rule", "remove", "web", "3"]),
+            Ok(Command::Admin(_, ctl::Command::CustomRuleRemove { id: 3, .. }))
+        ));
+        assert!(parse(&["workload", "custom-rule", "remove", "web", "x"]).is_err());
+
+        let Ok(Command::Admin(_, ctl::Command::Events { format, event_type, max })) =
+            parse(&["events", "--format", "leef", "--type", "tampering", "--max", "5"])
+        else {
+            panic!("events expected");
+        };
+        assert_eq!((format, event_type, max), (EventFormat::Leef, Some(EventType::Tampering), Some(5)));
+        assert!(matches!(
+            parse(&["events", "--json"]),
+            Ok(Command::Admin(_, ctl::Command::Events { format: EventFormat::Json, .. }))
+        ));
+        assert!(parse(&["events", "--json", "--format", "cef"]).is_err());
+        assert!(parse(&["events", "--format", "xml"]).is_err());
+        assert!(parse(&["events", "--type", "nope"]).err().unwrap_or_default().contains("tampering"));
+        assert!(parse(&["serve", "--offline-after-heartbeats", "0"]).is_err());
     }
 }

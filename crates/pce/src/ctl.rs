@@ -1,6 +1,8 @@
 //! The admin commands: a small HTTPS/JSON client of the admin API (ureq, TLS 1.3 with the ring
 //! provider, trusting only the PCE's CA), and the tables it prints.
 
+use crate::orgevents::EventType;
+use crate::policy;
 use crate::serve::ADMIN_KEY_FILE;
 use crate::tls::{self, CA_CERT_FILE, TlsError};
 use serde_json::{Value, json};
@@ -9,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
-use ven_proto::{PolicyState, Protocol};
+use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,6 +45,17 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
 }
 
+/// How `pce events` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFormat {
+    Table,
+    Json,
+    /// One CEF line per event, formatted by the PCE.
+    Cef,
+    /// One LEEF 2.0 line per event, formatted by the PCE.
+    Leef,
+}
+
 pub enum Command {
     ActivationCode,
     CaFingerprint,
@@ -50,8 +63,12 @@ pub enum Command {
     LabelList { json: bool },
     WorkloadList { json: bool },
     WorkloadSet { host: String, labels: Vec<LabelRef>, state: Option<PolicyState> },
+    CustomRuleList { host: String, json: bool },
+    CustomRuleAdd { host: String, chain: CustomChain, family: RuleFamily, rule: String },
+    CustomRuleRemove { host: String, id: u32 },
     RuleAdd { consumers: Vec<LabelRef>, providers: Vec<LabelRef>, services: Vec<ServiceSpec> },
     Provision,
+    Events { format: EventFormat, event_type: Option<EventType>, max: Option<usize> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +130,7 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                         "ID",
                         "HOSTNAME",
                         "STATE",
-                        "ONLINE",
+                        "STATUS",
                         "POLICY",
                         "APPLIED",
                         "LABELS",
@@ -125,6 +142,72 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             }
         }
         Command::WorkloadSet { host, labels, state } => set_workload(&client, &host, &labels, state)?,
+        Command::CustomRuleList { host, json } => {
+            let workload = find_workload(&client, &host)?;
+            let rules = client.get(&format!("workloads/{}/custom_iptables_rules", workload["id"]))?;
+            if json {
+                println!("{rules:#}");
+            } else {
+                let rows = items(&rules)
+                    .map(|r| vec![text(&r["id"]), text(&r["chain"]), text(&r["family"]), text(&r["rule"])])
+                    .collect();
+                print_table(&["ID", "CHAIN", "FAMILY", "RULE"], rows);
+            }
+        }
+        Command::CustomRuleAdd { host, chain, family, rule } => {
+            let workload = find_workload(&client, &host)?;
+            let body =
+                json!({ "chain": chain.as_str(), "family": policy::family_name(family), "rule": rule });
+            let added =
+                client.send("POST", &format!("workloads/{}/custom_iptables_rules", workload["id"]), &body)?;
+            println!("{}", added["href"].as_str().unwrap_or_default());
+        }
+        Command::CustomRuleRemove { host, id } => {
+            let workload = find_workload(&client, &host)?;
+            let workload_id = &workload["id"];
+            client.send(
+                "DELETE",
+                &format!("workloads/{workload_id}/custom_iptables_rules/{id}"),
+                &Value::Null,
+            )?;
+            println!(
+                "removed custom rule {id} from workload {workload_id} ({})",
+                text(&workload["hostname"])
+            );
+        }
+        Command::Events { format, event_type, max } => {
+            let mut query = vec![format!(
+                "format={}",
+                match format {
+                    EventFormat::Cef => "cef",
+                    EventFormat::Leef => "leef",
+                    EventFormat::Table | EventFormat::Json => "json",
+                }
+            )];
+            query.extend(event_type.map(|t| format!("event_type={}", t.as_str())));
+            query.extend(max.map(|max| format!("max_results={max}")));
+            let path = format!("events?{}", query.join("&"));
+            match format {
+                EventFormat::Cef | EventFormat::Leef => print!("{}", client.get_text(&path)?),
+                EventFormat::Json => println!("{:#}", client.get(&path)?),
+                EventFormat::Table => {
+                    let events = client.get(&path)?;
+                    let rows = items(&events)
+                        .map(|e| {
+                            vec![
+                                text(&e["id"]),
+                                text(&e["timestamp"]),
+                                text(&e["event_type"]),
+                                text(&e["severity"]),
+                                text(&e["workload"]["hostname"]),
+                                text(&e["message"]),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "TIMESTAMP", "TYPE", "SEVERITY", "WORKLOAD", "MESSAGE"], rows);
+                }
+            }
+        }
         Command::RuleAdd { consumers, providers, services } => {
             let labels = client.get("labels")?;
             let actors = |refs: &[LabelRef]| -> Result<Vec<Value>, CtlError> {
@@ -146,31 +229,30 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// The workload whose id or (unique) hostname is `host`, as the admin API shows it.
+fn find_workload(client: &Client, host: &str) -> Result<Value, CtlError> {
+    let workloads = client.get("workloads")?;
+    let by_id = host.parse::<u64>().ok().and_then(|id| items(&workloads).find(|w| w["id"] == id));
+    if let Some(workload) = by_id {
+        return Ok(workload.clone());
+    }
+    let mut named = items(&workloads).filter(|w| w["hostname"] == host);
+    match (named.next(), named.next()) {
+        (Some(workload), None) => Ok(workload.clone()),
+        (None, _) => Err(CtlError::NotFound(format!("no workload with hostname or id {host:?}"))),
+        (Some(_), Some(_)) => {
+            Err(CtlError::NotFound(format!("several workloads are named {host:?}; give the id")))
+        }
+    }
+}
+
 fn set_workload(
     client: &Client,
     host: &str,
     wanted: &[LabelRef],
     state: Option<PolicyState>,
 ) -> Result<(), CtlError> {
-    let workloads = client.get("workloads")?;
-    let by_id = host.parse::<u64>().ok().and_then(|id| items(&workloads).find(|w| w["id"] == id));
-    let workload = match by_id {
-        Some(workload) => workload,
-        None => {
-            let mut named = items(&workloads).filter(|w| w["hostname"] == host);
-            match (named.next(), named.next()) {
-                (Some(workload), None) => workload,
-                (None, _) => {
-                    return Err(CtlError::NotFound(format!("no workload with hostname or id {host:?}")));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(CtlError::NotFound(format!(
-                        "several workloads are named {host:?}; give the id"
-                    )));
-                }
-            }
-        }
-    };
+    let workload = find_workload(client, host)?;
     let mut body = serde_json::Map::new();
     if !wanted.is_empty() {
         let labels = client.get("labels")?;
@@ -218,7 +300,7 @@ fn workload_row(w: &Value) -> Vec<String> {
         text(&w["id"]),
         text(&w["hostname"]),
         text(&w["policy_state"]),
-        if w["online"] == true { "yes" } else { "no" }.to_string(),
+        text(&w["agent_status"]),
         text(&w["policy_version"]),
         applied,
         labels.join(","),
@@ -304,14 +386,25 @@ impl Client {
         self.answer("GET", path, &url, answer)
     }
 
-    /// POST or PUT a JSON body; returns the answer's JSON (null when empty).
+    /// GET an answer that is not JSON (CEF or LEEF lines).
+    fn get_text(&self, path: &str) -> Result<String, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let answer = self.agent.get(&url).header("authorization", &self.authorization).call();
+        self.answer_text("GET", path, &url, answer)
+    }
+
+    /// POST or PUT a JSON body, or DELETE; returns the answer's JSON (null when empty).
     fn send(&self, method: &'static str, path: &str, body: &Value) -> Result<Value, CtlError> {
         let url = format!("{}{path}", self.base);
-        let request = if method == "PUT" { self.agent.put(&url) } else { self.agent.post(&url) };
-        let answer = request
-            .header("authorization", &self.authorization)
-            .header("content-type", "application/json")
-            .send(body.to_string());
+        let answer = if method == "DELETE" {
+            self.agent.delete(&url).header("authorization", &self.authorization).call()
+        } else {
+            let request = if method == "PUT" { self.agent.put(&url) } else { self.agent.post(&url) };
+            request
+                .header("authorization", &self.authorization)
+                .header("content-type", "application/json")
+                .send(body.to_string())
+        };
         self.answer(method, path, &url, answer)
     }
 
@@ -322,6 +415,25 @@ impl Client {
         url: &str,
         answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Value, CtlError> {
+        let body = self.answer_text(method, path, url, answer)?;
+        if body.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&body).map_err(|e| CtlError::Answer {
+            method,
+            path: format!("/api/v2/{path}"),
+            reason: format!("{e}: {body}"),
+        })
+    }
+
+    /// The body of a 2xx answer; anything else is an error carrying the API's messages.
+    fn answer_text(
+        &self,
+        method: &'static str,
+        path: &str,
+        url: &str,
+        answer: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<String, CtlError> {
         let mut response =
             answer.map_err(|source| CtlError::Request { method, url: url.to_string(), source })?;
         let status = response.status().as_u16();
@@ -330,21 +442,12 @@ impl Client {
             url: url.to_string(),
             source,
         })?;
-        let path = format!("/api/v2/{path}");
-        let json: Value = if body.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&body).map_err(|e| CtlError::Answer {
-                method,
-                path: path.clone(),
-                reason: format!("{e}: {body}"),
-            })?
-        };
         if (200..300).contains(&status) {
-            return Ok(json);
+            return Ok(body);
         }
+        let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         let messages: Vec<String> = items(&json).map(|e| text(&e["message"])).collect();
         let message = if messages.is_empty() { body } else { messages.join("; ") };
-        Err(CtlError::Api { method, path, status, message })
+        Err(CtlError::Api { method, path: format!("/api/v2/{path}"), status, message })
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Map: `cli` (arguments), `serve` (process, listeners), `http` (HTTP/1.1 server), `tls` (CA,
 //! certificates, crypto helpers), `venapi` and `admin` (the two APIs), `events` (event service),
-//! `store` (state and persistence), `policy` (computation), `ctl` (admin client), `clock`.
+//! `store` (state and persistence), `orgevents` (organisation events: ring, CEF and LEEF),
+//! `policy` (computation), `ctl` (admin client), `clock`.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -12,6 +13,7 @@ use ven_proto::clock;
 mod ctl;
 mod events;
 mod http;
+mod orgevents;
 mod policy;
 mod serve;
 mod store;

@@ -8,7 +8,8 @@
 //! - W matches the consumers: one outbound rule per service, peers = the providers' addresses.
 //!
 //! Peers never include W itself nor workloads that are not peers any more (offline: the spec's
-//! peer isolation). An empty peer set is still emitted; it matches nothing.
+//! peer isolation; a suspended workload stays a peer). An empty peer set is still emitted; it
+//! matches nothing. W's own custom iptables rules are carried as they are, by increasing id.
 //!
 //! Ids are derived from the PCE rule id, so they stay put when unrelated rules come and go and can
 //! be traced back from a log prefix: rule `R*1000 + n` is service n of PCE rule R inbound,
@@ -16,7 +17,27 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use ven_proto::{Direction, Interface, IpNet, IpSet, Peers, Policy, PolicyState, PortRange, Protocol, Rule};
+use ven_proto::{
+    CustomRule, Direction, Interface, IpNet, IpSet, Peers, Policy, PolicyState, PortRange, Protocol, Rule,
+    RuleFamily,
+};
+
+/// The admin API's and CLI's name of a custom rule's address family.
+pub fn family_name(family: RuleFamily) -> &'static str {
+    match family {
+        RuleFamily::V4 => "v4",
+        RuleFamily::V6 => "v6",
+        RuleFamily::Both => "both",
+    }
+}
+
+/// Parses [`family_name`]'s names.
+pub fn parse_family(text: &str) -> Result<RuleFamily, String> {
+    [RuleFamily::V4, RuleFamily::V6, RuleFamily::Both]
+        .into_iter()
+        .find(|family| family_name(*family) == text)
+        .ok_or_else(|| format!("unknown address family {text:?} (expected v4, v6 or both)"))
+}
 
 /// Largest PCE rule id whose derived policy ids fit in `u32`.
 pub const MAX_RULE_ID: u64 = 4_000_000;
@@ -55,6 +76,8 @@ pub struct Member<'a> {
     pub addresses: Vec<IpNet>,
     /// Whether other workloads' policies include this one (false once it is offline).
     pub is_peer: bool,
+    /// The workload's own custom iptables rules.
+    pub custom_rules: &'a [CustomRule],
 }
 
 /// The host addresses (/32, /128) of a workload's interfaces, without `lo` and loopback addresses,
@@ -109,8 +132,9 @@ fn policy_for(
         state: members[target].state,
         ip_sets: Vec::new(),
         rules: Vec::new(),
-        custom_rules: Vec::new(),
+        custom_rules: members[target].custom_rules.to_vec(),
     };
+    policy.custom_rules.sort_by_key(|rule| rule.id);
     for (rule, (consumers, providers)) in rules.iter().zip(matched) {
         if rule.id > MAX_RULE_ID {
             continue;
@@ -182,6 +206,7 @@ mod tests {
             state: PolicyState::Enforced,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             is_peer: true,
+            custom_rules: &[],
         }
     }
 
@@ -297,6 +322,32 @@ mod tests {
         }
         let icmp = first[1].rules.iter().find(|r| r.protocol == Protocol::Icmp).unwrap();
         assert_eq!((icmp.id, icmp.ports), (5002, None));
+    }
+
+    #[test]
+    fn custom_rules_are_the_workloads_own_in_id_order() {
+        use ven_proto::CustomChain;
+        let custom = |id, rule: &str| CustomRule {
+            id,
+            family: RuleFamily::V4,
+            chain: CustomChain::Input,
+            rule: rule.to_string(),
+        };
+        let rules = [custom(5, "-p udp --dport 53 -j ACCEPT"), custom(2, "-p tcp --dport 9000 -j DROP")];
+        let mut web = member(1, &[ROLE_WEB], &["198.18.0.2"]);
+        web.custom_rules = &rules;
+        let db = member(2, &[ROLE_DB], &["198.18.0.3"]);
+        let policies = compute_all(&[web, db], &[], &keys());
+        assert_eq!(policies[0].custom_rules.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 5]);
+        assert!(policies[1].custom_rules.is_empty());
+    }
+
+    #[test]
+    fn families_parse_their_names_only() {
+        for family in [RuleFamily::V4, RuleFamily::V6, RuleFamily::Both] {
+            assert_eq!(parse_family(family_name(family)), Ok(family));
+        }
+        assert!(parse_family("ipv4").unwrap_err().contains("v4, v6 or both"));
     }
 
     #[test]

@@ -36,7 +36,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often heartbeat bookkeeping is written and silent workloads are looked for.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// A workload silent for this many heartbeat intervals goes offline (the spec: 12 x 5 min = 1 h).
-const OFFLINE_AFTER_HEARTBEATS: u64 = 12;
+pub const DEFAULT_OFFLINE_AFTER_HEARTBEATS: u32 = 12;
 const ADMIN_KEY_BYTES: usize = 32;
 
 /// Everything `pce serve` needs, validated.
@@ -48,6 +48,8 @@ pub struct Config {
     pub event_port: u16,
     pub sans: Vec<String>,
     pub heartbeat_interval_s: u32,
+    /// Silent heartbeat intervals before a workload goes offline (suspended ones never do).
+    pub offline_after_heartbeats: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,7 @@ pub struct App {
     pub sessions: Sessions,
     admin_key_sha256: String,
     pub heartbeat_interval_s: u32,
+    pub offline_after_heartbeats: u32,
     pub event_port: u16,
 }
 
@@ -96,7 +99,7 @@ impl App {
     }
 
     fn housekeeping(&self, started_at: u64) {
-        let quiet_for = OFFLINE_AFTER_HEARTBEATS * u64::from(self.heartbeat_interval_s);
+        let quiet_for = u64::from(self.offline_after_heartbeats) * u64::from(self.heartbeat_interval_s);
         let mut store = self.store();
         let changes = store.sweep_offline(clock::now(), quiet_for, started_at).unwrap_or_else(|e| {
             log::error!("marking silent workloads offline: {e}");
@@ -150,6 +153,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         sessions: Sessions::default(),
         admin_key_sha256: tls::sha256_hex(admin_key.as_bytes()),
         heartbeat_interval_s: config.heartbeat_interval_s,
+        offline_after_heartbeats: config.offline_after_heartbeats,
         event_port: event_addr.port(),
     });
     let ex = Arc::new(Executor::new());

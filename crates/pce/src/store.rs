@@ -1,28 +1,42 @@
 //! The PCE's state: labels, draft and active rules, pairing profiles and workloads (one per paired
-//! VEN), kept in memory and persisted in `DIR/state.json`.
+//! VEN, with its suspension and custom iptables rules), kept in memory and persisted in
+//! `DIR/state.json`; the organisation events in `DIR/events.json`.
 //!
 //! Guarantees: every change is written before the call returns (temp file, fsync, rename, 0600),
-//! except heartbeat bookkeeping, which only marks the state dirty for [`Store::flush`]. A write that
-//! fails leaves the change in memory and the state dirty, so the next flush retries it. Policies are
-//! recomputed after every change that can affect them; a workload's policy version moves (to the
-//! next value of one global counter) exactly when its content changes, also across restarts: the
-//! state keeps each workload's version and a digest of its content.
+//! except heartbeat bookkeeping (and the events a heartbeat carries), which only marks the state
+//! dirty for [`Store::flush`]. A write that fails leaves the change in memory and the state dirty,
+//! so the next flush retries it. Policies are recomputed after every change that can affect them; a
+//! workload's policy version moves (to the next value of one global counter) exactly when its
+//! content changes, also across restarts: the state keeps each workload's version and a digest of
+//! its content. The events live in a file of their own so that the frequent heartbeat flushes do not
+//! rewrite up to [`crate::orgevents::MAX_ORG_EVENTS`] events each time.
 
+use crate::clock;
+use crate::orgevents::{EventLog, EventType};
 use crate::policy::{self, Label, Member, RuleDef, Service};
 use crate::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use ven_proto::{HeartbeatRequest, HostReport, Interface, Policy, PolicyState};
+use ven_proto::{
+    AgentEventKind, CustomChain, CustomRule, HeartbeatRequest, HostReport, Interface, Policy, PolicyState,
+    RuleFamily,
+};
 
 pub const STATE_FILE: &str = "state.json";
+pub const EVENTS_FILE: &str = "events.json";
 const FORMAT: u32 = 1;
 pub const MAX_LABELS: usize = 10_000;
 pub const MAX_DRAFT_RULES: usize = 10_000;
 pub const MAX_WORKLOADS: usize = 100_000;
+/// Custom iptables rules per workload (the VEN's own cap, from its board config, may be lower).
+pub const MAX_CUSTOM_RULES: usize = 1024;
+/// Longest custom rule text, in bytes.
+pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
 const ACTIVATION_CODE_BYTES: usize = 10;
 const AGENT_TOKEN_BYTES: usize = 32;
 
@@ -46,6 +60,8 @@ pub enum StoreError {
     Rejected(String),
     #[error("no workload with id {0}")]
     NoWorkload(u64),
+    #[error("workload {workload} has no custom rule with id {rule}")]
+    NoCustomRule { workload: u64, rule: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +85,26 @@ pub struct Workload {
     pub policy_version: u64,
     /// SHA-256 of the encoded policy with version 0: tells content changes across restarts.
     pub policy_sha256: String,
+    /// The VEN said it is suspended: it stays a peer and is not taken offline for its silence.
+    #[serde(default)]
+    pub suspended: bool,
+    /// When the VEN was last unsuspended: its offline clock starts there at the earliest.
+    #[serde(default)]
+    pub unsuspended_at: Option<u64>,
+    /// The operator's own iptables rules for this host, by increasing id.
+    #[serde(default)]
+    pub custom_rules: Vec<CustomRule>,
+    /// Last custom rule id handed out; ids are not reused.
+    #[serde(default)]
+    pub last_custom_rule_id: u32,
+}
+
+impl Workload {
+    /// Whether other workloads' policies include this one: online, or suspended (the spec: peers
+    /// of a suspended VEN keep their rules).
+    pub fn is_peer(&self) -> bool {
+        self.online || self.suspended
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,6 +145,16 @@ pub struct Store {
     /// Current policy of every workload (derived, not persisted).
     policies: HashMap<u64, Policy>,
     dirty: bool,
+    events_path: PathBuf,
+    events: EventLog,
+    events_dirty: bool,
+}
+
+/// `DIR/events.json`.
+#[derive(Deserialize)]
+struct EventsFile {
+    format: u32,
+    log: EventLog,
 }
 
 impl Store {
@@ -128,12 +174,38 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (initial_state()?, true),
             Err(source) => return Err(StoreError::Read { path, source }),
         };
-        let mut store = Store { path, state, policies: HashMap::new(), dirty: created };
+        let events_path = dir.join(EVENTS_FILE);
+        let events = match fs::read(&events_path) {
+            Ok(bytes) => {
+                let file: EventsFile = serde_json::from_slice(&bytes)
+                    .map_err(|source| StoreError::Parse { path: events_path.clone(), source })?;
+                if file.format != FORMAT {
+                    return Err(StoreError::Format { path: events_path, found: file.format });
+                }
+                file.log
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => EventLog::default(),
+            Err(source) => return Err(StoreError::Read { path: events_path, source }),
+        };
+        let mut store = Store {
+            path,
+            state,
+            policies: HashMap::new(),
+            dirty: created,
+            events_path,
+            events,
+            events_dirty: false,
+        };
         let changes = store.recompute();
         if created || !changes.is_empty() {
             store.save()?;
         }
         Ok((store, created))
+    }
+
+    /// The organisation events, oldest first.
+    pub fn events(&self) -> &EventLog {
+        &self.events
     }
 
     pub fn state(&self) -> &State {
@@ -144,18 +216,50 @@ impl Store {
         self.policies.get(&workload_id)
     }
 
+    /// Writes the state, and the events if they changed since their last write.
     pub fn save(&mut self) -> Result<(), StoreError> {
         self.dirty = true;
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         write_atomic(&self.path, &bytes, 0o600)
             .map_err(|source| StoreError::Write { path: self.path.clone(), source })?;
         self.dirty = false;
+        self.save_events()
+    }
+
+    /// Writes what changed since the last write.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.dirty { self.save() } else { self.save_events() }
+    }
+
+    fn save_events(&mut self) -> Result<(), StoreError> {
+        if !self.events_dirty {
+            return Ok(());
+        }
+        // Compact: this file holds up to MAX_ORG_EVENTS events.
+        let bytes = serde_json::to_vec(&json!({ "format": FORMAT, "log": &self.events })).unwrap_or_default();
+        write_atomic(&self.events_path, &bytes, 0o600)
+            .map_err(|source| StoreError::Write { path: self.events_path.clone(), source })?;
+        self.events_dirty = false;
         Ok(())
     }
 
-    /// Writes the state if something changed since the last write.
-    pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.dirty { self.save() } else { Ok(()) }
+    /// Records an organisation event about `workload` (its current hostname is looked up); the
+    /// next write persists it. `details` should be a JSON object.
+    fn record(
+        &mut self,
+        now: u64,
+        event_type: EventType,
+        workload: Option<u64>,
+        message: String,
+        details: Value,
+    ) {
+        let host = workload.and_then(|id| self.state.workloads.get(&id)).map(|w| (w.id, w.hostname.as_str()));
+        let details = match details {
+            Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        self.events.record(now, event_type, host, message, details);
+        self.events_dirty = true;
     }
 
     /// Whether `token` is the agent token of workload `agent_id`.
@@ -206,14 +310,21 @@ impl Store {
             apply_error: None,
             policy_version: 0,
             policy_sha256: String::new(),
+            suspended: false,
+            unsuspended_at: None,
+            custom_rules: Vec::new(),
+            last_custom_rule_id: 0,
         };
         self.state.workloads.insert(agent_id, workload);
+        let details = json!({ "policy_state": policy_state.as_str() });
+        self.record(now, EventType::AgentActivated, Some(agent_id), "VEN paired".to_string(), details);
         let changes = self.commit()?;
         Ok(Some(Activation { agent_id, agent_token, changes }))
     }
 
-    /// Records a heartbeat. Policies are recomputed when the workload comes back online or its
-    /// interfaces changed; otherwise the state is only marked dirty.
+    /// Records a heartbeat and the events it carries. Policies are recomputed when the workload
+    /// comes back online or its interfaces changed; otherwise the state is only marked dirty. A
+    /// suspended workload stays suspended (only its VEN's unsuspend notice ends that).
     pub fn heartbeat(
         &mut self,
         agent_id: u64,
@@ -225,6 +336,7 @@ impl Store {
         workload.applied_policy_version = report.applied_policy_version;
         workload.applied_state = Some(report.applied_state);
         workload.apply_error = report.apply_error;
+        let back = !workload.is_peer();
         let mut affects_policy = !workload.online;
         workload.online = true;
         if let Some(host) = report.host {
@@ -234,6 +346,30 @@ impl Store {
             workload.agent_version = host.agent_version;
             workload.interfaces = host.interfaces;
         }
+        if workload.suspended {
+            log::info!("heartbeat from suspended workload {agent_id} ({})", workload.hostname);
+        }
+        if back {
+            let message = "VEN heartbeats again: back in its peers' policies".to_string();
+            self.record(now, EventType::WorkloadOnline, Some(agent_id), message, json!({}));
+        }
+        if !report.events.is_empty() {
+            log::info!("workload {agent_id} reported {} events", report.events.len());
+        }
+        for event in report.events {
+            match event.kind {
+                AgentEventKind::Tampering { summary, repaired } => {
+                    let outcome = if repaired { "repaired" } else { "not repaired" };
+                    let message = format!("firewall tampering: {summary} ({outcome})");
+                    let details = json!({
+                        "summary": summary,
+                        "repaired": repaired,
+                        "detected_at": clock::rfc3339(event.at),
+                    });
+                    self.record(now, EventType::Tampering, Some(agent_id), message, details);
+                }
+            }
+        }
         if affects_policy {
             self.commit()
         } else {
@@ -242,33 +378,127 @@ impl Store {
         }
     }
 
-    /// The agent is stopping: the workload goes offline and out of its peers' policies.
-    pub fn goodbye(&mut self, agent_id: u64) -> Result<Changes, StoreError> {
+    /// The agent is stopping: the workload goes offline and, unless suspended, out of its peers'
+    /// policies.
+    pub fn goodbye(&mut self, agent_id: u64, reason: &str, now: u64) -> Result<Changes, StoreError> {
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        let was_peer = workload.is_peer();
         workload.online = false;
+        if was_peer && !workload.is_peer() {
+            let message = format!("VEN said goodbye ({reason}): removed from its peers' policies");
+            let details = json!({ "reason": "goodbye", "goodbye": reason });
+            self.record(now, EventType::WorkloadOffline, Some(agent_id), message, details);
+        }
         self.commit()
     }
 
-    /// The agent unpaired: the workload is forgotten.
-    pub fn deactivate(&mut self, agent_id: u64) -> Result<Changes, StoreError> {
-        self.state.workloads.remove(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+    /// The agent unpaired (suspended or not): the workload is forgotten.
+    pub fn deactivate(&mut self, agent_id: u64, now: u64) -> Result<Changes, StoreError> {
+        if !self.state.workloads.contains_key(&agent_id) {
+            return Err(StoreError::NoWorkload(agent_id));
+        }
+        let message = "VEN unpaired: workload removed".to_string();
+        self.record(now, EventType::AgentDeactivated, Some(agent_id), message, json!({}));
+        self.state.workloads.remove(&agent_id);
         self.policies.remove(&agent_id);
         self.commit()
     }
 
-    /// Marks offline every online workload not heard from for `quiet_for` seconds, counting from
-    /// `since` at the earliest (the PCE's start: a grace period after a restart).
+    /// The VEN was suspended or unsuspended (its `SuspendNotice`). A suspended workload stays a
+    /// peer of the others and is never taken offline for its silence; unsuspending starts its
+    /// offline clock afresh (the VEN then heartbeats and fetches its current policy, whatever the
+    /// operator changed meanwhile). A notice that changes nothing records nothing.
+    pub fn suspend(
+        &mut self,
+        agent_id: u64,
+        suspended: bool,
+        previous_state: Option<PolicyState>,
+        now: u64,
+    ) -> Result<Changes, StoreError> {
+        let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        if workload.suspended == suspended {
+            return Ok(Vec::new());
+        }
+        workload.suspended = suspended;
+        let (event_type, message, details) = if suspended {
+            let previous = previous_state.map(PolicyState::as_str);
+            let message =
+                format!("VEN suspended (its firewall was {})", previous.unwrap_or("in an unknown state"));
+            (EventType::ServerSuspended, message, json!({ "previous_state": previous }))
+        } else {
+            workload.online = true;
+            workload.unsuspended_at = Some(now);
+            let state = workload.policy_state.as_str();
+            let message = format!("VEN unsuspended: it returns to policy state {state}");
+            (EventType::ServerUnsuspended, message, json!({ "policy_state": state }))
+        };
+        self.record(now, event_type, Some(agent_id), message, details);
+        self.commit()
+    }
+
+    /// Marks offline every online, unsuspended workload not heard from for `quiet_for` seconds,
+    /// counting from `since` at the earliest (the PCE's start: a grace period after a restart).
     pub fn sweep_offline(&mut self, now: u64, quiet_for: u64, since: u64) -> Result<Changes, StoreError> {
-        let mut any = false;
-        for workload in self.state.workloads.values_mut().filter(|w| w.online) {
-            let last_seen = workload.last_heartbeat.unwrap_or(0).max(workload.activated_at).max(since);
+        let mut silent = Vec::new();
+        for workload in self.state.workloads.values_mut().filter(|w| w.online && !w.suspended) {
+            let last_seen = workload
+                .last_heartbeat
+                .unwrap_or(0)
+                .max(workload.activated_at)
+                .max(workload.unsuspended_at.unwrap_or(0))
+                .max(since);
             if now.saturating_sub(last_seen) > quiet_for {
                 log::info!("workload {} ({}) missed its heartbeats: offline", workload.id, workload.hostname);
                 workload.online = false;
-                any = true;
+                silent.push((workload.id, last_seen));
             }
         }
-        if any { self.commit() } else { Ok(Vec::new()) }
+        if silent.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (id, last_seen) in silent {
+            let message = "VEN missed its heartbeats: removed from its peers' policies".to_string();
+            let details = json!({ "reason": "missed_heartbeats", "last_seen": clock::rfc3339(last_seen) });
+            self.record(now, EventType::WorkloadOffline, Some(id), message, details);
+        }
+        self.commit()
+    }
+
+    /// Adds a custom iptables rule to a workload. It takes effect at once, without provisioning:
+    /// custom rules belong to one workload, like its policy state, not to the draft rule set.
+    /// Validation is minimal (1 to [`MAX_CUSTOM_RULE_BYTES`] bytes, one line); the VEN checks the
+    /// rule strictly and reports a refused one as its apply error.
+    pub fn add_custom_rule(
+        &mut self,
+        workload_id: u64,
+        family: RuleFamily,
+        chain: CustomChain,
+        rule: &str,
+    ) -> Result<(CustomRule, Changes), StoreError> {
+        let rule = check_custom_rule(rule).map_err(StoreError::Rejected)?;
+        let workload =
+            self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
+        if workload.custom_rules.len() >= MAX_CUSTOM_RULES || workload.last_custom_rule_id == u32::MAX {
+            return Err(StoreError::Rejected(format!(
+                "workload {workload_id} holds its maximum of {MAX_CUSTOM_RULES} custom rules"
+            )));
+        }
+        workload.last_custom_rule_id += 1;
+        let rule = CustomRule { id: workload.last_custom_rule_id, family, chain, rule: rule.to_string() };
+        workload.custom_rules.push(rule.clone());
+        Ok((rule, self.commit()?))
+    }
+
+    /// Removes a workload's custom rule; like adding, it takes effect at once.
+    pub fn remove_custom_rule(&mut self, workload_id: u64, rule_id: u32) -> Result<Changes, StoreError> {
+        let workload =
+            self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
+        let before = workload.custom_rules.len();
+        workload.custom_rules.retain(|rule| rule.id != rule_id);
+        if workload.custom_rules.len() == before {
+            return Err(StoreError::NoCustomRule { workload: workload_id, rule: rule_id });
+        }
+        self.commit()
     }
 
     pub fn create_label(&mut self, key: &str, value: &str) -> Result<Label, StoreError> {
@@ -382,7 +612,8 @@ impl Store {
                 labels: &w.labels,
                 state: w.policy_state,
                 addresses: policy::host_addresses(&w.interfaces),
-                is_peer: w.online,
+                is_peer: w.is_peer(),
+                custom_rules: &w.custom_rules,
             })
             .collect();
         let computed: Vec<(u64, Policy)> = members
@@ -406,6 +637,26 @@ impl Store {
         }
         changes
     }
+}
+
+/// The PCE's minimal check of a custom rule's text; returns it without surrounding blanks.
+fn check_custom_rule(text: &str) -> Result<&str, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("a custom rule must not be empty (give matches and a target, e.g. \
+                    \"-p tcp --dport 9000 -j ACCEPT\")"
+            .to_string());
+    }
+    if text.len() > MAX_CUSTOM_RULE_BYTES {
+        return Err(format!(
+            "a custom rule has at most {MAX_CUSTOM_RULE_BYTES} bytes; this one has {}",
+            text.len()
+        ));
+    }
+    if text.chars().any(|c| c.is_control()) {
+        return Err("a custom rule is one line: no newline or other control character".to_string());
+    }
+    Ok(text)
 }
 
 fn initial_state() -> Result<State, StoreError> {
@@ -482,7 +733,7 @@ impl Drop for ScratchDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ven_proto::{PortRange, Protocol};
+    use ven_proto::{AgentEvent, PortRange, Protocol};
 
     fn host(name: &str, address: &str) -> HostReport {
         HostReport {
@@ -566,12 +817,12 @@ mod tests {
         assert!(version(&store, db.agent_id) > db_v);
         assert_eq!(version(&store, web.agent_id), web_v);
 
-        let changes = store.goodbye(web.agent_id).unwrap();
+        let changes = store.goodbye(web.agent_id, "stopping", 350).unwrap();
         assert_eq!(changes.len(), 1, "the offline web leaves db's policy");
         assert!(store.policy(db.agent_id).unwrap().ip_sets[0].members.is_empty());
         assert_eq!(store.heartbeat(web.agent_id, heartbeat(None), 400).unwrap().len(), 1, "back online");
 
-        store.deactivate(web.agent_id).unwrap();
+        store.deactivate(web.agent_id, 500).unwrap();
         assert!(store.policy(web.agent_id).is_none());
         assert!(!store.authenticate(web.agent_id, &web.agent_token));
     }
@@ -605,6 +856,142 @@ mod tests {
         assert!(store.sweep_offline(1000, 60, 990).unwrap().is_empty(), "grace after a restart");
         store.sweep_offline(1000, 60, 0).unwrap();
         assert!(!store.state().workloads[&web.agent_id].online);
+    }
+
+    fn event_types(store: &Store) -> Vec<EventType> {
+        store.events().iter().map(|e| e.event_type).collect()
+    }
+
+    #[test]
+    fn suspended_workloads_stay_peers_and_are_not_taken_offline() {
+        let dir = scratch_dir("store-suspend");
+        let (mut store, web, db) = populated(&dir);
+        store.provision().unwrap();
+        let db_peers = |store: &Store| store.policy(db.agent_id).unwrap().ip_sets[0].members.clone();
+        assert_eq!(db_peers(&store), vec!["198.18.0.2/32".parse().unwrap()]);
+
+        assert!(store.suspend(web.agent_id, true, Some(PolicyState::Enforced), 200).unwrap().is_empty());
+        assert!(store.suspend(web.agent_id, true, None, 201).unwrap().is_empty(), "a repeat changes nothing");
+        // The VEN stops after suspending: its goodbye does not isolate it.
+        assert!(store.goodbye(web.agent_id, "suspended", 202).unwrap().is_empty());
+        assert!(store.sweep_offline(100_000, 60, 0).unwrap().len() == 1, "db goes offline, web stays");
+        assert!(store.state().workloads[&web.agent_id].suspended);
+        assert_eq!(db_peers(&store), vec!["198.18.0.2/32".parse().unwrap()]);
+        // The operator changes the policy state meanwhile.
+        store.update_workload(web.agent_id, None, Some(PolicyState::Test)).unwrap();
+        drop(store);
+
+        let (mut store, _) = Store::open(&dir).unwrap();
+        assert!(store.state().workloads[&web.agent_id].suspended, "suspension survives a restart");
+        store.suspend(web.agent_id, false, None, 100_000).unwrap();
+        let workload = &store.state().workloads[&web.agent_id];
+        assert!(!workload.suspended && workload.online);
+        assert!(store.sweep_offline(100_050, 60, 0).unwrap().is_empty(), "the offline clock starts afresh");
+        store.sweep_offline(100_061, 60, 0).unwrap();
+        assert!(!store.state().workloads[&web.agent_id].online);
+        assert_eq!(
+            event_types(&store),
+            [
+                EventType::AgentActivated,
+                EventType::AgentActivated,
+                EventType::ServerSuspended,
+                EventType::WorkloadOffline,
+                EventType::ServerUnsuspended,
+                EventType::WorkloadOffline,
+            ]
+        );
+        let suspended = store.events().iter().nth(2).unwrap();
+        assert_eq!(suspended.details["previous_state"], "enforced");
+        assert_eq!(suspended.hostname.as_deref(), Some("web"));
+        let unsuspended = store.events().iter().nth(4).unwrap();
+        assert!(unsuspended.message.contains("policy state test"), "{}", unsuspended.message);
+
+        // A suspended VEN may unpair.
+        store.suspend(web.agent_id, true, None, 100_100).unwrap();
+        store.deactivate(web.agent_id, 100_101).unwrap();
+        assert_eq!(event_types(&store).last(), Some(&EventType::AgentDeactivated));
+    }
+
+    #[test]
+    fn heartbeat_events_are_recorded_and_persisted() {
+        let dir = scratch_dir("store-events");
+        let (mut store, web, _) = populated(&dir);
+        let mut beat = heartbeat(None);
+        beat.events = vec![AgentEvent {
+            at: 1_795_780_800,
+            kind: AgentEventKind::Tampering { summary: "rule 3 deleted".into(), repaired: true },
+        }];
+        assert!(store.heartbeat(web.agent_id, beat, 300).unwrap().is_empty());
+        store.flush().unwrap();
+        drop(store);
+
+        let (mut store, _) = Store::open(&dir).unwrap();
+        let tampering = store.events().iter().last().unwrap().clone();
+        assert_eq!((tampering.id, tampering.event_type, tampering.at), (3, EventType::Tampering, 300));
+        assert_eq!(tampering.workload_id, Some(web.agent_id));
+        assert_eq!(tampering.details["summary"], "rule 3 deleted");
+        assert_eq!(tampering.details["repaired"], true);
+        assert_eq!(tampering.details["detected_at"], "2026-11-27T12:00:00Z");
+        assert!(tampering.message.contains("rule 3 deleted (repaired)"));
+        // Ids go on after a restart; coming back online is an event.
+        store.goodbye(web.agent_id, "restart", 301).unwrap();
+        store.heartbeat(web.agent_id, heartbeat(None), 302).unwrap();
+        let ids: Vec<u64> = store.events().iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(event_types(&store)[3..], [EventType::WorkloadOffline, EventType::WorkloadOnline]);
+    }
+
+    #[test]
+    fn custom_rules_change_only_their_workloads_policy_at_once() {
+        let dir = scratch_dir("store-custom");
+        let (mut store, web, db) = populated(&dir);
+        let version = |store: &Store, id| store.policy(id).unwrap().version;
+        let (web_v, db_v) = (version(&store, web.agent_id), version(&store, db.agent_id));
+        let (rule, changes) = store
+            .add_custom_rule(
+                web.agent_id,
+                RuleFamily::V4,
+                CustomChain::Input,
+                "  -p tcp --dport 9000 -j ACCEPT ",
+            )
+            .unwrap();
+        assert_eq!(changes, vec![(web.agent_id, version(&store, web.agent_id))]);
+        assert!(version(&store, web.agent_id) > web_v);
+        assert_eq!(version(&store, db.agent_id), db_v);
+        assert_eq!((rule.id, rule.rule.as_str()), (1, "-p tcp --dport 9000 -j ACCEPT"));
+        assert_eq!(store.policy(web.agent_id).unwrap().custom_rules, vec![rule.clone()]);
+        let (second, _) =
+            store.add_custom_rule(web.agent_id, RuleFamily::Both, CustomChain::Output, "-j DROP").unwrap();
+        assert_eq!(second.id, 2);
+        drop(store);
+
+        let (mut store, _) = Store::open(&dir).unwrap();
+        assert_eq!(store.policy(web.agent_id).unwrap().custom_rules.len(), 2, "kept across a restart");
+        let before = version(&store, web.agent_id);
+        assert_eq!(store.remove_custom_rule(web.agent_id, 1).unwrap().len(), 1);
+        assert!(version(&store, web.agent_id) > before);
+        assert_eq!(store.policy(web.agent_id).unwrap().custom_rules, vec![second]);
+        assert!(matches!(
+            store.remove_custom_rule(web.agent_id, 1),
+            Err(StoreError::NoCustomRule { rule: 1, .. })
+        ));
+        let (third, _) =
+            store.add_custom_rule(web.agent_id, RuleFamily::V6, CustomChain::Forward, "-j RETURN").unwrap();
+        assert_eq!(third.id, 3, "ids are not reused");
+        assert!(matches!(
+            store.add_custom_rule(42, RuleFamily::V4, CustomChain::Input, "-j ACCEPT"),
+            Err(StoreError::NoWorkload(42))
+        ));
+    }
+
+    #[test]
+    fn custom_rule_text_is_checked_minimally() {
+        assert_eq!(check_custom_rule(" -j ACCEPT\t"), Ok("-j ACCEPT"));
+        assert!(check_custom_rule("  ").unwrap_err().contains("must not be empty"));
+        assert!(check_custom_rule("-j ACCEPT\n-j DROP").unwrap_err().contains("no newline"));
+        let long = format!("-m comment --comment {}", "x".repeat(MAX_CUSTOM_RULE_BYTES));
+        assert!(check_custom_rule(&long).unwrap_err().contains("at most 512 bytes"));
+        assert!(check_custom_rule(&"x".repeat(MAX_CUSTOM_RULE_BYTES)).is_ok());
     }
 
     #[test]

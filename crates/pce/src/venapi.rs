@@ -1,9 +1,11 @@
-//! The VEN API (paths under `/ven/v1/`): activation, heartbeats, policy, goodbye, deactivation.
+//! The VEN API (paths under `/ven/v1/`): activation, heartbeats (with the VEN's events), policy,
+//! goodbye, deactivation, suspend notices.
 //!
-//! Bodies are postcard messages from `ven_proto`; every request must name protocol version 1 in
+//! Bodies are postcard messages from `ven_proto`; every request must name [`PROTOCOL_VERSION`] in
 //! `x-ven-protocol` (else 409). Authenticated calls carry `Bearer <agent_id>.<token>`; anything
 //! wrong there is 401 `Unauthorized`, so a VEN knows it is a lost agent. Errors carry an
-//! [`ErrorBody`]. Sizes in host reports are bounded before anything reaches the store.
+//! [`ErrorBody`]. Sizes in host reports and agent events are bounded before anything reaches the
+//! store.
 
 use crate::clock;
 use crate::http::{Request, Response};
@@ -12,8 +14,9 @@ use crate::store::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ven_proto::{
-    ActivateRequest, ActivateResponse, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest, HeartbeatResponse,
-    HostReport, PROTOCOL_HEADER, PROTOCOL_VERSION, path,
+    ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest,
+    HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    SuspendNotice, path,
 };
 
 const MAX_INTERFACES: usize = 256;
@@ -21,6 +24,8 @@ const MAX_ADDRESSES_PER_INTERFACE: usize = 64;
 const MAX_NAME_BYTES: usize = 255;
 /// Longer apply errors are cut (a VEN may forward a whole iptables-restore complaint).
 const MAX_APPLY_ERROR_BYTES: usize = 4096;
+/// Longer texts in agent events (a tampering summary) and goodbye reasons are cut.
+const MAX_EVENT_TEXT_BYTES: usize = 1024;
 
 pub fn handle(app: &App, request: &Request) -> Response {
     let version = request.header(PROTOCOL_HEADER);
@@ -37,9 +42,15 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("GET", path::POLICY) => policy(app, request),
         ("POST", path::GOODBYE) => goodbye(app, request),
         ("POST", path::DEACTIVATE) => deactivate(app, request),
+        ("POST", path::SUSPEND) => suspend(app, request),
         (
             method,
-            known @ (path::ACTIVATE | path::HEARTBEAT | path::POLICY | path::GOODBYE | path::DEACTIVATE),
+            known @ (path::ACTIVATE
+            | path::HEARTBEAT
+            | path::POLICY
+            | path::GOODBYE
+            | path::DEACTIVATE
+            | path::SUSPEND),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
@@ -87,6 +98,18 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
     if let Some(message) = report.apply_error.as_mut() {
         truncate(message, MAX_APPLY_ERROR_BYTES);
     }
+    if report.events.len() > MAX_EVENTS_PER_HEARTBEAT {
+        let message = format!(
+            "{} events in one heartbeat; the limit is {MAX_EVENTS_PER_HEARTBEAT}",
+            report.events.len()
+        );
+        return Err(error(400, ErrorKind::BadRequest, message));
+    }
+    for event in &mut report.events {
+        match &mut event.kind {
+            AgentEventKind::Tampering { summary, .. } => truncate(summary, MAX_EVENT_TEXT_BYTES),
+        }
+    }
     let (changes, policy_version) = {
         let mut store = app.store();
         let changes = store.heartbeat(agent_id, report, clock::now()).map_err(store_error)?;
@@ -115,8 +138,9 @@ fn policy(app: &App, request: &Request) -> Answer {
 fn goodbye(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
     // The reason is informative only; an agent that sends none is still let go.
-    let reason = decode::<Goodbye>(request).map(|goodbye| goodbye.reason).unwrap_or_default();
-    let changes = app.store().goodbye(agent_id).map_err(store_error)?;
+    let mut reason = decode::<Goodbye>(request).map(|goodbye| goodbye.reason).unwrap_or_default();
+    truncate(&mut reason, MAX_EVENT_TEXT_BYTES);
+    let changes = app.store().goodbye(agent_id, &reason, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} said goodbye ({reason}): offline");
     app.publish(&changes);
     Ok(Response::empty(204))
@@ -124,9 +148,22 @@ fn goodbye(app: &App, request: &Request) -> Answer {
 
 fn deactivate(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
-    let changes = app.store().deactivate(agent_id).map_err(store_error)?;
+    let changes = app.store().deactivate(agent_id, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} deactivated");
     app.sessions.disconnect(agent_id);
+    app.publish(&changes);
+    Ok(Response::empty(204))
+}
+
+fn suspend(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let notice: SuspendNotice = decode(request)?;
+    let changes = app
+        .store()
+        .suspend(agent_id, notice.suspended, notice.previous_state, clock::now())
+        .map_err(store_error)?;
+    let what = if notice.suspended { "suspended" } else { "unsuspended" };
+    log::info!("workload {agent_id} {what}");
     app.publish(&changes);
     Ok(Response::empty(204))
 }

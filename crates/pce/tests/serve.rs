@@ -1,6 +1,7 @@
 //! End to end against the real binary: `pce serve` on 127.0.0.1 with free ports and a temporary
-//! data directory, administered with the `pce` CLI, spoken to as a VEN over HTTPS (ureq, trusting
-//! the CA from the data directory) and over the event service (rustls, frames from ven-proto).
+//! data directory, administered with the `pce` CLI and its admin API, spoken to as a VEN over HTTPS
+//! (ureq, trusting the CA from the data directory) and over the event service (rustls, frames from
+//! ven-proto).
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -13,12 +14,18 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use ven_proto::frame::{self, Event, PceFrame, VenFrame};
 use ven_proto::{
-    ActivateRequest, ActivateResponse, Direction, ErrorBody, ErrorKind, HeartbeatRequest, HeartbeatResponse,
-    HostReport, Interface, IpNet, Peers, Policy, PolicyState, PortRange, Protocol, path,
+    ActivateRequest, ActivateResponse, AgentEvent, AgentEventKind, CustomChain, CustomRule, Direction,
+    ErrorBody, ErrorKind, HeartbeatRequest, HeartbeatResponse, HostReport, Interface, IpNet,
+    MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_VERSION, Peers, Policy, PolicyState, PortRange, Protocol, RuleFamily,
+    SuspendNotice, path,
 };
 
 const PCE: &str = env!("CARGO_BIN_EXE_pce");
 const STARTUP: Duration = Duration::from_secs(30);
+/// `x-ven-protocol` value of this build.
+fn protocol() -> String {
+    PROTOCOL_VERSION.to_string()
+}
 
 /// A temporary data directory, removed on drop.
 struct DataDir(PathBuf);
@@ -38,6 +45,10 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, api: u16, events: u16) -> Server {
+        Server::start_with(dir, api, events, &["--heartbeat-interval", "7"])
+    }
+
+    fn start_with(dir: &Path, api: u16, events: u16, extra: &[&str]) -> Server {
         let mut child = Command::new(PCE)
             .args(["serve", "--data-dir"])
             .arg(dir)
@@ -49,7 +60,7 @@ impl Server {
                 "--event-port",
                 &events.to_string(),
             ])
-            .args(["--heartbeat-interval", "7"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -176,14 +187,20 @@ impl Ven {
         let mut response = self.agent.run(request).expect("VEN API request");
         assert_eq!(
             response.headers().get(ven_proto::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()),
-            Some("1")
+            Some(protocol().as_str())
         );
         let status = response.status().as_u16();
         (status, response.body_mut().read_to_vec().expect("response body"))
     }
 
     fn post<T: serde::Serialize>(&self, path: &str, auth: Option<&str>, message: &T) -> (u16, Vec<u8>) {
-        self.call("POST", path, auth, &[(ven_proto::PROTOCOL_HEADER, "1")], ven_proto::encode(message))
+        self.call(
+            "POST",
+            path,
+            auth,
+            &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+            ven_proto::encode(message),
+        )
     }
 
     fn activate(&self, code: &str, hostname: &str, address: &str) -> (u16, Vec<u8>) {
@@ -200,19 +217,47 @@ impl Ven {
     }
 
     fn heartbeat(&self, auth: &str, applied: u64) -> (u16, Vec<u8>) {
+        self.heartbeat_with(auth, applied, Vec::new())
+    }
+
+    fn heartbeat_with(&self, auth: &str, applied: u64, events: Vec<AgentEvent>) -> (u16, Vec<u8>) {
         let beat = HeartbeatRequest {
             applied_policy_version: applied,
             applied_state: PolicyState::Idle,
             apply_error: None,
             host: None,
-            events: Vec::new(),
+            events,
         };
         self.post(path::HEARTBEAT, Some(auth), &beat)
     }
 
+    fn suspend(&self, auth: &str, suspended: bool, previous_state: Option<PolicyState>) -> u16 {
+        self.post(path::SUSPEND, Some(auth), &SuspendNotice { suspended, previous_state }).0
+    }
+
+    /// GET on the admin API with the data directory's key: status, X-Total-Count, JSON body.
+    fn admin_get(&self, dir: &Path, path: &str) -> (u16, Option<usize>, serde_json::Value) {
+        let key = std::fs::read_to_string(dir.join("admin.key")).expect("admin key");
+        let url = format!("{}/api/v2/{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("authorization", &format!("Bearer {}", key.trim()))
+            .call()
+            .expect("admin API request");
+        let total = response
+            .headers()
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = response.body_mut().read_to_string().expect("admin API body");
+        (response.status().as_u16(), total, serde_json::from_str(&body).expect("admin API JSON"))
+    }
+
     fn policy(&self, auth: &str, known: Option<u64>) -> (u16, Vec<u8>) {
         let known = known.map(|v| v.to_string());
-        let mut headers = vec![(ven_proto::PROTOCOL_HEADER, "1")];
+        let version = protocol();
+        let mut headers = vec![(ven_proto::PROTOCOL_HEADER, version.as_str())];
         if let Some(known) = &known {
             headers.push(("if-none-match", known));
         }
@@ -248,7 +293,8 @@ fn event_session(
     let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the event service");
     tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
     let mut stream = rustls::StreamOwned::new(connection, tcp);
-    let hello = VenFrame::Hello { protocol_version: 1, agent_id, agent_token: token.to_string() };
+    let hello =
+        VenFrame::Hello { protocol_version: PROTOCOL_VERSION, agent_id, agent_token: token.to_string() };
     frame::write_frame(&mut stream, &hello).expect("send Hello");
     stream
 }
@@ -377,11 +423,178 @@ fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
     assert!(cli_ok(d, api, &["label", "list"]).contains("/api/v2/labels/2  role  db"));
 
     // Deactivation forgets the workload, and web's policy loses db.
-    let (status, _) =
-        ven.call("POST", path::DEACTIVATE, Some(&db_auth), &[(ven_proto::PROTOCOL_HEADER, "1")], Vec::new());
+    let (status, _) = ven.call(
+        "POST",
+        path::DEACTIVATE,
+        Some(&db_auth),
+        &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+        Vec::new(),
+    );
     assert_eq!(status, 204);
     assert_eq!(ven.heartbeat(&db_auth, 0).0, 401);
     let (_, body) = ven.policy(&web_auth, None);
     assert!(decode::<Policy>(&body).ip_sets[0].members.is_empty());
+    server.stop();
+}
+
+/// The workload named `hostname` in `pce workload list --json`.
+fn workload_json(dir: &Path, api: u16, hostname: &str) -> serde_json::Value {
+    let list: serde_json::Value =
+        serde_json::from_str(&cli_ok(dir, api, &["workload", "list", "--json"])).expect("JSON");
+    list.as_array().into_iter().flatten().find(|w| w["hostname"] == hostname).cloned().expect("workload")
+}
+
+fn tampering(summary: &str) -> AgentEvent {
+    AgentEvent {
+        at: 1_795_780_800,
+        kind: AgentEventKind::Tampering { summary: summary.into(), repaired: true },
+    }
+}
+
+#[test]
+fn tampering_events_suspend_and_custom_rules() {
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-e2e-suspend-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let d = dir.0.as_path();
+    let (api, events) = (free_port(), free_port());
+    // Silent for 2 intervals of 1 s: offline (within one housekeeping round of 5 s).
+    let args = ["--heartbeat-interval", "1", "--offline-after-heartbeats", "2"];
+    let server = Server::start_with(d, api, events, &args);
+    let code = server.line("activation code: ").expect("activation code line");
+    cli_ok(d, api, &["label", "create", "role", "web"]);
+    cli_ok(d, api, &["label", "create", "role", "db"]);
+    cli_ok(
+        d,
+        api,
+        &["rule", "add", "--consumers", "role=web", "--providers", "role=db", "--service", "5432/tcp"],
+    );
+    cli_ok(d, api, &["provision"]);
+    let ven = Ven::new(d, api);
+    let web: ActivateResponse = decode(&ven.activate(&code, "web", "198.18.0.2/24").1);
+    let db: ActivateResponse = decode(&ven.activate(&code, "db", "198.18.0.3/24").1);
+    let web_auth = ven_proto::bearer(web.agent_id, &web.agent_token);
+    let db_auth = ven_proto::bearer(db.agent_id, &db.agent_token);
+    cli_ok(d, api, &["workload", "set", "web", "--label", "role=web"]);
+    cli_ok(d, api, &["workload", "set", "db", "--label", "role=db"]);
+
+    // A tampering event rides a heartbeat and shows in the organisation events.
+    assert_eq!(ven.heartbeat_with(&web_auth, 0, vec![tampering("chain VEN-INPUT flushed")]).0, 200);
+    let (status, total, list) = ven.admin_get(d, "events?event_type=tampering");
+    assert_eq!((status, total), (200, Some(1)));
+    let event = &list[0];
+    assert_eq!(event["event_type"], "tampering");
+    assert_eq!(event["severity"], "warning");
+    assert_eq!(event["workload"]["hostname"], "web");
+    assert_eq!(event["details"]["summary"], "chain VEN-INPUT flushed");
+    assert_eq!(event["details"]["repaired"], true);
+    assert!(event["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let (_, total, list) = ven.admin_get(d, "events?max_results=1");
+    assert_eq!(
+        (total, list.as_array().map(Vec::len)),
+        (Some(3), Some(1)),
+        "two activations and the tampering"
+    );
+    let too_many = vec![tampering("x"); MAX_EVENTS_PER_HEARTBEAT + 1];
+    let (status, body) = ven.heartbeat_with(&web_auth, 0, too_many);
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (400, ErrorKind::BadRequest));
+    let cef = cli_ok(d, api, &["events", "--type", "tampering", "--format", "cef"]);
+    assert!(cef.starts_with("CEF:0|ven|pce|") && cef.contains("|tampering|tampering|6|rt="), "{cef}");
+    assert!(cef.contains(" dhost=web msg=firewall tampering: chain VEN-INPUT flushed (repaired)"), "{cef}");
+    let leef = cli_ok(d, api, &["events", "--type", "tampering", "--format", "leef"]);
+    assert!(leef.starts_with("LEEF:2.0|ven|pce|") && leef.contains("\tsev=6\t"), "{leef}");
+    assert!(cli_ok(d, api, &["events"]).contains("tampering"));
+
+    // Suspend db (just heard from): shown suspended, kept a peer of web while web goes offline.
+    assert_eq!(ven.heartbeat(&db_auth, 0).0, 200);
+    assert_eq!(ven.suspend(&db_auth, true, Some(PolicyState::Idle)), 204);
+    let db_json = workload_json(d, api, "db");
+    assert_eq!((&db_json["agent_status"], &db_json["suspended"]), (&"suspended".into(), &true.into()));
+    assert!(cli_ok(d, api, &["workload", "list"]).contains("suspended"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while workload_json(d, api, "web")["online"] == true {
+        assert!(Instant::now() < deadline, "web was never taken offline");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let db_json = workload_json(d, api, "db");
+    assert_eq!((&db_json["online"], &db_json["agent_status"]), (&true.into(), &"suspended".into()));
+    let web_policy: Policy = decode(&ven.policy(&web_auth, None).1);
+    assert_eq!(web_policy.ip_sets[0].members, vec![net("198.18.0.3/32")], "db stays web's peer");
+    let db_policy: Policy = decode(&ven.policy(&db_auth, None).1);
+    assert!(db_policy.ip_sets[0].members.is_empty(), "offline web left db's policy");
+
+    let (_, total, _) = ven.admin_get(d, "events?event_type=workload_offline");
+    assert_eq!(total, Some(1), "web only, not the suspended db");
+
+    // Unsuspend: events, status back to online.
+    assert_eq!(ven.suspend(&db_auth, false, None), 204);
+    assert_eq!(workload_json(d, api, "db")["agent_status"], "online");
+    let (_, _, suspends) = ven.admin_get(d, "events?event_type=server_suspended");
+    assert_eq!(suspends[0]["details"]["previous_state"], "idle");
+    assert_eq!(suspends[0]["severity"], "warning");
+    let (_, total, _) = ven.admin_get(d, "events?event_type=server_unsuspended");
+    assert_eq!(total, Some(1));
+
+    // Custom rules: added at once, the version moves and is pushed, the policy carries the rule.
+    let mut db_events = event_session(d, events, db.agent_id, &db.agent_token);
+    assert!(matches!(read_event(&mut db_events), PceFrame::Ack { .. }));
+    assert!(matches!(
+        read_event(&mut db_events),
+        PceFrame::Event(Event::PolicyChanged { version }) if version == db_policy.version
+    ));
+    let rule = "-p tcp --dport 9000 -j ACCEPT";
+    let add = ["workload", "custom-rule", "add", "db", "--chain", "input", "--family", "v4", "--rule", rule];
+    assert_eq!(cli_ok(d, api, &add), format!("/api/v2/workloads/{}/custom_iptables_rules/1", db.agent_id));
+    let PceFrame::Event(Event::PolicyChanged { version: pushed }) = read_event(&mut db_events) else {
+        panic!("expected a policy event for db");
+    };
+    assert!(pushed > db_policy.version);
+    let (status, body) = ven.heartbeat(&db_auth, db_policy.version);
+    assert_eq!((status, decode::<HeartbeatResponse>(&body).policy_version), (200, pushed));
+    let with_rule: Policy = decode(&ven.policy(&db_auth, None).1);
+    assert_eq!(with_rule.version, pushed);
+    let expected = CustomRule { id: 1, family: RuleFamily::V4, chain: CustomChain::Input, rule: rule.into() };
+    assert_eq!(with_rule.custom_rules, vec![expected]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli_ok(d, api, &["workload", "custom-rule", "list", "db", "--json"]))
+            .expect("JSON");
+    assert_eq!((&listed[0]["chain"], &listed[0]["family"]), (&"input".into(), &"v4".into()));
+    assert!(cli_ok(d, api, &["workload", "custom-rule", "list", "db"]).contains(rule));
+    for (bad, complaint) in [("-j ACCEPT\n-j DROP", "no newline"), (" ", "must not be empty")] {
+        let output =
+            cli(d, api, &["workload", "custom-rule", "add", "db", "--chain", "input", "--rule", bad]);
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains(complaint));
+    }
+
+    // Removal: gone, version moved again; a second removal is a clear error.
+    let removed = cli_ok(d, api, &["workload", "custom-rule", "remove", "db", "1"]);
+    assert!(removed.starts_with("removed custom rule 1"), "{removed}");
+    let without: Policy = decode(&ven.policy(&db_auth, None).1);
+    assert!(without.custom_rules.is_empty() && without.version > pushed);
+    let again = cli(d, api, &["workload", "custom-rule", "remove", "db", "1"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no custom rule with id 1"));
+
+    // A suspended VEN may unpair; the events survive a restart.
+    drop(db_events);
+    assert_eq!(ven.suspend(&db_auth, true, None), 204);
+    let (status, _) = ven.call(
+        "POST",
+        path::DEACTIVATE,
+        Some(&db_auth),
+        &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+        Vec::new(),
+    );
+    assert_eq!(status, 204);
+    let before: serde_json::Value =
+        serde_json::from_str(&cli_ok(d, api, &["events", "--json"])).expect("JSON");
+    assert_eq!(
+        before.as_array().and_then(|a| a.last()).map(|e| e["event_type"].clone()),
+        Some("agent_deactivated".into())
+    );
+    server.stop();
+    let server = Server::start_with(d, api, events, &args);
+    let after: serde_json::Value =
+        serde_json::from_str(&cli_ok(d, api, &["events", "--json"])).expect("JSON");
+    assert_eq!(after, before);
     server.stop();
 }
