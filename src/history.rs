@@ -1,1 +1,0 @@
-//! History of the last firewall changes (the spec's automatic history). Being built for issue 3.
