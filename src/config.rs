@@ -328,4 +328,21 @@ mod tests {
         let err = Config::read(Path::new("/nonexistent/ven.conf")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/ven.conf"), "{err}");
     }
+
+    #[test]
+    fn every_board_profile_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("board-configs");
+        let mut boards = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "conf") {
+                let config = Config::read(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(!config.failsafe_services.is_empty(), "{}: no fail-safe services", path.display());
+                boards += 1;
+            }
+        }
+        assert!(boards >= 3, "{boards} board profiles in {}", dir.display());
+        let router = Config::read(&dir.join("openwrt-aarch64.conf")).unwrap();
+        assert!(router.routes && router.caps.max_set_members < Caps::default().max_set_members);
+    }
 }

@@ -27,8 +27,15 @@ pub enum ControlRequest {
     Status,
     /// `ven activate` wrote a new identity: load it and start talking to the PCE.
     IdentityChanged,
-    /// Unpair, open the firewall and forget the identity.
-    Deactivate,
+    /// Unpair, leave the firewall open (or as it was saved at activation when `saved`) and
+    /// forget the identity.
+    Deactivate {
+        saved: bool,
+    },
+    /// Remove everything ven programmed and stop working until `Unsuspend`.
+    Suspend,
+    /// Put the last-known-good policy back and resume.
+    Unsuspend,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +44,13 @@ pub enum ControlResponse {
     Done,
     /// Deactivated; `pce_notice` says why the PCE could not be told, if it could not.
     Deactivated {
+        pce_notice: Option<String>,
+    },
+    /// Suspended or unsuspended; `pce_notice` says why the PCE could not be told, if it could not.
+    Suspended {
+        pce_notice: Option<String>,
+    },
+    Unsuspended {
         pce_notice: Option<String>,
     },
     Failed(String),

@@ -56,6 +56,24 @@ pub fn interfaces() -> Vec<Interface> {
         .collect()
 }
 
+/// Every address of this host, loopback and link-local included (what a connection's local end
+/// can be).
+pub fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut local: Vec<IpAddr> = addrs
+        .filter_map(|ifaddr| ifaddr.address)
+        .filter_map(|address| {
+            address
+                .as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| address.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        })
+        .collect();
+    local.sort();
+    local.dedup();
+    local
+}
+
 fn reportable(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),

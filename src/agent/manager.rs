@@ -1,21 +1,31 @@
 //! AgentManager: the agent's main loop. It owns the pairing, heartbeats, fetching and applying
-//! the policy, and the connectivity state; everything else reaches it as an [`Input`] on one
-//! bounded channel, so it never races itself.
+//! the policy, the tamper checks, suspension and the connectivity state; everything else reaches
+//! it as an [`Input`] on one bounded channel, so it never races itself.
+//!
+//! Timers (one thread, no busy loop: it sleeps until the earliest is due or an input arrives):
+//! the heartbeat (the PCE's interval, jittered), the quick tamper check (`canary_interval`) and
+//! the full tamper check (`tamper_check_interval`, the spec's 10 minutes). A suspended agent has
+//! no timers: it only answers the control socket.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ven_proto::frame::Event;
-use ven_proto::{HeartbeatRequest, HostReport, Policy, PolicyState};
+use ven_proto::{
+    AgentEvent, AgentEventKind, HeartbeatRequest, HostReport, MAX_EVENTS_PER_HEARTBEAT, Policy, PolicyState,
+};
 
 use super::control::{ControlRequest, ControlResponse};
 use super::evsync::EventSync;
+use super::lifecycle::{self, FirewallAfter};
 use super::pce_client::PceClient;
 use super::status::{Connectivity, HeartbeatTracker, StatusReport};
 use super::{Input, host, jitter};
-use crate::firewall::{Firewall, Safeguards};
+use crate::config::Config;
+use crate::firewall::{CheckDepth, Firewall, FirewallError, Safeguards};
+use crate::history::{ChangeReason, History};
 use crate::state::{self, DataDir, Identity, RecordKind, SavedStatus};
 
 /// The PCE's interval is honoured within these bounds.
@@ -27,6 +37,12 @@ const FIRST_HEARTBEAT_RETRY: Duration = Duration::from_secs(15);
 const LOST_AGENT_RETRY: Duration = Duration::from_secs(4 * 3600);
 /// How long an unpaired agent sleeps between checks for an identity (`ven activate` also wakes it).
 const UNPAIRED_RECHECK: Duration = Duration::from_secs(60);
+/// How long a suspended agent sleeps when nothing arrives (it has no work of its own).
+const SUSPENDED_WAIT: Duration = Duration::from_secs(3600);
+/// Events kept for the PCE while it is unreachable; the oldest are dropped (and counted) beyond.
+const PENDING_EVENTS_CAPACITY: usize = 64;
+/// Longest tamper summary kept (drift lines are joined into it).
+const MAX_TAMPER_SUMMARY_CHARS: usize = 1000;
 
 struct Pairing {
     identity: Identity,
@@ -37,7 +53,9 @@ struct Pairing {
 
 pub struct Manager {
     data: DataDir,
+    config: Config,
     firewall: Firewall,
+    history: History,
     status: Arc<Mutex<StatusReport>>,
     inputs: SyncSender<Input>,
     pairing: Option<Pairing>,
@@ -47,23 +65,38 @@ pub struct Manager {
     heartbeats: HeartbeatTracker,
     heartbeat_interval: Duration,
     next_heartbeat: Instant,
+    next_quick_check: Instant,
+    next_full_check: Instant,
     last_heartbeat: Option<u64>,
     reported_host: Option<HostReport>,
     /// A version the firewall rejected is fetched again only after this instant (one heartbeat
     /// interval), so that reporting the rejection cannot turn into a fetch-and-fail loop.
     rejected: Option<(u64, Instant)>,
+    suspended: bool,
+    /// Events for the PCE, oldest first, at most [`PENDING_EVENTS_CAPACITY`].
+    pending_events: VecDeque<AgentEvent>,
+    dropped_events: u64,
+    tamper_count: u64,
+    last_tamper: Option<(u64, String)>,
 }
 
 impl Manager {
     pub fn new(
         data: DataDir,
+        config: Config,
         firewall: Firewall,
         status: Arc<Mutex<StatusReport>>,
         inputs: SyncSender<Input>,
     ) -> Self {
+        let history = History::new(&data);
+        let now = Instant::now();
         Self {
             data,
+            next_quick_check: now + config.canary_interval,
+            next_full_check: now + config.tamper_check_interval,
+            config,
             firewall,
+            history,
             status,
             inputs,
             pairing: None,
@@ -71,22 +104,32 @@ impl Manager {
             apply_error: None,
             heartbeats: HeartbeatTracker::new(),
             heartbeat_interval: Duration::from_secs(300),
-            next_heartbeat: Instant::now(),
+            next_heartbeat: now,
             last_heartbeat: None,
             reported_host: None,
             rejected: None,
+            suspended: false,
+            pending_events: VecDeque::with_capacity(PENDING_EVENTS_CAPACITY),
+            dropped_events: 0,
+            tamper_count: 0,
+            last_tamper: None,
         }
     }
 
     pub fn run(mut self, inputs: Receiver<Input>) {
-        self.load_identity();
-        self.restore_last_known_good();
+        self.set_conntrack_timeout();
+        self.load_saved_status();
+        self.suspended = self.data.suspended_path().exists();
+        if self.suspended {
+            log::info!("suspended: the firewall stays as it is until `ven unsuspend`");
+        } else {
+            self.load_identity();
+            self.restore_last_known_good();
+        }
         self.publish_status();
         loop {
-            let wait = match self.pairing {
-                Some(_) => self.next_heartbeat.saturating_duration_since(Instant::now()),
-                None => UNPAIRED_RECHECK,
-            };
+            let now = Instant::now();
+            let wait = self.next_deadline().map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
             match inputs.recv_timeout(wait) {
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Input::Event(event)) => self.on_event(event),
@@ -94,12 +137,62 @@ impl Manager {
                     let response = self.on_control(request);
                     let _ = reply.try_send(response);
                 }
-                Err(RecvTimeoutError::Timeout) if self.pairing.is_some() => self.heartbeat(),
-                Err(RecvTimeoutError::Timeout) => self.load_identity(),
+                Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
             self.publish_status();
         }
         self.shutdown();
+    }
+
+    /// The earliest timer, or `None` when the agent has nothing to do on its own.
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.suspended {
+            return None;
+        }
+        let heartbeat = match self.pairing {
+            Some(_) => self.next_heartbeat,
+            None => Instant::now() + UNPAIRED_RECHECK,
+        };
+        let checks = self.enforcing().then(|| self.next_quick_check.min(self.next_full_check));
+        Some(checks.map_or(heartbeat, |check| check.min(heartbeat)))
+    }
+
+    /// Whether a policy of ours is in the firewall (something to check for tampering).
+    fn enforcing(&self) -> bool {
+        self.applied.as_ref().is_some_and(|policy| policy.state != PolicyState::Idle)
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.enforcing() && now >= self.next_full_check {
+            self.check_tamper(CheckDepth::Full);
+        } else if self.enforcing() && now >= self.next_quick_check {
+            self.check_tamper(CheckDepth::Quick);
+        }
+        if self.pairing.is_none() {
+            self.load_identity();
+        } else if now >= self.next_heartbeat {
+            self.heartbeat();
+        }
+    }
+
+    fn set_conntrack_timeout(&self) {
+        if let Some(seconds) = self.config.conntrack_established_timeout {
+            match crate::conntrack::set_established_timeout(seconds) {
+                Ok(()) => log::info!("nf_conntrack_tcp_timeout_established set to {seconds} s"),
+                Err(e) => log::warn!("cannot set the conntrack established timeout: {e}"),
+            }
+        }
+    }
+
+    fn load_saved_status(&mut self) {
+        if let Ok(Some(saved)) =
+            state::read_record::<SavedStatus>(&self.data.status_path(), RecordKind::Status)
+        {
+            self.last_heartbeat = saved.last_heartbeat;
+            self.tamper_count = saved.tamper_count;
+            self.last_tamper = saved.last_tamper;
+        }
     }
 
     fn load_identity(&mut self) {
@@ -112,14 +205,9 @@ impl Manager {
                 return;
             }
         };
-        if let Some(old) = self.pairing.take() {
-            if let Some(events) = old.events {
-                events.stop();
-            }
-        }
-        let client = PceClient::new(&identity.management_server, &identity.ca_cert_der)
-            .with_credentials(identity.agent_id, &identity.agent_token);
-        let safeguards = Safeguards { management: management_endpoints(&identity) };
+        self.stop_events();
+        let client = lifecycle::client(&identity);
+        let safeguards = lifecycle::safeguards(&identity);
         let events = match EventSync::start(&identity, self.inputs.clone()) {
             Ok(events) => Some(events),
             Err(e) => {
@@ -135,6 +223,12 @@ impl Manager {
         self.next_heartbeat = Instant::now();
     }
 
+    fn stop_events(&mut self) {
+        if let Some(events) = self.pairing.as_mut().and_then(|pairing| pairing.events.take()) {
+            events.stop();
+        }
+    }
+
     /// Puts the last-known-good policy back in force before the PCE is asked anything, so that a
     /// restarted agent enforces at once and keeps enforcing while the PCE is unreachable.
     fn restore_last_known_good(&mut self) {
@@ -148,19 +242,17 @@ impl Manager {
             }
         };
         match self.firewall.apply(&policy, &pairing.safeguards) {
-            Ok(_) => {
+            Ok(summary) => {
                 log::info!("restored last-known-good policy version {} ({})", policy.version, policy.state);
+                if summary.changed {
+                    self.record_history(ChangeReason::BootRestore, &policy, "");
+                }
                 self.applied = Some(policy);
             }
             Err(e) => {
                 log::error!("cannot restore last-known-good policy version {}: {e}", policy.version);
                 self.apply_error = Some(format!("version {}: {e}", policy.version));
             }
-        }
-        if let Ok(Some(saved)) =
-            state::read_record::<SavedStatus>(&self.data.status_path(), RecordKind::Status)
-        {
-            self.last_heartbeat = saved.last_heartbeat;
         }
     }
 
@@ -172,24 +264,31 @@ impl Manager {
         let Some(pairing) = &self.pairing else { return };
         let host = host::report(&pairing.identity.hostname);
         let host_changed = self.reported_host.as_ref() != Some(&host);
+        let sent_events = self.pending_events.len().min(MAX_EVENTS_PER_HEARTBEAT);
         let request = HeartbeatRequest {
             applied_policy_version: self.applied_version(),
             applied_state: self.applied.as_ref().map_or(PolicyState::Idle, |p| p.state),
             apply_error: self.apply_error.clone(),
             host: host_changed.then(|| host.clone()),
-            events: Vec::new(),
+            events: self.pending_events.iter().take(sent_events).cloned().collect(),
         };
         match pairing.client.heartbeat(&request) {
             Ok(response) => {
                 if self.heartbeats.connectivity() != Connectivity::Online {
                     log::info!("heartbeat accepted by {}", pairing.client.server());
                 }
+                self.pending_events.drain(..sent_events);
                 self.heartbeats.success();
                 self.last_heartbeat = Some(crate::clock::now());
                 self.reported_host = Some(host);
                 self.heartbeat_interval = Duration::from_secs(u64::from(response.heartbeat_interval_s))
                     .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
-                self.next_heartbeat = Instant::now() + jitter(self.heartbeat_interval);
+                // More events than one heartbeat carries: the rest go at once.
+                self.next_heartbeat = if self.pending_events.is_empty() {
+                    Instant::now() + jitter(self.heartbeat_interval)
+                } else {
+                    Instant::now()
+                };
                 if response.policy_version != self.applied_version()
                     && !self.recently_rejected(response.policy_version)
                 {
@@ -217,6 +316,9 @@ impl Manager {
     }
 
     fn on_event(&mut self, event: Event) {
+        if self.suspended {
+            return;
+        }
         match event {
             // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
@@ -260,9 +362,16 @@ impl Manager {
                         policy.version
                     );
                 }
+                if summary.changed {
+                    self.record_history(ChangeReason::PolicyUpdate, &policy, "");
+                }
+                if self.config.conntrack_cut_on_tighten {
+                    self.cut_connections(&policy, pairing.safeguards.clone());
+                }
                 self.applied = Some(policy);
                 self.apply_error = None;
                 self.rejected = None;
+                self.next_quick_check = Instant::now() + self.config.canary_interval;
                 self.save_status();
             }
             Err(e) => {
@@ -277,6 +386,94 @@ impl Manager {
         }
         // Tell the PCE what the firewall carries now rather than at the next interval.
         self.next_heartbeat = Instant::now();
+    }
+
+    /// Ends the open connections the new policy no longer allows (enforced state only), so a
+    /// tightened policy also cuts what it used to allow.
+    fn cut_connections(&self, policy: &Policy, safeguards: Safeguards) {
+        if policy.state != PolicyState::Enforced {
+            return;
+        }
+        let input = crate::conntrack::CutInput {
+            policy,
+            local_addresses: host::local_addresses(),
+            management: safeguards.management,
+            failsafe_inbound: self
+                .firewall
+                .options()
+                .failsafe
+                .iter()
+                .filter(|service| service.direction == crate::config::ServiceDirection::Inbound)
+                .map(|service| (service.protocol, service.port))
+                .collect(),
+        };
+        match crate::conntrack::cut_disallowed(&input) {
+            Ok(summary) if summary.deleted > 0 => log::info!(
+                "ended {} of {} tracked connections the policy no longer allows",
+                summary.deleted,
+                summary.examined
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("cannot end connections the policy no longer allows: {e}"),
+        }
+    }
+
+    /// Compares the firewall with the applied policy and puts it back when it differs.
+    fn check_tamper(&mut self, depth: CheckDepth) {
+        let now = Instant::now();
+        self.next_quick_check = now + self.config.canary_interval;
+        if depth == CheckDepth::Full {
+            self.next_full_check = now + self.config.tamper_check_interval;
+        }
+        let drift = match self.firewall.verify(depth) {
+            Ok(drift) if drift.is_empty() => return,
+            Ok(drift) => drift,
+            Err(FirewallError::NothingApplied) => return,
+            Err(e) => {
+                log::warn!("tamper check failed: {e}");
+                return;
+            }
+        };
+        let mut summary = drift.join("; ");
+        if summary.len() > MAX_TAMPER_SUMMARY_CHARS {
+            summary = summary.chars().take(MAX_TAMPER_SUMMARY_CHARS).collect::<String>() + "...";
+        }
+        let repaired = match self.firewall.repair() {
+            Ok(_) => {
+                log::warn!("firewall tampering found and repaired: {summary}");
+                true
+            }
+            Err(e) => {
+                log::error!("firewall tampering found ({summary}) and the repair failed: {e}");
+                false
+            }
+        };
+        let at = crate::clock::now();
+        self.tamper_count += 1;
+        self.last_tamper = Some((at, summary.clone()));
+        if let Some(policy) = self.applied.clone() {
+            self.record_history(ChangeReason::TamperRepair, &policy, &summary);
+        }
+        self.push_event(AgentEvent { at, kind: AgentEventKind::Tampering { summary, repaired } });
+        self.save_status();
+    }
+
+    /// Queues an event for the PCE and asks for a heartbeat to carry it soon.
+    fn push_event(&mut self, event: AgentEvent) {
+        if self.pending_events.len() == PENDING_EVENTS_CAPACITY {
+            self.pending_events.pop_front();
+            self.dropped_events += 1;
+            log::warn!("event queue full: {} events dropped so far", self.dropped_events);
+        }
+        self.pending_events.push_back(event);
+        if self.pairing.is_some() && self.heartbeats.connectivity() != Connectivity::LostAgent {
+            self.next_heartbeat = self.next_heartbeat.min(Instant::now());
+        }
+    }
+
+    fn record_history(&self, reason: ChangeReason, policy: &Policy, note: &str) {
+        let ruleset = self.firewall.applied_text();
+        lifecycle::record(&self.history, reason, policy.version, Some(policy.state), &ruleset, note);
     }
 
     fn recently_rejected(&self, version: u64) -> bool {
@@ -296,28 +493,89 @@ impl Manager {
                     None => ControlResponse::Failed("no identity found in the data directory".into()),
                 }
             }
-            ControlRequest::Deactivate => {
-                let Some(pairing) = self.pairing.take() else {
-                    return ControlResponse::Failed("this VEN is not activated".into());
-                };
-                if let Some(events) = pairing.events {
-                    events.stop();
-                }
-                match super::deactivate(&self.data, &self.firewall, &pairing.client) {
-                    Ok(pce_notice) => {
-                        self.applied = None;
-                        self.apply_error = None;
-                        self.last_heartbeat = None;
-                        self.heartbeats = HeartbeatTracker::new();
-                        ControlResponse::Deactivated { pce_notice }
-                    }
-                    Err(e) => {
-                        // Keep the pairing: the operator can retry once the cause is fixed.
-                        self.load_identity();
-                        ControlResponse::Failed(e.to_string())
-                    }
-                }
+            ControlRequest::Deactivate { saved } => self.deactivate(saved),
+            ControlRequest::Suspend => self.suspend(),
+            ControlRequest::Unsuspend => self.unsuspend(),
+        }
+    }
+
+    fn deactivate(&mut self, saved: bool) -> ControlResponse {
+        self.stop_events();
+        let Some(pairing) = self.pairing.take() else {
+            return ControlResponse::Failed("this VEN is not activated".into());
+        };
+        let after = if saved { FirewallAfter::Saved } else { FirewallAfter::Open };
+        match lifecycle::deactivate(&self.data, &self.firewall, &pairing.client, after, &self.history) {
+            Ok(pce_notice) => {
+                self.applied = None;
+                self.apply_error = None;
+                self.last_heartbeat = None;
+                self.suspended = false;
+                self.heartbeats = HeartbeatTracker::new();
+                self.pending_events.clear();
+                self.tamper_count = 0;
+                self.last_tamper = None;
+                ControlResponse::Deactivated { pce_notice }
             }
+            Err(e) => {
+                // Keep the pairing: the operator can retry once the cause is fixed.
+                self.load_identity();
+                ControlResponse::Failed(e.to_string())
+            }
+        }
+    }
+
+    fn suspend(&mut self) -> ControlResponse {
+        let Some(pairing) = &self.pairing else {
+            return ControlResponse::Failed("this VEN is not activated".into());
+        };
+        match lifecycle::suspend(
+            &self.data,
+            &self.firewall,
+            &pairing.client,
+            self.applied.as_ref(),
+            &self.history,
+        ) {
+            Ok(pce_notice) => {
+                log::warn!("suspended: ven's rules are removed until `ven unsuspend`");
+                self.suspended = true;
+                self.stop_events();
+                ControlResponse::Suspended { pce_notice }
+            }
+            Err(e) => ControlResponse::Failed(e.to_string()),
+        }
+    }
+
+    fn unsuspend(&mut self) -> ControlResponse {
+        if self.pairing.is_none() {
+            self.load_identity();
+        }
+        let Some(pairing) = &self.pairing else {
+            return ControlResponse::Failed("this VEN is not activated".into());
+        };
+        match lifecycle::unsuspend(
+            &self.data,
+            &self.firewall,
+            &pairing.client,
+            &pairing.safeguards,
+            &self.history,
+        ) {
+            Ok((policy, pce_notice)) => {
+                log::info!(
+                    "unsuspended: policy version {} is back in force",
+                    policy.as_ref().map_or(0, |p| p.version)
+                );
+                self.applied = policy;
+                self.suspended = false;
+                // Restart the event channel and ask the PCE at once: the policy state may have
+                // changed while suspended.
+                self.load_identity();
+                let now = Instant::now();
+                self.next_quick_check = now + self.config.canary_interval;
+                self.next_full_check = now + self.config.tamper_check_interval;
+                ControlResponse::Unsuspended { pce_notice }
+            }
+            Err(e) => ControlResponse::Failed(e.to_string()),
         }
     }
 
@@ -330,55 +588,48 @@ impl Manager {
             report.set_identity(&pairing.identity);
             report.connectivity = self.heartbeats.connectivity();
         }
-        report.policy_state = self.applied.as_ref().map(|p| p.state);
-        report.policy_version = self.applied.as_ref().map(|p| p.version);
+        if self.suspended {
+            report.connectivity = Connectivity::Suspended;
+        } else {
+            report.policy_state = self.applied.as_ref().map(|p| p.state);
+            report.policy_version = self.applied.as_ref().map(|p| p.version);
+        }
         report.last_heartbeat = self.last_heartbeat;
         report.last_apply_error = self.apply_error.clone();
+        report.tamper_count = self.tamper_count;
+        report.last_tamper = self.last_tamper.clone();
+        report.pending_events = self.pending_events.len();
     }
 
     fn save_status(&self) {
         if self.pairing.is_none() {
             return;
         }
-        let saved =
-            SavedStatus { last_heartbeat: self.last_heartbeat, last_apply_error: self.apply_error.clone() };
+        let saved = SavedStatus {
+            last_heartbeat: self.last_heartbeat,
+            last_apply_error: self.apply_error.clone(),
+            tamper_count: self.tamper_count,
+            last_tamper: self.last_tamper.clone(),
+        };
         if let Err(e) = state::write_record(&self.data.status_path(), RecordKind::Status, &saved, 0o600) {
             log::warn!("{e}");
         }
     }
 
-    /// Says goodbye so the PCE marks the workload offline at once. The firewall stays as it is:
-    /// enforcement does not depend on the agent running.
+    /// Says goodbye so the PCE marks the workload offline at once (unless suspended: the PCE
+    /// already knows). The firewall stays as it is: enforcement does not depend on the agent
+    /// running.
     fn shutdown(mut self) {
         self.save_status();
+        self.stop_events();
         if let Some(pairing) = self.pairing.take() {
-            if let Some(events) = pairing.events {
-                events.stop();
-            }
-            match pairing.client.goodbye("agent stopped") {
-                Ok(()) => log::info!("said goodbye to the PCE"),
-                Err(e) => log::warn!("could not say goodbye: {e}"),
+            if !self.suspended {
+                match pairing.client.goodbye("agent stopped") {
+                    Ok(()) => log::info!("said goodbye to the PCE"),
+                    Err(e) => log::warn!("could not say goodbye: {e}"),
+                }
             }
         }
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
-}
-
-/// Outbound endpoints that must stay open: the VEN API and the event service, on every address
-/// the management server's name resolves to now.
-fn management_endpoints(identity: &Identity) -> Vec<SocketAddr> {
-    let (host, api_port) = match identity.management_server.rsplit_once(':') {
-        Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port.parse().unwrap_or(0)),
-        None => return Vec::new(),
-    };
-    let mut endpoints = Vec::new();
-    for port in [api_port, identity.event_port] {
-        match (host, port).to_socket_addrs() {
-            Ok(addrs) => endpoints.extend(addrs),
-            Err(e) => log::error!("cannot resolve the PCE {host}: {e}; its channel cannot be safeguarded"),
-        }
-    }
-    endpoints.sort();
-    endpoints.dedup();
-    endpoints
 }

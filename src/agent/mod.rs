@@ -11,6 +11,7 @@
 pub mod control;
 pub mod evsync;
 pub mod host;
+pub mod lifecycle;
 pub mod manager;
 pub mod pce_client;
 pub mod status;
@@ -23,10 +24,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::config::{Config, ConfigError};
 use crate::firewall::{Firewall, FirewallConfig, FirewallError};
+use crate::history::History;
 use crate::state::{self, DataDir, Identity, RecordKind, StateError};
 use control::{ControlError, ControlRequest, ControlServer};
-use pce_client::{ClientError, PceClient};
+pub use lifecycle::{BootRestore, FirewallAfter};
+use pce_client::ClientError;
 use status::StatusReport;
 use tls::TlsError;
 
@@ -58,6 +62,20 @@ pub enum AgentError {
     AlreadyActivated { agent_id: u64, server: String },
     #[error("this VEN is not activated")]
     NotActivated,
+    #[error("no firewall was saved at activation; deactivate with --firewall open")]
+    NoSavedFirewall,
+    #[error("this VEN is already suspended (`ven unsuspend` resumes it)")]
+    AlreadySuspended,
+    #[error("this VEN is not suspended")]
+    NotSuspended,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+    #[error("no firewall change number {0} in the history (`ven history` lists them)")]
+    NoHistoryEntry(u64),
+    #[error("the agent refused: {0}")]
+    Refused(String),
     #[error("cannot start the {thread} thread: {cause}")]
     Thread { thread: &'static str, cause: std::io::Error },
     #[error("cannot block termination signals: {0}")]
@@ -72,74 +90,71 @@ pub enum Trust {
     CaFile(PathBuf),
 }
 
-/// Pairs with the PCE and stores the identity; nothing is written unless the PCE accepted us
-/// over a connection verified against the trusted CA.
-pub fn activate(
-    data: &DataDir,
-    server: &str,
-    activation_code: &str,
-    trust: &Trust,
-    hostname: &str,
-) -> Result<Identity, AgentError> {
-    if let Some(identity) = state::read_record::<Identity>(&data.identity_path(), RecordKind::Identity)? {
-        return Err(AgentError::AlreadyActivated {
-            agent_id: identity.agent_id,
-            server: identity.management_server,
-        });
-    }
-    tls::split_server(server)?;
-    let ca_cert_der = match trust {
-        Trust::CaFile(path) => tls::read_ca_file(path)?,
-        Trust::CaFingerprint(expected) => tls::fetch_ca_by_fingerprint(server, expected, TLS_PROBE_TIMEOUT)?,
-    };
-    let client = PceClient::new(server, &ca_cert_der);
-    let request = ven_proto::ActivateRequest {
-        activation_code: activation_code.to_string(),
-        host: host::report(hostname),
-    };
-    let response = client.activate(&request)?;
-    let identity = Identity {
-        agent_id: response.agent_id,
-        agent_token: response.agent_token,
-        hostname: hostname.to_string(),
-        management_server: server.to_string(),
-        event_port: response.event_port,
-        ca_cert_der,
-        heartbeat_interval_s: response.heartbeat_interval_s,
-        activated_at: crate::clock::now(),
-    };
-    data.ensure()?;
-    state::write_record(&data.identity_path(), RecordKind::Identity, &identity, 0o600)?;
-    Ok(identity)
+/// The firewall as the configuration describes it (backend detected when `auto`).
+pub fn firewall(config: &Config) -> Firewall {
+    Firewall::new(FirewallConfig::from_config(config))
 }
 
-/// Tells the PCE we leave, opens the firewall (removes everything ven owns) and forgets the
-/// pairing and policy. The PCE being unreachable does not stop a local deactivation: the
-/// returned notice says so. A firewall that cannot be opened does: the identity is kept.
-pub fn deactivate(
-    data: &DataDir,
-    firewall: &Firewall,
-    client: &PceClient,
-) -> Result<Option<String>, AgentError> {
-    let pce_notice = client.deactivate().err().map(|e| e.to_string());
-    firewall.remove()?;
-    state::remove_record(&data.policy_path())?;
-    state::remove_record(&data.status_path())?;
-    state::remove_record(&data.identity_path())?;
-    Ok(pce_notice)
+/// The pieces an offline command needs: the identity, its client and the firewall.
+struct Offline {
+    identity: Identity,
+    firewall: Firewall,
+    history: History,
+}
+
+impl Offline {
+    fn load(data: &DataDir, config: &Config) -> Result<Self, AgentError> {
+        let identity: Identity = state::read_record(&data.identity_path(), RecordKind::Identity)?
+            .ok_or(AgentError::NotActivated)?;
+        Ok(Self { identity, firewall: firewall(config), history: History::new(data) })
+    }
 }
 
 /// Deactivation without a running agent.
-pub fn deactivate_offline(data: &DataDir) -> Result<Option<String>, AgentError> {
-    let identity: Identity =
-        state::read_record(&data.identity_path(), RecordKind::Identity)?.ok_or(AgentError::NotActivated)?;
-    let client = PceClient::new(&identity.management_server, &identity.ca_cert_der)
-        .with_credentials(identity.agent_id, &identity.agent_token);
-    deactivate(data, &Firewall::new(FirewallConfig::default()), &client)
+pub fn deactivate_offline(
+    data: &DataDir,
+    config: &Config,
+    after: FirewallAfter,
+) -> Result<Option<String>, AgentError> {
+    let offline = Offline::load(data, config)?;
+    lifecycle::deactivate(
+        data,
+        &offline.firewall,
+        &lifecycle::client(&offline.identity),
+        after,
+        &offline.history,
+    )
+}
+
+/// Suspension without a running agent.
+pub fn suspend_offline(data: &DataDir, config: &Config) -> Result<Option<String>, AgentError> {
+    let offline = Offline::load(data, config)?;
+    let applied = state::read_record::<ven_proto::Policy>(&data.policy_path(), RecordKind::Policy)?;
+    lifecycle::suspend(
+        data,
+        &offline.firewall,
+        &lifecycle::client(&offline.identity),
+        applied.as_ref(),
+        &offline.history,
+    )
+}
+
+/// Unsuspension without a running agent.
+pub fn unsuspend_offline(data: &DataDir, config: &Config) -> Result<Option<String>, AgentError> {
+    let offline = Offline::load(data, config)?;
+    let safeguards = lifecycle::safeguards(&offline.identity);
+    let (_, notice) = lifecycle::unsuspend(
+        data,
+        &offline.firewall,
+        &lifecycle::client(&offline.identity),
+        &safeguards,
+        &offline.history,
+    )?;
+    Ok(notice)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(data: DataDir) -> Result<(), AgentError> {
+pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     data.ensure()?;
     // INVARIANT: the signals are blocked before any thread starts, so every thread inherits the
     // mask and only the `signals` thread ever receives them.
@@ -163,7 +178,15 @@ pub fn run(data: DataDir) -> Result<(), AgentError> {
         .map_err(|cause| AgentError::Thread { thread: "signals", cause })?;
 
     log::info!("ven {} starting with data directory {}", env!("CARGO_PKG_VERSION"), data.root().display());
-    manager::Manager::new(data, Firewall::new(FirewallConfig::default()), status, inputs_tx).run(inputs_rx);
+    let firewall_config = FirewallConfig::from_config(&config);
+    log::info!(
+        "firewall: iptables backend {} ({}), IPv6 {}",
+        firewall_config.tools.backend.as_str(),
+        firewall_config.tools.iptables_restore.display(),
+        if firewall_config.options.ipv6 { "on" } else { "off" }
+    );
+    let firewall = Firewall::new(firewall_config);
+    manager::Manager::new(data, config, firewall, status, inputs_tx).run(inputs_rx);
     control.stop();
     if !signals.is_finished() {
         // The manager stopped for another reason: wake the signal thread so it can be joined.

@@ -78,7 +78,10 @@ impl PceClient {
 
     /// The current policy, or `None` when it is still version `have`.
     pub fn policy(&self, have: u64) -> Result<Option<Policy>, ClientError> {
-        let mut request = self.agent.get(self.url(path::POLICY)).header(ven_proto::PROTOCOL_HEADER, "1");
+        let mut request = self
+            .agent
+            .get(self.url(path::POLICY))
+            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string());
         if let Some(auth) = &self.authorization {
             request = request.header("authorization", auth);
         }
@@ -91,6 +94,11 @@ impl PceClient {
 
     pub fn goodbye(&self, reason: &str) -> Result<(), ClientError> {
         self.post::<_, ()>(path::GOODBYE, &Goodbye { reason: reason.to_string() }).map(drop)
+    }
+
+    /// Tells the PCE the VEN was suspended or unsuspended.
+    pub fn suspend(&self, notice: &ven_proto::SuspendNotice) -> Result<(), ClientError> {
+        self.post::<_, ()>(path::SUSPEND, notice).map(drop)
     }
 
     pub fn deactivate(&self) -> Result<(), ClientError> {
@@ -109,7 +117,7 @@ impl PceClient {
         let mut request = self
             .agent
             .post(self.url(endpoint))
-            .header(ven_proto::PROTOCOL_HEADER, "1")
+            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
             .header("content-type", ven_proto::CONTENT_TYPE);
         if let Some(auth) = &self.authorization {
             request = request.header("authorization", auth);

@@ -18,6 +18,8 @@ pub enum Connectivity {
     Diminished,
     /// The PCE rejected our credentials; it is tried only every four hours.
     LostAgent,
+    /// `ven suspend`: the firewall holds nothing of ours and the agent waits for `unsuspend`.
+    Suspended,
 }
 
 impl Connectivity {
@@ -28,6 +30,7 @@ impl Connectivity {
             Self::Online => "online",
             Self::Diminished => "diminished",
             Self::LostAgent => "lost agent",
+            Self::Suspended => "suspended",
         }
     }
 }
@@ -102,6 +105,12 @@ pub struct StatusReport {
     pub policy_version: Option<u64>,
     pub last_heartbeat: Option<u64>,
     pub last_apply_error: Option<String>,
+    /// Times the firewall was found tampered with and repaired.
+    pub tamper_count: u64,
+    /// When the last tampering was found, and what differed.
+    pub last_tamper: Option<(u64, String)>,
+    /// Events waiting for the next accepted heartbeat.
+    pub pending_events: usize,
 }
 
 impl StatusReport {
@@ -109,10 +118,20 @@ impl StatusReport {
     pub fn from_data_dir(data: &DataDir) -> Result<Self, StateError> {
         let identity: Option<Identity> = state::read_record(&data.identity_path(), RecordKind::Identity)?;
         let policy: Option<ven_proto::Policy> = state::read_record(&data.policy_path(), RecordKind::Policy)?;
-        let saved: SavedStatus =
-            state::read_record(&data.status_path(), RecordKind::Status)?.unwrap_or_default();
+        // A status record of an older format only costs the figures it held.
+        let saved: SavedStatus = state::read_record(&data.status_path(), RecordKind::Status)
+            .unwrap_or_else(|e| {
+                log::warn!("{e}");
+                None
+            })
+            .unwrap_or_default();
+        let suspended = data.suspended_path().exists();
         let mut report = Self::unpaired();
-        report.connectivity = if identity.is_some() { Connectivity::Offline } else { Connectivity::Unpaired };
+        report.connectivity = match (&identity, suspended) {
+            (None, _) => Connectivity::Unpaired,
+            (Some(_), true) => Connectivity::Suspended,
+            (Some(_), false) => Connectivity::Offline,
+        };
         if let Some(identity) = identity {
             report.set_identity(&identity);
         }
@@ -120,6 +139,11 @@ impl StatusReport {
         report.policy_version = policy.as_ref().map(|p| p.version);
         report.last_heartbeat = saved.last_heartbeat;
         report.last_apply_error = saved.last_apply_error;
+        report.tamper_count = saved.tamper_count;
+        report.last_tamper = saved.last_tamper;
+        if suspended {
+            report.policy_state = None;
+        }
         Ok(report)
     }
 
@@ -135,6 +159,9 @@ impl StatusReport {
             policy_version: None,
             last_heartbeat: None,
             last_apply_error: None,
+            tamper_count: 0,
+            last_tamper: None,
+            pending_events: 0,
         }
     }
 
@@ -160,6 +187,18 @@ impl StatusReport {
                 json_option(self.last_heartbeat.map(|t| json_string(&crate::clock::rfc3339(t)))),
             ),
             ("last_apply_error", json_option(self.last_apply_error.as_deref().map(json_string))),
+            ("tamper_count", self.tamper_count.to_string()),
+            (
+                "last_tamper",
+                json_option(self.last_tamper.as_ref().map(|(at, what)| {
+                    format!(
+                        "{{\"at\":{},\"what\":{}}}",
+                        json_string(&crate::clock::rfc3339(*at)),
+                        json_string(what)
+                    )
+                })),
+            ),
+            ("pending_events", self.pending_events.to_string()),
         ];
         let body: Vec<String> = fields.iter().map(|(key, value)| format!("\"{key}\":{value}")).collect();
         format!("{{{}}}", body.join(","))
@@ -171,8 +210,11 @@ impl StatusReport {
             _ => "not activated (run `ven activate`)".to_string(),
         };
         let agent = if self.agent_running { "running" } else { "not running" };
-        let policy = match (self.policy_state, self.policy_version) {
-            (Some(state), Some(version)) => format!("{state} (version {version})"),
+        let policy = match (self.connectivity, self.policy_state, self.policy_version) {
+            (Connectivity::Suspended, _, _) => {
+                "suspended: nothing of ven's is in the firewall (`ven unsuspend` restores it)".to_string()
+            }
+            (_, Some(state), Some(version)) => format!("{state} (version {version})"),
             _ => "none applied; the firewall is untouched".to_string(),
         };
         let heartbeat = match self.last_heartbeat {
@@ -187,6 +229,18 @@ impl StatusReport {
             format!("  policy:          {policy}"),
             format!("  last heartbeat:  {heartbeat}"),
         ];
+        let tampering = match &self.last_tamper {
+            Some((at, what)) => format!(
+                "{} times, last at {} ({what}), repaired",
+                self.tamper_count,
+                crate::clock::rfc3339(*at)
+            ),
+            None => "none found".to_string(),
+        };
+        lines.push(format!("  tampering:       {tampering}"));
+        if self.pending_events > 0 {
+            lines.push(format!("  events:          {} waiting for the PCE", self.pending_events));
+        }
         if let Some(error) = &self.last_apply_error {
             lines.push(format!("  last apply error: {error} (the previous policy stays in force)"));
         }

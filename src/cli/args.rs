@@ -17,6 +17,10 @@ pub enum RawCommand {
     Agent(RawAgent),
     Status(RawStatus),
     Deactivate(RawDeactivate),
+    Suspend(RawSuspend),
+    Unsuspend(RawUnsuspend),
+    Restore(RawRestore),
+    History(RawHistory),
     Version(RawVersion),
 }
 
@@ -55,13 +59,41 @@ pub struct RawStatus {
     pub json: bool,
 }
 
-/// Unpair from the PCE and open the host's firewall.
+/// Unpair from the PCE and give the host its firewall back.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "deactivate")]
 pub struct RawDeactivate {
-    /// the firewall to leave behind: open (everything ven programmed is removed)
+    /// the firewall to leave behind: open (everything ven programmed is removed; the default) or
+    /// saved (the firewall as it was just before activation)
     #[argh(option, default = "String::from(\"open\")")]
     pub firewall: String,
+}
+
+/// Remove every rule ven programmed (custom rules included) and pause the agent until unsuspend.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "suspend")]
+pub struct RawSuspend {}
+
+/// Restore the policy and custom rules in force before suspend, and resume.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "unsuspend")]
+pub struct RawUnsuspend {}
+
+/// Put the last-known-good policy in the firewall (the boot-time firewall script).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "restore")]
+pub struct RawRestore {}
+
+/// List the last 10 firewall changes, or show the ruleset of one.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "history")]
+pub struct RawHistory {
+    /// print one JSON array
+    #[argh(switch)]
+    pub json: bool,
+    /// print the ruleset of the change with this number
+    #[argh(option)]
+    pub show: Option<u64>,
 }
 
 /// Print the version.

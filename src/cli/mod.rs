@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use crate::agent::control::{self, ControlError, ControlRequest, ControlResponse};
 use crate::agent::status::StatusReport;
-use crate::agent::{self, AgentError, Trust};
+use crate::agent::{self, AgentError, BootRestore, FirewallAfter, Trust, lifecycle};
+use crate::config::Config;
+use crate::history::{self, History};
 use crate::state::DataDir;
 
 /// A validated command.
@@ -17,7 +19,11 @@ pub enum Command {
     Activate { server: String, activation_code: String, trust: Trust, hostname: String },
     Agent,
     Status { json: bool },
-    Deactivate,
+    Deactivate { after: FirewallAfter },
+    Suspend,
+    Unsuspend,
+    Restore,
+    History { json: bool, show: Option<u64> },
     Version,
 }
 
@@ -57,14 +63,19 @@ impl Command {
             args::RawCommand::Agent(_) => Command::Agent,
             args::RawCommand::Status(s) => Command::Status { json: s.json },
             args::RawCommand::Deactivate(d) => match d.firewall.as_str() {
-                "open" => Command::Deactivate,
-                "saved" => {
-                    return Err("--firewall saved needs a snapshot taken at activation, which this \
-                                version does not take yet; use --firewall open"
-                        .into());
-                }
-                other => return Err(format!("--firewall {other:?}: expected open")),
+                "open" => Command::Deactivate { after: FirewallAfter::Open },
+                "saved" => Command::Deactivate { after: FirewallAfter::Saved },
+                other => return Err(format!("--firewall {other:?}: expected open or saved")),
             },
+            args::RawCommand::Suspend(_) => Command::Suspend,
+            args::RawCommand::Unsuspend(_) => Command::Unsuspend,
+            args::RawCommand::Restore(_) => Command::Restore,
+            args::RawCommand::History(h) => {
+                if h.json && h.show.is_some() {
+                    return Err("give either --json or --show, not both".into());
+                }
+                Command::History { json: h.json, show: h.show }
+            }
             args::RawCommand::Version(_) => Command::Version,
         })
     }
@@ -90,12 +101,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Commands that change the firewall need the configuration; the others run without it, so that
+/// `status` and `history` work even when the configuration file is broken.
+fn config() -> Result<Config, AgentError> {
+    Ok(Config::load()?)
+}
+
 fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
     match command {
         Command::Version => println!("ven {}", env!("CARGO_PKG_VERSION")),
-        Command::Agent => agent::run(data.clone())?,
+        Command::Agent => agent::run(data.clone(), config()?)?,
         Command::Activate { server, activation_code, trust, hostname } => {
-            let identity = agent::activate(data, &server, &activation_code, &trust, &hostname)?;
+            let firewall = agent::firewall(&config()?);
+            let identity =
+                lifecycle::activate(data, &server, &activation_code, &trust, &hostname, &firewall)?;
             println!(
                 "Activated: agent {} ({}) is paired with the PCE at {} (CA {}).",
                 identity.agent_id,
@@ -132,32 +151,108 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 println!("{}", report.to_human(crate::clock::now()));
             }
         }
-        Command::Deactivate => {
-            let notice = match control::request(
-                &data.socket_path(),
-                &ControlRequest::Deactivate,
-                control::WORK_TIMEOUT,
-            ) {
-                Ok(ControlResponse::Deactivated { pce_notice }) => pce_notice,
-                Ok(ControlResponse::Failed(message)) if message.contains("not activated") => {
-                    return Err(AgentError::NotActivated);
-                }
-                Ok(other) => {
-                    eprintln!("ven: the agent could not deactivate: {other:?}");
-                    return Err(AgentError::NotActivated);
-                }
-                Err(ControlError::NotRunning(_)) => agent::deactivate_offline(data)?,
-                Err(e) => return Err(e.into()),
+        Command::Deactivate { after } => {
+            let request = ControlRequest::Deactivate { saved: after == FirewallAfter::Saved };
+            let notice = match agent_work(data, &request)? {
+                Some(ControlResponse::Deactivated { pce_notice }) => pce_notice,
+                Some(other) => return Err(refused(other)),
+                None => agent::deactivate_offline(data, &config()?, after)?,
+            };
+            let firewall = match after {
+                FirewallAfter::Open => "the firewall is open",
+                FirewallAfter::Saved => "the firewall is as it was before activation",
             };
             match notice {
-                None => println!("Deactivated: the PCE was notified and the firewall is open."),
-                Some(why) => println!(
-                    "Deactivated locally and the firewall is open, but the PCE was not notified: {why}"
-                ),
+                None => println!("Deactivated: the PCE was notified and {firewall}."),
+                Some(why) => {
+                    println!("Deactivated locally and {firewall}, but the PCE was not notified: {why}")
+                }
+            }
+        }
+        Command::Suspend => {
+            println!("Suspending the VEN...");
+            let notice = match agent_work(data, &ControlRequest::Suspend)? {
+                Some(ControlResponse::Suspended { pce_notice }) => pce_notice,
+                Some(other) => return Err(refused(other)),
+                None => agent::suspend_offline(data, &config()?)?,
+            };
+            match notice {
+                None => println!("The VEN has been suspended. PCE was notified."),
+                Some(why) => println!("The VEN has been suspended, but the PCE was not notified: {why}"),
+            }
+        }
+        Command::Unsuspend => {
+            println!("Unsuspending the VEN...");
+            let notice = match agent_work(data, &ControlRequest::Unsuspend)? {
+                Some(ControlResponse::Unsuspended { pce_notice }) => pce_notice,
+                Some(other) => return Err(refused(other)),
+                None => agent::unsuspend_offline(data, &config()?)?,
+            };
+            match notice {
+                None => println!("The VEN has been unsuspended. PCE was notified."),
+                Some(why) => println!("The VEN has been unsuspended, but the PCE was not notified: {why}"),
+            }
+        }
+        Command::Restore => {
+            if control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT).is_ok()
+            {
+                println!("The agent is running and keeps the firewall; nothing to restore.");
+                return Ok(());
+            }
+            let firewall = agent::firewall(&config()?);
+            match lifecycle::restore_at_boot(data, &firewall, &History::new(data))? {
+                BootRestore::NotActivated => println!("Not activated; the firewall is left as it is."),
+                BootRestore::Suspended => println!("Suspended; the firewall is left as it is."),
+                BootRestore::NoPolicy => println!("No policy received yet; the firewall is left as it is."),
+                BootRestore::Restored { version, state } => {
+                    println!("Restored policy version {version} ({state}).")
+                }
+            }
+        }
+        Command::History { json, show } => {
+            let history = History::new(data);
+            match show {
+                Some(seq) => match history.get(seq).map_err(history_error)? {
+                    Some(entry) => print!("{}", history::render_entry(&entry)),
+                    None => return Err(AgentError::NoHistoryEntry(seq)),
+                },
+                None => {
+                    let entries = history.list().map_err(history_error)?;
+                    if json {
+                        println!("{}", history::render_json(&entries));
+                    } else {
+                        print!("{}", history::render_table(&entries));
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+/// Hands `request` to the running agent; `None` when no agent runs (the caller then does the
+/// work itself). "Not activated" answers become that error.
+fn agent_work(data: &DataDir, request: &ControlRequest) -> Result<Option<ControlResponse>, AgentError> {
+    match control::request(&data.socket_path(), request, control::WORK_TIMEOUT) {
+        Ok(ControlResponse::Failed(message)) if message.contains("not activated") => {
+            Err(AgentError::NotActivated)
+        }
+        Ok(response) => Ok(Some(response)),
+        Err(ControlError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The agent's refusal as an error.
+fn refused(response: ControlResponse) -> AgentError {
+    match response {
+        ControlResponse::Failed(message) => AgentError::Refused(message),
+        other => AgentError::Refused(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn history_error(e: crate::history::HistoryError) -> AgentError {
+    AgentError::History(e)
 }
 
 #[cfg(test)]
@@ -203,10 +298,28 @@ mod tests {
     }
 
     #[test]
-    fn deactivate_offers_only_what_exists() {
-        assert_eq!(parse(&["deactivate"]).unwrap(), Command::Deactivate);
-        assert_eq!(parse(&["deactivate", "--firewall", "open"]).unwrap(), Command::Deactivate);
-        assert!(parse(&["deactivate", "--firewall", "saved"]).unwrap_err().contains("snapshot"));
-        assert!(parse(&["deactivate", "--firewall", "closed"]).is_err());
+    fn deactivate_offers_open_and_saved() {
+        let open = Command::Deactivate { after: FirewallAfter::Open };
+        assert_eq!(parse(&["deactivate"]).unwrap(), open);
+        assert_eq!(parse(&["deactivate", "--firewall", "open"]).unwrap(), open);
+        assert_eq!(
+            parse(&["deactivate", "--firewall", "saved"]).unwrap(),
+            Command::Deactivate { after: FirewallAfter::Saved }
+        );
+        assert!(parse(&["deactivate", "--firewall", "closed"]).unwrap_err().contains("open or saved"));
+    }
+
+    #[test]
+    fn history_lists_or_shows_one() {
+        assert_eq!(parse(&["history"]).unwrap(), Command::History { json: false, show: None });
+        assert_eq!(
+            parse(&["history", "--show", "7"]).unwrap(),
+            Command::History { json: false, show: Some(7) }
+        );
+        assert!(parse(&["history", "--json", "--show", "7"]).unwrap_err().contains("not both"));
+        assert!(parse(&["history", "--show", "x"]).is_err());
+        assert_eq!(parse(&["suspend"]).unwrap(), Command::Suspend);
+        assert_eq!(parse(&["unsuspend"]).unwrap(), Command::Unsuspend);
+        assert_eq!(parse(&["restore"]).unwrap(), Command::Restore);
     }
 }

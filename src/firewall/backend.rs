@@ -92,7 +92,7 @@ pub fn select(choice: BackendChoice) -> Tools {
         BackendChoice::Nft => Tools::for_backend(Backend::Nft),
         BackendChoice::Auto => Tools::for_backend(detect()),
     };
-    log::info!("iptables backend: {} ({})", tools.backend.as_str(), tools.iptables_restore.display());
+    log::debug!("iptables backend: {} ({})", tools.backend.as_str(), tools.iptables_restore.display());
     tools
 }
 

@@ -45,6 +45,9 @@ pub enum RecordKind {
     Identity = 1,
     Policy = 2,
     Status = 3,
+    /// The host's firewall as it was at activation ([`crate::firewall::Snapshot`]).
+    SavedFirewall = 4,
+    Suspended = 5,
 }
 
 /// Paths inside one agent's data directory.
@@ -83,6 +86,16 @@ impl DataDir {
 
     pub fn status_path(&self) -> PathBuf {
         self.state_dir().join("status")
+    }
+
+    /// The pre-activation firewall, for `deactivate --firewall saved`.
+    pub fn saved_firewall_path(&self) -> PathBuf {
+        self.state_dir().join("firewall-saved")
+    }
+
+    /// Present while the VEN is suspended ([`Suspension`]).
+    pub fn suspended_path(&self) -> PathBuf {
+        self.state_dir().join("suspended")
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -218,6 +231,20 @@ pub struct Identity {
 pub struct SavedStatus {
     pub last_heartbeat: Option<u64>,
     pub last_apply_error: Option<String>,
+    /// Times the firewall was found tampered with and repaired, since activation.
+    pub tamper_count: u64,
+    /// When the last tampering was found, and what differed.
+    pub last_tamper: Option<(u64, String)>,
+}
+
+/// The record of a suspended VEN (the spec's `suspend`): the firewall holds nothing of ours and
+/// the agent does no work but wait for `unsuspend`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    pub since: u64,
+    /// The policy state in force when it was suspended (unsuspend restores the last-known-good
+    /// policy, whose state the PCE may have changed meanwhile).
+    pub previous_state: Option<ven_proto::PolicyState>,
 }
 
 #[cfg(test)]
@@ -236,7 +263,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = temp_dir("roundtrip");
         let path = dir.join("status");
-        let status = SavedStatus { last_heartbeat: Some(5), last_apply_error: Some("boom".into()) };
+        let status = SavedStatus {
+            last_heartbeat: Some(5),
+            last_apply_error: Some("boom".into()),
+            ..SavedStatus::default()
+        };
         write_record(&path, RecordKind::Status, &status, 0o600).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(read_record::<SavedStatus>(&path, RecordKind::Status).unwrap(), Some(status));
