@@ -586,6 +586,27 @@ impl Firewall {
     }
 }
 
+/// For the `policy_rendering` fuzz target: validates `policy` against the default caps and, when
+/// it passes, renders it for both families and checks the invariant that makes custom rule text
+/// safe: every line is one `-A VEN-...` rule. Panics when the invariant breaks.
+#[doc(hidden)]
+pub fn render_check(policy: &Policy) -> Result<(), PolicyError> {
+    let options = Options::default();
+    validate(policy, &options.caps)?;
+    let safeguards = Safeguards { management: vec![std::net::SocketAddr::from(([198, 18, 0, 1], 8443))] };
+    for family in Family::ALL {
+        let ruleset = render::render(family, policy, &safeguards, &options);
+        for chain in &ruleset.chains {
+            for rule in &chain.rules {
+                assert!(rule.starts_with(&format!("-A {} ", chain.name)), "{rule:?}");
+                assert!(!rule.contains(['\n', '\r', '\0']), "{rule:?}");
+                assert!(iptables::hash_of(rule).is_some(), "{rule:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::fake::FakeKernel;

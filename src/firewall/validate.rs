@@ -19,8 +19,9 @@ pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
 /// Targets a custom rule may use.
 const CUSTOM_TARGETS: [&str; 4] = ["ACCEPT", "DROP", "REJECT", "RETURN"];
 /// Words that would make a custom rule do more than match and decide: commands, tables, other
-/// jumps or gotos.
-const FORBIDDEN_WORDS: [&str; 22] = [
+/// jumps or gotos, and comments (ours identify our rules; a forged one would confuse read-back).
+const FORBIDDEN_WORDS: [&str; 23] = [
+    "--comment",
     "-A",
     "--append",
     "-I",
@@ -303,6 +304,7 @@ mod tests {
             ("-g VEN-OUTPUT", "-g is not allowed"),
             ("-I INPUT 1 -j ACCEPT", "-I is not allowed"),
             ("-j ACCEPT --reject-with x", "nothing but"),
+            ("-m comment --comment ven:0123456789abcdef -j ACCEPT", "--comment is not allowed"),
             ("COMMIT -j ACCEPT", "not an option"),
         ];
         for (text, problem) in bad {
