@@ -260,6 +260,14 @@ pub struct Snapshot {
     pub ipsets: String,
 }
 
+/// What a removal took away.
+struct Removal {
+    /// Set members that went with the sets.
+    members: usize,
+    /// Whether anything of ours was there.
+    changed: bool,
+}
+
 /// The last rulesets applied, per family: what verify compares with and repair restores.
 struct Applied {
     rulesets: Vec<(Family, render::Ruleset)>,
@@ -301,11 +309,11 @@ impl Firewall {
         validate(policy, &self.options.caps)?;
         let mut applied = self.lock();
         if policy.state == PolicyState::Idle {
-            let removed = self.remove_locked()?;
+            let removal = self.remove_locked()?;
             *applied = None;
             return Ok(ApplySummary {
-                set_members_removed: removed,
-                changed: removed > 0,
+                set_members_removed: removal.members,
+                changed: removal.changed,
                 ..ApplySummary::default()
             });
         }
@@ -323,9 +331,9 @@ impl Firewall {
     /// idempotent. Returns how many set members went with the sets.
     pub fn remove(&self) -> Result<usize, FirewallError> {
         let mut applied = self.lock();
-        let removed = self.remove_locked()?;
+        let removal = self.remove_locked()?;
         *applied = None;
-        Ok(removed)
+        Ok(removal.members)
     }
 
     /// Compares the kernel with the last applied policy; returns what differs (empty: nothing).
@@ -435,16 +443,7 @@ impl Firewall {
     /// iptables-restore per family, then stale sets go. Families not in `rulesets` lose our
     /// chains in the same pass.
     fn apply_rulesets(&self, rulesets: &[(Family, render::Ruleset)]) -> Result<ApplySummary, FirewallError> {
-        let mut filters = Vec::with_capacity(Family::ALL.len());
-        for family in Family::ALL {
-            if rulesets.iter().any(|(f, _)| *f == family) {
-                filters.push((family, iptables::parse_save(&self.kernel.save_filter(family)?)?));
-            } else if self.options.ipv6 || family == Family::V4 {
-                // Enabled but not wanted cannot happen; disabled families are left alone unless
-                // they hold chains of ours from an earlier configuration.
-                filters.push((family, iptables::parse_save(&self.kernel.save_filter(family)?)?));
-            }
-        }
+        let filters = self.read_filters()?;
         let before = ipset::parse_save(&self.kernel.ipset_save()?)?;
         let maxelem = 2 * self.options.caps.max_set_members;
 
@@ -462,6 +461,10 @@ impl Firewall {
                 }
             }
             update.extend(ipset::plan(*family, &before, &ruleset.sets, maxelem));
+        }
+        // A family turned off keeps no sets of ours (its chains go below, the sets after them).
+        for family in Family::ALL.into_iter().filter(|family| !rulesets.iter().any(|(f, _)| f == family)) {
+            update.extend(ipset::plan(family, &before, &render::DesiredSets::new(), maxelem));
         }
         // Sets no longer wanted may still be referenced by the old chains: they go last.
         let stale = update.take_destroy();
@@ -565,13 +568,30 @@ impl Firewall {
         }
     }
 
-    /// Removes our jumps and chains in one iptables-restore per family, then destroys our sets.
-    /// Returns how many set members went with the sets.
-    fn remove_locked(&self) -> Result<usize, FirewallError> {
-        for family in self.families() {
-            let filter = iptables::parse_save(&self.kernel.save_filter(family)?)?;
+    /// Table `filter` of every family this firewall may have written: the enabled ones (an error
+    /// is an error), and a disabled IPv6 when ip6tables answers, so that chains of ours left by
+    /// an earlier configuration with IPv6 on are found and removed.
+    fn read_filters(&self) -> Result<Vec<(Family, iptables::FilterState)>, FirewallError> {
+        let mut filters = Vec::with_capacity(Family::ALL.len());
+        for family in Family::ALL {
+            let enabled = self.families().contains(&family);
+            match self.kernel.save_filter(family) {
+                Ok(text) => filters.push((family, iptables::parse_save(&text)?)),
+                Err(e) if enabled => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(filters)
+    }
+
+    /// Removes our jumps and chains in one iptables-restore per family, then destroys our sets
+    /// (only once no family's rules can refer to them).
+    fn remove_locked(&self) -> Result<Removal, FirewallError> {
+        let mut changed = false;
+        for (family, filter) in self.read_filters()? {
             if let Some(input) = iptables::removal_input(&filter) {
                 self.kernel.restore_filter(family, &input)?;
+                changed = true;
             }
         }
         let sets = ipset::parse_save(&self.kernel.ipset_save()?)?;
@@ -581,8 +601,9 @@ impl Firewall {
         }
         if !teardown.is_empty() {
             self.kernel.ipset_restore(&teardown.render())?;
+            changed = true;
         }
-        Ok(teardown.removed())
+        Ok(Removal { members: teardown.removed(), changed })
     }
 }
 
@@ -672,8 +693,12 @@ mod tests {
         );
         assert_eq!(fake.set_members("ven-1"), Some(vec!["198.18.0.2".into(), "198.18.1.0/24".into()]));
         let calls = fake.calls();
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_save", "ipset_restore", "restore_filter"]);
-        assert!(calls[3].1.contains("-I INPUT 1 -m comment --comment \"ven:jump\" -j VEN-INPUT"));
+        // IPv6 is off, but its table is read: chains of ours left from when it was on must go.
+        assert_eq!(
+            call_names(&fake),
+            ["save_filter", "save_filter", "ipset_save", "ipset_restore", "restore_filter"]
+        );
+        assert!(calls[4].1.contains("-I INPUT 1 -m comment --comment \"ven:jump\" -j VEN-INPUT"));
     }
 
     #[test]
@@ -691,10 +716,10 @@ mod tests {
         assert_eq!(summary.set_members_added, 1);
         assert_eq!(summary.set_members_removed, 2, "one deleted from ven-1, one with ven-2");
         let calls = fake.calls();
-        assert_eq!(calls[2], ("ipset_restore", "add ven-1 198.18.0.4\ndel ven-1 198.18.0.2\n".into()));
-        assert_eq!(calls[3].0, "restore_filter");
-        assert_eq!(calls[4], ("ipset_restore", "destroy ven-2\n".into()));
-        assert!(!calls[2].1.contains("flush"), "never flush-then-add");
+        assert_eq!(calls[3], ("ipset_restore", "add ven-1 198.18.0.4\ndel ven-1 198.18.0.2\n".into()));
+        assert_eq!(calls[4].0, "restore_filter");
+        assert_eq!(calls[5], ("ipset_restore", "destroy ven-2\n".into()));
+        assert!(!calls[3].1.contains("flush"), "never flush-then-add");
     }
 
     #[test]
@@ -706,7 +731,7 @@ mod tests {
         fake.clear_calls();
         let summary = fw.apply(&same, &safeguards()).unwrap();
         assert_eq!((summary.set_members_added, summary.set_members_removed, summary.changed), (0, 0, false));
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_save"]);
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_save"]);
     }
 
     #[test]
@@ -829,7 +854,27 @@ mod tests {
 
         fake.clear_calls();
         fw.remove().unwrap();
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_save"]);
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_save"]);
+    }
+
+    #[test]
+    fn idle_after_empty_sets_reports_the_change_and_ipv6_turned_off_is_cleaned_up() {
+        let fake = FakeKernel::default();
+        let with_v6 = Firewall::with_kernel(Box::new(fake.clone()), Options::default());
+        with_v6.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
+        assert!(fake.filter_text_of(Family::V6).contains("VEN-INPUT"));
+        // The configuration turns IPv6 off and the agent restarts.
+        let without_v6 = firewall(&fake);
+        let summary = without_v6.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
+        assert!(summary.changed);
+        assert!(!fake.filter_text_of(Family::V6).contains("VEN-"), "{}", fake.filter_text_of(Family::V6));
+        assert!(fake.set_members("ven-1-6").is_none(), "the IPv6 set went once nothing referred to it");
+        let summary = without_v6.apply(&policy(PolicyState::Idle, &[]), &safeguards()).unwrap();
+        assert!(summary.changed, "chains and empty sets went: that is a change");
+        assert_eq!(summary.set_members_removed, 0);
+        with_v6.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
+        without_v6.remove().unwrap();
+        assert!(!fake.filter_text_of(Family::V6).contains("VEN-") && fake.ipset_text().is_empty());
     }
 
     #[test]

@@ -44,9 +44,12 @@ const _: () = assert!(CUSTOM_OUTPUT_CHAIN.len() <= 28 && FORWARD_CHAIN.len() <= 
 pub(crate) const JUMP_COMMENT: &str = "ven:jump";
 /// Bytes of each logged packet copied to the flow pipeline: IPv6 + TCP headers with options.
 const NFLOG_COPY_BYTES: u16 = 128;
-/// ICMPv6 types of neighbour discovery (router solicitation and advertisement, neighbour
-/// solicitation and advertisement): without them IPv6 stops working on the link.
-const NEIGHBOUR_DISCOVERY: [u8; 4] = [133, 134, 135, 136];
+/// ICMPv6 types the link needs whatever the policy says (RFC 4890 4.4.1, "must not be dropped"
+/// for local traffic): multicast listener query, report and done (130-132) and MLDv2 report
+/// (143), without which multicast-snooping switches stop delivering neighbour solicitations;
+/// router solicitation and advertisement, neighbour solicitation and advertisement (133-136),
+/// without which IPv6 stops working on the link.
+const LINK_ICMPV6: [u8; 8] = [130, 131, 132, 133, 134, 135, 136, 143];
 
 /// Members wanted in each of our sets, by kernel set name.
 pub(crate) type DesiredSets = BTreeMap<String, BTreeSet<IpNet>>;
@@ -259,10 +262,11 @@ fn split_target(rule: &str) -> Option<(&str, &str)> {
     Some((rule[..at].trim(), rule[at + 4..].trim()))
 }
 
-/// IPv6 neighbour discovery in and out, before anything can drop it.
+/// IPv6 neighbour discovery and multicast listener messages in and out, before anything can
+/// drop them.
 fn push_neighbour_discovery(chain: &mut ChainBuilder, family: Family) {
     if family == Family::V6 {
-        for icmp_type in NEIGHBOUR_DISCOVERY {
+        for icmp_type in LINK_ICMPV6 {
             chain.push(&format!("-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type}"), "ACCEPT");
         }
     }
