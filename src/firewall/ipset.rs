@@ -148,6 +148,61 @@ pub(crate) fn without_ours(text: &str) -> String {
     out
 }
 
+/// How to put the host's sets back as a snapshot (`ipset save` text, without ours) holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SnapshotPlan {
+    /// One `ipset restore` session: sets missing now are created and filled; sets present now
+    /// are rebuilt in a temp set (`ven-snap-<n>`, ours by name) and swapped in.
+    pub session: String,
+    /// Foreign sets present now that the snapshot does not hold.
+    pub created_since: Vec<String>,
+}
+
+/// Plans restoring the sets of `snapshot` over the sets `now` holds (both `ipset save` text).
+pub(crate) fn snapshot_plan(snapshot: &str, now: &str) -> SnapshotPlan {
+    let existing: BTreeSet<&str> = now
+        .lines()
+        .filter_map(|line| line.strip_prefix("create "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter(|name| !name.starts_with(SET_PREFIX))
+        .collect();
+    let mut saved: Vec<&str> = Vec::new();
+    let mut temp_of: BTreeMap<&str, String> = BTreeMap::new();
+    let mut session = String::new();
+    let mut swaps = String::new();
+    for line in snapshot.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(command), Some(name)) = (words.next(), words.next()) else { continue };
+        if name.starts_with(SET_PREFIX) {
+            continue;
+        }
+        let rest: Vec<&str> = words.collect();
+        match command {
+            "create" => {
+                saved.push(name);
+                if existing.contains(name) {
+                    let temp = format!("{SET_PREFIX}snap-{}", temp_of.len());
+                    let _ = writeln!(session, "create {temp} {}", rest.join(" "));
+                    let _ = writeln!(session, "flush {temp}");
+                    let _ = writeln!(swaps, "swap {temp} {name}\ndestroy {temp}");
+                    temp_of.insert(name, temp);
+                } else {
+                    let _ = writeln!(session, "{line}");
+                }
+            }
+            "add" => {
+                let target = temp_of.get(name).map_or(name, String::as_str);
+                let _ = writeln!(session, "add {target} {}", rest.join(" "));
+            }
+            _ => {}
+        }
+    }
+    session.push_str(&swaps);
+    let created_since =
+        existing.iter().filter(|name| !saved.contains(name)).map(|name| name.to_string()).collect();
+    SnapshotPlan { session, created_since }
+}
+
 /// One set rebuilt in a temp set and swapped in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Reload {
@@ -460,5 +515,23 @@ mod tests {
         );
         assert!(kept.contains("add foreign-set 10.0.0.1\n"), "{kept}");
         assert!(!kept.contains("ven-"), "{kept}");
+    }
+
+    #[test]
+    fn a_snapshot_is_restored_exactly_without_emptying_a_set() {
+        let snapshot = "create keep hash:ip family inet hashsize 1024 maxelem 65536\nadd keep 198.18.9.1\n\
+                        create gone hash:net family inet hashsize 1024 maxelem 65536\nadd gone 198.18.8.0/24\n";
+        let now = "create keep hash:ip family inet hashsize 1024 maxelem 65536\nadd keep 198.18.9.1\nadd keep 198.18.9.2\n\
+                   create late hash:ip family inet hashsize 1024 maxelem 65536\n\
+                   create ven-1 hash:net family inet hashsize 1024 maxelem 262144\n";
+        let plan = snapshot_plan(snapshot, now);
+        assert_eq!(
+            plan.session,
+            "create ven-snap-0 hash:ip family inet hashsize 1024 maxelem 65536\nflush ven-snap-0\nadd ven-snap-0 198.18.9.1\n\
+             create gone hash:net family inet hashsize 1024 maxelem 65536\nadd gone 198.18.8.0/24\n\
+             swap ven-snap-0 keep\ndestroy ven-snap-0\n"
+        );
+        assert_eq!(plan.created_since, ["late"], "ours are not the snapshot's business");
+        assert_eq!(snapshot_plan("", ""), SnapshotPlan::default());
     }
 }

@@ -421,20 +421,29 @@ impl Firewall {
         Ok(Snapshot { v4, v6, ipsets })
     }
 
-    /// Removes everything of ours and puts the snapshot's tables and sets back (all tables in
-    /// the snapshot are replaced as they were, each family in one transaction).
+    /// Removes everything of ours and puts the snapshot back exactly: every set it holds gets its
+    /// saved members (refilled through a temp set and `swap`, so it is never empty), every table
+    /// in it is replaced as it was (one transaction per family), then sets created since the
+    /// snapshot are destroyed (one that something still uses stays, with a warning).
     pub fn restore_snapshot(&self, snapshot: &Snapshot) -> Result<(), FirewallError> {
         let mut applied = self.lock();
         self.remove_locked()?;
         *applied = None;
-        if !snapshot.ipsets.trim().is_empty() {
-            self.kernel.ipset_restore(&snapshot.ipsets)?;
+        let now = self.kernel.ipset_save()?;
+        let plan = ipset::snapshot_plan(&snapshot.ipsets, &now);
+        if !plan.session.is_empty() {
+            self.kernel.ipset_restore(&plan.session)?;
         }
         if !snapshot.v4.trim().is_empty() {
             self.kernel.restore_tables(Family::V4, &snapshot.v4)?;
         }
         if let Some(v6) = snapshot.v6.as_ref().filter(|text| !text.trim().is_empty()) {
             self.kernel.restore_tables(Family::V6, v6)?;
+        }
+        for name in plan.created_since {
+            if let Err(e) = self.kernel.ipset_restore(&format!("destroy {name}\n")) {
+                log::warn!("set {name} was created after activation and stays (it is in use): {e}");
+            }
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod binaries;
+pub mod firewall;
 pub mod netns;
 pub mod probe;
 pub mod process;

@@ -86,6 +86,61 @@ pub fn run_bounded(mut command: Command, timeout: Duration) -> Result<Captured, 
     Ok(Captured { command: text, status: status?, stdout, stderr })
 }
 
+/// How [`run_killed_after`] ended.
+#[derive(Debug, Clone)]
+pub enum KillOutcome {
+    /// The command finished before the delay was up.
+    Finished(Captured),
+    /// Its process group was sent SIGKILL after this long, and has been reaped.
+    Killed { after: Duration },
+}
+
+/// Runs `command` in a process group of its own and, unless it has finished within `delay`,
+/// SIGKILLs the whole group (the program and every child it started, as a power cut would),
+/// then reaps it. The crash tests' tool; bounded by `delay` plus the kernel's kill.
+pub fn run_killed_after(mut command: Command, delay: Duration) -> Result<KillOutcome, ProcessError> {
+    use nix::sys::signal::{Signal, killpg};
+    let text = describe(&command);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    reset_signal_mask(&mut command);
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|cause| ProcessError::Spawn { command: text.clone(), cause })?;
+    let stdout = child.stdout.take().and_then(|pipe| drain("lab-kill-stdout", pipe));
+    let stderr = child.stderr.take().and_then(|pipe| drain("lab-kill-stderr", pipe));
+    let deadline = started + delay;
+    let finished = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => break None,
+            // Short naps: the delays are milliseconds.
+            Ok(None) => std::thread::sleep(deadline.saturating_duration_since(Instant::now()).min(POLL / 20)),
+            Err(cause) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(ProcessError::Wait { command: text, cause });
+            }
+        }
+    };
+    let outcome = match finished {
+        Some(status) => {
+            // Reaped already: the group id may no longer be ours to signal, so nothing is sent.
+            let stdout = join_reader(stdout);
+            let stderr = join_reader(stderr);
+            return Ok(KillOutcome::Finished(Captured { command: text, status, stdout, stderr }));
+        }
+        None => {
+            let after = started.elapsed();
+            let _ = killpg(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            child.wait().map_err(|cause| ProcessError::Wait { command: text.clone(), cause })?;
+            KillOutcome::Killed { after }
+        }
+    };
+    // Every writer of the pipes is dead (the whole group was killed): the readers end.
+    join_reader(stdout);
+    join_reader(stderr);
+    Ok(outcome)
+}
+
 /// Makes `command`'s child start with no blocked signals, whatever the spawning thread blocks.
 #[allow(unsafe_code)]
 fn reset_signal_mask(command: &mut Command) {
@@ -258,5 +313,42 @@ mod tests {
         assert_eq!(tail(&file, 10), "a\nb\nc\nd");
         assert_eq!(tail(&dir.join("missing"), 3), "");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_killed_command_takes_its_children_along() {
+        let dir = std::env::temp_dir().join(format!("ven-lab-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("child.pid");
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("sleep 30 & echo $! > {}; wait", pidfile.display())]);
+        let started = Instant::now();
+        let outcome = run_killed_after(command, Duration::from_millis(300)).unwrap();
+        assert!(matches!(outcome, KillOutcome::Killed { after } if after >= Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        // The orphaned `sleep` was in the group: it is gone (or a zombie about to be reaped by init).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            if state.is_empty() || state.contains(") Z ") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sleep {child} survived the group kill: {state}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_command_that_finishes_in_time_is_not_killed() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo done"]);
+        match run_killed_after(command, Duration::from_secs(10)).unwrap() {
+            KillOutcome::Finished(done) => {
+                assert_eq!((done.stdout.as_str(), done.success()), ("done\n", true))
+            }
+            other => panic!("expected it to finish: {other:?}"),
+        }
     }
 }

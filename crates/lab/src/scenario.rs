@@ -24,16 +24,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::binaries::Binaries;
+use crate::firewall::FirewallDump;
 use crate::netns::{Netns, NetnsError, Segment};
 use crate::probe::{self, Expect, Verdict};
 use crate::process::{self, Captured, DEFAULT_GRACE, Daemon, ProcessError};
-use crate::status::{self, ParseError, PceStartup, VenStatus, Workload};
+use crate::status::{self, HistoryItem, OrgEvent, ParseError, PceStartup, VenStatus, Workload};
 use crate::workdir::Workdir;
 
 /// The PCE's admin and VEN API port (the contract's default).
 pub const API_PORT: u16 = 8443;
 /// Prefix length of the lab segment (198.18.0.0/24, inside the benchmarking range 198.18.0.0/15).
 pub const SEGMENT_PREFIX_LEN: u8 = 24;
+/// The agents' configuration file in the work dir ([`LabOptions::ven_config`]).
+pub const VEN_CONFIG_FILE: &str = "ven.conf";
 /// Lines of each log quoted in diagnostics.
 const LOG_TAIL_LINES: usize = 30;
 /// Limit for each command run to gather diagnostics.
@@ -103,6 +106,12 @@ pub struct LabOptions {
     pub pce_start_timeout: Duration,
     /// Limit for both agents to carry the policy the PCE computed for them.
     pub policy_timeout: Duration,
+    /// The configuration file of every `ven` command and agent (`key = value` lines), written
+    /// to `<workdir>/ven.conf` and named by `VEN_CONFIG`. Unset: the file is empty (ven's
+    /// defaults), so that the host's /etc/ven/ven.conf never leaks into the lab.
+    pub ven_config: Option<String>,
+    /// Extra environment for every `ven` command and agent (e.g. `RUST_LOG`).
+    pub ven_env: Vec<(String, String)>,
 }
 
 impl Default for LabOptions {
@@ -114,6 +123,8 @@ impl Default for LabOptions {
             command_timeout: Duration::from_secs(30),
             pce_start_timeout: Duration::from_secs(30),
             policy_timeout: Duration::from_secs(20),
+            ven_config: None,
+            ven_env: Vec::new(),
         }
     }
 }
@@ -262,6 +273,9 @@ impl Lab {
         workdir.keep(opts.keep_workdir);
         let workdir_path = workdir.path().to_path_buf();
         res.workdir = Some(workdir);
+        let config_path = workdir_path.join(VEN_CONFIG_FILE);
+        std::fs::write(&config_path, opts.ven_config.as_deref().unwrap_or(""))
+            .map_err(|e| LabError::Workdir(config_path, e))?;
         let segment = Segment::new(&format!("{}-sw", opts.name_prefix))?;
         let segment_name = segment.name().to_string();
         res.segment = Some(segment);
@@ -357,11 +371,48 @@ impl Lab {
         command
     }
 
-    /// `ven ARGS` inside `host` with its VEN_DATA_DIR.
+    /// `ven ARGS` inside `host` with its VEN_DATA_DIR, the lab's VEN_CONFIG and
+    /// [`LabOptions::ven_env`].
     pub fn ven_command(&self, host: Host, args: &[&str]) -> Command {
         let mut command = self.command_in(host, &self.bins.ven);
-        command.args(args).env("VEN_DATA_DIR", self.data_dir(host));
         command
+            .args(args)
+            .env("VEN_DATA_DIR", self.data_dir(host))
+            .env("VEN_CONFIG", self.workdir.join(VEN_CONFIG_FILE));
+        for (key, value) in &self.opts.ven_env {
+            command.env(key, value);
+        }
+        command
+    }
+
+    /// `ven ARGS` inside `host`, SIGKILLed with every child it started unless it finished within
+    /// `delay` (the crash tests).
+    pub fn ven_killed_after(
+        &self,
+        host: Host,
+        args: &[&str],
+        delay: Duration,
+    ) -> Result<process::KillOutcome, LabError> {
+        self.check_cancel()?;
+        Ok(process::run_killed_after(self.ven_command(host, args), delay)?)
+    }
+
+    /// `PROGRAM ARGS` inside `host`'s namespace, whatever its exit status (e.g. `iptables -F`
+    /// to play the tamperer, `ipset save` to look).
+    pub fn exec(&self, host: Host, program: &str, args: &[&str]) -> Result<Captured, LabError> {
+        let mut command = self.command_in(host, program);
+        command.args(args);
+        self.run(command)
+    }
+
+    /// [`Lab::exec`] that must exit 0.
+    pub fn exec_ok(&self, host: Host, program: &str, args: &[&str]) -> Result<Captured, LabError> {
+        require_success(self.exec(host, program, args)?)
+    }
+
+    /// `sh -c SCRIPT` inside `host`'s namespace; it must exit 0.
+    pub fn sh(&self, host: Host, script: &str) -> Result<Captured, LabError> {
+        self.exec_ok(host, "sh", &["-c", script])
     }
 
     /// `pce --data-dir <workdir>/pce --server 198.18.0.1:8443 ARGS` inside the PCE's namespace.
@@ -521,6 +572,24 @@ impl Lab {
         self.spawn_daemon(&format!("ven agent on {host}"), command, &log, &log)
     }
 
+    /// Stops the agent on `host` (SIGTERM: it says goodbye and leaves the firewall as it is;
+    /// SIGKILL after the grace period) and forgets it, so that [`Lab::check_daemons`] does not
+    /// count its exit as a failure. Fails when no agent of the lab runs there.
+    pub fn stop_agent(&self, host: Host) -> Result<(), LabError> {
+        let name = format!("ven agent on {host}");
+        let mut daemon = {
+            let mut res = self.teardown.open()?;
+            let at = res
+                .daemons
+                .iter()
+                .position(|d| d.name() == name)
+                .ok_or(LabError::NotStarted("that agent"))?;
+            res.daemons.remove(at)
+        };
+        daemon.stop(DEFAULT_GRACE);
+        Ok(())
+    }
+
     /// Labels role=web and role=db, assigns them, adds the rule web -> db 5432/tcp and provisions.
     /// Returns the admin CLI's outputs, one line per step.
     pub fn configure_policy(&self) -> Result<Vec<String>, LabError> {
@@ -557,6 +626,26 @@ impl Lab {
     /// `pce workload list --json`.
     pub fn workloads(&self) -> Result<Vec<Workload>, LabError> {
         Ok(Workload::parse_list(&self.pce(&["workload", "list", "--json"])?.stdout)?)
+    }
+
+    /// `pce events --json`: the organisation events, oldest first.
+    pub fn events(&self) -> Result<Vec<OrgEvent>, LabError> {
+        Ok(OrgEvent::parse_list(&self.pce(&["events", "--json"])?.stdout)?)
+    }
+
+    /// `ven history --json` on `host`: the recorded firewall changes, oldest first.
+    pub fn history(&self, host: Host) -> Result<Vec<HistoryItem>, LabError> {
+        let done = self.run_ok(self.ven_command(host, &["history", "--json"]))?;
+        Ok(HistoryItem::parse_list(&done.stdout)?)
+    }
+
+    /// `iptables-save`, `ip6tables-save` and `ipset save` inside `host`; each must succeed.
+    pub fn firewall(&self, host: Host) -> Result<FirewallDump, LabError> {
+        Ok(FirewallDump {
+            v4: self.exec_ok(host, "iptables-save", &[])?.stdout,
+            v6: self.exec_ok(host, "ip6tables-save", &[])?.stdout,
+            ipsets: self.exec_ok(host, "ipset", &["save"])?.stdout,
+        })
     }
 
     /// `ven status --json` on `host`.
@@ -930,6 +1019,8 @@ mod tests {
             applied_policy_version: version,
             applied_state: Some(state.into()),
             apply_error: None,
+            agent_status: Some("online".into()),
+            suspended: Some(false),
         }
     }
 
@@ -943,6 +1034,8 @@ mod tests {
             policy_state: state.map(Into::into),
             policy_version: version,
             last_apply_error: None,
+            tamper_count: Some(0),
+            last_tamper: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Parsers for what the lab reads back from the real binaries: `pce serve`'s start-up lines,
-//! `ven status --json` and `pce workload list --json` (shapes in the shared command-line contract).
+//! `ven status --json`, `ven history --json`, `pce workload list --json` and `pce events --json`
+//! (shapes in the shared command-line contract and the binaries' renderers).
 //!
 //! Parsing is lenient about fields the lab does not need and strict about the ones it decides on:
 //! a missing or mistyped `policy_state` is an error, not a silent "not yet".
@@ -62,6 +63,10 @@ pub struct VenStatus {
     pub policy_state: Option<String>,
     pub policy_version: Option<u64>,
     pub last_apply_error: Option<String>,
+    /// Tampering found (and repaired or not) since activation; `None` from agents that predate it.
+    pub tamper_count: Option<u64>,
+    /// What the last tampering was (`last_tamper.what`).
+    pub last_tamper: Option<String>,
 }
 
 impl VenStatus {
@@ -83,6 +88,17 @@ impl VenStatus {
             policy_state: opt_str(WHAT, &value, "policy_state", text)?,
             policy_version: opt_u64(WHAT, &value, "policy_version", text)?,
             last_apply_error: opt_str(WHAT, &value, "last_apply_error", text)?,
+            tamper_count: opt_u64(WHAT, &value, "tamper_count", text)?,
+            last_tamper: match value.get("last_tamper") {
+                None | Some(Value::Null) => None,
+                Some(tamper) => Some(
+                    tamper
+                        .get("what")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| field_error(WHAT, "last_tamper", "{at, what} or null", text))?
+                        .to_string(),
+                ),
+            },
         })
     }
 }
@@ -101,6 +117,9 @@ pub struct Workload {
     pub applied_policy_version: Option<u64>,
     pub applied_state: Option<String>,
     pub apply_error: Option<String>,
+    /// `online`, `offline` or `suspended` (the PCE's view of the agent).
+    pub agent_status: Option<String>,
+    pub suspended: Option<bool>,
 }
 
 impl Workload {
@@ -151,12 +170,96 @@ impl Workload {
             applied_policy_version: opt_u64(what, item, "applied_policy_version", text)?,
             applied_state: opt_str(what, item, "applied_state", text)?,
             apply_error: opt_str(what, item, "apply_error", text)?,
+            agent_status: opt_str(what, item, "agent_status", text)?,
+            suspended: opt_bool(what, item, "suspended", text)?,
         })
     }
 
     /// The value of label `key`, if the workload carries one.
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// One element of `pce events --json` (an organisation event).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrgEvent {
+    pub id: u64,
+    /// e.g. `tampering`, `server_suspended`, `server_unsuspended`.
+    pub event_type: String,
+    /// The workload's hostname, when the event concerns one.
+    pub hostname: Option<String>,
+    pub message: String,
+    /// Machine-readable particulars (a JSON object, kept as is).
+    pub details: Value,
+}
+
+impl OrgEvent {
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, ParseError> {
+        const WHAT: &str = "`pce events --json`";
+        let value = parse_json(WHAT, text)?;
+        let items = value.as_array().ok_or_else(|| field_error(WHAT, "(top level)", "an array", text))?;
+        items
+            .iter()
+            .map(|item| {
+                let hostname = match item.get("workload") {
+                    None | Some(Value::Null) => None,
+                    Some(workload) => opt_str(WHAT, workload, "hostname", text)?,
+                };
+                Ok(Self {
+                    id: item
+                        .get("id")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| field_error(WHAT, "id", "an integer", text))?,
+                    event_type: item
+                        .get("event_type")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| field_error(WHAT, "event_type", "a string", text))?
+                        .to_string(),
+                    hostname,
+                    message: opt_str(WHAT, item, "message", text)?.unwrap_or_default(),
+                    details: item.get("details").cloned().unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One element of `ven history --json` (a recorded firewall change, or a file it cannot read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryItem {
+    pub seq: u64,
+    /// `policy_update`, `boot_restore`, `tamper_repair`, `suspend`, `unsuspend`, `deactivate`;
+    /// `None` for an unreadable entry.
+    pub reason: Option<String>,
+    pub policy_version: Option<u64>,
+    pub state: Option<String>,
+    pub summary: Option<String>,
+    /// Why the entry could not be read (`error`), for an unreadable one.
+    pub error: Option<String>,
+}
+
+impl HistoryItem {
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, ParseError> {
+        const WHAT: &str = "`ven history --json`";
+        let value = parse_json(WHAT, text)?;
+        let items = value.as_array().ok_or_else(|| field_error(WHAT, "(top level)", "an array", text))?;
+        items
+            .iter()
+            .map(|item| {
+                Ok(Self {
+                    seq: item
+                        .get("seq")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| field_error(WHAT, "seq", "an integer", text))?,
+                    reason: opt_str(WHAT, item, "reason", text)?,
+                    policy_version: opt_u64(WHAT, item, "policy_version", text)?,
+                    state: opt_str(WHAT, item, "state", text)?,
+                    summary: opt_str(WHAT, item, "summary", text)?,
+                    error: opt_str(WHAT, item, "error", text)?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -332,5 +435,68 @@ mod tests {
         let junk = "x".repeat(5000);
         let msg = VenStatus::parse(&junk).unwrap_err().to_string();
         assert!(msg.len() < 1000, "{}", msg.len());
+    }
+
+    #[test]
+    fn events_from_the_admin_api_shape() {
+        // `pce events --json` after a suspend, a tampering report and a PCE-wide event.
+        let text = r#"[
+          {"href":"/api/v2/events/3","id":3,"timestamp":"2026-11-28T01:18:42Z",
+           "event_type":"server_suspended","severity":"warning",
+           "workload":{"href":"/api/v2/workloads/2","id":2,"hostname":"db"},
+           "message":"VEN suspended (its firewall was enforced)",
+           "details":{"previous_state":"enforced"}},
+          {"href":"/api/v2/events/4","id":4,"timestamp":"2026-11-28T01:18:43Z",
+           "event_type":"tampering","severity":"warning",
+           "workload":{"href":"/api/v2/workloads/2","id":2,"hostname":"db"},
+           "message":"firewall tampering: v4: ... (repaired)",
+           "details":{"summary":"v4: ...","repaired":true,"detected_at":"2026-11-28T01:18:43Z"}},
+          {"href":"/api/v2/events/5","id":5,"timestamp":"2026-11-28T01:18:44Z",
+           "event_type":"agent_deactivated","severity":"info","workload":null,
+           "message":"m","details":{}}
+        ]"#;
+        let events = OrgEvent::parse_list(text).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0].event_type, "server_suspended");
+        assert_eq!(events[0].hostname.as_deref(), Some("db"));
+        assert_eq!(events[1].details["repaired"], Value::Bool(true));
+        assert_eq!(events[2].hostname, None);
+        assert!(OrgEvent::parse_list(r#"[{"id":1}]"#).is_err());
+        assert!(OrgEvent::parse_list("{}").is_err());
+    }
+
+    #[test]
+    fn history_from_the_renderer_shape() {
+        let text = r#"[{"seq":7,"at":"2026-11-27T12:00:00Z","unix_time":1795780800,
+            "reason":"policy_update","policy_version":12,"state":"enforced",
+            "summary":"","ruleset_bytes":1234},
+            {"seq":8,"error":"checksum mismatch","path":"/var/lib/ven/history/8"},
+            {"seq":9,"at":"2026-11-27T12:00:00Z","unix_time":1795780800,"reason":"deactivate",
+            "policy_version":null,"state":null,"summary":"deactivated, firewall open","ruleset_bytes":0}]"#;
+        let items = HistoryItem::parse_list(text).unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!((items[0].seq, items[0].reason.as_deref()), (7, Some("policy_update")));
+        assert_eq!(items[0].policy_version, Some(12));
+        assert_eq!(items[1].reason, None);
+        assert_eq!(items[1].error.as_deref(), Some("checksum mismatch"));
+        assert_eq!(items[2].policy_version, None);
+        assert!(HistoryItem::parse_list(r#"[{"reason":"suspend"}]"#).is_err());
+    }
+
+    #[test]
+    fn tamper_fields_and_agent_status_are_read() {
+        let text = r#"{"activated":true,"connectivity":"suspended","tamper_count":3,
+            "last_tamper":{"at":"2026-11-28T01:18:43Z","what":"v4: chain VEN-INPUT differs"}}"#;
+        let s = VenStatus::parse(text).unwrap();
+        assert_eq!(s.tamper_count, Some(3));
+        assert_eq!(s.last_tamper.as_deref(), Some("v4: chain VEN-INPUT differs"));
+        assert!(VenStatus::parse(r#"{"activated":true,"last_tamper":{"at":1}}"#).is_err());
+        let list = Workload::parse_list(
+            r#"[{"id":2,"hostname":"db","policy_state":"enforced","online":true,
+                "agent_status":"suspended","suspended":true}]"#,
+        )
+        .unwrap();
+        assert_eq!(list[0].agent_status.as_deref(), Some("suspended"));
+        assert_eq!(list[0].suspended, Some(true));
     }
 }
