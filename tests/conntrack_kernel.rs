@@ -231,3 +231,64 @@ fn non_enforced_policy_cuts_nothing() {
     assert_eq!(summary, CutSummary::default());
     assert!(holds(&lab.b_table(), src, dst));
 }
+
+/// Whether data still flows both ways on an open connection: the client writes and the server
+/// echoes within a second.
+fn still_flows(client: &Netns, client_end: &TcpStream, server_end: &TcpStream) -> bool {
+    let mut server = server_end.try_clone().expect("clone server end");
+    let echo = std::thread::spawn(move || {
+        server.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
+        let mut word = [0u8; 4];
+        if server.read_exact(&mut word).is_ok() {
+            let _ = server.write_all(&word);
+        }
+    });
+    let mut stream = client_end.try_clone().expect("clone client end");
+    let flowed = client
+        .run(move || {
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(1))).expect("timeout");
+            let mut word = [0u8; 4];
+            stream.write_all(b"more").is_ok() && stream.read_exact(&mut word).is_ok() && &word == b"more"
+        })
+        .expect("enter client");
+    let _ = echo.join();
+    flowed
+}
+
+/// The whole story of issue 3's "a tightened policy cuts an open TCP connection": the real
+/// firewall enforces a policy allowing A to reach B:ALLOWED; a connection is opened and used;
+/// the next policy no longer allows it. The firewall alone lets it go on (established traffic is
+/// accepted); with the cut the agent makes after an apply, the connection stops carrying data.
+#[test]
+fn a_tightened_policy_ends_an_open_connection_once_cut() {
+    use ven::firewall::{Firewall, FirewallConfig, Safeguards};
+    if !require_kernel() {
+        return;
+    }
+    let lab = Lab::new("ctk-end");
+    let apply = |policy: Policy| {
+        lab.b
+            .run(move || {
+                let safeguards = Safeguards { management: vec![socket(A4, MANAGEMENT)] };
+                Firewall::new(FirewallConfig::default()).apply(&policy, &safeguards).map(|_| ())
+            })
+            .expect("enter b")
+            .expect("apply")
+    };
+    apply(policy());
+    let kept = connect(&lab.a, &lab.b, socket(B4, ALLOWED));
+    let ended = connect(&lab.a, &lab.b, socket(B6, ALLOWED));
+    assert!(still_flows(&lab.a, &kept.0, &kept.1));
+
+    // Tightened: only IPv4 peers may reach ALLOWED now.
+    let mut tightened = policy();
+    tightened.version += 1;
+    tightened.ip_sets[0].members.retain(|member| member.is_ipv4());
+    apply(tightened.clone());
+    assert!(still_flows(&lab.a, &ended.0, &ended.1), "without the cut, conntrack keeps it established");
+
+    let summary = cut_in_b(&lab, tightened);
+    assert_eq!(summary.deleted, 1, "{summary:?}");
+    assert!(!still_flows(&lab.a, &ended.0, &ended.1), "the IPv6 connection should carry no more data");
+    assert!(still_flows(&lab.a, &kept.0, &kept.1), "the IPv4 connection is still allowed");
+}
