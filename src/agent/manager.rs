@@ -20,7 +20,7 @@ use ven_proto::{
 use super::control::{ControlRequest, ControlResponse};
 use super::evsync::EventSync;
 use super::lifecycle::{self, FirewallAfter};
-use super::pce_client::PceClient;
+use super::pce_client::{ClientError, PceClient};
 use super::status::{Connectivity, HeartbeatTracker, StatusReport};
 use super::{Input, host, jitter};
 use crate::config::Config;
@@ -292,7 +292,7 @@ impl Manager {
                 if response.policy_version != self.applied_version()
                     && !self.recently_rejected(response.policy_version)
                 {
-                    self.sync_policy();
+                    self.sync_policy(response.policy_version);
                 }
             }
             Err(e) if e.is_unauthorized() => {
@@ -325,18 +325,31 @@ impl Manager {
                 if self.heartbeats.connectivity() == Connectivity::Diminished {
                     log::info!("ignoring policy event for version {version} while diminished");
                 } else if version != self.applied_version() && !self.recently_rejected(version) {
-                    self.sync_policy();
+                    self.sync_policy(version);
                 }
             }
         }
     }
 
-    fn sync_policy(&mut self) {
+    /// Fetches the policy the PCE announced as `announced` and applies it.
+    fn sync_policy(&mut self, announced: u64) {
         let Some(pairing) = &self.pairing else { return };
         match pairing.client.policy(self.applied_version()) {
             Ok(Some(policy)) => self.apply(policy),
             Ok(None) => {}
             Err(e) if e.is_unauthorized() => self.heartbeats.unauthorized(),
+            // A policy that does not even decode (an unknown protocol, a bad address, a port
+            // beyond 65535) is rejected like one the firewall refuses: reported, not retried
+            // before an interval, and the last-known-good policy stays in force.
+            Err(e @ ClientError::Malformed { .. }) => {
+                log::error!(
+                    "policy version {announced} rejected, version {} stays in force: {e}",
+                    self.applied_version()
+                );
+                self.apply_error = Some(format!("version {announced}: {e}"));
+                self.rejected = Some((announced, Instant::now() + self.heartbeat_interval));
+                self.next_heartbeat = Instant::now();
+            }
             Err(e) => log::warn!("cannot fetch the policy: {e}"),
         }
     }
