@@ -336,9 +336,16 @@ fn remove_leaves_nothing_of_ours_and_foreign_objects_untouched() {
     }
     assert!(lab.sets().contains("add foreign-set 198.19.0.1"), "foreign set untouched");
 
-    // Someone slips a rule in front of our jump; the next apply puts the jump back at rule 1.
+    // Someone slips a rule in front of our jump. A new version with the same chains only
+    // changes set members (the fast path reads nothing back); the tamper check finds the jump
+    // out of place and the repair puts it back at rule 1.
     lab.b_sh("iptables -I INPUT 1 -j DOCKER-LIKE");
     lab.apply(&policy(2, PolicyState::Enforced, &[A, A6])).unwrap();
+    assert_eq!(
+        lab.verify(CheckDepth::Quick).unwrap(),
+        ["IPv4: jump from INPUT to VEN-INPUT not alone at rule 1"]
+    );
+    lab.repair().unwrap();
     let filter = lab.filter(Family::V4);
     let input: Vec<&str> = filter.lines().filter(|l| l.starts_with("-A INPUT ")).collect();
     assert_eq!(

@@ -335,7 +335,12 @@ impl SetPlan {
 }
 
 fn create_line(name: &str, family: Family, maxelem: usize) -> String {
-    format!("create {name} hash:net family {} hashsize {HASHSIZE} maxelem {maxelem}", family.ipset_family())
+    format!("create {name} {}", header(family, maxelem))
+}
+
+/// The header (type and options) of the sets we create, as `create` takes it.
+pub(crate) fn header(family: Family, maxelem: usize) -> String {
+    format!("hash:net family {} hashsize {HASHSIZE} maxelem {maxelem}", family.ipset_family())
 }
 
 /// A member as ipset prints it: a bare address for a host, `address/prefix` otherwise.

@@ -322,8 +322,62 @@ impl Firewall {
             .into_iter()
             .map(|family| (family, render::render(family, policy, safeguards, &self.options)))
             .collect();
-        let summary = self.apply_rulesets(&rulesets)?;
+        let members_only = applied.as_ref().is_some_and(|previous| {
+            previous.rulesets.len() == rulesets.len()
+                && previous
+                    .rulesets
+                    .iter()
+                    .zip(&rulesets)
+                    .all(|((f1, r1), (f2, r2))| f1 == f2 && r1.chains == r2.chains)
+        });
+        let summary = match applied.as_ref() {
+            Some(previous) if members_only => self.apply_members(&previous.rulesets, &rulesets)?,
+            _ => self.apply_rulesets(&rulesets)?,
+        };
         *applied = Some(Applied { rulesets });
+        Ok(summary)
+    }
+
+    /// The fast path for a policy whose chains are what this firewall last applied and only set
+    /// members differ (the common case: a peer comes or goes): one `ipset restore` of the delta
+    /// from the last applied members, without reading the kernel back (an `iptables-save` of a
+    /// large table costs hundreds of milliseconds). The kernel matching what was applied is the
+    /// tamper checks' job; the session runs with `-exist`, so a member someone already removed
+    /// or added does not fail it. On failure the sets are put back from the kernel's state.
+    fn apply_members(
+        &self,
+        previous: &[(Family, render::Ruleset)],
+        rulesets: &[(Family, render::Ruleset)],
+    ) -> Result<ApplySummary, FirewallError> {
+        let maxelem = 2 * self.options.caps.max_set_members;
+        let mut before = ipset::KernelSets::new();
+        let mut update = ipset::SetPlan::default();
+        for ((family, old), (_, new)) in previous.iter().zip(rulesets) {
+            let applied: ipset::KernelSets = old
+                .sets
+                .iter()
+                .map(|(name, members)| {
+                    let header = ipset::header(*family, maxelem);
+                    (name.clone(), ipset::KernelSet { header, members: members.clone() })
+                })
+                .collect();
+            update.extend(ipset::plan(*family, &applied, &new.sets, maxelem));
+            before.extend(applied);
+        }
+        let summary = ApplySummary {
+            rules: rulesets.iter().map(|(_, ruleset)| ruleset.rule_count()).sum(),
+            sets: rulesets.iter().map(|(_, ruleset)| ruleset.sets.len()).sum(),
+            set_members_added: update.added(),
+            set_members_removed: update.removed(),
+            changed: !update.is_empty(),
+        };
+        if !update.is_empty() {
+            // No rule refers to a set that goes (the chains are unchanged and name only sets
+            // that stay), so destroys need not wait.
+            if let Err(cause) = self.kernel.ipset_restore(&update.render()) {
+                return Err(self.restore_sets(&before, cause, maxelem));
+            }
+        }
         Ok(summary)
     }
 
@@ -740,7 +794,37 @@ mod tests {
         fake.clear_calls();
         let summary = fw.apply(&same, &safeguards()).unwrap();
         assert_eq!((summary.set_members_added, summary.set_members_removed, summary.changed), (0, 0, false));
+        assert!(fake.calls().is_empty(), "same chains: nothing read, nothing written: {:?}", fake.calls());
+        // A new firewall (a restarted agent) knows nothing: it reads the kernel and finds it right.
+        let summary = firewall(&fake).apply(&same, &safeguards()).unwrap();
+        assert!(!summary.changed);
         assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_save"]);
+    }
+
+    #[test]
+    fn a_members_only_change_writes_one_delta_without_reading_the_kernel() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.0.3"]), &safeguards()).unwrap();
+        fake.clear_calls();
+        let mut next = policy(PolicyState::Enforced, &["198.18.0.2", "198.18.0.3", "198.18.0.4"]);
+        next.version = 2;
+        let summary = fw.apply(&next, &safeguards()).unwrap();
+        assert_eq!((summary.set_members_added, summary.set_members_removed, summary.changed), (1, 0, true));
+        assert_eq!(fake.calls(), [("ipset_restore", "add ven-1 198.18.0.4\n".to_string())]);
+        // A failed delta puts the members back as they were.
+        fake.fail_ipset_restore_after_lines(1);
+        let err = fw.apply(&policy(PolicyState::Enforced, &["198.18.0.5", "198.18.0.6"]), &safeguards());
+        assert!(matches!(err, Err(FirewallError::IpsetRestore { .. })), "{err:?}");
+        assert_eq!(
+            fake.set_members("ven-1").map(|mut m| {
+                m.sort();
+                m
+            }),
+            Some(vec!["198.18.0.2".into(), "198.18.0.3".into(), "198.18.0.4".into()])
+        );
+        assert!(fake.set_members("ven-1-t").is_none(), "the temp set of the reload went too");
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
     }
 
     #[test]
@@ -816,7 +900,8 @@ mod tests {
         let fw = firewall(&fake);
         fw.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
         Kernel::restore_filter(&fake, Family::V4, "*filter\n:DOCKER-LIKE - [0:0]\n-A DOCKER-LIKE -j RETURN\n-I INPUT 1 -j DOCKER-LIKE\n-A OUTPUT -m comment --comment \"ven:jump\" -j VEN-OUTPUT\nCOMMIT\n").unwrap();
-        fw.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
+        // A restarted agent applies its last-known-good policy and finds the jumps out of place.
+        firewall(&fake).apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
         let saved = iptables::parse_save(&fake.filter_text()).unwrap();
         let chain = |name: &str| {
             saved.rules.iter().filter(|r| r.chain == name).map(|r| r.spec.clone()).collect::<Vec<_>>()
