@@ -36,6 +36,7 @@ mod validate;
 #[cfg(test)]
 mod fake;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::ExitStatus;
 use std::sync::Mutex;
@@ -271,6 +272,37 @@ struct Removal {
 /// The last rulesets applied, per family: what verify compares with and repair restores.
 struct Applied {
     rulesets: Vec<(Family, render::Ruleset)>,
+    /// What the chains were rendered from ([`rules_fingerprint`]).
+    rules_fingerprint: Fingerprint,
+    /// What each set was filled from, by policy set id ([`members_fingerprint`]).
+    set_fingerprints: BTreeMap<u32, Fingerprint>,
+}
+
+type Fingerprint = [u8; 32];
+
+/// SHA-256 of everything the chains are rendered from besides the board's options (fixed for a
+/// `Firewall`): the state, the rules, the custom rules and the management endpoints.
+fn rules_fingerprint(policy: &Policy, safeguards: &Safeguards) -> Fingerprint {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&ven_proto::encode(&(policy.state, &policy.rules, &policy.custom_rules)));
+    for endpoint in &safeguards.management {
+        context.update(endpoint.to_string().as_bytes());
+        context.update(&[0]);
+    }
+    fingerprint_of(context)
+}
+
+/// SHA-256 of one set's members as the policy lists them.
+fn members_fingerprint(members: &[IpNet]) -> Fingerprint {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&ven_proto::encode(&members));
+    fingerprint_of(context)
+}
+
+fn fingerprint_of(context: ring::digest::Context) -> Fingerprint {
+    let mut fingerprint = [0; 32];
+    fingerprint.copy_from_slice(context.finish().as_ref());
+    fingerprint
 }
 
 /// The PlatformHandler: applies policies, verifies and repairs them, and removes everything it
@@ -317,56 +349,65 @@ impl Firewall {
                 ..ApplySummary::default()
             });
         }
+        let rules_fingerprint = rules_fingerprint(policy, safeguards);
+        let set_fingerprints: BTreeMap<u32, Fingerprint> =
+            policy.ip_sets.iter().map(|set| (set.id, members_fingerprint(&set.members))).collect();
+        if let Some(previous) = applied.as_mut().filter(|p| p.rules_fingerprint == rules_fingerprint) {
+            return self.apply_members(previous, policy, set_fingerprints);
+        }
         let rulesets: Vec<(Family, render::Ruleset)> = self
             .families()
             .into_iter()
             .map(|family| (family, render::render(family, policy, safeguards, &self.options)))
             .collect();
-        let members_only = applied.as_ref().is_some_and(|previous| {
-            previous.rulesets.len() == rulesets.len()
-                && previous
-                    .rulesets
-                    .iter()
-                    .zip(&rulesets)
-                    .all(|((f1, r1), (f2, r2))| f1 == f2 && r1.chains == r2.chains)
-        });
-        let summary = match applied.as_ref() {
-            Some(previous) if members_only => self.apply_members(&previous.rulesets, &rulesets)?,
-            _ => self.apply_rulesets(&rulesets)?,
-        };
-        *applied = Some(Applied { rulesets });
+        let summary = self.apply_rulesets(&rulesets)?;
+        *applied = Some(Applied { rulesets, rules_fingerprint, set_fingerprints });
         Ok(summary)
     }
 
-    /// The fast path for a policy whose chains are what this firewall last applied and only set
-    /// members differ (the common case: a peer comes or goes): one `ipset restore` of the delta
-    /// from the last applied members, without reading the kernel back (an `iptables-save` of a
-    /// large table costs hundreds of milliseconds). The kernel matching what was applied is the
-    /// tamper checks' job; the session runs with `-exist`, so a member someone already removed
-    /// or added does not fail it. On failure the sets are put back from the kernel's state.
+    /// The fast path for a policy whose chains are what this firewall last applied (same rules,
+    /// state, custom rules and management endpoints) and only set members differ, the common
+    /// case of a peer coming or going: nothing is rendered, only the sets whose members changed
+    /// are normalised and compared, and one `ipset restore` writes the delta from the last
+    /// applied members, without reading the kernel back (`iptables-save` of a large table costs
+    /// hundreds of milliseconds). Keeping the kernel equal to what was applied is the tamper
+    /// checks' job, as in Felix; the session runs with `-exist`, so a member someone already
+    /// removed or added does not fail it. On failure the sets are put back from the kernel's
+    /// state and `applied` stays as it was.
     fn apply_members(
         &self,
-        previous: &[(Family, render::Ruleset)],
-        rulesets: &[(Family, render::Ruleset)],
+        applied: &mut Applied,
+        policy: &Policy,
+        set_fingerprints: BTreeMap<u32, Fingerprint>,
     ) -> Result<ApplySummary, FirewallError> {
         let maxelem = 2 * self.options.caps.max_set_members;
-        let mut before = ipset::KernelSets::new();
+        let changed: Vec<u32> = set_fingerprints
+            .iter()
+            .filter(|(id, fingerprint)| applied.set_fingerprints.get(id) != Some(fingerprint))
+            .map(|(id, _)| *id)
+            .chain(applied.set_fingerprints.keys().filter(|id| !set_fingerprints.contains_key(id)).copied())
+            .collect();
         let mut update = ipset::SetPlan::default();
-        for ((family, old), (_, new)) in previous.iter().zip(rulesets) {
-            let applied: ipset::KernelSets = old
-                .sets
-                .iter()
-                .map(|(name, members)| {
+        let mut next: Vec<(Family, render::DesiredSets)> = Vec::with_capacity(applied.rulesets.len());
+        for (family, ruleset) in &applied.rulesets {
+            let mut old = ipset::KernelSets::new();
+            let mut new = render::DesiredSets::new();
+            for id in &changed {
+                let name = family.set_name(*id);
+                if let Some(members) = ruleset.sets.get(&name) {
                     let header = ipset::header(*family, maxelem);
-                    (name.clone(), ipset::KernelSet { header, members: members.clone() })
-                })
-                .collect();
-            update.extend(ipset::plan(*family, &applied, &new.sets, maxelem));
-            before.extend(applied);
+                    old.insert(name.clone(), ipset::KernelSet { header, members: members.clone() });
+                }
+                if let Some(set) = policy.ip_sets.iter().find(|set| set.id == *id) {
+                    new.insert(name, render::set_members(*family, &set.members));
+                }
+            }
+            update.extend(ipset::plan(*family, &old, &new, maxelem));
+            next.push((*family, new));
         }
         let summary = ApplySummary {
-            rules: rulesets.iter().map(|(_, ruleset)| ruleset.rule_count()).sum(),
-            sets: rulesets.iter().map(|(_, ruleset)| ruleset.sets.len()).sum(),
+            rules: applied.rulesets.iter().map(|(_, ruleset)| ruleset.rule_count()).sum(),
+            sets: policy.ip_sets.len() * applied.rulesets.len(),
             set_members_added: update.added(),
             set_members_removed: update.removed(),
             changed: !update.is_empty(),
@@ -375,9 +416,30 @@ impl Firewall {
             // No rule refers to a set that goes (the chains are unchanged and name only sets
             // that stay), so destroys need not wait.
             if let Err(cause) = self.kernel.ipset_restore(&update.render()) {
+                // Every set of ours goes back to what was applied (sets this delta created go).
+                let header = |family: Family| ipset::header(family, maxelem);
+                let before: ipset::KernelSets = applied
+                    .rulesets
+                    .iter()
+                    .flat_map(|(family, ruleset)| {
+                        ruleset.sets.iter().map(move |(name, members)| {
+                            (
+                                name.clone(),
+                                ipset::KernelSet { header: header(*family), members: members.clone() },
+                            )
+                        })
+                    })
+                    .collect();
                 return Err(self.restore_sets(&before, cause, maxelem));
             }
         }
+        for ((family, ruleset), (_, new)) in applied.rulesets.iter_mut().zip(next) {
+            for id in &changed {
+                ruleset.sets.remove(&family.set_name(*id));
+            }
+            ruleset.sets.extend(new);
+        }
+        applied.set_fingerprints = set_fingerprints;
         Ok(summary)
     }
 
@@ -825,6 +887,31 @@ mod tests {
         );
         assert!(fake.set_members("ven-1-t").is_none(), "the temp set of the reload went too");
         assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
+
+        // A set no rule names comes and goes without touching the chains or the other sets.
+        let mut with_spare = next.clone();
+        with_spare.ip_sets.push(IpSet { id: 9, members: vec![net("198.18.9.9")] });
+        fake.clear_calls();
+        fw.apply(&with_spare, &safeguards()).unwrap();
+        assert_eq!(
+            fake.calls(),
+            [(
+                "ipset_restore",
+                "create ven-9 hash:net family inet hashsize 1024 maxelem 262144\nadd ven-9 198.18.9.9\n"
+                    .to_string()
+            )]
+        );
+        fake.clear_calls();
+        fw.apply(&next, &safeguards()).unwrap();
+        assert_eq!(fake.calls(), [("ipset_restore", "destroy ven-9\n".to_string())]);
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
+
+        // A rule change takes the full path: the kernel is read and the chains rewritten.
+        let mut new_rule = next.clone();
+        new_rule.rules.push(outbound_rule(11, 1));
+        fake.clear_calls();
+        fw.apply(&new_rule, &safeguards()).unwrap();
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_save", "restore_filter"]);
     }
 
     #[test]
