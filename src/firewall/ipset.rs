@@ -232,40 +232,55 @@ pub(crate) struct SetPlan {
 /// than it keeps, or its `maxelem` is not `maxelem`), sets not desired destroyed (leftover
 /// temp sets included).
 pub(crate) fn plan(family: Family, current: &KernelSets, desired: &DesiredSets, maxelem: usize) -> SetPlan {
-    let empty = BTreeSet::new();
     let mut plan = SetPlan::default();
     for (name, wanted) in desired {
-        let have = match current.get(name) {
-            Some(set) => {
-                let churn = set.members.symmetric_difference(wanted).count();
-                let resize = maxelem_of(&set.header) != Some(maxelem);
-                if resize || (churn > 0 && churn > wanted.len() && !wanted.is_empty()) {
-                    plan.reload_added += wanted.difference(&set.members).count();
-                    plan.reload_removed += set.members.difference(wanted).count();
-                    let reload =
-                        Reload { name: name.clone(), family, members: wanted.iter().copied().collect() };
-                    plan.reload.push((reload, maxelem));
-                    continue;
-                }
-                &set.members
-            }
-            None => {
-                plan.create.push((name.clone(), family, maxelem));
-                &empty
-            }
-        };
-        plan.delete.extend(have.difference(wanted).map(|member| (name.clone(), family, *member)));
-        plan.add.extend(wanted.difference(have).map(|member| (name.clone(), family, *member)));
+        let have = current.get(name).map(|set| (&set.members, maxelem_of(&set.header) != Some(maxelem)));
+        plan.change(family, name, have, Some(wanted), maxelem);
     }
     for (name, set) in current.iter().filter(|(name, _)| family.owns_set(name)) {
         if !desired.contains_key(name) {
-            plan.destroy.push((name.clone(), set.members.len()));
+            plan.change(family, name, Some((&set.members, false)), None, maxelem);
         }
     }
     plan
 }
 
 impl SetPlan {
+    /// Plans one set from `have` (its members and whether its `maxelem` differs from `maxelem`;
+    /// `None`: it does not exist) to `wanted` (`None`: it goes).
+    pub(crate) fn change(
+        &mut self,
+        family: Family,
+        name: &str,
+        have: Option<(&BTreeSet<IpNet>, bool)>,
+        wanted: Option<&BTreeSet<IpNet>>,
+        maxelem: usize,
+    ) {
+        match (have, wanted) {
+            (None, None) => {}
+            (Some((have, _)), None) => self.destroy.push((name.to_string(), have.len())),
+            (None, Some(wanted)) => {
+                self.create.push((name.to_string(), family, maxelem));
+                self.add.extend(wanted.iter().map(|member| (name.to_string(), family, *member)));
+            }
+            (Some((have, resize)), Some(wanted)) => {
+                let adds: Vec<IpNet> = wanted.difference(have).copied().collect();
+                let deletes: Vec<IpNet> = have.difference(wanted).copied().collect();
+                let churn = adds.len() + deletes.len();
+                if resize || (churn > wanted.len() && !wanted.is_empty()) {
+                    self.reload_added += adds.len();
+                    self.reload_removed += deletes.len();
+                    let reload =
+                        Reload { name: name.to_string(), family, members: wanted.iter().copied().collect() };
+                    self.reload.push((reload, maxelem));
+                } else {
+                    self.delete.extend(deletes.into_iter().map(|member| (name.to_string(), family, member)));
+                    self.add.extend(adds.into_iter().map(|member| (name.to_string(), family, member)));
+                }
+            }
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.create.is_empty()
             && self.delete.is_empty()

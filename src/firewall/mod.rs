@@ -390,19 +390,20 @@ impl Firewall {
         let mut update = ipset::SetPlan::default();
         let mut next: Vec<(Family, render::DesiredSets)> = Vec::with_capacity(applied.rulesets.len());
         for (family, ruleset) in &applied.rulesets {
-            let mut old = ipset::KernelSets::new();
             let mut new = render::DesiredSets::new();
             for id in &changed {
                 let name = family.set_name(*id);
-                if let Some(members) = ruleset.sets.get(&name) {
-                    let header = ipset::header(*family, maxelem);
-                    old.insert(name.clone(), ipset::KernelSet { header, members: members.clone() });
-                }
-                if let Some(set) = policy.ip_sets.iter().find(|set| set.id == *id) {
-                    new.insert(name, render::set_members(*family, &set.members));
+                let wanted = policy
+                    .ip_sets
+                    .iter()
+                    .find(|set| set.id == *id)
+                    .map(|set| render::set_members(*family, &set.members));
+                let have = ruleset.sets.get(&name).map(|members| (members, false));
+                update.change(*family, &name, have, wanted.as_ref(), maxelem);
+                if let Some(wanted) = wanted {
+                    new.insert(name, wanted);
                 }
             }
-            update.extend(ipset::plan(*family, &old, &new, maxelem));
             next.push((*family, new));
         }
         let summary = ApplySummary {
