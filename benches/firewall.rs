@@ -597,6 +597,38 @@ fn tamper_checks(options: &Options, policy: &Arc<Policy>) -> BenchResult<(Vec<Ro
     result
 }
 
+/// Figure 4: tampering found and repaired: `iptables -F VEN-INPUT` by someone else, then the
+/// quick check that finds it and the repair that puts it back, timed together (the agent's
+/// detect-to-repaired time, less the wait for the next check).
+fn tamper_repair(options: &Options, policy: Policy, runs: usize, label: String) -> BenchResult<Row> {
+    let config = FirewallConfig { tools: Tools::plain(), options: options.clone() };
+    let mut spaces = Namespaces::default();
+    let result = spaces.run(move || {
+        let firewall = Firewall::new(config);
+        apply(&firewall, &policy)?;
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            tool("iptables", &["-w", "-F", "VEN-INPUT"], None)?;
+            let (time, drift) = timed(|| {
+                let drift = firewall.verify(CheckDepth::Quick).map_err(|e| format!("verify: {e}"))?;
+                firewall.repair().map_err(|e| format!("repair: {e}"))?;
+                Ok(drift)
+            })?;
+            if drift.is_empty() {
+                return Err("the flushed chain was not found".into());
+            }
+            let left = firewall.verify(CheckDepth::Full).map_err(|e| format!("verify: {e}"))?;
+            if !left.is_empty() {
+                return Err(format!("the repair left differences: {left:?}"));
+            }
+            samples.push(time);
+        }
+        Ok(Row { label, ven: Some(Stats::of(samples)), reference: None, target: "<= 1 s" })
+    });
+    spaces.finish();
+    result
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output
 
@@ -685,6 +717,7 @@ fn run(scale: Scale) -> BenchResult<()> {
     println!(
         "     reads, run back to back (quick: iptables-save -t filter + ipset list -t; full: + ipset save)."
     );
+    println!("  4  ven: after `iptables -F VEN-INPUT`, the quick check that finds it plus the repair.");
     println!();
 
     let load_before = load();
@@ -724,6 +757,18 @@ fn run(scale: Scale) -> BenchResult<()> {
     rows.push(row);
     let (check_rows, drift) = tamper_checks(&options, &policy)?;
     rows.extend(check_rows);
+    rows.push(tamper_repair(
+        &options,
+        one_set_policy(scale.members_per_set),
+        scale.runs,
+        "4a flushed chain found + repaired, 2 rules".to_string(),
+    )?);
+    rows.push(tamper_repair(
+        &options,
+        cold_policy(&scale),
+        scale.runs,
+        format!("4b flushed chain found + repaired, {} rules", scale.rules),
+    )?);
     print!("{}", table(&rows));
     println!();
 
