@@ -1,6 +1,8 @@
 //! A fake kernel for unit tests: a tiny model of table `filter` and of ipset that understands the
 //! save/restore text the firewall writes, records every call, and fails on request. It models
-//! what the firewall relies on: iptables-restore is atomic, `ipset restore` is not.
+//! what the firewall relies on: iptables-restore is atomic, `ipset restore` is not, and with
+//! nf_tables every committed iptables change (ours or anyone's) moves the ruleset generation
+//! while reads and ipset changes do not.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt as _;
@@ -25,6 +27,25 @@ struct State {
     /// Family whose next `restore_filter` fails (after the other family's may have succeeded).
     fail_filter_family: Option<Family>,
     fail_ipset_after: Option<usize>,
+    /// The nf_tables ruleset generation; `None`: the legacy backend.
+    generation: Option<u32>,
+    /// The next successful restore is accompanied by someone else's commit.
+    foreign_commit_with_next_restore: bool,
+}
+
+impl State {
+    /// One committed nf_tables transaction (the kernel skips 0 when it wraps).
+    fn commit(&mut self) {
+        self.generation = self.generation.map(|g| g.checked_add(1).unwrap_or(1));
+    }
+
+    /// A restore of ours committed (and maybe someone else's change with it).
+    fn committed(&mut self) {
+        self.commit();
+        if std::mem::take(&mut self.foreign_commit_with_next_restore) {
+            self.commit();
+        }
+    }
 }
 
 impl Default for State {
@@ -44,6 +65,8 @@ impl Default for State {
             fail_filter: None,
             fail_filter_family: None,
             fail_ipset_after: None,
+            generation: Some(1),
+            foreign_commit_with_next_restore: false,
         }
     }
 }
@@ -77,11 +100,38 @@ impl FakeKernel {
         state.fail_filter_family = Some(family);
     }
 
-    /// Replaces table `filter` of `family` as `iptables-restore --noflush` would (a tamperer).
+    /// Replaces table `filter` of `family` as `iptables-restore --noflush` would (a tamperer):
+    /// one commit, the generation moves.
     pub(crate) fn tamper(&self, family: Family, input: &str) {
+        self.tamper_keeping_generation(family, input);
+        self.lock().commit();
+    }
+
+    /// As [`FakeKernel::tamper`], but the generation stays: a change nf_tables would not report
+    /// (impossible with the real nft backend; it shows what a quick check skips).
+    pub(crate) fn tamper_keeping_generation(&self, family: Family, input: &str) {
         let mut state = self.lock();
         let chains = state.chains.get_mut(&family).expect("family");
         apply_filter(chains, input).expect("tamper input");
+    }
+
+    /// Someone else commits an nf_tables change that is not ours to see (`nft add table ...`).
+    pub(crate) fn commit_elsewhere(&self) {
+        self.lock().commit();
+    }
+
+    /// Someone else commits while the next successful restore runs.
+    pub(crate) fn commit_elsewhere_during_next_restore(&self) {
+        self.lock().foreign_commit_with_next_restore = true;
+    }
+
+    /// The generation `ruleset_generation` reports; `None` models the legacy backend.
+    pub(crate) fn set_generation(&self, generation: Option<u32>) {
+        self.lock().generation = generation;
+    }
+
+    pub(crate) fn generation(&self) -> Option<u32> {
+        self.lock().generation
     }
 
     /// The next `ipset_restore` applies `lines` lines, then fails on the one after.
@@ -268,6 +318,7 @@ impl Kernel for FakeKernel {
             None => match apply_filter(&mut chains, input) {
                 Ok(()) => {
                     state.chains.insert(family, chains);
+                    state.committed();
                     return Ok(());
                 }
                 Err(line) => format!("fake iptables-restore: Error occurred at line: {line}"),
@@ -301,6 +352,7 @@ impl Kernel for FakeKernel {
             stderr: format!("fake iptables-restore: Error occurred at line: {line}"),
         })?;
         state.chains.insert(family, chains);
+        state.committed();
         Ok(())
     }
 
@@ -314,6 +366,10 @@ impl Kernel for FakeKernel {
         let text = self.ipset_text();
         self.lock().calls.push(("ipset_save", String::new()));
         Ok(text)
+    }
+
+    fn ruleset_generation(&self) -> Option<u32> {
+        self.lock().generation
     }
 
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError> {

@@ -2,14 +2,16 @@
 //! implementation that runs the iptables, ip6tables and ipset tools as subprocesses.
 //!
 //! Children inherit the calling thread's network namespace, so a `Firewall` used on a thread that
-//! entered a namespace programs that namespace. A fake for unit tests lives in `fake.rs`
-//! (`#[cfg(test)]` only); production code always gets [`SystemKernel`].
+//! entered a namespace programs that namespace; the nf_tables generation is read over a netlink
+//! socket opened on the calling thread, so it is that namespace's too. A fake for unit tests
+//! lives in `fake.rs` (`#[cfg(test)]` only); production code always gets [`SystemKernel`].
 
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 
-use super::{Family, FirewallError, Tools, ipset, iptables};
+use super::{Backend, Family, FirewallError, Tools, generation, ipset, iptables};
 
 /// What the firewall needs from the kernel, as text in the tools' own save/restore formats.
 pub(crate) trait Kernel: Send + Sync {
@@ -27,16 +29,39 @@ pub(crate) trait Kernel: Send + Sync {
     fn ipset_list_terse(&self) -> Result<String, FirewallError>;
     /// Applies one `ipset restore` session (not atomic: it stops at the first failing line).
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError>;
+    /// The nf_tables ruleset generation when the iptables tools (both families) program
+    /// nf_tables: it moves on every committed change of any iptables-nft, ip6tables-nft or nft
+    /// rule, by anyone, and on nothing else (not on reads, counters or ipset changes). `None`
+    /// with the legacy backend or when it cannot be read: the caller must then assume a change.
+    fn ruleset_generation(&self) -> Option<u32>;
 }
 
 /// The kernel reached through the iptables and ipset tools.
 pub(crate) struct SystemKernel {
     tools: Tools,
+    /// Whether both save tools are nf_tables ones (asked once: the tools do not change).
+    nf_tables: OnceLock<bool>,
 }
 
 impl SystemKernel {
     pub(crate) fn new(tools: Tools) -> Self {
-        Self { tools }
+        Self { tools, nf_tables: OnceLock::new() }
+    }
+
+    /// Whether the tools program nf_tables: the nft backend's tools do; the plain names do when
+    /// `iptables-save --version` and `ip6tables-save --version` both say so.
+    fn uses_nf_tables(&self) -> bool {
+        *self.nf_tables.get_or_init(|| match self.tools.backend {
+            Backend::Nft => true,
+            Backend::Legacy => false,
+            Backend::Plain => {
+                [&self.tools.iptables_save, &self.tools.ip6tables_save].into_iter().all(|program| {
+                    run(program, &["--version"], None).is_ok_and(|output| {
+                        output.status.success() && says_nf_tables(&String::from_utf8_lossy(&output.stdout))
+                    })
+                })
+            }
+        })
     }
 
     fn save_program(&self, family: Family) -> &Path {
@@ -82,6 +107,21 @@ impl Kernel for SystemKernel {
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError> {
         ipset::restore(&self.tools.ipset, input)
     }
+
+    fn ruleset_generation(&self) -> Option<u32> {
+        if !self.uses_nf_tables() {
+            return None;
+        }
+        // Debug only: a kernel that never answers would otherwise log at every quick check, and
+        // the only cost of an unknown generation is a full comparison.
+        generation::nftables_generation().map_err(|e| log::debug!("{e}")).ok()
+    }
+}
+
+/// Whether a save tool's `--version` line names the nf_tables backend (`iptables-save v1.8.9
+/// (nf_tables)`; legacy ones say `(legacy)` or, before 1.8, nothing).
+fn says_nf_tables(version: &str) -> bool {
+    version.lines().next().is_some_and(|line| line.trim_end().ends_with("(nf_tables)"))
 }
 
 /// Most bytes of a tool's stderr kept in an error.
@@ -179,6 +219,28 @@ mod tests {
         );
         assert_eq!(excerpt("a\nb\nc\nd\n", "something odd"), "     1: a\n     2: b\n     3: c");
         assert_eq!(excerpt("a\n", "line 99 failed"), "     1: a");
+    }
+
+    #[test]
+    fn only_an_nf_tables_save_tool_counts_as_nf_tables() {
+        // `--version` of iptables-save, iptables-legacy-save (v1.8.9) and of a pre-1.8 build.
+        assert!(says_nf_tables("iptables-save v1.8.9 (nf_tables)\n"));
+        assert!(!says_nf_tables("iptables-save v1.8.9 (legacy)\n"));
+        assert!(!says_nf_tables("iptables-save v1.6.1\n"));
+        assert!(!says_nf_tables(""));
+    }
+
+    #[test]
+    fn the_legacy_backend_has_no_generation_and_runs_nothing() {
+        let tools = Tools {
+            iptables_save: "/nonexistent/ven-no-such-tool".into(),
+            ..Tools::for_backend(Backend::Legacy)
+        };
+        let kernel = SystemKernel::new(Tools { backend: Backend::Legacy, ..tools });
+        assert_eq!(kernel.ruleset_generation(), None);
+        // Plain tools that cannot be run are not taken for nf_tables ones.
+        let missing = Tools { iptables_save: "/nonexistent/ven-no-such-tool".into(), ..Tools::plain() };
+        assert_eq!(SystemKernel::new(missing).ruleset_generation(), None);
     }
 
     #[test]

@@ -24,9 +24,16 @@
 //!   never briefly empty;
 //! - [`Firewall::verify`] compares the kernel with the last applied rulesets (rule hashes, jumps,
 //!   set sizes or members) and [`Firewall::repair`] converges back; neither looks at anything
-//!   that is not ours.
+//!   that is not ours;
+//! - with the nf_tables backend, a quick check skips reading the tables back only when the
+//!   kernel's ruleset generation (`generation`) is the one at which our chains were last known
+//!   to be right: read before the tables were read by a verify that found them right, or around
+//!   our own apply or repair when nobody else committed in between. Any doubt (legacy backend,
+//!   the generation unreadable, another commit during our apply, a failed apply) means the full
+//!   comparison.
 
 pub mod backend;
+mod generation;
 mod ipset;
 mod iptables;
 mod kernel;
@@ -243,9 +250,13 @@ pub enum FirewallError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CheckDepth {
     /// Our chains by rule hash, the jumps, and the size of every set (`ipset list -t`): cheap,
-    /// catches flushes, deleted or added rules and deleted members.
+    /// catches flushes, deleted or added rules and deleted members. With the nf_tables backend
+    /// the chains are read back (`iptables-save`, the costly part) only when the kernel's ruleset
+    /// generation moved since they were last known right; the set sizes are always read (ipset
+    /// changes do not move the generation).
     Quick,
-    /// As quick, plus every set member (`ipset save`): catches a swapped member too.
+    /// As quick, plus every set member (`ipset save`), and the chains are always read back:
+    /// catches a swapped member too.
     Full,
 }
 
@@ -276,6 +287,11 @@ struct Applied {
     rules_fingerprint: Fingerprint,
     /// What each set was filled from, by policy set id ([`members_fingerprint`]).
     set_fingerprints: BTreeMap<u32, Fingerprint>,
+    /// The nf_tables ruleset generation at which our chains were last known to be exactly
+    /// `rulesets` (after our last apply or repair, when nobody else committed meanwhile, or read
+    /// before the tables by the last verify that compared them and found them right). `None`:
+    /// not known, so the next quick check reads the chains back.
+    generation: Option<u32>,
 }
 
 type Fingerprint = [u8; 32];
@@ -353,6 +369,7 @@ impl Firewall {
         let set_fingerprints: BTreeMap<u32, Fingerprint> =
             policy.ip_sets.iter().map(|set| (set.id, members_fingerprint(&set.members))).collect();
         if let Some(previous) = applied.as_mut().filter(|p| p.rules_fingerprint == rules_fingerprint) {
+            // Sets only: the chains, and so the generation they were right at, stay.
             return self.apply_members(previous, policy, set_fingerprints);
         }
         let rulesets: Vec<(Family, render::Ruleset)> = self
@@ -360,8 +377,12 @@ impl Firewall {
             .into_iter()
             .map(|family| (family, render::render(family, policy, safeguards, &self.options)))
             .collect();
-        let summary = self.apply_rulesets(&rulesets)?;
-        *applied = Some(Applied { rulesets, rules_fingerprint, set_fingerprints });
+        if let Some(previous) = applied.as_mut() {
+            // A failed apply may have committed and rolled back: the chains are no longer known.
+            previous.generation = None;
+        }
+        let (summary, generation) = self.apply_rulesets(&rulesets)?;
+        *applied = Some(Applied { rulesets, rules_fingerprint, set_fingerprints, generation });
         Ok(summary)
     }
 
@@ -454,15 +475,35 @@ impl Firewall {
     }
 
     /// Compares the kernel with the last applied policy; returns what differs (empty: nothing).
+    ///
+    /// The chains of every family are read back (`iptables-save -t filter`) and compared by rule
+    /// hash, except in a [`CheckDepth::Quick`] check when the nf_tables ruleset generation equals
+    /// the one remembered with the applied policy: then no iptables-nft rule (of either family,
+    /// they share the generation) has changed since our chains were last known right, and only
+    /// the sets are checked. The generation is read before the tables, so a change made while
+    /// they are read moves it past the one remembered; a comparison that finds the chains right
+    /// remembers it, one that finds drift forgets it.
     pub fn verify(&self, depth: CheckDepth) -> Result<Vec<String>, FirewallError> {
-        let applied = self.lock();
-        let applied = applied.as_ref().ok_or(FirewallError::NothingApplied)?;
+        let mut applied = self.lock();
+        let applied = applied.as_mut().ok_or(FirewallError::NothingApplied)?;
+        // INVARIANT: read before the tables are read (see above), never after.
+        let generation = self.kernel.ruleset_generation();
+        let unchanged = generation.is_some() && generation == applied.generation;
         let mut drift = Vec::new();
-        for (family, ruleset) in &applied.rulesets {
-            let filter = iptables::parse_save(&self.kernel.save_filter(*family)?)?;
-            for difference in iptables::drift(&ruleset.chains, &filter) {
-                drift.push(format!("{}: {difference}", family.name()));
+        if depth == CheckDepth::Full || !unchanged {
+            for (family, ruleset) in &applied.rulesets {
+                let filter = iptables::parse_save(&self.kernel.save_filter(*family)?)?;
+                for difference in iptables::drift(&ruleset.chains, &filter) {
+                    drift.push(format!("{}: {difference}", family.name()));
+                }
             }
+            if unchanged && !drift.is_empty() {
+                log::warn!(
+                    "our chains changed while the nf_tables generation stood still; quick checks will \
+                     read them back until they are right again"
+                );
+            }
+            applied.generation = if drift.is_empty() { generation } else { None };
         }
         let wanted = applied.rulesets.iter().flat_map(|(_, ruleset)| ruleset.sets.iter());
         match depth {
@@ -501,9 +542,19 @@ impl Firewall {
 
     /// Puts the last applied policy back (after [`Firewall::verify`] found drift).
     pub fn repair(&self) -> Result<ApplySummary, FirewallError> {
-        let applied = self.lock();
-        let applied = applied.as_ref().ok_or(FirewallError::NothingApplied)?;
-        self.apply_rulesets(&applied.rulesets)
+        let mut applied = self.lock();
+        let applied = applied.as_mut().ok_or(FirewallError::NothingApplied)?;
+        applied.generation = None;
+        let (summary, generation) = self.apply_rulesets(&applied.rulesets)?;
+        applied.generation = generation;
+        Ok(summary)
+    }
+
+    /// The nf_tables ruleset generation of the calling thread's network namespace, when this
+    /// firewall's tools program nf_tables; `None` with the legacy backend or when the kernel
+    /// does not answer.
+    pub fn ruleset_generation(&self) -> Option<u32> {
+        self.kernel.ruleset_generation()
     }
 
     /// The last applied firewall as text: our chains per family in iptables-restore syntax, then
@@ -567,8 +618,16 @@ impl Firewall {
 
     /// Applies rendered rulesets: sets first (one session, all families), then one
     /// iptables-restore per family, then stale sets go. Families not in `rulesets` lose our
-    /// chains in the same pass.
-    fn apply_rulesets(&self, rulesets: &[(Family, render::Ruleset)]) -> Result<ApplySummary, FirewallError> {
+    /// chains in the same pass. Returns, with the summary, the ruleset generation at which the
+    /// chains are now exactly `rulesets`, when that is certain: the generation read after our
+    /// restores is the one read before the tables were, moved once per restore of ours (each
+    /// commits one transaction), so nobody else committed in between. `None` otherwise.
+    fn apply_rulesets(
+        &self,
+        rulesets: &[(Family, render::Ruleset)],
+    ) -> Result<(ApplySummary, Option<u32>), FirewallError> {
+        // INVARIANT: read before the tables are read.
+        let generation_before = self.kernel.ruleset_generation();
         let filters = self.read_filters()?;
         let before = ipset::parse_save(&self.kernel.ipset_save()?)?;
         let maxelem = 2 * self.options.caps.max_set_members;
@@ -609,6 +668,7 @@ impl Firewall {
         }
 
         let mut replaced: Vec<(Family, &iptables::FilterState)> = Vec::new();
+        let mut commits: u32 = 0;
         for (family, filter) in &filters {
             let empty = Vec::new();
             let chains = rulesets.iter().find(|(f, _)| f == family).map_or(&empty, |(_, r)| &r.chains);
@@ -627,8 +687,14 @@ impl Firewall {
                 return Err(self.restore_sets(&before, cause, maxelem));
             }
             summary.changed = true;
+            commits += 1;
             replaced.push((*family, filter));
         }
+        // INVARIANT: read after our last restore (it moved the generation).
+        let generation = generation_before
+            .zip(self.kernel.ruleset_generation())
+            .filter(|(before, after)| *after == before.wrapping_add(commits))
+            .map(|(_, after)| after);
 
         if !stale.is_empty() {
             // The policy is in force; a set we cannot destroy (a foreign rule refers to it) only
@@ -638,7 +704,7 @@ impl Firewall {
                 summary.set_members_removed -= stale.removed();
             }
         }
-        Ok(summary)
+        Ok((summary, generation))
     }
 
     /// Puts our chains of each family in `replaced` back as they were saved before this apply.
@@ -731,6 +797,12 @@ impl Firewall {
         }
         Ok(Removal { members: teardown.removed(), changed })
     }
+}
+
+/// For the `nft_generation` fuzz target: the parser of the kernel's answer to NFT_MSG_GETGEN.
+#[doc(hidden)]
+pub fn parse_generation_reply(datagram: &[u8], seq: u32) -> Result<Option<u32>, String> {
+    generation::parse_reply(datagram, seq).map_err(|e| e.to_string())
 }
 
 /// For the `policy_rendering` fuzz target: validates `policy` against the default caps and, when
@@ -1088,6 +1160,124 @@ mod tests {
         assert_eq!(fake.ipset_text(), intact.1);
         fw.remove().unwrap();
         assert!(matches!(fw.repair(), Err(FirewallError::NothingApplied)));
+    }
+
+    #[test]
+    fn quick_verify_skips_the_chains_while_the_generation_stands_still() {
+        let fake = FakeKernel::default();
+        let fw = Firewall::with_kernel(Box::new(fake.clone()), Options::default());
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "2001:2::2"]), &safeguards()).unwrap();
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["ipset_list_terse"], "no family is read back after our apply");
+
+        // The skip is real: a change the generation does not show goes unseen by quick checks,
+        // the full check reads the chains and finds it.
+        let rules = fake.filter_text_of(Family::V6).matches("-A VEN-OUTPUT ").count();
+        let drift = format!("IPv6: VEN-OUTPUT: {rules} rules missing, 0 unexpected");
+        fake.tamper_keeping_generation(Family::V6, "-F VEN-OUTPUT\n");
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Full).unwrap(), [drift.as_str()]);
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_save"]);
+        // Found drift forgets the generation: quick checks read the chains back until repaired.
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), [drift.as_str()]);
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_list_terse"]);
+
+        // Set sizes are checked whatever the generation says (ipset does not move it).
+        fw.repair().unwrap();
+        fake.set_ipset_text(&fake.ipset_text().replace("add ven-1 198.18.0.2\n", ""));
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), ["set ven-1 holds 0 members, not 1"]);
+        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+    }
+
+    #[test]
+    fn a_moved_generation_means_a_full_comparison_then_skips_again() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        // A foreign nf_tables change: the chains are compared, found right, and the new
+        // generation is remembered.
+        fake.commit_elsewhere();
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+        // Our rule deleted (the generation moves): found.
+        let rules = iptables::parse_save(&fake.filter_text()).unwrap();
+        let last = rules.rules.iter().rev().find(|rule| rule.chain == "VEN-INPUT").unwrap();
+        fake.tamper(Family::V4, &format!("-D VEN-INPUT {}\n", last.spec));
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), ["IPv4: VEN-INPUT: 1 rules missing, 0 unexpected"]);
+    }
+
+    #[test]
+    fn without_a_generation_every_quick_check_compares() {
+        let fake = FakeKernel::default();
+        fake.set_generation(None);
+        let fw = firewall(&fake);
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        for _ in 0..2 {
+            fake.clear_calls();
+            assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+            assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+        }
+        // The generation becomes unreadable after a clean check (the legacy tools, an error):
+        // `None` never equals what was remembered.
+        fake.set_generation(Some(7));
+        fw.verify(CheckDepth::Quick).unwrap();
+        fake.set_generation(None);
+        fake.clear_calls();
+        fw.verify(CheckDepth::Quick).unwrap();
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+    }
+
+    #[test]
+    fn repair_remembers_the_generation_it_leaves() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        fake.tamper(Family::V4, "-F VEN-OUTPUT\n");
+        assert_eq!(
+            fw.verify(CheckDepth::Quick).unwrap(),
+            ["IPv4: VEN-OUTPUT: 5 rules missing, 0 unexpected"]
+        );
+        let before = fake.generation().unwrap();
+        assert!(fw.repair().unwrap().changed);
+        assert_eq!(fake.generation(), Some(before + 1), "one restore, one commit");
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["ipset_list_terse"], "the repair's own commit is not a change");
+    }
+
+    #[test]
+    fn a_foreign_commit_during_our_apply_or_a_failed_apply_is_never_skipped() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        fake.commit_elsewhere_during_next_restore();
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        fake.clear_calls();
+        fw.verify(CheckDepth::Quick).unwrap();
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"], "two commits, one ours");
+        fake.clear_calls();
+        fw.verify(CheckDepth::Quick).unwrap();
+        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+
+        // A failed apply commits nothing here, yet what it did is doubt: compare.
+        fake.fail_next_filter_restore("line 3 failed");
+        fw.apply(&policy(PolicyState::Test, &["198.18.0.2"]), &safeguards()).unwrap_err();
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+
+        // A members-only change writes no rule: the remembered generation stands.
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.0.3"]), &safeguards()).unwrap();
+        fake.clear_calls();
+        assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
+        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
     }
 
     #[test]
