@@ -717,6 +717,7 @@ fn run(scale: Scale) -> BenchResult<()> {
     println!(
         "     reads, run back to back (quick: iptables-save -t filter + ipset list -t; full: + ipset save)."
     );
+    println!("     On nf_tables an unchanged generation id lets the quick check skip iptables-save.");
     println!("  4  ven: after `iptables -F VEN-INPUT`, the quick check that finds it plus the repair.");
     println!();
 
