@@ -149,10 +149,13 @@ pub(crate) fn parse_save(text: &str) -> Result<FilterState, FirewallError> {
 /// with no moment where the chain is empty.
 pub(crate) fn restore_input(chains: &[OurChain], current: &FilterState) -> String {
     let mut input = String::from("*filter\n");
-    for chain in chains {
+    // Only the chains that differ are rewritten (Felix writes only dirty chains): repairing a
+    // flushed VEN-INPUT of a large ruleset need not rewrite VEN-OUTPUT too.
+    let dirty: Vec<&OurChain> = chains.iter().filter(|chain| !holds(chain, current)).collect();
+    for chain in &dirty {
         let _ = writeln!(input, ":{} - [0:0]", chain.name);
     }
-    for chain in chains {
+    for chain in &dirty {
         for rule in &chain.rules {
             input.push_str(rule);
             input.push('\n');
@@ -185,6 +188,16 @@ pub(crate) fn restore_input(chains: &[OurChain], current: &FilterState) -> Strin
     }
     input.push_str("COMMIT\n");
     input
+}
+
+/// Whether the kernel holds `chain` exactly: declared, with our rules' hashes in order and
+/// nothing else.
+fn holds(chain: &OurChain, current: &FilterState) -> bool {
+    current.chains.contains(&chain.name) && {
+        let have =
+            current.rules.iter().filter(|rule| rule.chain == chain.name).map(|rule| hash_of(&rule.spec));
+        have.eq(chain.rules.iter().map(|rule| hash_of(rule)))
+    }
 }
 
 /// The `ven:<hash>` comment of a rule (a full `-A` line or a saved spec), if it has one.

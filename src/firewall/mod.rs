@@ -1146,7 +1146,12 @@ mod tests {
             fw.verify(CheckDepth::Quick).unwrap(),
             ["IPv4: jump from INPUT to VEN-INPUT missing", "IPv4: VEN-OUTPUT: 5 rules missing, 0 unexpected"]
         );
+        fake.clear_calls();
         fw.repair().unwrap();
+        let restore = fake.calls().into_iter().find(|call| call.0 == "restore_filter").unwrap().1;
+        assert!(restore.contains(":VEN-OUTPUT - [0:0]\n"), "{restore}");
+        assert!(!restore.contains(":VEN-INPUT"), "only the damaged chain is rewritten: {restore}");
+        assert!(restore.contains("-I INPUT 1 -m comment --comment \"ven:jump\" -j VEN-INPUT\n"), "{restore}");
         assert_eq!(fw.verify(CheckDepth::Full).unwrap(), Vec::<String>::new());
         assert_eq!(fake.filter_text(), intact.0);
 
