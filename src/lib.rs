@@ -15,4 +15,5 @@ pub mod firewall;
 pub mod flows;
 pub mod history;
 pub mod logging;
+mod netlink;
 pub mod state;

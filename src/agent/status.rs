@@ -252,8 +252,9 @@ fn json_option(value: Option<String>) -> String {
     value.unwrap_or_else(|| "null".to_string())
 }
 
-/// A JSON string literal with the escapes RFC 8259 requires.
-fn json_string(text: &str) -> String {
+/// A JSON string literal with the escapes RFC 8259 requires (the agent's few JSON outputs are
+/// written by hand: no serializer goes into the binary for them).
+pub(crate) fn json_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {

@@ -5,16 +5,11 @@
 //! socket per dump pass also means a pass that failed (ENOBUFS) leaves nothing queued behind for
 //! the next one. Every receive has a timeout, so a kernel that never answers cannot hang the agent.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recvmsg, sendto,
-    setsockopt, socket, sockopt,
-};
-use nix::sys::time::{TimeVal, TimeValLike as _};
+
+use crate::netlink::{NetfilterSocket, SocketError};
 
 use super::wire::{self, Ack, DumpProgress, DumpReader};
 use super::{Connection, ConntrackError, ConntrackTable, DeleteReport, DumpPass};
@@ -30,8 +25,6 @@ pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Datagrams from other sockets dropped in a row before giving up (they can only come from a
 /// local process addressing our port id).
 const MAX_FOREIGN_DATAGRAMS: usize = 64;
-/// The kernel's netlink port id.
-const KERNEL_PORT: u32 = 0;
 /// Families dumped: AF_UNSPEC returns IPv4 and IPv6 entries in one dump.
 const DUMP_FAMILY: u8 = wire::AF_UNSPEC;
 
@@ -116,71 +109,44 @@ impl ConntrackTable for Ctnetlink {
     }
 }
 
-/// A bound NETLINK_NETFILTER socket with a receive timeout.
+/// The shared netfilter socket, with this module's errors and its tolerance for datagrams from
+/// other sockets.
 struct Socket {
-    fd: OwnedFd,
+    inner: NetfilterSocket,
 }
 
 impl Socket {
     fn open() -> Result<Self, ConntrackError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|errno| ConntrackError::Socket { operation: "socket", errno })?;
-        // Port id 0: the kernel assigns a unique one.
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))
-            .map_err(|errno| ConntrackError::Socket { operation: "bind", errno })?;
-        let timeout = TimeVal::milliseconds(i64::try_from(RECEIVE_TIMEOUT.as_millis()).unwrap_or(i64::MAX));
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
-            .map_err(|errno| ConntrackError::Socket { operation: "setsockopt SO_RCVTIMEO", errno })?;
-        Ok(Self { fd })
+        let inner = NetfilterSocket::open(RECEIVE_TIMEOUT).map_err(|e| socket_error(e, "open"))?;
+        Ok(Self { inner })
     }
 
     fn send(&self, bytes: &[u8], operation: &'static str) -> Result<(), ConntrackError> {
-        let kernel = NetlinkAddr::new(KERNEL_PORT, 0);
-        loop {
-            match sendto(self.fd.as_raw_fd(), bytes, &kernel, MsgFlags::empty()) {
-                Ok(sent) if sent == bytes.len() => return Ok(()),
-                Ok(_) => return Err(ConntrackError::Socket { operation, errno: Errno::EMSGSIZE }),
-                Err(Errno::EINTR) => continue,
-                Err(errno) => return Err(ConntrackError::Socket { operation, errno }),
-            }
-        }
+        self.inner.send(bytes, operation).map_err(|e| socket_error(e, operation))
     }
 
     /// Receives one datagram from the kernel into `buffer`; returns its length. Datagrams from
-    /// other sockets are dropped (a local process can address our port id); a datagram larger
-    /// than the buffer is an error, never a partial read.
+    /// other sockets are dropped (a local process can address our port id), up to
+    /// [`MAX_FOREIGN_DATAGRAMS`] in a row.
     fn receive(&self, buffer: &mut [u8], operation: &'static str) -> Result<usize, ConntrackError> {
-        let mut foreign = 0;
-        loop {
-            let mut iov = [IoSliceMut::new(buffer)];
-            let received =
-                match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
-                    Ok(received) => received,
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EAGAIN) => {
-                        return Err(ConntrackError::Timeout { operation, timeout: RECEIVE_TIMEOUT });
-                    }
-                    Err(errno) => return Err(ConntrackError::Socket { operation, errno }),
-                };
-            if received.address.is_none_or(|from| from.pid() != KERNEL_PORT) {
-                foreign += 1;
-                if foreign > MAX_FOREIGN_DATAGRAMS {
-                    return Err(ConntrackError::Socket { operation, errno: Errno::EPROTO });
-                }
-                continue;
+        for _ in 0..=MAX_FOREIGN_DATAGRAMS {
+            if let Some(len) =
+                self.inner.receive(buffer, operation).map_err(|e| socket_error(e, operation))?
+            {
+                return Ok(len);
             }
-            if received.flags.contains(MsgFlags::MSG_TRUNC) {
-                return Err(ConntrackError::Malformed {
-                    what: "datagram larger than the receive buffer",
-                    offset: RECV_BUFFER_BYTES,
-                });
-            }
-            return Ok(received.bytes);
         }
+        Err(ConntrackError::Socket { operation, errno: Errno::EPROTO })
+    }
+}
+
+fn socket_error(error: SocketError, operation: &'static str) -> ConntrackError {
+    match error {
+        SocketError::Os { operation, errno } => ConntrackError::Socket { operation, errno },
+        SocketError::Timeout => ConntrackError::Timeout { operation, timeout: RECEIVE_TIMEOUT },
+        SocketError::Truncated => ConntrackError::Malformed {
+            what: "datagram larger than the receive buffer",
+            offset: RECV_BUFFER_BYTES,
+        },
     }
 }

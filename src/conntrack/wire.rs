@@ -16,15 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use nix::errno::Errno;
 
 use super::{Connection, ConntrackError, Icmp};
+use crate::netlink::{
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR_LEN, NLMSG_NOOP, NLMSG_OVERRUN, align,
+};
 
-// Netlink message header (linux/netlink.h).
-const NLMSG_HDR_LEN: usize = 16;
-const NLMSG_ALIGN: usize = 4;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
-const NLM_F_REQUEST: u16 = 0x1;
+// Netlink message header (linux/netlink.h): the shared part is in `crate::netlink`.
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 /// NLM_F_ROOT | NLM_F_MATCH.
@@ -75,10 +71,6 @@ pub(crate) const IPPROTO_ICMPV6: u8 = 58;
 
 const fn ctnetlink_type(message: u16) -> u16 {
     (NFNL_SUBSYS_CTNETLINK << 8) | message
-}
-
-fn align(len: usize) -> usize {
-    len.saturating_add(NLMSG_ALIGN - 1) & !(NLMSG_ALIGN - 1)
 }
 
 fn malformed(what: &'static str, offset: usize) -> ConntrackError {

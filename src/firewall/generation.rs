@@ -16,16 +16,14 @@
 //! `nlmsghdr (16) | nfgenmsg (4) | attributes`, an attribute being `nla_len u16 | nla_type u16 |
 //! payload`, padded to 4. Headers are in host byte order, NFTA_GEN_ID is a big-endian u32.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recvmsg, sendto,
-    setsockopt, socket, sockopt,
+
+use crate::netlink::{
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR_LEN, NLMSG_NOOP, NLMSG_OVERRUN, NetfilterSocket,
+    SocketError, align,
 };
-use nix::sys::time::{TimeVal, TimeValLike as _};
 
 /// Receive buffer for one datagram. The answer is under 100 bytes (header, nfgenmsg, id, pid and
 /// the requester's 16-byte command name); a larger datagram is an error, never a partial read.
@@ -36,19 +34,9 @@ pub(crate) const RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Datagrams received without the answer before giving up (only a local process addressing our
 /// port id could send them).
 const MAX_DATAGRAMS: usize = 16;
-/// The kernel's netlink port id.
-const KERNEL_PORT: u32 = 0;
 /// Sequence number of the request (one request per socket).
 const SEQ: u32 = 1;
 
-// Netlink (linux/netlink.h).
-const NLMSG_HDR_LEN: usize = 16;
-const NLMSG_ALIGN: usize = 4;
-const NLMSG_NOOP: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_OVERRUN: u16 = 4;
-const NLM_F_REQUEST: u16 = 0x1;
 // nfnetlink (linux/netfilter/nfnetlink.h): message type = subsystem << 8 | message.
 const NFGENMSG_LEN: usize = 4;
 const NFNETLINK_V0: u8 = 0;
@@ -80,11 +68,11 @@ pub enum GenerationError {
 
 /// The nf_tables ruleset generation of the calling thread's network namespace.
 pub(crate) fn nftables_generation() -> Result<u32, GenerationError> {
-    let socket = Socket::open()?;
-    socket.send(&request(SEQ))?;
+    let socket = NetfilterSocket::open(RECEIVE_TIMEOUT).map_err(socket_error)?;
+    socket.send(&request(SEQ), "send").map_err(socket_error)?;
     let mut buffer = [0u8; RECV_BUFFER_BYTES];
     for _ in 0..MAX_DATAGRAMS {
-        let Some(len) = socket.receive(&mut buffer)? else { continue };
+        let Some(len) = socket.receive(&mut buffer, "receive").map_err(socket_error)? else { continue };
         if let Some(generation) = parse_reply(buffer.get(..len).unwrap_or_default(), SEQ)? {
             return Ok(generation);
         }
@@ -110,8 +98,12 @@ fn malformed(what: &'static str, offset: usize) -> GenerationError {
     GenerationError::Malformed { what, offset }
 }
 
-fn align(len: usize) -> usize {
-    len.saturating_add(NLMSG_ALIGN - 1) & !(NLMSG_ALIGN - 1)
+fn socket_error(error: SocketError) -> GenerationError {
+    match error {
+        SocketError::Os { operation, errno } => GenerationError::Socket { operation, errno },
+        SocketError::Timeout => GenerationError::Timeout { timeout: RECEIVE_TIMEOUT },
+        SocketError::Truncated => malformed("datagram larger than the receive buffer", RECV_BUFFER_BYTES),
+    }
 }
 
 fn ne_u16(bytes: &[u8], at: usize) -> Option<u16> {
@@ -188,64 +180,6 @@ fn parse_newgen(payload: &[u8], base: usize) -> Result<u32, GenerationError> {
         offset = offset.saturating_add(align(len)).min(payload.len());
     }
     Err(malformed("no NFTA_GEN_ID in the answer", base))
-}
-
-/// A bound NETLINK_NETFILTER socket with a receive timeout.
-struct Socket {
-    fd: OwnedFd,
-}
-
-impl Socket {
-    fn open() -> Result<Self, GenerationError> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|errno| GenerationError::Socket { operation: "socket", errno })?;
-        // Port id 0: the kernel assigns a unique one.
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))
-            .map_err(|errno| GenerationError::Socket { operation: "bind", errno })?;
-        let timeout = TimeVal::milliseconds(i64::try_from(RECEIVE_TIMEOUT.as_millis()).unwrap_or(i64::MAX));
-        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout)
-            .map_err(|errno| GenerationError::Socket { operation: "setsockopt SO_RCVTIMEO", errno })?;
-        Ok(Self { fd })
-    }
-
-    fn send(&self, bytes: &[u8]) -> Result<(), GenerationError> {
-        let kernel = NetlinkAddr::new(KERNEL_PORT, 0);
-        loop {
-            match sendto(self.fd.as_raw_fd(), bytes, &kernel, MsgFlags::empty()) {
-                Ok(sent) if sent == bytes.len() => return Ok(()),
-                Ok(_) => return Err(GenerationError::Socket { operation: "send", errno: Errno::EMSGSIZE }),
-                Err(Errno::EINTR) => continue,
-                Err(errno) => return Err(GenerationError::Socket { operation: "send", errno }),
-            }
-        }
-    }
-
-    /// Receives one datagram into `buffer`: its length, or `None` when it did not come from the
-    /// kernel. A datagram larger than the buffer is an error, never a partial read.
-    fn receive(&self, buffer: &mut [u8]) -> Result<Option<usize>, GenerationError> {
-        loop {
-            let mut iov = [IoSliceMut::new(buffer)];
-            let received =
-                match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
-                    Ok(received) => received,
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EAGAIN) => return Err(GenerationError::Timeout { timeout: RECEIVE_TIMEOUT }),
-                    Err(errno) => return Err(GenerationError::Socket { operation: "receive", errno }),
-                };
-            if received.address.is_none_or(|from| from.pid() != KERNEL_PORT) {
-                return Ok(None);
-            }
-            if received.flags.contains(MsgFlags::MSG_TRUNC) {
-                return Err(malformed("datagram larger than the receive buffer", RECV_BUFFER_BYTES));
-            }
-            return Ok(Some(received.bytes));
-        }
-    }
 }
 
 #[cfg(test)]

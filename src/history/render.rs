@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::agent::status::json_string;
+
 use super::{HISTORY_CAPACITY, HistoryEntry, Listed};
 use crate::clock::rfc3339;
 
@@ -106,27 +108,6 @@ pub fn render_entry(entry: &HistoryEntry) -> String {
 
 fn version_text(version: u64) -> String {
     if version == 0 { "-".to_string() } else { version.to_string() }
-}
-
-/// A JSON string literal with the escapes RFC 8259 requires.
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

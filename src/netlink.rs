@@ -1,0 +1,120 @@
+//! What every hand-written netfilter netlink client here shares: the message header constants
+//! and a NETLINK_NETFILTER socket with a receive timeout (conntrack's ctnetlink, the nf_tables
+//! generation; the flow pipeline's NFLOG reader next).
+//!
+//! A socket belongs to the network namespace of the thread that opened it. Every receive has a
+//! timeout, so a kernel that never answers cannot hang the agent; datagrams from other sockets
+//! are reported as such (a local process can address our port id), and a datagram larger than
+//! the caller's buffer is an error, never a partial read.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recvmsg, sendto,
+    setsockopt, socket, sockopt,
+};
+use nix::sys::time::{TimeVal, TimeValLike as _};
+
+// Netlink message header (linux/netlink.h).
+pub(crate) const NLMSG_HDR_LEN: usize = 16;
+pub(crate) const NLMSG_ALIGN: usize = 4;
+pub(crate) const NLMSG_NOOP: u16 = 1;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_OVERRUN: u16 = 4;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+/// The kernel's netlink port id.
+pub(crate) const KERNEL_PORT: u32 = 0;
+
+/// Why a socket operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketError {
+    /// A system call failed: which one, and its errno.
+    Os { operation: &'static str, errno: Errno },
+    /// Nothing arrived within the receive timeout.
+    Timeout,
+    /// A datagram did not fit the caller's buffer.
+    Truncated,
+}
+
+/// A bound NETLINK_NETFILTER socket with a receive timeout.
+pub(crate) struct NetfilterSocket {
+    fd: OwnedFd,
+}
+
+impl NetfilterSocket {
+    /// Opens and binds a socket in the calling thread's network namespace (port id assigned by
+    /// the kernel).
+    pub(crate) fn open(receive_timeout: Duration) -> Result<Self, SocketError> {
+        let os = |operation| move |errno| SocketError::Os { operation, errno };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )
+        .map_err(os("socket"))?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(os("bind"))?;
+        let timeout = TimeVal::milliseconds(i64::try_from(receive_timeout.as_millis()).unwrap_or(i64::MAX));
+        setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(os("setsockopt SO_RCVTIMEO"))?;
+        Ok(Self { fd })
+    }
+
+    /// Sends one datagram to the kernel, whole.
+    pub(crate) fn send(&self, bytes: &[u8], operation: &'static str) -> Result<(), SocketError> {
+        let kernel = NetlinkAddr::new(KERNEL_PORT, 0);
+        loop {
+            match sendto(self.fd.as_raw_fd(), bytes, &kernel, MsgFlags::empty()) {
+                Ok(sent) if sent == bytes.len() => return Ok(()),
+                Ok(_) => return Err(SocketError::Os { operation, errno: Errno::EMSGSIZE }),
+                Err(Errno::EINTR) => continue,
+                Err(errno) => return Err(SocketError::Os { operation, errno }),
+            }
+        }
+    }
+
+    /// Receives one datagram into `buffer`: its length, or `None` when it did not come from the
+    /// kernel (the caller decides how many of those it tolerates).
+    pub(crate) fn receive(
+        &self,
+        buffer: &mut [u8],
+        operation: &'static str,
+    ) -> Result<Option<usize>, SocketError> {
+        loop {
+            let mut iov = [IoSliceMut::new(buffer)];
+            let received =
+                match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
+                    Ok(received) => received,
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => return Err(SocketError::Timeout),
+                    Err(errno) => return Err(SocketError::Os { operation, errno }),
+                };
+            if received.address.is_none_or(|from| from.pid() != KERNEL_PORT) {
+                return Ok(None);
+            }
+            if received.flags.contains(MsgFlags::MSG_TRUNC) {
+                return Err(SocketError::Truncated);
+            }
+            return Ok(Some(received.bytes));
+        }
+    }
+}
+
+/// `len` rounded up to the netlink alignment.
+pub(crate) fn align(len: usize) -> usize {
+    len.saturating_add(NLMSG_ALIGN - 1) & !(NLMSG_ALIGN - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_rounds_up_to_four_and_never_overflows() {
+        assert_eq!([0, 1, 4, 5, 8].map(align), [0, 4, 4, 8, 8]);
+        assert_eq!(align(usize::MAX) % NLMSG_ALIGN, 0);
+    }
+}
