@@ -6,36 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ven_lab::netns;
 use ven_lab::process::Captured;
 use ven_lab::scenario::{self, Host, find_workload, management_server};
 use ven_lab::{Binaries, Lab, LabOptions};
 
 /// The binaries, or `None` (after saying why) when this machine cannot run the test.
 fn prerequisites(test: &str) -> Option<Binaries> {
-    let missing = |why: String| -> Option<Binaries> {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: prerequisite missing under CI: {why}");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-        None
-    };
-    if let Err(why) = netns::available() {
-        return missing(format!("needs network namespaces: {why}"));
-    }
-    let pce = match ven_lab::binaries::locate("pce", "PCE_BIN") {
-        Ok(pce) => pce,
-        Err(e) => return missing(e.to_string()),
-    };
-    // VEN_BIN overrides the freshly built agent (e.g. to try another build of it); say so.
-    let ven = match std::env::var_os("VEN_BIN") {
-        Some(path) => {
-            eprintln!("{test}: VEN_BIN is set: testing {}", PathBuf::from(&path).display());
-            PathBuf::from(path)
-        }
-        None => PathBuf::from(env!("CARGO_BIN_EXE_ven")),
-    };
-    Some(Binaries { ven, pce })
+    ven_lab::binaries::for_end_to_end_test(test, env!("CARGO_BIN_EXE_ven"), &[])
 }
 
 fn say(line: &str) {

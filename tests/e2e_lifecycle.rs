@@ -10,11 +10,9 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ven_lab::firewall::{self, FirewallDump};
-use ven_lab::netns;
 use ven_lab::process::{Captured, KillOutcome};
 use ven_lab::scenario::{self, Host, find_workload};
 use ven_lab::{Binaries, Lab, LabError, LabOptions};
@@ -22,34 +20,11 @@ use ven_proto::{Direction, IpNet, IpSet, Peers, Policy, PortRange, Protocol, Rul
 
 /// The binaries, or `None` (after saying why) when this machine cannot run the test.
 fn prerequisites(test: &str) -> Option<Binaries> {
-    let missing = |why: String| -> Option<Binaries> {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: prerequisite missing under CI: {why}");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-        None
-    };
-    if let Err(why) = netns::available() {
-        return missing(format!("needs network namespaces: {why}"));
-    }
-    for tool in ["iptables-save", "ip6tables-save", "ipset"] {
-        if netns::run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
-            return missing(format!("needs {tool}"));
-        }
-    }
-    let pce = match ven_lab::binaries::locate("pce", "PCE_BIN") {
-        Ok(pce) => pce,
-        Err(e) => return missing(e.to_string()),
-    };
-    // VEN_BIN overrides the freshly built agent (e.g. to try another build of it); say so.
-    let ven = match std::env::var_os("VEN_BIN") {
-        Some(path) => {
-            eprintln!("{test}: VEN_BIN is set: testing {}", PathBuf::from(&path).display());
-            PathBuf::from(path)
-        }
-        None => PathBuf::from(env!("CARGO_BIN_EXE_ven")),
-    };
-    Some(Binaries { ven, pce })
+    ven_lab::binaries::for_end_to_end_test(
+        test,
+        env!("CARGO_BIN_EXE_ven"),
+        &["iptables-save", "ip6tables-save", "ipset"],
+    )
 }
 
 /// How long the agents get to react to something (a repair, a notice, a heartbeat).

@@ -31,6 +31,40 @@ impl Binaries {
     }
 }
 
+/// The binaries an end-to-end test runs, or `None` (after saying why) when this machine cannot
+/// run it: namespaces, `tools` (e.g. ip6tables-save) and the `pce` binary must be there. `ven`
+/// is the test's own build (`env!("CARGO_BIN_EXE_ven")`) unless `VEN_BIN` names another, which
+/// is said. Under `CI` a missing prerequisite panics instead: CI must not skip.
+pub fn for_end_to_end_test(test: &str, own_ven: &str, tools: &[&str]) -> Option<Binaries> {
+    let missing = |why: String| -> Option<Binaries> {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: prerequisite missing under CI: {why}");
+        }
+        eprintln!("SKIPPED {test}: {why}");
+        None
+    };
+    if let Err(why) = crate::netns::available() {
+        return missing(format!("needs network namespaces: {why}"));
+    }
+    for tool in tools {
+        if crate::netns::run("sh", &["-c", &format!("command -v {tool}")]).is_err() {
+            return missing(format!("needs {tool}"));
+        }
+    }
+    let pce = match locate("pce", "PCE_BIN") {
+        Ok(pce) => pce,
+        Err(e) => return missing(e.to_string()),
+    };
+    let ven = match std::env::var_os("VEN_BIN") {
+        Some(path) => {
+            eprintln!("{test}: VEN_BIN is set: testing {}", PathBuf::from(&path).display());
+            PathBuf::from(path)
+        }
+        None => PathBuf::from(own_ven),
+    };
+    Some(Binaries { ven, pce })
+}
+
 /// Finds binary `name`: `$var` if set, else next to the current executable or in its parent dir.
 pub fn locate(name: &'static str, var: &'static str) -> Result<PathBuf, BinaryError> {
     let exe_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
