@@ -442,27 +442,31 @@ impl Manager {
     /// same way).
     fn check_tamper(&mut self, depth: CheckDepth) {
         let started = Instant::now();
-        let result = self.firewall.verify(depth);
+        let result = self.firewall.check_and_repair(depth);
         let now = Instant::now();
-        let spacing = (now - started).saturating_mul(CHECK_COST_FACTOR);
+        // Spaced by the cost of a clean check; after a repair the next check comes at the
+        // configured interval, to see that the repair held.
+        let spacing = match &result {
+            Ok(None) => (now - started).saturating_mul(CHECK_COST_FACTOR),
+            _ => Duration::ZERO,
+        };
         self.next_quick_check = now + self.config.canary_interval.max(spacing);
         if depth == CheckDepth::Full {
             self.next_full_check = now + self.config.tamper_check_interval.max(spacing);
         }
-        let drift = match result {
-            Ok(drift) if drift.is_empty() => return,
-            Ok(drift) => drift,
-            Err(FirewallError::NothingApplied) => return,
+        let repair = match result {
+            Ok(None) | Err(FirewallError::NothingApplied) => return,
+            Ok(Some(repair)) => repair,
             Err(e) => {
                 log::warn!("tamper check failed: {e}");
                 return;
             }
         };
-        let mut summary = drift.join("; ");
+        let mut summary = repair.drift.join("; ");
         if summary.len() > MAX_TAMPER_SUMMARY_CHARS {
             summary = summary.chars().take(MAX_TAMPER_SUMMARY_CHARS).collect::<String>() + "...";
         }
-        let repaired = match self.firewall.repair() {
+        let repaired = match repair.result {
             Ok(_) => {
                 log::warn!("firewall tampering found and repaired: {summary}");
                 true

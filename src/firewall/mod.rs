@@ -272,6 +272,22 @@ pub struct Snapshot {
     pub ipsets: String,
 }
 
+/// Table `filter` of each family as a check read it, and the generation read before it.
+struct TablesRead {
+    generation: Option<u32>,
+    filters: Vec<(Family, iptables::FilterState)>,
+}
+
+/// What [`Firewall::check_and_repair`] found and did.
+#[derive(Debug)]
+pub struct Repair {
+    /// What differed, one line per difference.
+    pub drift: Vec<String>,
+    /// The repair: what it wrote, or why it failed (the firewall is then as the check found it,
+    /// or as the failed apply's rollback left it).
+    pub result: Result<ApplySummary, FirewallError>,
+}
+
 /// What a removal took away.
 struct Removal {
     /// Set members that went with the sets.
@@ -381,7 +397,7 @@ impl Firewall {
             // A failed apply may have committed and rolled back: the chains are no longer known.
             previous.generation = None;
         }
-        let (summary, generation) = self.apply_rulesets(&rulesets)?;
+        let (summary, generation) = self.apply_rulesets(&rulesets, None)?;
         *applied = Some(Applied { rulesets, rules_fingerprint, set_fingerprints, generation });
         Ok(summary)
     }
@@ -486,17 +502,49 @@ impl Firewall {
     pub fn verify(&self, depth: CheckDepth) -> Result<Vec<String>, FirewallError> {
         let mut applied = self.lock();
         let applied = applied.as_mut().ok_or(FirewallError::NothingApplied)?;
+        self.verify_locked(applied, depth).map(|(drift, _)| drift)
+    }
+
+    /// A check, and when it finds drift, the repair, reusing the tables the check read (a large
+    /// table costs as much to read as to write). `None` when nothing differed; otherwise what
+    /// differed and how the repair went.
+    pub fn check_and_repair(&self, depth: CheckDepth) -> Result<Option<Repair>, FirewallError> {
+        let mut applied = self.lock();
+        let applied = applied.as_mut().ok_or(FirewallError::NothingApplied)?;
+        let (drift, read) = self.verify_locked(applied, depth)?;
+        if drift.is_empty() {
+            return Ok(None);
+        }
+        applied.generation = None;
+        let result = self.apply_rulesets(&applied.rulesets, read).map(|(summary, generation)| {
+            applied.generation = generation;
+            summary
+        });
+        Ok(Some(Repair { drift, result }))
+    }
+
+    /// The comparison behind [`Firewall::verify`]; also returns the tables it read, if it read
+    /// them.
+    fn verify_locked(
+        &self,
+        applied: &mut Applied,
+        depth: CheckDepth,
+    ) -> Result<(Vec<String>, Option<TablesRead>), FirewallError> {
         // INVARIANT: read before the tables are read (see above), never after.
         let generation = self.kernel.ruleset_generation();
         let unchanged = generation.is_some() && generation == applied.generation;
         let mut drift = Vec::new();
+        let mut read = None;
         if depth == CheckDepth::Full || !unchanged {
+            let mut filters = Vec::with_capacity(applied.rulesets.len());
             for (family, ruleset) in &applied.rulesets {
                 let filter = iptables::parse_save(&self.kernel.save_filter(*family)?)?;
                 for difference in iptables::drift(&ruleset.chains, &filter) {
                     drift.push(format!("{}: {difference}", family.name()));
                 }
+                filters.push((*family, filter));
             }
+            read = Some(TablesRead { generation, filters });
             if unchanged && !drift.is_empty() {
                 log::warn!(
                     "our chains changed while the nf_tables generation stood still; quick checks will \
@@ -537,7 +585,7 @@ impl Firewall {
                 }
             }
         }
-        Ok(drift)
+        Ok((drift, read))
     }
 
     /// Puts the last applied policy back (after [`Firewall::verify`] found drift).
@@ -545,7 +593,7 @@ impl Firewall {
         let mut applied = self.lock();
         let applied = applied.as_mut().ok_or(FirewallError::NothingApplied)?;
         applied.generation = None;
-        let (summary, generation) = self.apply_rulesets(&applied.rulesets)?;
+        let (summary, generation) = self.apply_rulesets(&applied.rulesets, None)?;
         applied.generation = generation;
         Ok(summary)
     }
@@ -622,13 +670,21 @@ impl Firewall {
     /// chains are now exactly `rulesets`, when that is certain: the generation read after our
     /// restores is the one read before the tables were, moved once per restore of ours (each
     /// commits one transaction), so nobody else committed in between. `None` otherwise.
+    ///
+    /// `read` is the tables as a check just read them (with the generation read before them), so
+    /// that a repair does not read a large table twice; `None` reads them here.
     fn apply_rulesets(
         &self,
         rulesets: &[(Family, render::Ruleset)],
+        read: Option<TablesRead>,
     ) -> Result<(ApplySummary, Option<u32>), FirewallError> {
-        // INVARIANT: read before the tables are read.
-        let generation_before = self.kernel.ruleset_generation();
-        let filters = self.read_filters()?;
+        let TablesRead { generation: generation_before, filters } = match read {
+            Some(read) => read,
+            // INVARIANT: the generation is read before the tables are read.
+            None => {
+                TablesRead { generation: self.kernel.ruleset_generation(), filters: self.read_filters()? }
+            }
+        };
         let before = ipset::parse_save(&self.kernel.ipset_save()?)?;
         let maxelem = 2 * self.options.caps.max_set_members;
 
@@ -1129,6 +1185,24 @@ mod tests {
         with_v6.apply(&policy(PolicyState::Enforced, &[]), &safeguards()).unwrap();
         without_v6.remove().unwrap();
         assert!(!fake.filter_text_of(Family::V6).contains("VEN-") && fake.ipset_text().is_empty());
+    }
+
+    #[test]
+    fn check_and_repair_reads_the_tables_once() {
+        let fake = FakeKernel::default();
+        let fw = firewall(&fake);
+        fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
+        let intact = fake.filter_text();
+        assert!(fw.check_and_repair(CheckDepth::Quick).unwrap().is_none());
+        fake.tamper(Family::V4, "-F VEN-INPUT\n");
+        fake.clear_calls();
+        let repair = fw.check_and_repair(CheckDepth::Quick).unwrap().expect("drift");
+        assert_eq!(repair.drift, ["IPv4: VEN-INPUT: 7 rules missing, 0 unexpected"]);
+        assert!(repair.result.unwrap().changed);
+        let reads = fake.calls().iter().filter(|call| call.0 == "save_filter").count();
+        assert_eq!(reads, 1, "the repair reused the check's read: {:?}", call_names(&fake));
+        assert_eq!(fake.filter_text(), intact);
+        assert!(fw.check_and_repair(CheckDepth::Full).unwrap().is_none());
     }
 
     #[test]
