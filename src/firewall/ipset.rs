@@ -89,7 +89,9 @@ fn maxelem_of(header: &str) -> Option<usize> {
 
 /// Reads our sets out of `ipset save` output; foreign sets are skipped.
 pub(crate) fn parse_save(text: &str) -> Result<KernelSets, FirewallError> {
-    let mut sets = KernelSets::new();
+    // Members are gathered per set and the trees built once at the end (sorted, in bulk): a
+    // 100k-member set costs a fraction of inserting them one by one.
+    let mut sets: BTreeMap<String, (String, Vec<IpNet>)> = BTreeMap::new();
     for (index, line) in text.lines().enumerate() {
         let mut words = line.split_whitespace();
         let (Some(command), Some(name)) = (words.next(), words.next()) else {
@@ -106,17 +108,20 @@ pub(crate) fn parse_save(text: &str) -> Result<KernelSets, FirewallError> {
         match command {
             "create" => {
                 let header = words.collect::<Vec<_>>().join(" ");
-                sets.insert(name.to_string(), KernelSet { header, members: BTreeSet::new() });
+                sets.insert(name.to_string(), (header, Vec::new()));
             }
             "add" => {
                 let member: IpNet = words.next().and_then(|text| text.parse().ok()).ok_or_else(malformed)?;
-                let set = sets.get_mut(name).ok_or_else(malformed)?;
-                set.members.insert(member.network());
+                let (_, members) = sets.get_mut(name).ok_or_else(malformed)?;
+                members.push(member.network());
             }
             _ => return Err(malformed()),
         }
     }
-    Ok(sets)
+    Ok(sets
+        .into_iter()
+        .map(|(name, (header, members))| (name, KernelSet { header, members: members.into_iter().collect() }))
+        .collect())
 }
 
 /// Our sets' sizes out of `ipset list -t` output (`Name:` ... `Number of entries:` blocks).

@@ -326,8 +326,29 @@ fn rules_fingerprint(policy: &Policy, safeguards: &Safeguards) -> Fingerprint {
 
 /// SHA-256 of one set's members as the policy lists them.
 fn members_fingerprint(members: &[IpNet]) -> Fingerprint {
+    // Fed member by member through a small buffer: no copy of a large set is made.
+    const CHUNK: usize = 4096;
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    context.update(&ven_proto::encode(&members));
+    let mut buffer = Vec::with_capacity(CHUNK + 18);
+    for member in members {
+        // A tag first: every record then says its own length, so no two lists hash alike.
+        match member.addr() {
+            std::net::IpAddr::V4(addr) => {
+                buffer.push(4);
+                buffer.extend_from_slice(&addr.octets());
+            }
+            std::net::IpAddr::V6(addr) => {
+                buffer.push(6);
+                buffer.extend_from_slice(&addr.octets());
+            }
+        }
+        buffer.push(member.prefix());
+        if buffer.len() >= CHUNK {
+            context.update(&buffer);
+            buffer.clear();
+        }
+    }
+    context.update(&buffer);
     fingerprint_of(context)
 }
 

@@ -352,15 +352,17 @@ fn management_endpoints(family: Family, safeguards: &Safeguards) -> Vec<(IpNet, 
 /// The members of a set as the kernel will hold them: this family only, host bits cleared,
 /// without duplicates. `/0` (which hash:net refuses) becomes its two halves, which cover all.
 pub(crate) fn set_members(family: Family, members: &[IpNet]) -> BTreeSet<IpNet> {
-    let mut out = BTreeSet::new();
+    let mut out = Vec::with_capacity(members.len());
     for member in members.iter().filter(|member| family.contains(member)) {
         let network = member.network();
         if network.prefix() == 0 {
             return halves(family);
         }
-        out.insert(network);
+        out.push(network);
     }
-    out
+    // Collecting sorts once and builds the tree in bulk: much cheaper than one insert per
+    // member for the 100k-member sets the benchmark uses.
+    out.into_iter().collect()
 }
 
 fn halves(family: Family) -> BTreeSet<IpNet> {
