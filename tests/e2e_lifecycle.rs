@@ -762,3 +762,73 @@ fn ven_set_members(dump: &FirewallDump) -> Vec<(String, BTreeSet<String>)> {
         })
         .collect()
 }
+
+/// The bad input, end to end: a policy the VEN refuses (here a custom rule the PCE
+/// accepts but the VEN's stricter check does not: it carries a comment, which could forge our
+/// rule hashes) is rejected whole, reported to the PCE in the heartbeat's apply_error, and the
+/// last-known-good policy stays in force; the next good version applies and clears the error.
+#[test]
+fn a_rejected_policy_is_reported_and_the_previous_one_stays() {
+    let Some(bins) = prerequisites("a_rejected_policy_is_reported_and_the_previous_one_stays") else {
+        return;
+    };
+    let mut lab = lab(bins, "venlc-rej", LabOptions::default());
+    enforce_web_and_db(&mut lab);
+    let db = |lab: &Lab| find_workload(&must(lab.workloads(), "pce workload list"), Host::Db).cloned();
+    let applied = db(&lab).and_then(|w| w.applied_policy_version).expect("db applied a policy");
+    let firewall_before = must(lab.firewall(Host::Db), "db's firewall");
+
+    let added = succeeded(must(
+        lab.pce(&[
+            "workload",
+            "custom-rule",
+            "add",
+            "db",
+            "--chain",
+            "input",
+            "--rule",
+            "-p tcp --dport 7000 -m comment --comment hello -j ACCEPT",
+        ]),
+        "pce workload custom-rule add db",
+    ));
+    let rule_id = added.stdout.trim().rsplit('/').next().expect("the rule's href").to_string();
+    let reported = lab.wait_until("db reporting the rejection to the PCE", REACT, |lab| {
+        Ok(match find_workload(&lab.workloads()?, Host::Db) {
+            Some(w)
+                if w.policy_version > Some(applied)
+                    && w.applied_policy_version == Some(applied)
+                    && w.apply_error.as_deref().is_some_and(|e| e.contains("custom rule")) =>
+            {
+                None
+            }
+            other => Some(format!("{other:?}")),
+        })
+    });
+    must(reported, "the rejection reported");
+    let status = must(lab.ven_status(Host::Db), "ven status on db");
+    assert_eq!(status.policy_version, Some(applied), "the agent keeps the previous version: {status:?}");
+    let firewall_after = must(lab.firewall(Host::Db), "db's firewall");
+    assert_eq!(ven_hashes(&firewall_after.v4), ven_hashes(&firewall_before.v4), "IPv4 chains unchanged");
+    assert_eq!(ven_hashes(&firewall_after.v6), ven_hashes(&firewall_before.v6), "IPv6 chains unchanged");
+    expect_probe(&lab, Host::Pce, Host::Db, CLOSED_PORT, false, "the refused rule did not open 7000");
+    expect_probe(&lab, Host::Web, Host::Db, 5432, true, "the previous policy still allows web");
+
+    // The operator fixes it: the next version applies and the error goes.
+    succeeded(must(
+        lab.pce(&["workload", "custom-rule", "remove", "db", &rule_id]),
+        "pce workload custom-rule remove db",
+    ));
+    let recovered = lab.wait_until("db applying the next good version", REACT, |lab| {
+        Ok(match find_workload(&lab.workloads()?, Host::Db) {
+            Some(w)
+                if w.applied_policy_version == w.policy_version
+                    && w.applied_policy_version > Some(applied)
+                    && w.apply_error.is_none() =>
+            {
+                None
+            }
+            other => Some(format!("{other:?}")),
+        })
+    });
+    must(recovered, "recovery after the fix");
+}
