@@ -165,6 +165,11 @@ impl Manager {
     }
 
     fn on_timer(&mut self) {
+        // INVARIANT: a suspended agent does no work of its own (no checks, no heartbeats) until
+        // `unsuspend`; its long wait only ends here when nothing arrived.
+        if self.suspended {
+            return;
+        }
         let now = Instant::now();
         if self.enforcing() && now >= self.next_full_check {
             self.check_tamper(CheckDepth::Full);
