@@ -1,6 +1,6 @@
 //! What every hand-written netfilter netlink client here shares: the message header constants
 //! and a NETLINK_NETFILTER socket with a receive timeout (conntrack's ctnetlink, the nf_tables
-//! generation; the flow pipeline's NFLOG reader next).
+//! generation; the flow pipeline's NFLOG reader).
 //!
 //! A socket belongs to the network namespace of the thread that opened it. Every receive has a
 //! timeout, so a kernel that never answers cannot hang the agent; datagrams from other sockets
@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recvmsg, sendto,
-    setsockopt, socket, sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, getsockopt, recvmsg,
+    sendto, setsockopt, socket, sockopt,
 };
 use nix::sys::time::{TimeVal, TimeValLike as _};
 
@@ -40,6 +40,15 @@ pub(crate) enum SocketError {
     Truncated,
 }
 
+/// The receive buffer a socket got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReceiveBuffer {
+    /// Set with SO_RCVBUFFORCE (else SO_RCVBUF, capped by `net.core.rmem_max`).
+    pub(crate) forced: bool,
+    /// Bytes, as SO_RCVBUF reads back.
+    pub(crate) granted: usize,
+}
+
 /// A bound NETLINK_NETFILTER socket with a receive timeout.
 pub(crate) struct NetfilterSocket {
     fd: OwnedFd,
@@ -61,6 +70,24 @@ impl NetfilterSocket {
         let timeout = TimeVal::milliseconds(i64::try_from(receive_timeout.as_millis()).unwrap_or(i64::MAX));
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(os("setsockopt SO_RCVTIMEO"))?;
         Ok(Self { fd })
+    }
+
+    /// Asks for a receive buffer of `bytes`: SO_RCVBUFFORCE (past `net.core.rmem_max`, needs
+    /// CAP_NET_ADMIN) first, SO_RCVBUF (capped by `rmem_max`) when that is not permitted. Returns
+    /// how it was set and the size the kernel reports (it doubles the request for bookkeeping).
+    pub(crate) fn set_receive_buffer(&self, bytes: usize) -> Result<ReceiveBuffer, SocketError> {
+        let forced = match setsockopt(&self.fd, sockopt::RcvBufForce, &bytes) {
+            Ok(()) => true,
+            Err(Errno::EPERM) => {
+                setsockopt(&self.fd, sockopt::RcvBuf, &bytes)
+                    .map_err(|errno| SocketError::Os { operation: "setsockopt SO_RCVBUF", errno })?;
+                false
+            }
+            Err(errno) => return Err(SocketError::Os { operation: "setsockopt SO_RCVBUFFORCE", errno }),
+        };
+        let granted = getsockopt(&self.fd, sockopt::RcvBuf)
+            .map_err(|errno| SocketError::Os { operation: "getsockopt SO_RCVBUF", errno })?;
+        Ok(ReceiveBuffer { forced, granted })
     }
 
     /// Sends one datagram to the kernel, whole.

@@ -1,0 +1,200 @@
+//! Kernel tests of the NFLOG reader: real enforced policies log real traffic to group 7 in a
+//! fresh network namespace, and the reader, opened inside it, must see every logged packet with
+//! the right verdict, rule, addresses, ports and protocol, and lose nothing.
+//!
+//! The lab is `common`'s: A (198.18.0.1, 2001:2::1; in the policy's set), B (198.18.0.2,
+//! 2001:2::2; the firewall and the reader) and C (198.18.0.3, 2001:2::3; never allowed). The
+//! reader's socket is opened on a thread inside B (`Netns::run`) and read from the test thread
+//! (a socket stays in the namespace it was opened in). Without namespaces the tests are skipped
+//! loudly, except under CI, where they fail.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd as _;
+use std::time::{Duration, Instant};
+
+use common::{
+    A, A6, Allowed, B, B6, C, C6, Dropped, Lab, OTHER, RULED, UDP_PORT, expect_tcp, policy_with_udp,
+};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, sendto, socket,
+};
+use ven::firewall::LogVerdict;
+use ven::flows::{FlowKey, LossCounters, NflogReader};
+use ven_lab::netns::Netns;
+use ven_proto::PolicyState;
+
+/// The group the firewall logs to by default.
+const GROUP: u16 = 7;
+/// How long the reader waits for the kernel's last batch (it flushes every 100 ms).
+const QUIET: Duration = Duration::from_millis(600);
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("address")
+}
+
+/// Opens the reader on a thread inside `host`.
+fn open_reader(host: &Netns) -> NflogReader {
+    host.run(|| NflogReader::open(GROUP)).expect("enter namespace").expect("open the NFLOG reader")
+}
+
+/// One echo request from `from` to `to` over a raw ICMP or ICMPv6 socket (the kernel computes
+/// the ICMPv6 checksum; ours for ICMP).
+fn echo(from: &Netns, to: &str) {
+    let to = ip(to);
+    from.run(move || {
+        let (family, protocol, kind) = match to {
+            IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, ICMP_ECHO_REQUEST),
+            IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, ICMPV6_ECHO_REQUEST),
+        };
+        let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, protocol).expect("raw socket");
+        let mut message = [kind, 0, 0, 0, 0x12, 0x34, 0, 1, b'v', b'e', b'n', b'!'];
+        if to.is_ipv4() {
+            let sum = message
+                .chunks(2)
+                .fold(0u32, |sum, pair| sum + u32::from(u16::from_be_bytes([pair[0], pair[1]])));
+            let folded = (sum & 0xffff) + (sum >> 16);
+            message[2..4].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+        }
+        let address = SockaddrStorage::from(SocketAddr::new(to, 0));
+        sendto(fd.as_raw_fd(), &message, &address, MsgFlags::empty()).expect("send echo request");
+    })
+    .expect("enter namespace");
+}
+
+/// Reads until the kernel has been quiet for [`QUIET`]: every flow key seen, and the messages'
+/// raw bytes with a description when `raw` is asked for.
+fn drain(reader: &mut NflogReader, raw: bool) -> (Vec<FlowKey>, Vec<(String, Vec<u8>)>) {
+    let (mut keys, mut messages) = (Vec::new(), Vec::new());
+    let mut last = Instant::now();
+    while last.elapsed() < QUIET {
+        let batch = reader
+            .read_batch(|event| {
+                keys.push(event.key);
+                if raw {
+                    let what =
+                        format!("{:?} {:?} seq {:?}", event.key, event.packet.transport, event.message.seq);
+                    messages.push((what, event.message.raw.to_vec()));
+                }
+            })
+            .expect("read a batch");
+        if batch.received {
+            last = Instant::now();
+        }
+    }
+    (keys, messages)
+}
+
+fn key(src: &str, dst: &str, protocol: u8, port: u16, verdict: LogVerdict, rule: u32) -> FlowKey {
+    FlowKey { src: ip(src), dst: ip(dst), protocol, port, verdict, rule }
+}
+
+#[track_caller]
+fn assert_saw(keys: &[FlowKey], expected: &FlowKey) {
+    assert!(keys.contains(expected), "expected {expected:?} among {keys:#?}");
+}
+
+#[track_caller]
+fn assert_no_loss(loss: LossCounters) {
+    assert_eq!(loss, LossCounters::default(), "nothing lost, nothing malformed, no foreign prefix");
+}
+
+/// The enforced policy logs the first packet of each allowed connection with its rule and every
+/// dropped packet with `ven:d:0`; the reader sees each of them, and loses nothing.
+#[test]
+fn reader_sees_allowed_and_dropped_traffic_of_an_enforced_policy() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fnk-enf");
+    let mut reader = open_reader(&lab.b);
+    let (buffer, forced) = reader.socket_buffer();
+    assert!(forced, "root may force the receive buffer");
+    assert!(buffer >= ven::flows::nflog::SOCKET_BUFFER_BYTES, "{buffer}");
+    lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
+
+    expect_tcp(
+        "enforced",
+        &[
+            (&lab.a, common::addr(B, RULED), Allowed),
+            (&lab.c, common::addr(B, RULED), Dropped),
+            (&lab.a, common::addr(B, OTHER), Dropped),
+            (&lab.a, common::addr(B6, RULED), Allowed),
+            (&lab.c, common::addr(B6, RULED), Dropped),
+        ],
+    );
+    assert_eq!(lab.udp_to_b(&lab.a, Allowed), Allowed);
+    assert_eq!(lab.udp_to_b(&lab.c, Dropped), Dropped);
+    echo(&lab.c, B);
+    echo(&lab.c, B6);
+
+    let (keys, _) = drain(&mut reader, false);
+    let (tcp, udp, icmp, icmpv6) = (6, 17, 1, 58);
+    use LogVerdict::{Allowed as A_, Dropped as D_};
+    assert_saw(&keys, &key(A, B, tcp, RULED, A_, 1));
+    assert_saw(&keys, &key(C, B, tcp, RULED, D_, 0));
+    assert_saw(&keys, &key(A, B, tcp, OTHER, D_, 0));
+    assert_saw(&keys, &key(A6, B6, tcp, RULED, A_, 1));
+    assert_saw(&keys, &key(C6, B6, tcp, RULED, D_, 0));
+    assert_saw(&keys, &key(A, B, udp, UDP_PORT, A_, 2));
+    assert_saw(&keys, &key(C, B, udp, UDP_PORT, D_, 0));
+    assert_saw(&keys, &key(C, B, icmp, u16::from(ICMP_ECHO_REQUEST), D_, 0));
+    assert_saw(&keys, &key(C6, B6, icmpv6, u16::from(ICMPV6_ECHO_REQUEST), D_, 0));
+    // Only the first packet of an allowed connection is logged: one event per allowed flow.
+    for allowed in
+        [key(A, B, tcp, RULED, A_, 1), key(A6, B6, tcp, RULED, A_, 1), key(A, B, udp, UDP_PORT, A_, 2)]
+    {
+        assert_eq!(keys.iter().filter(|k| **k == allowed).count(), 1, "{allowed:?} in {keys:#?}");
+    }
+    // Nothing of A's but what the policy says (no packets from B itself on INPUT).
+    assert!(keys.iter().all(|k| k.dst == ip(B) || k.dst == ip(B6)), "{keys:#?}");
+    assert_no_loss(reader.loss());
+}
+
+/// A second reader cannot take a group that is bound; the first keeps reading.
+#[test]
+fn a_bound_group_is_refused_to_a_second_reader() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fnk-busy");
+    let _first = open_reader(&lab.b);
+    let second = lab.b.run(|| NflogReader::open(GROUP)).expect("enter namespace");
+    assert!(
+        matches!(second, Err(ven::flows::NflogError::Refused { errno: nix::errno::Errno::EPERM, .. })),
+        "{second:?}"
+    );
+    // Another group is free.
+    lab.b.run(|| NflogReader::open(GROUP + 1)).expect("enter namespace").expect("another group");
+}
+
+/// Not a test: prints genuine NFLOG messages from this kernel as hex, for the parser's unit tests
+/// and the fuzz corpus. Run with
+/// `cargo test --test flows_nflog_kernel capture -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints test vectors"]
+fn capture_test_vectors() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fnk-cap");
+    let mut reader = open_reader(&lab.b);
+    for tool in ["iptables", "ip6tables"] {
+        lab.b_sh(&format!(
+            "{tool} -A INPUT -j NFLOG --nflog-group 7 --nflog-prefix ven:d:0 --nflog-size 128"
+        ));
+    }
+    let _ = ven_lab::probe::connect(&lab.a, common::addr(B, RULED), Duration::from_secs(1));
+    let _ = ven_lab::probe::connect(&lab.a, common::addr(B6, RULED), Duration::from_secs(1));
+    let _ = lab.udp_to_b(&lab.a, Allowed);
+    echo(&lab.a, B);
+    echo(&lab.a, B6);
+    let (_, messages) = drain(&mut reader, true);
+    for (what, bytes) in messages {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        println!("// {what}\n{hex}");
+    }
+}
