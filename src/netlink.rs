@@ -90,6 +90,12 @@ impl NetfilterSocket {
         Ok(ReceiveBuffer { forced, granted })
     }
 
+    /// The socket, for waiting on it with `poll`.
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.fd.as_fd()
+    }
+
     /// Sends one datagram to the kernel, whole.
     pub(crate) fn send(&self, bytes: &[u8], operation: &'static str) -> Result<(), SocketError> {
         let kernel = NetlinkAddr::new(KERNEL_PORT, 0);

@@ -832,3 +832,30 @@ fn a_rejected_policy_is_reported_and_the_previous_one_stays() {
     });
     must(recovered, "recovery after the fix");
 }
+
+/// The flow pipeline's first part in the running agent: it binds the firewall's NFLOG group and
+/// counts the packets the log rules hand it, with nothing lost, and `ven status` shows it.
+#[test]
+fn the_running_agent_reads_its_nflog_group() {
+    let Some(bins) = prerequisites("the_running_agent_reads_its_nflog_group") else {
+        return;
+    };
+    let mut lab = lab(bins, "venlc-flow", LabOptions::default());
+    enforce_web_and_db(&mut lab);
+    let before = must(lab.ven_status(Host::Db), "ven status on db").flows.expect("db's agent reports flows");
+    assert!(before.0, "db's agent reads its NFLOG group: {before:?}");
+    // Dropped by db's enforced input policy: logged as ven:d:0 (SYN retries make more packets).
+    for _ in 0..3 {
+        expect_probe(&lab, Host::Pce, Host::Db, CLOSED_PORT, false, "enforced");
+    }
+    let counted = lab.wait_until("db's agent counting the logged packets", REACT, |lab| {
+        let flows = lab.ven_status(Host::Db)?.flows;
+        Ok(match flows {
+            Some((true, events, 0)) if events >= before.1 + 3 => None,
+            other => Some(format!("{other:?}, before {before:?}")),
+        })
+    });
+    must(counted, "flow events counted");
+    let human = must(lab.ven_status_text(Host::Db), "ven status on db");
+    assert!(human.contains("flows:           reading NFLOG"), "{human}");
+}

@@ -40,7 +40,7 @@ pub enum ControlRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlResponse {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Done,
     /// Deactivated; `pce_notice` says why the PCE could not be told, if it could not.
     Deactivated {
@@ -133,7 +133,7 @@ fn serve(
         };
         let response = match request {
             ControlRequest::Status => match status.lock() {
-                Ok(report) => ControlResponse::Status(report.clone()),
+                Ok(report) => ControlResponse::Status(Box::new(report.clone())),
                 Err(_) => ControlResponse::Failed("status unavailable".into()),
             },
             work => {

@@ -80,6 +80,8 @@ pub struct Manager {
     dropped_events: u64,
     tamper_count: u64,
     last_tamper: Option<(u64, String)>,
+    /// The flow pipeline's counters, when it runs.
+    flow_stats: Option<Arc<crate::flows::FlowStats>>,
 }
 
 impl Manager {
@@ -115,7 +117,14 @@ impl Manager {
             dropped_events: 0,
             tamper_count: 0,
             last_tamper: None,
+            flow_stats: None,
         }
+    }
+
+    /// Shows the flow pipeline's counters in the status.
+    pub fn with_flow_stats(mut self, stats: Option<Arc<crate::flows::FlowStats>>) -> Self {
+        self.flow_stats = stats;
+        self
     }
 
     pub fn run(mut self, inputs: Receiver<Input>) {
@@ -517,7 +526,7 @@ impl Manager {
         match request {
             ControlRequest::Status => self.status.lock().map_or_else(
                 |_| ControlResponse::Failed("status unavailable".into()),
-                |report| ControlResponse::Status(report.clone()),
+                |report| ControlResponse::Status(Box::new(report.clone())),
             ),
             ControlRequest::IdentityChanged => {
                 self.load_identity();
@@ -632,6 +641,7 @@ impl Manager {
         report.tamper_count = self.tamper_count;
         report.last_tamper = self.last_tamper.clone();
         report.pending_events = self.pending_events.len();
+        report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
     }
 
     fn save_status(&self) {

@@ -4,7 +4,8 @@
 //! - `main` runs the [`manager::Manager`] loop: heartbeats, policy fetch and apply, status;
 //! - `control` serves the CLI on the data directory's Unix socket ([`control`]);
 //! - `evsync` holds the event-service connection ([`evsync`]);
-//! - `signals` turns SIGTERM/SIGINT into an orderly stop.
+//! - `signals` turns SIGTERM/SIGINT into an orderly stop;
+//! - `flows` reads the firewall's NFLOG group ([`crate::flows::FlowPipeline`]).
 //!
 //! They talk to the manager over one bounded channel of [`Input`]s ([`INPUT_QUEUE_CAPACITY`]).
 
@@ -186,7 +187,21 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         if firewall_config.options.ipv6 { "on" } else { "off" }
     );
     let firewall = Firewall::new(firewall_config);
-    manager::Manager::new(data, config, firewall, status, inputs_tx).run(inputs_rx);
+    // The flow pipeline is best effort: without it the firewall still enforces.
+    let flows = match crate::flows::FlowPipeline::start(config.nflog_group) {
+        Ok(flows) => Some(flows),
+        Err(e) => {
+            log::error!("cannot start the flows thread: {e}; flows are not recorded");
+            None
+        }
+    };
+    let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
+    manager::Manager::new(data, config, firewall, status, inputs_tx)
+        .with_flow_stats(flow_stats)
+        .run(inputs_rx);
+    if let Some(flows) = flows {
+        flows.stop();
+    }
     control.stop();
     if !signals.is_finished() {
         // The manager stopped for another reason: wake the signal thread so it can be joined.

@@ -111,6 +111,8 @@ pub struct StatusReport {
     pub last_tamper: Option<(u64, String)>,
     /// Events waiting for the next accepted heartbeat.
     pub pending_events: usize,
+    /// The flow pipeline's counters (a running agent only).
+    pub flows: Option<crate::flows::FlowCounters>,
 }
 
 impl StatusReport {
@@ -162,6 +164,7 @@ impl StatusReport {
             tamper_count: 0,
             last_tamper: None,
             pending_events: 0,
+            flows: None,
         }
     }
 
@@ -199,6 +202,15 @@ impl StatusReport {
                 })),
             ),
             ("pending_events", self.pending_events.to_string()),
+            (
+                "flows",
+                json_option(self.flows.map(|f| {
+                    format!(
+                        "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{}}}",
+                        f.reading, f.events, f.lost, f.skipped
+                    )
+                })),
+            ),
         ];
         let body: Vec<String> = fields.iter().map(|(key, value)| format!("\"{key}\":{value}")).collect();
         format!("{{{}}}", body.join(","))
@@ -238,6 +250,13 @@ impl StatusReport {
             None => "none found".to_string(),
         };
         lines.push(format!("  tampering:       {tampering}"));
+        if let Some(flows) = self.flows {
+            let reading = if flows.reading { "reading NFLOG" } else { "NFLOG not bound" };
+            lines.push(format!(
+                "  flows:           {reading}: {} packets logged, {} lost, {} skipped",
+                flows.events, flows.lost, flows.skipped
+            ));
+        }
         if self.pending_events > 0 {
             lines.push(format!("  events:          {} waiting for the PCE", self.pending_events));
         }

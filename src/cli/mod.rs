@@ -138,7 +138,7 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
             let report =
                 match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT)
                 {
-                    Ok(ControlResponse::Status(report)) => report,
+                    Ok(ControlResponse::Status(report)) => *report,
                     Ok(_) | Err(ControlError::NotRunning(_)) => StatusReport::from_data_dir(data)?,
                     Err(e) => {
                         log::warn!("{e}; showing the saved status");

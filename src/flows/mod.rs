@@ -1,4 +1,5 @@
-//! vtapServer: the flow pipeline. Built so far: the NFLOG reader.
+//! vtapServer: the flow pipeline. Built so far: the NFLOG reader, its thread in the agent, and
+//! the bounded aggregation.
 //!
 //! - [`nflog`]: binds one nfnetlink_log group (only ours, never the protocol family), copies
 //!   headers only with kernel-side batching and numbering, reads batches from a large socket
@@ -8,18 +9,29 @@
 //!   timestamp) and of its IPv4/IPv6 packet (TCP/UDP ports, ICMP/ICMPv6 type and code, other
 //!   protocols by number), and the [`FlowKey`] a flow is counted by (addresses, protocol,
 //!   destination port or ICMP type, verdict and rule id from the prefix).
+//! - [`aggregate`]: counts flow keys between two flushes in a table allocated once for the
+//!   configured number of flows (84 bytes per tracked flow, never grown, nothing allocated per
+//!   event) into [`Summary`] records (count, first and last seen, sampling scale); when full,
+//!   new keys fold into one counted "other" bucket per verdict. Pure: not yet run by the agent.
 //!
-//! Still to come (issue 4): the reader's own thread in the agent with a stop signal and its loss
-//! counters in `ven status`; bounded aggregation into flow summaries (connections, first and
-//! last seen, an "other" bucket on overflow); sampling mode under load; the redb stores
-//! (`flow.db`, `flowsum.db`) with rotation and the 390 MB cap; `ven flows`; rotated application
-//! logs; the upload to the PCE. Until then the agent records no flows.
+//! - [`pipeline`]: the agent's `flows` thread: binds the group, sleeps in `poll` (no wake-ups
+//!   on an idle host, an immediate stop), counts events, loss and skipped messages into shared
+//!   counters that `ven status` shows, and binds again with backoff when it cannot.
+//!
+//! Still to come (issue 4): feeding the aggregator from the pipeline and flushing it every N
+//! seconds; sampling mode under load; the redb stores (`flow.db`, `flowsum.db`) with rotation
+//! and the 390 MB cap; `ven flows`; rotated application logs; the upload to the PCE. Until then
+//! the agent counts logged packets but records no flows.
 
+pub mod aggregate;
 pub mod nflog;
 pub mod packet;
+pub mod pipeline;
 
+pub use aggregate::{Aggregator, Counters as AggregateCounters, Summary, SummaryKey};
 pub use nflog::{Batch, DecodeState, LossCounters, NflogError, NflogEvent, NflogReader};
 pub use packet::{FlowKey, NflogMessage, Packet, PacketError, Timestamp, Transport};
+pub use pipeline::{FlowCounters, FlowPipeline, FlowStats};
 
 /// For the `nflog_packets` fuzz target: decodes one datagram of NFLOG messages as the reader
 /// does (counting what does not parse) and returns the events' flow keys and the counters.

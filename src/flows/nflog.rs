@@ -311,6 +311,11 @@ impl NflogReader {
         }
     }
 
+    /// The socket, for waiting on it with `poll` (a batch is then read without blocking).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
     /// What was lost or skipped since the reader opened.
     pub fn loss(&self) -> LossCounters {
         self.state.loss

@@ -1036,6 +1036,7 @@ mod tests {
             last_apply_error: None,
             tamper_count: Some(0),
             last_tamper: None,
+            flows: None,
         }
     }
 

@@ -67,6 +67,8 @@ pub struct VenStatus {
     pub tamper_count: Option<u64>,
     /// What the last tampering was (`last_tamper.what`).
     pub last_tamper: Option<String>,
+    /// The running agent's flow pipeline: (reading its NFLOG group, packets logged, packets lost).
+    pub flows: Option<(bool, u64, u64)>,
 }
 
 impl VenStatus {
@@ -98,6 +100,25 @@ impl VenStatus {
                         .ok_or_else(|| field_error(WHAT, "last_tamper", "{at, what} or null", text))?
                         .to_string(),
                 ),
+            },
+            flows: match value.get("flows") {
+                None | Some(Value::Null) => None,
+                Some(flows) => {
+                    let reading = flows.get("reading").and_then(Value::as_bool);
+                    let events = flows.get("events").and_then(Value::as_u64);
+                    let lost = flows.get("lost").and_then(Value::as_u64);
+                    match (reading, events, lost) {
+                        (Some(reading), Some(events), Some(lost)) => Some((reading, events, lost)),
+                        _ => {
+                            return Err(field_error(
+                                WHAT,
+                                "flows",
+                                "{reading, events, lost, skipped} or null",
+                                text,
+                            ));
+                        }
+                    }
+                }
             },
         })
     }
