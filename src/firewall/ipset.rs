@@ -28,24 +28,12 @@ const HASHSIZE: usize = 1024;
 
 /// Runs `ipset save` (all sets: ipset cannot list by prefix).
 pub(crate) fn save(program: &Path) -> Result<String, FirewallError> {
-    run_listing(program, &["save"])
+    kernel::listing(program, &["save"])
 }
 
 /// Runs `ipset list -t`: every set's header and size, without members (cheap).
 pub(crate) fn list_terse(program: &Path) -> Result<String, FirewallError> {
-    run_listing(program, &["list", "-t"])
-}
-
-fn run_listing(program: &Path, args: &[&str]) -> Result<String, FirewallError> {
-    let output = kernel::run(program, args, None)?;
-    if !output.status.success() {
-        return Err(FirewallError::Save {
-            command: format!("{} {}", program.display(), args.join(" ")),
-            status: output.status,
-            stderr: kernel::stderr_text(&output.stderr),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    kernel::listing(program, &["list", "-t"])
 }
 
 /// Runs `ipset -exist restore` with `input`. ipset stops at the first failing line, after

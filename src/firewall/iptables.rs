@@ -32,15 +32,7 @@ const RESOURCE_PROBLEM: i32 = 4;
 /// Runs `<save program> [-t filter]`: one table, or all of them when `table` is `None`.
 pub(crate) fn save(program: &Path, table: Option<&str>) -> Result<String, FirewallError> {
     let args: Vec<&str> = table.map(|table| vec!["-t", table]).unwrap_or_default();
-    let output = kernel::run(program, &args, None)?;
-    if !output.status.success() {
-        return Err(FirewallError::Save {
-            command: format!("{} {}", program.display(), args.join(" ")),
-            status: output.status,
-            stderr: kernel::stderr_text(&output.stderr),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    kernel::listing(program, &args)
 }
 
 /// Runs `<restore program> --noflush` with `input` (one table), or without `--noflush` when

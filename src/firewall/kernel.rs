@@ -155,6 +155,20 @@ pub(crate) fn run(program: &Path, args: &[&str], stdin: Option<&str>) -> Result<
     .map_err(spawn_error)
 }
 
+/// Runs a listing tool (`iptables-save`, `ipset save`, ...) and returns its output; a failure is
+/// a [`FirewallError::Save`] naming the command.
+pub(crate) fn listing(program: &Path, args: &[&str]) -> Result<String, FirewallError> {
+    let output = run(program, args, None)?;
+    if !output.status.success() {
+        return Err(FirewallError::Save {
+            command: format!("{} {}", program.display(), args.join(" ")),
+            status: output.status,
+            stderr: stderr_text(&output.stderr),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A tool's stderr as text, trimmed and capped at [`MAX_STDERR_BYTES`].
 pub(crate) fn stderr_text(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(&stderr[..stderr.len().min(MAX_STDERR_BYTES)]);
