@@ -394,7 +394,8 @@ impl Manager {
                 if summary.changed {
                     self.record_history(ChangeReason::PolicyUpdate, &policy, "");
                 }
-                if self.config.conntrack_cut_on_tighten {
+                if self.config.conntrack_cut_on_tighten && tightens(self.applied.as_ref(), &policy, &summary)
+                {
                     self.cut_connections(&policy, pairing.safeguards.clone());
                 }
                 self.applied = Some(policy);
@@ -417,12 +418,9 @@ impl Manager {
         self.next_heartbeat = Instant::now();
     }
 
-    /// Ends the open connections the new policy no longer allows (enforced state only), so a
-    /// tightened policy also cuts what it used to allow.
+    /// Ends the open connections the new policy no longer allows, so a tightened policy also
+    /// cuts what it used to allow.
     fn cut_connections(&self, policy: &Policy, safeguards: Safeguards) {
-        if policy.state != PolicyState::Enforced {
-            return;
-        }
         let input = crate::conntrack::CutInput {
             policy,
             local_addresses: host::local_addresses(),
@@ -674,5 +672,54 @@ impl Manager {
             }
         }
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
+    }
+}
+
+/// Whether going from `previous` to `next` can end connections: `next` enforces, and either
+/// enforcement starts, the rules change or set members went. A change that only adds members
+/// allows a superset of what was allowed, so the conntrack dump it would cost finds nothing.
+fn tightens(previous: Option<&Policy>, next: &Policy, summary: &crate::firewall::ApplySummary) -> bool {
+    if next.state != PolicyState::Enforced {
+        return false;
+    }
+    match previous {
+        Some(previous) => {
+            previous.state != PolicyState::Enforced
+                || previous.rules != next.rules
+                || previous.custom_rules != next.custom_rules
+                || summary.set_members_removed > 0
+        }
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::ApplySummary;
+
+    fn policy(state: PolicyState) -> Policy {
+        Policy { version: 1, state, ip_sets: Vec::new(), rules: Vec::new(), custom_rules: Vec::new() }
+    }
+
+    #[test]
+    fn only_a_change_that_can_end_connections_costs_a_conntrack_dump() {
+        let enforced = policy(PolicyState::Enforced);
+        let added = ApplySummary { set_members_added: 3, ..ApplySummary::default() };
+        let removed = ApplySummary { set_members_removed: 1, ..ApplySummary::default() };
+        assert!(tightens(None, &enforced, &added), "first policy");
+        assert!(tightens(Some(&policy(PolicyState::Build)), &enforced, &added), "enforcement starts");
+        assert!(!tightens(Some(&enforced), &enforced, &added), "members only added");
+        assert!(tightens(Some(&enforced), &enforced, &removed), "members went");
+        let mut fewer_rules = enforced.clone();
+        fewer_rules.rules.push(ven_proto::Rule {
+            id: 1,
+            direction: ven_proto::Direction::Inbound,
+            peers: ven_proto::Peers::Any,
+            protocol: ven_proto::Protocol::Tcp,
+            ports: None,
+        });
+        assert!(tightens(Some(&fewer_rules), &enforced, &added), "rules changed");
+        assert!(!tightens(Some(&enforced), &policy(PolicyState::Test), &removed), "test blocks nothing");
     }
 }
