@@ -171,11 +171,11 @@ fn a_bound_group_is_refused_to_a_second_reader() {
     lab.b.run(|| NflogReader::open(GROUP + 1)).expect("enter namespace").expect("another group");
 }
 
-/// Not a test: prints genuine NFLOG messages from this kernel as hex, for the parser's unit tests
-/// and the fuzz corpus. Run with
-/// `cargo test --test flows_nflog_kernel capture -- --ignored --nocapture`.
+/// The log rule of the captured test vectors in `src/flows/testdata/nflog-group7.hex`, with the
+/// same traffic: every protocol arrives, parsed, as a drop. With `--nocapture` it prints the
+/// messages as hex, which is how the vectors (and the fuzz corpus) are made again:
+/// `cargo test --test flows_nflog_kernel capture -- --nocapture`.
 #[test]
-#[ignore = "prints test vectors"]
 fn capture_test_vectors() {
     if !common::require_kernel() {
         return;
@@ -192,7 +192,14 @@ fn capture_test_vectors() {
     let _ = lab.udp_to_b(&lab.a, Allowed);
     echo(&lab.a, B);
     echo(&lab.a, B6);
-    let (_, messages) = drain(&mut reader, true);
+    let (keys, messages) = drain(&mut reader, true);
+    for protocol in [6, 17, 1, 58] {
+        assert!(
+            keys.iter().any(|k| k.protocol == protocol && k.verdict == LogVerdict::Dropped && k.rule == 0),
+            "no ven:d:0 event of protocol {protocol} among {keys:#?}"
+        );
+    }
+    assert_eq!(reader.loss().lost(), 0, "{:?}", reader.loss());
     for (what, bytes) in messages {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         println!("// {what}\n{hex}");
