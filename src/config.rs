@@ -116,6 +116,35 @@ pub struct Config {
     pub conntrack_established_timeout: Option<u32>,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
     pub conntrack_cut_on_tighten: bool,
+    pub flows: FlowSettings,
+    /// Sizes of the files in log/ ([`crate::logdir`]).
+    pub logs: crate::logdir::LogCaps,
+}
+
+/// The flow pipeline's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// Most flows counted between two flushes (about 84 bytes of RAM each); beyond it, new flows
+    /// fold into one overflow record per verdict.
+    pub tracked_flows: usize,
+    /// How often the counted flows are written to flow.db and flowsum.db; a crash loses at most
+    /// this much.
+    pub flush_interval: Duration,
+    /// How often flow summaries are sent to the PCE (jittered by ±10 %): the spec's 10 minutes.
+    pub upload_interval: Duration,
+    /// Logged packets per second above which, sustained, the pipeline samples (0: never).
+    pub sampling_threshold: u32,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        Self {
+            tracked_flows: 100_000,
+            flush_interval: Duration::from_secs(60),
+            upload_interval: Duration::from_secs(600),
+            sampling_threshold: 100_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -137,6 +166,8 @@ impl Default for Config {
             canary_interval: Duration::from_secs(5),
             conntrack_established_timeout: Some(28_800),
             conntrack_cut_on_tighten: true,
+            flows: FlowSettings::default(),
+            logs: crate::logdir::LogCaps::default(),
         }
     }
 }
@@ -233,6 +264,18 @@ impl Config {
                 self.conntrack_established_timeout = (seconds > 0).then_some(seconds);
             }
             "conntrack_cut_on_tighten" => self.conntrack_cut_on_tighten = boolean(key, value)?,
+            "flow_tracked_max" => self.flows.tracked_flows = number(key, value, 16, 1_000_000)? as usize,
+            "flow_flush_interval_s" => {
+                self.flows.flush_interval = Duration::from_secs(number(key, value, 1, 3600)?)
+            }
+            "flow_upload_interval_s" => {
+                self.flows.upload_interval = Duration::from_secs(number(key, value, 1, 86_400)?)
+            }
+            "flow_sampling_threshold" => {
+                self.flows.sampling_threshold = number(key, value, 0, 10_000_000)? as u32
+            }
+            "log_file_max_bytes" => self.logs.file_max_bytes = number(key, value, 65_536, 1 << 32)?,
+            "log_total_max_bytes" => self.logs.total_max_bytes = number(key, value, 1 << 20, 1 << 40)?,
             _ if key.starts_with("board.") => {}
             _ => return Err(format!("unknown setting {key:?}")),
         }
@@ -286,7 +329,9 @@ mod tests {
              ignored_interfaces = wg0, br-lan.1 # comment\n\
              nflog_group = 9\nmax_rules = 500\nmax_sets = 10\nmax_set_members = 1000\nmax_custom_rules = 0\n\
              tamper_check_interval_s = 2\ncanary_interval_s = 1\n\
-             conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n",
+             conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n\
+             flow_tracked_max = 1000\nflow_flush_interval_s = 2\nflow_upload_interval_s = 30\n\
+             flow_sampling_threshold = 0\nlog_file_max_bytes = 1000000\nlog_total_max_bytes = 20000000\n",
         )
         .unwrap();
         assert_eq!(config.firewall_backend, BackendChoice::Legacy);
@@ -302,6 +347,19 @@ mod tests {
         assert_eq!(config.tamper_check_interval, Duration::from_secs(2));
         assert_eq!(config.canary_interval, Duration::from_secs(1));
         assert_eq!(config.conntrack_established_timeout, None);
+        assert_eq!(
+            config.flows,
+            FlowSettings {
+                tracked_flows: 1000,
+                flush_interval: Duration::from_secs(2),
+                upload_interval: Duration::from_secs(30),
+                sampling_threshold: 0,
+            }
+        );
+        assert_eq!(
+            config.logs,
+            crate::logdir::LogCaps { file_max_bytes: 1_000_000, total_max_bytes: 20_000_000 }
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod conntrack;
 pub mod firewall;
 pub mod flows;
 pub mod history;
+pub mod logdir;
 pub mod logging;
 mod netlink;
 pub mod state;

@@ -9,7 +9,7 @@
 //! state/policy     the last-known-good policy, applied at boot before the PCE is contacted
 //! state/status     what `ven status` shows while the agent is stopped
 //! agent.sock       the running agent's control socket (root only)
-//! log/             logs and flow stores (later milestones)
+//! log/             application logs and flow stores, size-capped (crate::logdir)
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -98,18 +98,25 @@ impl DataDir {
         self.state_dir().join("suspended")
     }
 
+    /// Application logs and flow stores ([`crate::logdir`]).
+    pub fn log_dir(&self) -> PathBuf {
+        self.root.join("log")
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.root.join("agent.sock")
     }
 
     /// Creates the directory tree (mode 0700) if it is missing.
     pub fn ensure(&self) -> Result<(), StateError> {
-        let state_dir = self.state_dir();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&state_dir)
-            .map_err(|cause| StateError::Write { path: state_dir, cause })
+        for dir in [self.state_dir(), self.log_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|cause| StateError::Write { path: dir, cause })?;
+        }
+        Ok(())
     }
 }
 

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 /// Version of the messages in this crate. A PCE answers a request carrying another version with
 /// `409 Conflict` and an [`ErrorBody`] of kind [`ErrorKind::ProtocolMismatch`].
 // History: 1 = walking skeleton; 2 = custom rules in policies, agent events in heartbeats,
-// suspend notices.
-pub const PROTOCOL_VERSION: u16 = 2;
+// suspend notices; 3 = flow uploads.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// HTTP header carrying [`PROTOCOL_VERSION`] on every VEN API request and response.
 pub const PROTOCOL_HEADER: &str = "x-ven-protocol";
 /// Content type of postcard bodies on the VEN API.
@@ -50,6 +50,9 @@ pub mod path {
     /// POST [`SuspendNotice`](super::SuspendNotice) -> empty 204: the VEN was suspended or
     /// unsuspended (a suspended VEN sends no heartbeats and is not taken offline for it).
     pub const SUSPEND: &str = "/ven/v1/suspend";
+    /// POST [`FlowBatch`](super::FlowBatch) -> [`FlowAck`](super::FlowAck): flow summaries,
+    /// oldest first; the VEN forgets nothing before the PCE acknowledges it.
+    pub const FLOWS: &str = "/ven/v1/flows";
 }
 
 /// Builds the `authorization` header value for an agent.
@@ -330,6 +333,91 @@ pub struct Rule {
     pub protocol: Protocol,
     /// Destination ports (TCP and UDP only); `None` means all ports.
     pub ports: Option<PortRange>,
+}
+
+/// What the firewall did with the traffic of a flow (the verdict of the log rule that saw it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FlowVerdict {
+    /// Allowed by a policy rule.
+    Allowed,
+    /// No rule allows it; passed because the state is build.
+    Observed,
+    /// No rule allows it; passed because the state is test, enforcement would drop it.
+    WouldDrop,
+    /// Dropped by enforcement.
+    Dropped,
+}
+
+impl FlowVerdict {
+    pub const ALL: [FlowVerdict; 4] = [Self::Allowed, Self::Observed, Self::WouldDrop, Self::Dropped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Observed => "observed",
+            Self::WouldDrop => "would-drop",
+            Self::Dropped => "dropped",
+        }
+    }
+
+    /// Whether the flow belongs in the spec's drop views: dropped, or not allowed by any rule.
+    pub fn is_unallowed(self) -> bool {
+        self != Self::Allowed
+    }
+}
+
+impl std::str::FromStr for FlowVerdict {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|verdict| verdict.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not a verdict (allowed, observed, would-drop, dropped)"))
+    }
+}
+
+/// One flow summary: the traffic of one (source, destination, protocol, destination port,
+/// verdict) seen during one flush interval of the VEN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Unspecified (0.0.0.0) in an overflow record.
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
+    pub protocol: u8,
+    /// Destination port for TCP and UDP, ICMP type for ICMP and ICMPv6, else 0.
+    pub port: u16,
+    pub verdict: FlowVerdict,
+    /// Policy rule that allowed it (0: none).
+    pub rule: u32,
+    /// Connections (allowed, observed, would-drop) or dropped packets, scaled when sampled.
+    pub count: u32,
+    /// Unix seconds of the first and last packet seen.
+    pub first_seen: u32,
+    pub last_seen: u32,
+    /// 1 when every event was counted; N when 1 in N was counted and scaled (sampling mode).
+    pub sampling_scale: u16,
+    /// The VEN's table of flows was full: this record folds every flow it could not track,
+    /// with this verdict, into one (addresses unspecified, port and protocol 0).
+    pub overflow: bool,
+}
+
+/// Most records in one [`FlowBatch`] (about 40 bytes each on the wire).
+pub const MAX_FLOWS_PER_BATCH: usize = 20_000;
+
+/// A run of the VEN's flow records, numbered by the VEN: `records[i]` has sequence number
+/// `first + i`. Sequence numbers only grow, so a batch sent twice is stored once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowBatch {
+    pub first: u64,
+    pub records: Vec<FlowRecord>,
+}
+
+/// The PCE stored every record up to and including sequence number `through`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowAck {
+    pub through: u64,
 }
 
 /// Error body of every non-2xx VEN API answer.
