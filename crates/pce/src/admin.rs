@@ -1,7 +1,9 @@
 //! The admin API: JSON under `/api/v2`, shaped after the public Illumio REST API v2 (labels with
 //! href/key/value, draft rules with consumers/providers/ingress_services, provisioning by POST to
 //! `/sec_policy`, pairing profiles with their activation code, organisation events), plus each
-//! workload's custom iptables rules under `/workloads/<id>/custom_iptables_rules`.
+//! workload's custom iptables rules under `/workloads/<id>/custom_iptables_rules` and the flows the
+//! VENs uploaded under `/traffic_flows` (also `/orgs/1/traffic_flows`, Illumio's prefix; this PCE
+//! has one organisation): parameters and answer in `traffic.rs`.
 //!
 //! Every call needs `authorization: Bearer <admin key>` (compared in constant time). Collections
 //! answer with `X-Total-Count`; errors are a JSON array `[{"token": ..., "message": ...}]`.
@@ -13,12 +15,15 @@ use crate::orgevents::{self, EventType, OrgEvent};
 use crate::policy::{self, Label, RuleDef, Service};
 use crate::serve::App;
 use crate::store::{PairingProfile, Store, StoreError, Workload};
+use crate::traffic::{self, Query};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::str::FromStr;
 use ven_proto::{CustomChain, CustomRule, PolicyState, PortRange, Protocol, RuleFamily};
 
 pub const PREFIX: &str = "/api/v2/";
+/// The one organisation, for paths in Illumio's `/orgs/<org>/...` form.
+const ORG: &str = "1";
 const MAX_LABEL_TEXT: usize = 255;
 
 pub fn handle(app: &App, request: &Request) -> Response {
@@ -59,6 +64,9 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", ["workloads", id, "custom_iptables_rules"]) => add_custom_rule(app, id, request),
         ("DELETE", ["workloads", id, "custom_iptables_rules", rule]) => remove_custom_rule(app, id, rule),
         ("GET", ["events"]) => list_events(app, &request.head.query),
+        ("GET", ["traffic_flows"] | ["orgs", ORG, "traffic_flows"]) => {
+            traffic_flows(app, &request.head.query)
+        }
         ("GET", ["sec_policy", version @ ("draft" | "active"), "rules"]) => {
             let store = app.store();
             let rules =
@@ -79,6 +87,8 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | ["workloads", _, "custom_iptables_rules"]
             | ["workloads", _, "custom_iptables_rules", _]
             | ["events"]
+            | ["traffic_flows"]
+            | ["orgs", ORG, "traffic_flows"]
             | ["sec_policy"]
             | ["sec_policy", _, "rules"]
             | ["pairing_profiles"],
@@ -286,6 +296,19 @@ fn list_events(app: &App, query: &str) -> Answer {
         }
     };
     Ok(response.header("x-total-count", total.to_string()))
+}
+
+/// The matching flows, newest first: `{"total", "returned", "more", "flows": [...], "store": {...}}`
+/// with `X-Total-Count`. The flows are copied out, so the JSON is built without the lock.
+fn traffic_flows(app: &App, query: &str) -> Answer {
+    let query = Query::parse(query).map_err(|e| invalid(&e))?;
+    let (selection, stats) = {
+        let flows = app.flows();
+        (traffic::select(&flows, &query), flows.stats())
+    };
+    let total = selection.total;
+    let body = traffic::answer_json(&selection, &stats);
+    Ok(Response::with_body(200, "application/json", body).header("x-total-count", total.to_string()))
 }
 
 #[derive(Deserialize)]

@@ -5,6 +5,7 @@ use crate::ctl::{self, EventFormat, LabelRef, ServiceSpec};
 use crate::orgevents::EventType;
 use crate::policy;
 use crate::serve::{self, DEFAULT_DATA_DIR};
+use crate::traffic;
 use argh::FromArgs;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -54,6 +55,7 @@ enum Sub {
     Rule(RuleArgs),
     Provision(ProvisionArgs),
     Events(EventsArgs),
+    Traffic(TrafficArgs),
 }
 
 #[derive(FromArgs)]
@@ -232,6 +234,42 @@ struct EventsArgs {
 }
 
 #[derive(FromArgs)]
+#[argh(subcommand, name = "traffic")]
+/// query the flows the VENs uploaded, newest first
+struct TrafficArgs {
+    /// source IP address or CIDR
+    #[argh(option)]
+    src: Option<String>,
+    /// destination IP address or CIDR
+    #[argh(option)]
+    dst: Option<String>,
+    /// destination port (ICMP type for ICMP)
+    #[argh(option)]
+    port: Option<String>,
+    /// protocol: tcp, udp, icmp, icmpv6 or a number
+    #[argh(option)]
+    proto: Option<String>,
+    /// verdict: allowed, observed, would-drop or dropped
+    #[argh(option)]
+    verdict: Option<String>,
+    /// workload: hostname or numeric id
+    #[argh(option)]
+    workload: Option<String>,
+    /// flows seen at or after: Unix seconds or RFC 3339 (2026-11-27T12:00:00Z)
+    #[argh(option)]
+    since: Option<String>,
+    /// flows seen at or before: Unix seconds or RFC 3339
+    #[argh(option)]
+    until: Option<String>,
+    /// at most this many flows, the newest (default 1000, at most 100000)
+    #[argh(option)]
+    limit: Option<String>,
+    /// print the admin API's JSON answer
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
 #[argh(subcommand, name = "set")]
 /// set a workload's labels (each replaces the label of the same key) and/or policy state
 struct WorkloadSetArgs {
@@ -349,6 +387,7 @@ fn convert(args: Args) -> Result<Command, String> {
             let event_type = events.event_type.as_deref().map(str::parse::<EventType>).transpose()?;
             ctl::Command::Events { format, event_type, max: events.max }
         }
+        Sub::Traffic(args) => ctl::Command::Traffic { query: traffic_query(&args)?, json: args.json },
         Sub::Rule(RuleArgs { command: RuleSub::Add(add) }) => {
             if add.service.is_empty() {
                 return Err("a rule needs at least one --service PORT[-PORT]/PROTO".into());
@@ -368,6 +407,29 @@ fn convert(args: Args) -> Result<Command, String> {
         ca_cert: args.ca_cert,
     };
     Ok(Command::Admin(target, command))
+}
+
+/// The options of `pce traffic`, checked by the admin API's own parser.
+fn traffic_query(args: &TrafficArgs) -> Result<traffic::Query, String> {
+    let mut query = traffic::Query::default();
+    let options = [
+        ("src", &args.src),
+        ("dst", &args.dst),
+        ("port", &args.port),
+        ("proto", &args.proto),
+        ("verdict", &args.verdict),
+        ("workload", &args.workload),
+        ("since", &args.since),
+        ("until", &args.until),
+        ("limit", &args.limit),
+    ];
+    for (name, value) in options {
+        if let Some(value) = value {
+            query.set(name, value).map_err(|e| format!("--{e}"))?;
+        }
+    }
+    query.check().map_err(|e| format!("--{e}"))?;
+    Ok(query)
 }
 
 /// `KEY=VALUE`.
@@ -499,5 +561,41 @@ mod tests {
         assert!(parse(&["events", "--format", "xml"]).is_err());
         assert!(parse(&["events", "--type", "nope"]).err().unwrap_or_default().contains("tampering"));
         assert!(parse(&["serve", "--offline-after-heartbeats", "0"]).is_err());
+    }
+
+    #[test]
+    fn traffic_options_are_checked_like_the_api_parameters() {
+        let Ok(Command::Admin(_, ctl::Command::Traffic { query, json })) = parse(&[
+            "traffic",
+            "--src",
+            "198.18.0.7/24",
+            "--proto",
+            "udp",
+            "--verdict",
+            "would-drop",
+            "--since",
+            "2026-11-27T12:00:00Z",
+            "--limit",
+            "10",
+            "--json",
+        ]) else {
+            panic!("traffic expected");
+        };
+        assert!(json);
+        assert_eq!(query.src, Some("198.18.0.0/24".parse().unwrap()));
+        assert_eq!((query.proto, query.since, query.limit), (Some(17), Some(1_795_780_800), 10));
+        assert_eq!(
+            query.to_query_string(),
+            "src=198.18.0.0%2F24&proto=udp&verdict=would-drop&since=1795780800&limit=10"
+        );
+        let error = |args: &[&str]| parse(args).err().unwrap_or_default();
+        assert!(error(&["traffic", "--port", "http"]).starts_with("--port: \"http\""));
+        assert!(error(&["traffic", "--verdict", "blocked"]).contains("would-drop"));
+        assert!(error(&["traffic", "--since", "20", "--until", "10"]).starts_with("--since (1970"));
+        assert!(error(&["traffic", "--limit", "1000000"]).starts_with("--limit:"));
+        let Ok(Command::Admin(_, ctl::Command::Traffic { query, json: false })) = parse(&["traffic"]) else {
+            panic!("traffic expected");
+        };
+        assert_eq!(query, traffic::Query::default());
     }
 }

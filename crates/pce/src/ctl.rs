@@ -5,6 +5,7 @@ use crate::orgevents::EventType;
 use crate::policy;
 use crate::serve::ADMIN_KEY_FILE;
 use crate::tls::{self, CA_CERT_FILE, TlsError};
+use crate::traffic;
 use serde_json::{Value, json};
 use std::io;
 use std::path::PathBuf;
@@ -69,6 +70,7 @@ pub enum Command {
     RuleAdd { consumers: Vec<LabelRef>, providers: Vec<LabelRef>, services: Vec<ServiceSpec> },
     Provision,
     Events { format: EventFormat, event_type: Option<EventType>, max: Option<usize> },
+    Traffic { query: traffic::Query, json: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +210,23 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 }
             }
         }
+        Command::Traffic { query, json } => {
+            let answer = client.get(&format!("traffic_flows?{}", query.to_query_string()))?;
+            if json {
+                println!("{answer:#}");
+            } else {
+                print_table(
+                    &["LAST SEEN", "WORKLOAD", "SRC", "DST", "PROTO", "PORT", "VERDICT", "RULE", "COUNT"],
+                    items(&answer["flows"]).map(flow_row).collect(),
+                );
+                if answer["more"] == true {
+                    println!(
+                        "({} of {} matching flows shown, the newest; see --limit)",
+                        answer["returned"], answer["total"]
+                    );
+                }
+            }
+        }
         Command::RuleAdd { consumers, providers, services } => {
             let labels = client.get("labels")?;
             let actors = |refs: &[LabelRef]| -> Result<Vec<Value>, CtlError> {
@@ -306,6 +325,25 @@ fn workload_row(w: &Value) -> Vec<String> {
         labels.join(","),
         addresses.join(","),
         w["last_heartbeat_on"].as_str().unwrap_or("-").to_string(),
+    ]
+}
+
+fn flow_row(flow: &Value) -> Vec<String> {
+    let overflow = flow["overflow"] == true;
+    let address = |key: &str| if overflow { "(overflow)".to_string() } else { text(&flow[key]) };
+    let scale = flow["sampling_scale"].as_u64().unwrap_or(1);
+    let count =
+        if scale > 1 { format!("~{} (1:{scale})", text(&flow["count"])) } else { text(&flow["count"]) };
+    vec![
+        text(&flow["last_seen_on"]),
+        text(&flow["workload"]["hostname"]),
+        address("src"),
+        address("dst"),
+        text(&flow["proto_name"]),
+        text(&flow["port"]),
+        text(&flow["verdict"]),
+        text(&flow["rule"]),
+        count,
     ]
 }
 

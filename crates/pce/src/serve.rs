@@ -6,6 +6,7 @@
 //! synchronous request handlers run on smol's blocking pool. Connections per listener are capped.
 
 use crate::events::{self, Sessions};
+use crate::flows::{FlowError, FlowStore};
 use crate::http::{self, HttpError, Request, Response};
 use crate::store::{Changes, Store, StoreError};
 use crate::tls::{self, TlsError};
@@ -64,6 +65,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Flows(#[from] FlowError),
     #[error("binding the {what} to {addr}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: io::Error },
     #[error("blocking SIGTERM and SIGINT: {0}")]
@@ -74,9 +77,11 @@ pub enum ServeError {
     Stdout(io::Error),
 }
 
-/// What the request handlers and sessions share.
+/// What the request handlers and sessions share. No code holds `store` and `flows` at once.
 pub struct App {
     store: Mutex<Store>,
+    /// The uploaded flows: a lock of their own, so uploads and queries do not hold up heartbeats.
+    flows: Mutex<FlowStore>,
     pub sessions: Sessions,
     admin_key_sha256: String,
     pub heartbeat_interval_s: u32,
@@ -87,6 +92,10 @@ pub struct App {
 impl App {
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn flows(&self) -> MutexGuard<'_, FlowStore> {
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn is_admin_key(&self, key: &str) -> bool {
@@ -130,6 +139,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let acceptor = TlsAcceptor::from(pki.server_config()?);
     let admin_key = admin_key(dir)?;
     let (store, created) = Store::open(dir)?;
+    let flows = FlowStore::open(dir)?;
 
     let mut stdout = io::stdout().lock();
     if created {
@@ -146,10 +156,16 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     writeln!(stdout, "listening: api {api_addr} events {event_addr}").map_err(ServeError::Stdout)?;
     stdout.flush().map_err(ServeError::Stdout)?;
     drop(stdout);
-    log::info!("data directory {}, {} workloads", dir.display(), store.state().workloads.len());
+    log::info!(
+        "data directory {}, {} workloads, {} flows",
+        dir.display(),
+        store.state().workloads.len(),
+        flows.flows().len()
+    );
 
     let app = Arc::new(App {
         store: Mutex::new(store),
+        flows: Mutex::new(flows),
         sessions: Sessions::default(),
         admin_key_sha256: tls::sha256_hex(admin_key.as_bytes()),
         heartbeat_interval_s: config.heartbeat_interval_s,

@@ -1,22 +1,23 @@
 //! The VEN API (paths under `/ven/v1/`): activation, heartbeats (with the VEN's events), policy,
-//! goodbye, deactivation, suspend notices.
+//! goodbye, deactivation, suspend notices, flow uploads.
 //!
 //! Bodies are postcard messages from `ven_proto`; every request must name [`PROTOCOL_VERSION`] in
 //! `x-ven-protocol` (else 409). Authenticated calls carry `Bearer <agent_id>.<token>`; anything
 //! wrong there is 401 `Unauthorized`, so a VEN knows it is a lost agent. Errors carry an
 //! [`ErrorBody`]. Sizes in host reports and agent events are bounded before anything reaches the
-//! store.
+//! store; flow batches are checked whole by [`crate::flows::check_batch`] before any record is stored.
 
 use crate::clock;
+use crate::flows::FlowError;
 use crate::http::{Request, Response};
 use crate::serve::App;
 use crate::store::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use ven_proto::{
-    ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest,
-    HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_HEADER, PROTOCOL_VERSION,
-    SuspendNotice, path,
+    ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, FlowAck, FlowBatch, Goodbye,
+    HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_HEADER,
+    PROTOCOL_VERSION, SuspendNotice, path,
 };
 
 const MAX_INTERFACES: usize = 256;
@@ -43,6 +44,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::GOODBYE) => goodbye(app, request),
         ("POST", path::DEACTIVATE) => deactivate(app, request),
         ("POST", path::SUSPEND) => suspend(app, request),
+        ("POST", path::FLOWS) => upload_flows(app, request),
         (
             method,
             known @ (path::ACTIVATE
@@ -50,7 +52,8 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | path::POLICY
             | path::GOODBYE
             | path::DEACTIVATE
-            | path::SUSPEND),
+            | path::SUSPEND
+            | path::FLOWS),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
@@ -150,6 +153,10 @@ fn deactivate(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
     let changes = app.store().deactivate(agent_id, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} deactivated");
+    // Its flows stay; the cursor of an agent that can upload no more goes.
+    if let Err(e) = app.flows().forget(agent_id) {
+        log::error!("forgetting the flow cursor of workload {agent_id}: {e}");
+    }
     app.sessions.disconnect(agent_id);
     app.publish(&changes);
     Ok(Response::empty(204))
@@ -166,6 +173,31 @@ fn suspend(app: &App, request: &Request) -> Answer {
     log::info!("workload {agent_id} {what}");
     app.publish(&changes);
     Ok(Response::empty(204))
+}
+
+/// Stores the records above the workload's cursor and acknowledges the cursor (see `flows`).
+fn upload_flows(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let batch: FlowBatch = decode(request)?;
+    let hostname = app.store().state().workloads.get(&agent_id).map(|workload| workload.hostname.clone());
+    let Some(hostname) = hostname else {
+        return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));
+    };
+    let records = batch.records.len();
+    let ingested = app.flows().ingest(agent_id, &hostname, batch, clock::now()).map_err(|e| match e {
+        FlowError::Rejected(message) => error(400, ErrorKind::BadRequest, message),
+        other => {
+            log::error!("VEN API: storing flows of workload {agent_id}: {other}");
+            error(500, ErrorKind::Internal, "the PCE could not store the flows")
+        }
+    })?;
+    log::debug!(
+        "workload {agent_id}: {records} flow records, {} stored, {} already stored, through {}",
+        ingested.stored,
+        ingested.duplicates,
+        ingested.through
+    );
+    Ok(message_response(200, &FlowAck { through: ingested.through }))
 }
 
 fn authenticate(app: &App, request: &Request) -> Result<u64, Response> {

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use ven_proto::frame::{self, Event, PceFrame, VenFrame};
 use ven_proto::{
     ActivateRequest, ActivateResponse, AgentEvent, AgentEventKind, CustomChain, CustomRule, Direction,
-    ErrorBody, ErrorKind, HeartbeatRequest, HeartbeatResponse, HostReport, Interface, IpNet,
-    MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_VERSION, Peers, Policy, PolicyState, PortRange, Protocol, RuleFamily,
-    SuspendNotice, path,
+    ErrorBody, ErrorKind, FlowAck, FlowBatch, FlowRecord, FlowVerdict, HeartbeatRequest, HeartbeatResponse,
+    HostReport, Interface, IpNet, MAX_EVENTS_PER_HEARTBEAT, MAX_FLOWS_PER_BATCH, PROTOCOL_VERSION, Peers,
+    Policy, PolicyState, PortRange, Protocol, RuleFamily, SuspendNotice, path,
 };
 
 const PCE: &str = env!("CARGO_BIN_EXE_pce");
@@ -596,5 +596,210 @@ fn tampering_events_suspend_and_custom_rules() {
     let after: serde_json::Value =
         serde_json::from_str(&cli_ok(d, api, &["events", "--json"])).expect("JSON");
     assert_eq!(after, before);
+    server.stop();
+}
+
+/// A flow record seen from `at` to `at + 5`.
+fn flow(src: &str, dst: &str, protocol: u8, port: u16, verdict: FlowVerdict, at: u32) -> FlowRecord {
+    FlowRecord {
+        src: src.parse().expect("address"),
+        dst: dst.parse().expect("address"),
+        protocol,
+        port,
+        verdict,
+        rule: if verdict == FlowVerdict::Allowed { 1 } else { 0 },
+        count: 2,
+        first_seen: at,
+        last_seen: at + 5,
+        sampling_scale: 1,
+        overflow: false,
+    }
+}
+
+/// Uploads a batch: the status, and the ack or the error.
+fn upload(ven: &Ven, auth: &str, batch: &FlowBatch) -> (u16, Result<FlowAck, ErrorBody>) {
+    let (status, body) = ven.post(path::FLOWS, Some(auth), batch);
+    (status, if status == 200 { Ok(decode(&body)) } else { Err(decode(&body)) })
+}
+
+/// `GET /api/v2/traffic_flows?QUERY`: the ports of the flows (newest first) and the total.
+fn traffic(ven: &Ven, dir: &Path, query: &str) -> (Vec<u64>, u64) {
+    let (status, total, answer) = ven.admin_get(dir, &format!("traffic_flows?{query}"));
+    assert_eq!(status, 200, "{query}: {answer}");
+    let ports = answer["flows"].as_array().expect("flows").iter().map(|f| f["port"].as_u64().expect("port"));
+    let total_field = answer["total"].as_u64().expect("total");
+    assert_eq!(total, Some(total_field as usize), "X-Total-Count and total agree");
+    (ports.collect(), total_field)
+}
+
+#[test]
+fn flow_uploads_are_stored_once_queried_and_kept_across_a_restart() {
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-e2e-flows-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let d = dir.0.as_path();
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(d, api, events);
+    let code = server.line("activation code: ").expect("activation code line");
+    let ven = Ven::new(d, api);
+    let web: ActivateResponse = decode(&ven.activate(&code, "web", "198.18.0.2/24").1);
+    let db: ActivateResponse = decode(&ven.activate(&code, "db", "198.18.0.3/24").1);
+    let web_auth = ven_proto::bearer(web.agent_id, &web.agent_token);
+    let db_auth = ven_proto::bearer(db.agent_id, &db.agent_token);
+    const T: u32 = 1_795_780_800; // 2026-11-27T12:00:00Z
+    use FlowVerdict::*;
+
+    // web: three flows, numbered 1-3.
+    let first = FlowBatch {
+        first: 1,
+        records: vec![
+            flow("198.18.0.2", "198.18.0.3", 6, 5432, Allowed, T),
+            flow("198.18.0.2", "198.18.9.9", 17, 53, Observed, T + 100),
+            flow("198.18.0.2", "198.18.0.3", 1, 8, Dropped, T + 200),
+        ],
+    };
+    assert_eq!(upload(&ven, &web_auth, &first), (200, Ok(FlowAck { through: 3 })));
+    // The ack was lost: the same batch again is stored once, same ack.
+    assert_eq!(upload(&ven, &web_auth, &first), (200, Ok(FlowAck { through: 3 })));
+    assert_eq!(traffic(&ven, d, ""), (vec![8, 53, 5432], 3));
+
+    // A gap: 4-9 were rotated out on the VEN; 10-11 are stored.
+    let gap = FlowBatch {
+        first: 10,
+        records: vec![
+            flow("198.18.0.2", "198.18.0.3", 6, 443, WouldDrop, T + 300),
+            flow("198.18.0.2", "198.18.1.4", 6, 22, WouldDrop, T + 400),
+        ],
+    };
+    assert_eq!(upload(&ven, &web_auth, &gap), (200, Ok(FlowAck { through: 11 })));
+    // db has its own numbering; an IPv6 flow.
+    let db_batch =
+        FlowBatch { first: 1, records: vec![flow("2001:db8::3", "2001:db8::2", 6, 9000, Allowed, T + 500)] };
+    assert_eq!(upload(&ven, &db_auth, &db_batch), (200, Ok(FlowAck { through: 1 })));
+    let (_, _, answer) = ven.admin_get(d, "traffic_flows");
+    assert_eq!(answer["store"]["stored"], 6);
+    assert_eq!((&answer["store"]["gaps"], &answer["store"]["missed"]), (&1.into(), &6.into()), "4-9 missed");
+
+    // Queries: each filter, newest first.
+    assert_eq!(traffic(&ven, d, "src=198.18.0.0/24"), (vec![22, 443, 8, 53, 5432], 5));
+    assert_eq!(traffic(&ven, d, "dst=198.18.0.0%2F24&proto=tcp"), (vec![443, 5432], 2));
+    assert_eq!(traffic(&ven, d, "dst=2001:db8::/64"), (vec![9000], 1));
+    assert_eq!(traffic(&ven, d, "port=53"), (vec![53], 1));
+    assert_eq!(traffic(&ven, d, "proto=udp"), (vec![53], 1));
+    assert_eq!(traffic(&ven, d, "proto=1"), (vec![8], 1));
+    assert_eq!(traffic(&ven, d, "verdict=would-drop"), (vec![22, 443], 2));
+    assert_eq!(traffic(&ven, d, "workload=db"), (vec![9000], 1));
+    assert_eq!(traffic(&ven, d, &format!("workload={}", web.agent_id)), (vec![22, 443, 8, 53, 5432], 5));
+    let since = T + 200;
+    let until = "2026-11-27T12:05:00Z"; // T + 300
+    assert_eq!(traffic(&ven, d, &format!("since={since}&until={until}")), (vec![443, 8], 2));
+    let (status, total, limited) = ven.admin_get(d, "orgs/1/traffic_flows?limit=2");
+    assert_eq!(
+        (status, total, limited["returned"].as_u64(), &limited["more"]),
+        (200, Some(6), Some(2), &true.into())
+    );
+    let newest = &limited["flows"][0];
+    assert_eq!((&newest["src"], &newest["workload"]["hostname"]), (&"2001:db8::3".into(), &"db".into()));
+    assert_eq!(newest["first_seen_on"], "2026-11-27T12:08:20Z");
+    assert_eq!(
+        (&newest["proto_name"], &newest["verdict"], &newest["count"]),
+        (&"tcp".into(), &"allowed".into(), &2.into())
+    );
+    for (query, complaint) in [
+        ("src=198.18.0.300", "src: "),
+        ("port=x", "port: "),
+        ("proto=gre", "proto: "),
+        ("verdict=blocked", "verdict: "),
+        ("since=tomorrow", "since: "),
+        ("limit=100001", "limit: "),
+        ("colour=red", "unknown parameter"),
+    ] {
+        let (status, _, error) = ven.admin_get(d, &format!("traffic_flows?{query}"));
+        assert_eq!(status, 400, "{query}");
+        let message = error[0]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(complaint), "{query}: {message}");
+    }
+
+    // The CLI: a table, JSON, and the same checks before anything is sent.
+    let table = cli_ok(d, api, &["traffic", "--verdict", "would-drop", "--dst", "198.18.1.0/24"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[0].starts_with("LAST SEEN") && lines[0].contains("VERDICT"), "{table}");
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["2026-11-27T12:06:45Z", "web", "198.18.0.2", "198.18.1.4", "tcp", "22", "would-drop", "0", "2"]
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli_ok(d, api, &["traffic", "--json", "--limit", "1"])).expect("JSON");
+    assert_eq!((&json["total"], &json["flows"][0]["port"]), (&6.into(), &9000.into()));
+    assert!(
+        cli_ok(d, api, &["traffic", "--limit", "1"])
+            .ends_with("(1 of 6 matching flows shown, the newest; see --limit)")
+    );
+    let bad = cli(d, api, &["traffic", "--proto", "gre"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--proto: \"gre\" is not a protocol"));
+
+    // Bad batches: 400 BadRequest, and nothing of them is stored.
+    let mut backwards =
+        FlowBatch { first: 12, records: vec![flow("198.18.0.2", "198.18.0.3", 6, 1, Allowed, T)] };
+    backwards.records[0].first_seen = T + 60;
+    let (status, error) = upload(&ven, &web_auth, &backwards);
+    let error = error.expect_err("rejected");
+    assert_eq!((status, error.kind), (400, ErrorKind::BadRequest));
+    assert!(error.message.contains("first_seen"), "{}", error.message);
+    let portless =
+        FlowBatch { first: 12, records: vec![flow("198.18.0.2", "198.18.0.3", 47, 80, Allowed, T)] };
+    assert_eq!(upload(&ven, &web_auth, &portless).0, 400);
+    let huge = FlowBatch { first: 12, records: vec![first.records[0]; MAX_FLOWS_PER_BATCH + 1] };
+    let (status, error) = upload(&ven, &web_auth, &huge);
+    assert_eq!((status, error.expect_err("rejected").kind), (400, ErrorKind::BadRequest));
+    assert_eq!(traffic(&ven, d, "").1, 6);
+    let ask = FlowBatch { first: 0, records: Vec::new() };
+    assert_eq!(upload(&ven, &web_auth, &ask), (200, Ok(FlowAck { through: 11 })), "the cursor did not move");
+
+    // Credentials and protocol as for every VEN API call.
+    let wrong = ven_proto::bearer(web.agent_id, &db.agent_token);
+    let (status, error) = upload(&ven, &wrong, &first);
+    assert_eq!((status, error.expect_err("refused").kind), (401, ErrorKind::Unauthorized));
+    let unknown = ven_proto::bearer(99, &web.agent_token);
+    assert_eq!(upload(&ven, &unknown, &first).0, 401);
+    let (status, _) = ven.call("POST", path::FLOWS, Some(&web_auth), &[], ven_proto::encode(&first));
+    assert_eq!(status, 409);
+    let (status, body) = ven.call(
+        "POST",
+        path::FLOWS,
+        Some(&web_auth),
+        &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+        b"\xff\xff\xff".to_vec(),
+    );
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (400, ErrorKind::BadRequest));
+
+    // Restart: the flows and the cursors are kept.
+    let (_, _, before) = ven.admin_get(d, "traffic_flows");
+    server.stop();
+    let server = Server::start(d, api, events);
+    let (_, _, after) = ven.admin_get(d, "traffic_flows");
+    assert_eq!(after["flows"], before["flows"]);
+    assert_eq!((&after["store"]["gaps"], &after["store"]["missed"]), (&1.into(), &6.into()));
+    assert_eq!(upload(&ven, &web_auth, &gap), (200, Ok(FlowAck { through: 11 })), "still stored once");
+    assert_eq!(upload(&ven, &db_auth, &ask), (200, Ok(FlowAck { through: 1 })));
+    assert_eq!(traffic(&ven, d, "verdict=would-drop&src=198.18.0.2"), (vec![22, 443], 2));
+    let next =
+        FlowBatch { first: 12, records: vec![flow("198.18.0.2", "198.18.0.3", 6, 5432, Allowed, T + 900)] };
+    assert_eq!(upload(&ven, &web_auth, &next), (200, Ok(FlowAck { through: 12 })));
+    assert_eq!(traffic(&ven, d, "port=5432"), (vec![5432, 5432], 2));
+
+    // An unpaired workload's flows stay queryable.
+    let (status, _) = ven.call(
+        "POST",
+        path::DEACTIVATE,
+        Some(&db_auth),
+        &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+        Vec::new(),
+    );
+    assert_eq!(status, 204);
+    assert_eq!(upload(&ven, &db_auth, &ask).0, 401);
+    assert_eq!(traffic(&ven, d, "workload=db"), (vec![9000], 1));
     server.stop();
 }

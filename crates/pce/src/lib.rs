@@ -1,0 +1,89 @@
+//! `pce`, the reference Policy Compute Engine for ven: `pce serve` runs it (VEN API, admin API,
+//! event service); the other commands administer a running one through its admin API. The binary
+//! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
+//!
+//! Map: `cli` (arguments), `serve` (process, listeners), `http` (HTTP/1.1 server), `tls` (CA,
+//! certificates, crypto helpers), `venapi` and `admin` (the two APIs), `events` (event service),
+//! `store` (state and persistence), `orgevents` (organisation events: ring, CEF and LEEF),
+//! `flows` (uploaded flow summaries: checks, de-duplication, bounded store, append-only log),
+//! `traffic` (the traffic query: parameters, filter, JSON), `policy` (computation), `ctl` (admin
+//! client), `clock`.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod cli;
+use ven_proto::clock;
+mod ctl;
+mod events;
+mod flows;
+mod http;
+mod orgevents;
+mod policy;
+mod serve;
+mod store;
+mod tls;
+mod traffic;
+mod venapi;
+
+use std::process::ExitCode;
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    Ctl(#[from] ctl::CtlError),
+}
+
+/// The `pce` command: parses the arguments, runs the command, reports an error on stderr.
+pub fn main() -> ExitCode {
+    init_logging();
+    let result = cli::parse().map_err(Error::Usage).and_then(|command| match command {
+        cli::Command::Serve(config) => serve::run(config).map_err(Error::from),
+        cli::Command::Admin(target, command) => ctl::run(target, command).map_err(Error::from),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pce: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Entry points for the fuzz targets (`fuzz/fuzz_targets/flow_batches.rs`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::flows::fuzz_flow_batch as flow_batch;
+    pub use crate::flows::fuzz_flow_log as flow_log;
+    pub use crate::traffic::fuzz_query as traffic_query;
+}
+
+/// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        // Our own modules only at debug and trace: rustls is chatty there.
+        let ours = record.target().starts_with("pce");
+        if self.enabled(record.metadata()) && (ours || record.level() <= log::Level::Info) {
+            eprintln!("pce: {} {}", record.level().as_str().to_ascii_lowercase(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    let level = std::env::var("PCE_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Info);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
