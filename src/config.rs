@@ -274,8 +274,14 @@ impl Config {
             "flow_sampling_threshold" => {
                 self.flows.sampling_threshold = number(key, value, 0, 10_000_000)? as u32
             }
-            "log_file_max_bytes" => self.logs.file_max_bytes = number(key, value, 65_536, 1 << 32)?,
-            "log_total_max_bytes" => self.logs.total_max_bytes = number(key, value, 1 << 20, 1 << 40)?,
+            // A flow store needs MIN_FILE_BYTES to live in, and log/ may hold MAX_FILES files.
+            "log_file_max_bytes" => {
+                self.logs.file_max_bytes = number(key, value, crate::flows::store::MIN_FILE_BYTES, 1 << 32)?
+            }
+            "log_total_max_bytes" => {
+                let min = crate::flows::store::MIN_FILE_BYTES * crate::logdir::MAX_FILES;
+                self.logs.total_max_bytes = number(key, value, min, 1 << 40)?
+            }
             _ if key.starts_with("board.") => {}
             _ => return Err(format!("unknown setting {key:?}")),
         }
@@ -331,7 +337,7 @@ mod tests {
              tamper_check_interval_s = 2\ncanary_interval_s = 1\n\
              conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n\
              flow_tracked_max = 1000\nflow_flush_interval_s = 2\nflow_upload_interval_s = 30\n\
-             flow_sampling_threshold = 0\nlog_file_max_bytes = 1000000\nlog_total_max_bytes = 20000000\n",
+             flow_sampling_threshold = 0\nlog_file_max_bytes = 2000000\nlog_total_max_bytes = 40000000\n",
         )
         .unwrap();
         assert_eq!(config.firewall_backend, BackendChoice::Legacy);
@@ -358,7 +364,7 @@ mod tests {
         );
         assert_eq!(
             config.logs,
-            crate::logdir::LogCaps { file_max_bytes: 1_000_000, total_max_bytes: 20_000_000 }
+            crate::logdir::LogCaps { file_max_bytes: 2_000_000, total_max_bytes: 40_000_000 }
         );
     }
 
@@ -372,6 +378,7 @@ mod tests {
             ("failsafe_services = tcp/70000", 1, "not a port"),
             ("ignored_interfaces = eth0 -j ACCEPT", 1, "not an interface name"),
             ("tamper_check_interval_s = 0", 1, "from 1"),
+            ("log_total_max_bytes = 8000000", 1, "from 25600000"),
             ("just words", 1, "KEY = VALUE"),
         ];
         for (text, line, problem) in cases {

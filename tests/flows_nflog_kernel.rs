@@ -21,9 +21,11 @@ use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrStorage, sendto, socket,
 };
 use ven::firewall::LogVerdict;
-use ven::flows::{FlowKey, LossCounters, NflogReader};
+use ven::flows::store::{FlowQuery, FlowStore, StoredFlow, VerdictFilter, View};
+use ven::flows::{FlowKey, FlowPipeline, LossCounters, NflogReader, PipelineSettings};
+use ven::logdir::LogCaps;
 use ven_lab::netns::Netns;
-use ven_proto::PolicyState;
+use ven_proto::{FlowRecord, FlowVerdict, PolicyState};
 
 /// The group the firewall logs to by default.
 const GROUP: u16 = 7;
@@ -204,4 +206,186 @@ fn capture_test_vectors() {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         println!("// {what}\n{hex}");
     }
+}
+
+/// A fresh directory for a test's flow store, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("ven-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts the agent's pipeline inside B (its threads inherit B's namespace) writing into a
+/// store in `dir`, and waits until it reads the group.
+fn start_pipeline(lab: &Lab, dir: &std::path::Path, settings: PipelineSettings) -> FlowPipeline {
+    let store = FlowStore::new(dir, LogCaps::default());
+    let pipeline =
+        lab.b.run(move || FlowPipeline::start(settings, Box::new(store))).expect("enter b").expect("start");
+    let started = Instant::now();
+    while !pipeline.stats().reading.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(started.elapsed() < Duration::from_secs(5), "the pipeline never bound group {GROUP}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pipeline
+}
+
+fn settings(flush_interval: Duration, sampling_threshold: u32) -> PipelineSettings {
+    PipelineSettings { group: GROUP, tracked_flows: 1000, flush_interval, sampling_threshold }
+}
+
+fn all_flows(store: &FlowStore, view: View) -> Vec<StoredFlow> {
+    let query = FlowQuery {
+        view,
+        verdicts: VerdictFilter::Any,
+        since: None,
+        src: None,
+        dst: None,
+        port: None,
+        protocol: None,
+        limit: 10_000,
+    };
+    store.query(&query).expect("query").rows
+}
+
+/// The agent's pipeline, fed by an enforced policy's log rules, stores one aggregated row per
+/// flow with the right verdict, rule and count (TCP, UDP, ICMP, both families), a raw row per
+/// flow and flush, and loses nothing; its last interval is written when it stops.
+#[test]
+fn the_pipeline_stores_the_flows_of_real_traffic() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fnk-pipe");
+    let dir = TempDir::new("fnk-pipe");
+    lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
+    // Flushes every 300 ms: the traffic spreads over several intervals.
+    let pipeline = start_pipeline(&lab, &dir.0, settings(Duration::from_millis(300), 0));
+    let connections = 3;
+    for _ in 0..connections {
+        expect_tcp(
+            "enforced",
+            &[
+                (&lab.a, common::addr(B, RULED), Allowed),
+                (&lab.c, common::addr(B, RULED), Dropped),
+                (&lab.a, common::addr(B6, RULED), Allowed),
+            ],
+        );
+        assert_eq!(lab.udp_to_b(&lab.a, Allowed), Allowed);
+        echo(&lab.c, B);
+        echo(&lab.c, B6);
+    }
+    std::thread::sleep(QUIET);
+    let stats = pipeline.stats();
+    pipeline.stop();
+    let counters = stats.snapshot();
+    assert_eq!((counters.lost, counters.skipped, counters.records_dropped), (0, 0, 0), "{counters:?}");
+    assert!(counters.flushes >= 2, "several intervals flushed: {counters:?}");
+
+    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let rows = all_flows(&store, View::Aggregated);
+    let find = |src: &str, dst: &str, protocol: u8, port: u16| {
+        let found: Vec<&FlowRecord> = rows
+            .iter()
+            .map(|row| &row.record)
+            .filter(|r| r.src == ip(src) && r.dst == ip(dst) && r.protocol == protocol && r.port == port)
+            .collect();
+        assert_eq!(found.len(), 1, "one row for {src} -> {dst} {protocol}/{port} in {rows:#?}");
+        *found[0]
+    };
+    let (tcp, udp, icmp, icmpv6) = (6, 17, 1, 58);
+    for (src, dst, protocol, port, verdict, rule) in [
+        (A, B, tcp, RULED, FlowVerdict::Allowed, 1),
+        (A6, B6, tcp, RULED, FlowVerdict::Allowed, 1),
+        (A, B, udp, UDP_PORT, FlowVerdict::Allowed, 2),
+        (C, B, icmp, u16::from(ICMP_ECHO_REQUEST), FlowVerdict::Dropped, 0),
+        (C6, B6, icmpv6, u16::from(ICMPV6_ECHO_REQUEST), FlowVerdict::Dropped, 0),
+    ] {
+        let record = find(src, dst, protocol, port);
+        assert_eq!((record.verdict, record.rule), (verdict, rule), "{record:?}");
+        // One logged packet per connection (allowed: the first only) or echo request.
+        assert_eq!(record.count, connections, "{record:?}");
+        assert!(record.first_seen <= record.last_seen && record.sampling_scale == 1 && !record.overflow);
+    }
+    // Each dropped connection is at least its SYN (retries may add more).
+    let dropped_tcp = find(C, B, tcp, RULED);
+    assert_eq!(dropped_tcp.verdict, FlowVerdict::Dropped);
+    assert!(dropped_tcp.count >= connections, "{dropped_tcp:?}");
+    // Every logged packet is in the store, once.
+    let total: u64 = rows.iter().map(|row| u64::from(row.record.count)).sum();
+    assert_eq!(total, counters.events, "{rows:#?}");
+    // The raw view holds the same packets, in numbered rows per interval.
+    let raw = all_flows(&store, View::Raw);
+    let raw_total: u64 = raw.iter().map(|row| u64::from(row.record.count)).sum();
+    assert_eq!(raw_total, total);
+    let seqs: Vec<u64> = raw.iter().map(|row| row.seq.expect("raw rows are numbered")).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(raw.len() > rows.len(), "flows spread over several intervals have several raw rows");
+}
+
+/// Sustained logging above the threshold puts the pipeline in sampling mode: it counts 1 in N,
+/// marks the records and scales their counts, and leaves sampling once the traffic stops.
+#[test]
+fn sustained_load_samples_and_scales_then_stops_sampling() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fnk-samp");
+    let dir = TempDir::new("fnk-samp");
+    lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
+    let threshold = 2_000;
+    let pipeline = start_pipeline(&lab, &dir.0, settings(Duration::from_secs(1), threshold));
+    let stats = pipeline.stats();
+    // C's datagrams are dropped and each is logged: about 10,000 a second for 5 s, bounded.
+    let target = common::addr(B, UDP_PORT);
+    let sent = lab
+        .c
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while started.elapsed() < Duration::from_secs(5) && sent < 100_000 {
+                for _ in 0..100 {
+                    if socket.send_to(b"load", target).is_ok() {
+                        sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sent
+        })
+        .expect("enter c");
+    let during = stats.snapshot();
+    assert!(during.sampling_scale > 1, "sampling under load: {during:?}");
+    assert_eq!(during.sampling_episodes, 1, "{during:?}");
+    // Idle: sampling ends within a few windows.
+    let started = Instant::now();
+    while stats.snapshot().sampling_scale > 1 {
+        assert!(started.elapsed() < Duration::from_secs(10), "sampling never ended: {:?}", stats.snapshot());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pipeline.stop();
+    let after = stats.snapshot();
+    assert_eq!(after.lost, 0, "{after:?}");
+
+    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let raw = all_flows(&store, View::Raw);
+    let load: Vec<&FlowRecord> =
+        raw.iter().map(|row| &row.record).filter(|r| r.src == ip(C) && r.protocol == 17).collect();
+    assert!(load.iter().any(|r| r.sampling_scale > 1), "sampled records are marked: {load:#?}");
+    assert!(load.iter().any(|r| r.sampling_scale == 1), "records before sampling are exact: {load:#?}");
+    // The scaled counts estimate what was sent: 1 in N kept, counted as N.
+    let estimated: u64 = load.iter().map(|r| u64::from(r.count)).sum();
+    let error = estimated.abs_diff(sent) as f64 / sent as f64;
+    assert!(error < 0.05, "estimated {estimated} of {sent} sent");
 }

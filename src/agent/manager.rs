@@ -82,6 +82,7 @@ pub struct Manager {
     last_tamper: Option<(u64, String)>,
     /// The flow pipeline's counters, when it runs.
     flow_stats: Option<Arc<crate::flows::FlowStats>>,
+    upload_stats: Option<Arc<super::uploader::UploadStats>>,
 }
 
 impl Manager {
@@ -118,12 +119,18 @@ impl Manager {
             tamper_count: 0,
             last_tamper: None,
             flow_stats: None,
+            upload_stats: None,
         }
     }
 
     /// Shows the flow pipeline's counters in the status.
-    pub fn with_flow_stats(mut self, stats: Option<Arc<crate::flows::FlowStats>>) -> Self {
+    pub fn with_flow_stats(
+        mut self,
+        stats: Option<Arc<crate::flows::FlowStats>>,
+        uploads: Option<Arc<super::uploader::UploadStats>>,
+    ) -> Self {
         self.flow_stats = stats;
+        self.upload_stats = uploads;
         self
     }
 
@@ -195,8 +202,10 @@ impl Manager {
     fn set_conntrack_timeout(&self) {
         if let Some(seconds) = self.config.conntrack_established_timeout {
             match crate::conntrack::set_established_timeout(seconds) {
-                Ok(()) => log::info!("nf_conntrack_tcp_timeout_established set to {seconds} s"),
-                Err(e) => log::warn!("cannot set the conntrack established timeout: {e}"),
+                Ok(()) => {
+                    log::info!(target: "platform", "nf_conntrack_tcp_timeout_established set to {seconds} s")
+                }
+                Err(e) => log::warn!(target: "platform", "cannot set the conntrack established timeout: {e}"),
             }
         }
     }
@@ -259,14 +268,14 @@ impl Manager {
         };
         match self.firewall.apply(&policy, &pairing.safeguards) {
             Ok(summary) => {
-                log::info!("restored last-known-good policy version {} ({})", policy.version, policy.state);
+                log::info!(target: "platform", "restored last-known-good policy version {} ({})", policy.version, policy.state);
                 if summary.changed {
                     self.record_history(ChangeReason::BootRestore, &policy, "");
                 }
                 self.applied = Some(policy);
             }
             Err(e) => {
-                log::error!("cannot restore last-known-good policy version {}: {e}", policy.version);
+                log::error!(target: "platform", "cannot restore last-known-good policy version {}: {e}", policy.version);
                 self.apply_error = Some(format!("version {}: {e}", policy.version));
             }
         }
@@ -359,6 +368,7 @@ impl Manager {
             // before an interval, and the last-known-good policy stays in force.
             Err(e @ ClientError::Malformed { .. }) => {
                 log::error!(
+                    target: "platform",
                     "policy version {announced} rejected, version {} stays in force: {e}",
                     self.applied_version()
                 );
@@ -375,6 +385,7 @@ impl Manager {
         match self.firewall.apply(&policy, &pairing.safeguards) {
             Ok(summary) => {
                 log::info!(
+                    target: "platform",
                     "applied policy version {} ({}): {} rules, {} sets (+{} -{} members)",
                     policy.version,
                     policy.state,
@@ -387,6 +398,7 @@ impl Manager {
                     state::write_record(&self.data.policy_path(), RecordKind::Policy, &policy, 0o600)
                 {
                     log::error!(
+                        target: "platform",
                         "policy version {} is in force but not saved for the next boot: {e}",
                         policy.version
                     );
@@ -406,6 +418,7 @@ impl Manager {
             }
             Err(e) => {
                 log::error!(
+                    target: "platform",
                     "policy version {} rejected, version {} stays in force: {e}",
                     policy.version,
                     self.applied_version()
@@ -436,12 +449,15 @@ impl Manager {
         };
         match crate::conntrack::cut_disallowed(&input) {
             Ok(summary) if summary.deleted > 0 => log::info!(
+                target: "platform",
                 "ended {} of {} tracked connections the policy no longer allows",
                 summary.deleted,
                 summary.examined
             ),
             Ok(_) => {}
-            Err(e) => log::warn!("cannot end connections the policy no longer allows: {e}"),
+            Err(e) => {
+                log::warn!(target: "platform", "cannot end connections the policy no longer allows: {e}")
+            }
         }
     }
 
@@ -470,7 +486,7 @@ impl Manager {
             Ok(None) | Err(FirewallError::NothingApplied) => return,
             Ok(Some(repair)) => repair,
             Err(e) => {
-                log::warn!("tamper check failed: {e}");
+                log::warn!(target: "platform", "tamper check failed: {e}");
                 return;
             }
         };
@@ -480,11 +496,11 @@ impl Manager {
         }
         let repaired = match repair.result {
             Ok(_) => {
-                log::warn!("firewall tampering found and repaired: {summary}");
+                log::warn!(target: "platform", "firewall tampering found and repaired: {summary}");
                 true
             }
             Err(e) => {
-                log::error!("firewall tampering found ({summary}) and the repair failed: {e}");
+                log::error!(target: "platform", "firewall tampering found ({summary}) and the repair failed: {e}");
                 false
             }
         };
@@ -577,7 +593,7 @@ impl Manager {
             &self.history,
         ) {
             Ok(pce_notice) => {
-                log::warn!("suspended: ven's rules are removed until `ven unsuspend`");
+                log::warn!(target: "platform", "suspended: ven's rules are removed until `ven unsuspend`");
                 self.suspended = true;
                 self.stop_events();
                 ControlResponse::Suspended { pce_notice }
@@ -602,6 +618,7 @@ impl Manager {
         ) {
             Ok((policy, pce_notice)) => {
                 log::info!(
+                    target: "platform",
                     "unsuspended: policy version {} is back in force",
                     policy.as_ref().map_or(0, |p| p.version)
                 );
@@ -640,6 +657,7 @@ impl Manager {
         report.last_tamper = self.last_tamper.clone();
         report.pending_events = self.pending_events.len();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
+        report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
     }
 
     fn save_status(&self) {

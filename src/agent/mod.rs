@@ -17,6 +17,7 @@ pub mod manager;
 pub mod pce_client;
 pub mod status;
 pub mod tls;
+pub mod uploader;
 
 use std::path::PathBuf;
 use std::sync::mpsc::{self, SyncSender};
@@ -73,6 +74,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     History(#[from] crate::history::HistoryError),
+    #[error(transparent)]
+    Flows(#[from] crate::flows::store::StoreError),
     #[error("no firewall change number {0} in the history (`ven history` lists them)")]
     NoHistoryEntry(u64),
     #[error("the agent refused: {0}")]
@@ -157,6 +160,12 @@ pub fn unsuspend_offline(data: &DataDir, config: &Config) -> Result<Option<Strin
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     data.ensure()?;
+    // Files in log/ from now on; stderr too when something captures it (procd, systemd) or an
+    // operator watches it.
+    let also_stderr = crate::logging::supervised() || std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if let Err(e) = crate::logging::init_daemon(&data.log_dir(), config.logs, also_stderr) {
+        log::error!("{e}; logging to stderr only");
+    }
     // INVARIANT: the signals are blocked before any thread starts, so every thread inherits the
     // mask and only the `signals` thread ever receives them.
     let mut termination = SigSet::empty();
@@ -188,17 +197,30 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     );
     let firewall = Firewall::new(firewall_config);
     // The flow pipeline is best effort: without it the firewall still enforces.
-    let flows = match crate::flows::FlowPipeline::start(config.nflog_group) {
+    let flow_settings = crate::flows::PipelineSettings::from_config(&config);
+    let store = || crate::flows::store::FlowStore::new(&data.log_dir(), config.logs);
+    let flows = match crate::flows::FlowPipeline::start(flow_settings, Box::new(store())) {
         Ok(flows) => Some(flows),
         Err(e) => {
-            log::error!("cannot start the flows thread: {e}; flows are not recorded");
+            log::error!("cannot start the flows threads: {e}; flows are not recorded");
+            None
+        }
+    };
+    let uploader = match uploader::Uploader::start(data.clone(), store(), config.flows.upload_interval) {
+        Ok(uploader) => Some(uploader),
+        Err(e) => {
+            log::error!("cannot start the uploader thread: {e}; flows are kept but not sent to the PCE");
             None
         }
     };
     let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
+    let upload_stats = uploader.as_ref().map(uploader::Uploader::stats);
     manager::Manager::new(data, config, firewall, status, inputs_tx)
-        .with_flow_stats(flow_stats)
+        .with_flow_stats(flow_stats, upload_stats)
         .run(inputs_rx);
+    if let Some(uploader) = uploader {
+        uploader.stop();
+    }
     if let Some(flows) = flows {
         flows.stop();
     }

@@ -101,6 +101,12 @@ impl PceClient {
         self.post::<_, ()>(path::SUSPEND, notice).map(drop)
     }
 
+    /// Sends a batch of flow summaries; the answer says through which sequence number the PCE
+    /// has stored them.
+    pub fn upload_flows(&self, batch: &ven_proto::FlowBatch) -> Result<ven_proto::FlowAck, ClientError> {
+        self.post(path::FLOWS, batch)?.ok_or_else(|| self.malformed(path::FLOWS, "empty body"))
+    }
+
     pub fn deactivate(&self) -> Result<(), ClientError> {
         self.post::<_, ()>(path::DEACTIVATE, &()).map(drop)
     }

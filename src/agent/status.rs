@@ -113,6 +113,8 @@ pub struct StatusReport {
     pub pending_events: usize,
     /// The flow pipeline's counters (a running agent only).
     pub flows: Option<crate::flows::FlowCounters>,
+    /// The uploader's counters (a running agent only).
+    pub flow_uploads: Option<super::uploader::UploadCounters>,
 }
 
 impl StatusReport {
@@ -165,6 +167,7 @@ impl StatusReport {
             last_tamper: None,
             pending_events: 0,
             flows: None,
+            flow_uploads: None,
         }
     }
 
@@ -204,10 +207,39 @@ impl StatusReport {
             ("pending_events", self.pending_events.to_string()),
             (
                 "flows",
-                json_option(self.flows.map(|f| {
+                json_option(self.flows.as_ref().map(|f| {
                     format!(
-                        "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{}}}",
-                        f.reading, f.events, f.lost, f.skipped
+                        "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{},\"tracked\":{},\
+                         \"folded\":{},\"sampling\":{},\"sampling_scale\":{},\"sampling_episodes\":{},\
+                         \"flushes\":{},\"records_stored\":{},\"records_dropped\":{},\"store_failures\":{},\
+                         \"last_store_error\":{}}}",
+                        f.reading,
+                        f.events,
+                        f.lost,
+                        f.skipped,
+                        f.tracked,
+                        f.folded,
+                        f.sampling_scale > 1,
+                        f.sampling_scale,
+                        f.sampling_episodes,
+                        f.flushes,
+                        f.records_stored,
+                        f.records_dropped,
+                        f.store_failures,
+                        json_option(f.last_store_error.as_deref().map(json_string)),
+                    )
+                })),
+            ),
+            (
+                "flow_uploads",
+                json_option(self.flow_uploads.as_ref().map(|u| {
+                    format!(
+                        "{{\"records\":{},\"batches\":{},\"failures\":{},\"last_success\":{},\"last_error\":{}}}",
+                        u.records,
+                        u.batches,
+                        u.failures,
+                        json_option(u.last_success.map(|t| json_string(&crate::clock::rfc3339(t)))),
+                        json_option(u.last_error.as_deref().map(json_string)),
                     )
                 })),
             ),
@@ -250,12 +282,40 @@ impl StatusReport {
             None => "none found".to_string(),
         };
         lines.push(format!("  tampering:       {tampering}"));
-        if let Some(flows) = self.flows {
+        if let Some(flows) = &self.flows {
             let reading = if flows.reading { "reading NFLOG" } else { "NFLOG not bound" };
             lines.push(format!(
                 "  flows:           {reading}: {} packets logged, {} lost, {} skipped",
                 flows.events, flows.lost, flows.skipped
             ));
+            let sampling = if flows.sampling_scale > 1 {
+                format!("sampling mode: 1 in {} packets counted", flows.sampling_scale)
+            } else {
+                "every packet counted".to_string()
+            };
+            lines.push(format!(
+                "                   {} flows this interval, {} packets folded into overflow; {sampling}",
+                flows.tracked, flows.folded
+            ));
+            let mut store = format!(
+                "                   {} flow records stored in {} flushes, {} dropped",
+                flows.records_stored, flows.flushes, flows.records_dropped
+            );
+            if let Some(error) = &flows.last_store_error {
+                store.push_str(&format!("; storing fails: {error}"));
+            }
+            lines.push(store);
+        }
+        if let Some(uploads) = &self.flow_uploads {
+            let mut line =
+                format!("  flow upload:     {} records sent in {} batches", uploads.records, uploads.batches);
+            if let Some(at) = uploads.last_success {
+                line.push_str(&format!(", last complete {}", crate::clock::rfc3339(at)));
+            }
+            if let Some(error) = &uploads.last_error {
+                line.push_str(&format!("; failing: {error}"));
+            }
+            lines.push(line);
         }
         if self.pending_events > 0 {
             lines.push(format!("  events:          {} waiting for the PCE", self.pending_events));

@@ -21,6 +21,7 @@ pub enum RawCommand {
     Unsuspend(RawUnsuspend),
     Restore(RawRestore),
     History(RawHistory),
+    Flows(RawFlows),
     Version(RawVersion),
 }
 
@@ -94,6 +95,45 @@ pub struct RawHistory {
     /// print the ruleset of the change with this number
     #[argh(option)]
     pub show: Option<u64>,
+}
+
+/// Show the traffic flow summaries recorded on this host (aggregated by default, both verdicts).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "flows")]
+pub struct RawFlows {
+    /// one row per flush interval (flow.db) instead of one per flow (flowsum.db)
+    #[argh(switch)]
+    pub raw: bool,
+    /// accepted flows only (the spec's flow_view)
+    #[argh(switch)]
+    pub accepted: bool,
+    /// flows no rule allows only: dropped, would-drop (test) and observed (build)
+    #[argh(switch)]
+    pub dropped: bool,
+    /// flows last seen since: Unix seconds, or a time ago such as 10m, 2h, 7d
+    #[argh(option)]
+    pub since: Option<String>,
+    /// source address or CIDR block
+    #[argh(option)]
+    pub src: Option<String>,
+    /// destination address or CIDR block
+    #[argh(option)]
+    pub dst: Option<String>,
+    /// destination port (ICMP type for ICMP)
+    #[argh(option)]
+    pub port: Option<u16>,
+    /// protocol: tcp, udp, icmp, icmpv6 or a number
+    #[argh(option)]
+    pub proto: Option<String>,
+    /// most rows to print (default 1000)
+    #[argh(option)]
+    pub limit: Option<usize>,
+    /// print one JSON object
+    #[argh(switch)]
+    pub json: bool,
+    /// print CSV with a header line
+    #[argh(switch)]
+    pub csv: bool,
 }
 
 /// Print the version.

@@ -2,6 +2,7 @@
 //! is then carried out against the data directory and, when one runs, the agent.
 
 mod args;
+pub mod flows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,7 @@ pub enum Command {
     Unsuspend,
     Restore,
     History { json: bool, show: Option<u64> },
+    Flows { query: crate::flows::store::FlowQuery, format: flows::Format },
     Version,
 }
 
@@ -75,6 +77,27 @@ impl Command {
                     return Err("give either --json or --show, not both".into());
                 }
                 Command::History { json: h.json, show: h.show }
+            }
+            args::RawCommand::Flows(f) => {
+                let format = match (f.json, f.csv) {
+                    (true, true) => return Err("give either --json or --csv, not both".into()),
+                    (true, false) => flows::Format::Json,
+                    (false, true) => flows::Format::Csv,
+                    (false, false) => flows::Format::Table,
+                };
+                let query = flows::query(
+                    f.raw,
+                    f.accepted,
+                    f.dropped,
+                    f.since.as_deref(),
+                    f.src.as_deref(),
+                    f.dst.as_deref(),
+                    f.port,
+                    f.proto.as_deref(),
+                    f.limit,
+                    crate::clock::now(),
+                )?;
+                Command::Flows { query, format }
             }
             args::RawCommand::Version(_) => Command::Version,
         })
@@ -208,6 +231,13 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                     println!("Restored policy version {version} ({state}).")
                 }
             }
+        }
+        Command::Flows { query, format } => {
+            // Reading needs no setting but the caps; a broken configuration must not hide flows.
+            let caps = Config::load().map(|config| config.logs).unwrap_or_default();
+            let store = crate::flows::store::FlowStore::new(&data.log_dir(), caps);
+            let result = store.query(&query)?;
+            print!("{}", flows::render(&result, query.view, format));
         }
         Command::History { json, show } => {
             let history = History::new(data);

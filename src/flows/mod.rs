@@ -27,11 +27,13 @@ pub mod aggregate;
 pub mod nflog;
 pub mod packet;
 pub mod pipeline;
+pub mod sampling;
+pub mod store;
 
 pub use aggregate::{Aggregator, Counters as AggregateCounters, Summary, SummaryKey};
 pub use nflog::{Batch, DecodeState, LossCounters, NflogError, NflogEvent, NflogReader};
 pub use packet::{FlowKey, NflogMessage, Packet, PacketError, Timestamp, Transport};
-pub use pipeline::{FlowCounters, FlowPipeline, FlowStats};
+pub use pipeline::{FlowCounters, FlowPipeline, FlowSink, FlowStats, PipelineSettings};
 
 /// For the `nflog_packets` fuzz target: decodes one datagram of NFLOG messages as the reader
 /// does (counting what does not parse) and returns the events' flow keys and the counters.

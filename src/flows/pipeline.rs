@@ -1,26 +1,95 @@
-//! The flow pipeline's thread (`flows`): reads our NFLOG group and counts what it sees.
+//! The flow pipeline's threads: `flows` reads our NFLOG group and counts flows; `flowstore`
+//! writes each flush to the stores.
 //!
-//! It sleeps in `poll` on the NFLOG socket and a stop pipe, so an idle host costs no wake-ups
-//! and a stop is immediate. A group it cannot bind (another program holds it, or the kernel has
-//! no nfnetlink_log) is retried with backoff (1 s doubling to 60 s) without affecting
-//! enforcement. Counters are shared atomics that `ven status` reads. Aggregation and storage are
-//! the next parts of issue 4; until then events are counted only.
+//! `flows` sleeps in `poll` on the NFLOG socket and a stop pipe. It wakes only for packets, for
+//! the flush that follows the first packet of an interval, and once a second while sampling
+//! decides, so an idle host costs no wake-ups. Each logged packet goes through the [`Sampler`]
+//! into the [`Aggregator`]; every `flush_interval` the aggregator is drained into one batch of
+//! [`FlowRecord`]s handed to `flowstore` over a channel of [`FLUSH_QUEUE_CAPACITY`] batches.
+//! Storage never blocks reading: when `flowstore` is still busy with the previous flush, the
+//! batch waits in one held slot; a batch that finds that slot taken too is dropped and counted.
+//! `flowstore` keeps one failed batch and tries it again before the next one (a full disk loses
+//! the oldest and counts it, never stops enforcement). On stop, the last interval is flushed
+//! and written before the threads end.
+//!
+//! A group that cannot be bound (another program holds it, or the kernel has no nfnetlink_log)
+//! is retried with backoff (1 s doubling to 60 s) without affecting enforcement. Counters are
+//! shared atomics that `ven status` reads.
 
 use std::os::fd::{AsFd as _, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use ven_proto::{FlowRecord, FlowVerdict};
 
+use super::aggregate::{Aggregator, Summary, SummaryKey};
 use super::nflog::NflogReader;
+use super::sampling::{Sampler, Transition};
+use crate::firewall::LogVerdict;
 
 /// First and longest wait before binding the group again after a failure.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LONGEST_RETRY: Duration = Duration::from_secs(60);
+/// Flushes waiting for `flowstore` (one more waits in the `flows` thread's held slot).
+pub const FLUSH_QUEUE_CAPACITY: usize = 1;
 
-/// What the pipeline has seen since the agent started.
+/// How the pipeline runs (from the board config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PipelineSettings {
+    pub group: u16,
+    pub tracked_flows: usize,
+    pub flush_interval: Duration,
+    /// Logged packets per second above which, sustained, packets are sampled (0: never).
+    pub sampling_threshold: u32,
+}
+
+impl PipelineSettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            group: config.nflog_group,
+            tracked_flows: config.flows.tracked_flows,
+            flush_interval: config.flows.flush_interval,
+            sampling_threshold: config.flows.sampling_threshold,
+        }
+    }
+}
+
+/// Where flushed flow records go (the agent's [`super::store::FlowStore`]; tests use others).
+pub trait FlowSink: Send + 'static {
+    /// Stores one flush. An error keeps the records for one more attempt.
+    fn store(&mut self, records: &[FlowRecord]) -> Result<(), String>;
+}
+
+/// The agent's sink: flow.db and flowsum.db in log/.
+impl FlowSink for super::store::FlowStore {
+    fn store(&mut self, records: &[FlowRecord]) -> Result<(), String> {
+        let outcome = self.append(records).map_err(|e| e.to_string())?;
+        for path in &outcome.rotated {
+            log::info!("{} reached its size cap and was rotated to its backup", path.display());
+        }
+        for recovery in &outcome.recovered {
+            log::error!(
+                "{} was corrupt ({}); moved to {} and started anew",
+                recovery.path.display(),
+                recovery.cause,
+                recovery.moved_to.display()
+            );
+        }
+        if outcome.dropped_unacknowledged > 0 {
+            log::warn!(
+                "{} flow records left flow.db by rotation before the PCE acknowledged them",
+                outcome.dropped_unacknowledged
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the pipeline has done since the agent started.
 #[derive(Debug, Default)]
 pub struct FlowStats {
     /// Logged packets decoded into flow keys.
@@ -31,124 +100,396 @@ pub struct FlowStats {
     pub skipped: AtomicU64,
     /// The group is bound and being read.
     pub reading: AtomicBool,
+    /// Flows counted in the current interval, and events folded into overflow records because
+    /// the table was full.
+    pub tracked: AtomicU64,
+    pub folded: AtomicU64,
+    /// 1 while every packet is counted, N while 1 in N is.
+    pub sampling_scale: AtomicU32,
+    /// Times sampling started.
+    pub sampling_episodes: AtomicU64,
+    /// Flushes stored and the records they held.
+    pub flushes: AtomicU64,
+    pub records_stored: AtomicU64,
+    /// Records lost before the store took them: storage failed twice in a row, or was too slow.
+    pub records_dropped: AtomicU64,
+    pub store_failures: AtomicU64,
+    pub last_store_error: Mutex<Option<String>>,
 }
 
 /// A copy of [`FlowStats`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowCounters {
     pub events: u64,
     pub lost: u64,
     pub skipped: u64,
     pub reading: bool,
+    pub tracked: u64,
+    pub folded: u64,
+    pub sampling_scale: u32,
+    pub sampling_episodes: u64,
+    pub flushes: u64,
+    pub records_stored: u64,
+    pub records_dropped: u64,
+    pub store_failures: u64,
+    pub last_store_error: Option<String>,
 }
 
 impl FlowStats {
+    fn new() -> Self {
+        Self { sampling_scale: AtomicU32::new(1), ..Self::default() }
+    }
+
     pub fn snapshot(&self) -> FlowCounters {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         FlowCounters {
-            events: self.events.load(Ordering::Relaxed),
-            lost: self.lost.load(Ordering::Relaxed),
-            skipped: self.skipped.load(Ordering::Relaxed),
+            events: load(&self.events),
+            lost: load(&self.lost),
+            skipped: load(&self.skipped),
             reading: self.reading.load(Ordering::Relaxed),
+            tracked: load(&self.tracked),
+            folded: load(&self.folded),
+            sampling_scale: self.sampling_scale.load(Ordering::Relaxed),
+            sampling_episodes: load(&self.sampling_episodes),
+            flushes: load(&self.flushes),
+            records_stored: load(&self.records_stored),
+            records_dropped: load(&self.records_dropped),
+            store_failures: load(&self.store_failures),
+            last_store_error: self.last_store_error.lock().ok().and_then(|e| e.clone()),
         }
+    }
+
+    fn count(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
-/// The running pipeline thread.
+/// The running pipeline threads.
 pub struct FlowPipeline {
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
     stats: Arc<FlowStats>,
 }
 
 impl FlowPipeline {
-    /// Starts the `flows` thread on NFLOG `group`, in the calling thread's network namespace.
-    pub fn start(group: u16) -> std::io::Result<Self> {
+    /// Starts `flows` on the settings' NFLOG group, in the calling thread's network namespace,
+    /// and `flowstore` writing into `sink`.
+    pub fn start(settings: PipelineSettings, sink: Box<dyn FlowSink>) -> std::io::Result<Self> {
         let (stop_read, stop_write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
-        let stats = Arc::new(FlowStats::default());
-        let thread_stats = Arc::clone(&stats);
-        let thread = std::thread::Builder::new()
+        let stats = Arc::new(FlowStats::new());
+        let (flush_tx, flush_rx) = mpsc::sync_channel(FLUSH_QUEUE_CAPACITY);
+        let writer_stats = Arc::clone(&stats);
+        let writer = std::thread::Builder::new()
+            .name("flowstore".into())
+            .spawn(move || write_flushes(&flush_rx, sink, &writer_stats))?;
+        let reader_stats = Arc::clone(&stats);
+        let reader = std::thread::Builder::new()
             .name("flows".into())
-            .spawn(move || run(group, &stop_read, &thread_stats))?;
-        Ok(Self { stop: stop_write, thread: Some(thread), stats })
+            .spawn(move || Reader::new(settings, flush_tx, reader_stats).run(&stop_read))?;
+        Ok(Self { stop: stop_write, reader: Some(reader), writer: Some(writer), stats })
     }
 
     pub fn stats(&self) -> Arc<FlowStats> {
         Arc::clone(&self.stats)
     }
 
-    /// Stops the thread and waits for it.
+    /// Stops reading, stores the last interval and waits for both threads.
     pub fn stop(mut self) {
         let _ = nix::unistd::write(&self.stop, &[1]);
-        if let Some(thread) = self.thread.take() {
+        for thread in [self.reader.take(), self.writer.take()].into_iter().flatten() {
             let _ = thread.join();
         }
     }
 }
 
-/// Whether `stop` became readable within `timeout` (`None`: wait for it alone).
-fn stopped(stop: &OwnedFd, timeout: PollTimeout) -> bool {
-    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, timeout), Ok(n) if n > 0)
+/// The `flows` thread's state.
+struct Reader {
+    settings: PipelineSettings,
+    aggregator: Aggregator,
+    sampler: Sampler,
+    /// When the current interval is flushed (`None`: nothing counted yet).
+    flush_at: Option<Instant>,
+    flush_tx: SyncSender<Vec<FlowRecord>>,
+    /// A flush `flowstore` had no room for yet.
+    held: Option<Vec<FlowRecord>>,
+    stats: Arc<FlowStats>,
+    started: Instant,
 }
 
-fn run(group: u16, stop: &OwnedFd, stats: &FlowStats) {
-    let mut retry = FIRST_RETRY;
-    loop {
-        let mut reader = match NflogReader::open(group) {
-            Ok(reader) => reader,
-            Err(e) => {
-                log::warn!("{e}; flows are not recorded, retrying in {retry:?}");
-                let wait = PollTimeout::try_from(retry).unwrap_or(PollTimeout::MAX);
-                if stopped(stop, wait) {
-                    return;
+impl Reader {
+    fn new(settings: PipelineSettings, flush_tx: SyncSender<Vec<FlowRecord>>, stats: Arc<FlowStats>) -> Self {
+        let started = Instant::now();
+        Self {
+            aggregator: Aggregator::new(settings.tracked_flows),
+            sampler: Sampler::new(settings.sampling_threshold, 0),
+            settings,
+            flush_at: None,
+            flush_tx,
+            held: None,
+            stats,
+            started,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn run(mut self, stop: &OwnedFd) {
+        let group = self.settings.group;
+        let mut retry = FIRST_RETRY;
+        loop {
+            let reader = match NflogReader::open(group) {
+                Ok(reader) => reader,
+                Err(e) => {
+                    log::warn!("{e}; flows are not recorded, retrying in {retry:?}");
+                    if self.wait_or_stop(stop, retry) {
+                        break;
+                    }
+                    retry = (retry * 2).min(LONGEST_RETRY);
+                    continue;
                 }
-                retry = (retry * 2).min(LONGEST_RETRY);
-                continue;
+            };
+            retry = FIRST_RETRY;
+            self.stats.reading.store(true, Ordering::Relaxed);
+            log::info!("reading NFLOG group {group}");
+            let stopped = self.read(reader, stop);
+            self.stats.reading.store(false, Ordering::Relaxed);
+            if stopped || self.wait_or_stop(stop, retry) {
+                break;
             }
-        };
-        retry = FIRST_RETRY;
-        stats.reading.store(true, Ordering::Relaxed);
-        log::info!("reading NFLOG group {group}");
+        }
+        // Stopping: wait for the store rather than lose the last intervals.
+        let last: Vec<FlowRecord> = self.aggregator.drain().iter().map(record_of).collect();
+        for records in [self.held.take(), Some(last)].into_iter().flatten() {
+            if !records.is_empty() {
+                let _ = self.flush_tx.send(records);
+            }
+        }
+    }
+
+    /// Waits `wait` for the stop pipe, flushing on time meanwhile; true when stopped.
+    fn wait_or_stop(&mut self, stop: &OwnedFd, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            let timeout = self.timeout(now).map_or(until - now, |t| t.min(until - now));
+            let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            if matches!(poll(&mut fds, poll_timeout(Some(timeout))), Ok(n) if n > 0) {
+                return true;
+            }
+            self.on_timers();
+        }
+    }
+
+    /// Reads until stopped (true) or the socket fails (false).
+    fn read(&mut self, mut reader: NflogReader, stop: &OwnedFd) -> bool {
+        let group = self.settings.group;
         let mut counted = reader.loss();
         loop {
+            let timeout = self.timeout(Instant::now());
             let mut fds = [
                 PollFd::new(reader.as_fd(), PollFlags::POLLIN),
                 PollFd::new(stop.as_fd(), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, poll_timeout(timeout)) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
                     log::error!("NFLOG group {group}: poll failed: {e}");
-                    break;
+                    return false;
                 }
             }
             if fds[1].revents().is_some_and(|events| !events.is_empty()) {
-                stats.reading.store(false, Ordering::Relaxed);
-                return;
+                return true;
             }
-            let events = &stats.events;
-            match reader.read_batch(|_event| {
-                events.fetch_add(1, Ordering::Relaxed);
-            }) {
-                Ok(_) => {}
-                Err(e) => {
+            if fds[0].revents().is_some_and(|events| !events.is_empty()) {
+                let now_secs = crate::clock::now();
+                let (aggregator, sampler) = (&mut self.aggregator, &mut self.sampler);
+                let mut events = 0u64;
+                let result = reader.read_batch(|event| {
+                    events += 1;
+                    if let Some(scale) = sampler.admit() {
+                        aggregator.record_sampled(&event.key, now_secs, scale);
+                    }
+                });
+                FlowStats::count(&self.stats.events, events);
+                if let Err(e) = result {
                     log::error!("{e}; binding the group again");
-                    break;
+                    return false;
                 }
+                if events > 0 && self.flush_at.is_none() {
+                    self.flush_at = Some(Instant::now() + self.settings.flush_interval);
+                }
+                let loss = reader.loss();
+                FlowStats::count(&self.stats.lost, loss.lost().saturating_sub(counted.lost()));
+                let skipped = |l: &super::LossCounters| l.malformed.saturating_add(l.unknown_prefix);
+                FlowStats::count(&self.stats.skipped, skipped(&loss).saturating_sub(skipped(&counted)));
+                if loss.lost() > counted.lost() {
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "NFLOG group {group}: {} packets lost so far",
+                        loss.lost()
+                    );
+                }
+                counted = loss;
+                let counters = self.aggregator.counters();
+                self.stats.tracked.store(counters.tracked as u64, Ordering::Relaxed);
+                self.stats.folded.store(counters.folded, Ordering::Relaxed);
             }
-            let loss = reader.loss();
-            stats.lost.fetch_add(loss.lost().saturating_sub(counted.lost()), Ordering::Relaxed);
-            let skipped = |l: &super::LossCounters| l.malformed.saturating_add(l.unknown_prefix);
-            stats.skipped.fetch_add(skipped(&loss).saturating_sub(skipped(&counted)), Ordering::Relaxed);
-            if loss.lost() > counted.lost() {
-                log::warn!("NFLOG group {group}: {} packets lost so far", loss.lost());
-            }
-            counted = loss;
+            self.on_timers();
         }
-        stats.reading.store(false, Ordering::Relaxed);
-        if stopped(stop, PollTimeout::try_from(retry).unwrap_or(PollTimeout::MAX)) {
+    }
+
+    /// How long `poll` may sleep: until the flush, or the next sampling window while sampling
+    /// decides; `None` when nothing is due.
+    fn timeout(&self, now: Instant) -> Option<Duration> {
+        let flush = self.flush_at.map(|at| at.saturating_duration_since(now));
+        let window = self.sampler.needs_ticks().then_some(super::sampling::WINDOW);
+        match (flush, window) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timers(&mut self) {
+        match self.sampler.tick(self.now_ms()) {
+            Some(Transition::Sampling { scale, rate }) => {
+                if self.stats.sampling_scale.load(Ordering::Relaxed) <= 1 {
+                    FlowStats::count(&self.stats.sampling_episodes, 1);
+                }
+                self.stats.sampling_scale.store(u32::from(scale), Ordering::Relaxed);
+                log::warn!(
+                    "sampling mode: {rate} logged packets/s is over the threshold of {}; \
+                     counting 1 in {scale}",
+                    self.settings.sampling_threshold
+                );
+            }
+            Some(Transition::Exact { rate }) => {
+                self.stats.sampling_scale.store(1, Ordering::Relaxed);
+                log::info!("sampling mode ended: {rate} logged packets/s; every packet is counted again");
+            }
+            None => {}
+        }
+        if self.flush_at.is_some_and(|at| at <= Instant::now()) {
+            self.flush();
+        }
+    }
+
+    /// Hands the interval's flows to `flowstore` without waiting for it.
+    fn flush(&mut self) {
+        self.flush_at = None;
+        let summaries = self.aggregator.drain();
+        self.stats.tracked.store(0, Ordering::Relaxed);
+        let mut records: Vec<FlowRecord> = summaries.iter().map(record_of).collect();
+        if let Some(held) = self.held.take() {
+            match self.flush_tx.try_send(held) {
+                Ok(()) => {}
+                Err(TrySendError::Full(held)) => {
+                    FlowStats::count(&self.stats.records_dropped, held.len() as u64);
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "flow store is too slow: {} flow records dropped",
+                        held.len()
+                    );
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+        if records.is_empty() {
             return;
         }
+        match self.flush_tx.try_send(std::mem::take(&mut records)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(records)) => self.held = Some(records),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+fn poll_timeout(timeout: Option<Duration>) -> PollTimeout {
+    match timeout {
+        // Round up, so a wake-up never comes a hair early and spins.
+        Some(t) => PollTimeout::try_from(t + Duration::from_micros(999)).unwrap_or(PollTimeout::MAX),
+        None => PollTimeout::NONE,
+    }
+}
+
+/// The `flowstore` thread: stores each flush, keeping one failed flush for another attempt.
+fn write_flushes(flushes: &Receiver<Vec<FlowRecord>>, mut sink: Box<dyn FlowSink>, stats: &FlowStats) {
+    let mut failed: Option<Vec<FlowRecord>> = None;
+    while let Ok(records) = flushes.recv() {
+        if let Some(retry) = failed.take() {
+            if store(sink.as_mut(), &retry, stats).is_err() {
+                // Still failing: keep the newest, count the oldest as lost.
+                FlowStats::count(&stats.records_dropped, retry.len() as u64);
+            }
+        }
+        if store(sink.as_mut(), &records, stats).is_err() {
+            failed = Some(records);
+        }
+    }
+    if let Some(retry) = failed {
+        if store(sink.as_mut(), &retry, stats).is_err() {
+            FlowStats::count(&stats.records_dropped, retry.len() as u64);
+        }
+    }
+}
+
+fn store(sink: &mut dyn FlowSink, records: &[FlowRecord], stats: &FlowStats) -> Result<(), ()> {
+    match sink.store(records) {
+        Ok(()) => {
+            FlowStats::count(&stats.flushes, 1);
+            FlowStats::count(&stats.records_stored, records.len() as u64);
+            if let Ok(mut last) = stats.last_store_error.lock() {
+                if last.take().is_some() {
+                    log::info!("flow store writes again");
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            FlowStats::count(&stats.store_failures, 1);
+            crate::log_limited!(log::Level::Error, "cannot store {} flow records: {e}", records.len());
+            if let Ok(mut last) = stats.last_store_error.lock() {
+                *last = Some(e);
+            }
+            Err(())
+        }
+    }
+}
+
+/// The wire and storage form of one aggregated flow.
+pub fn record_of(summary: &Summary) -> FlowRecord {
+    let unspecified = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+    let (src, dst, protocol, port, verdict, rule, overflow) = match summary.key {
+        SummaryKey::Flow(key) => (key.src, key.dst, key.protocol, key.port, key.verdict, key.rule, false),
+        SummaryKey::Other(verdict) => (unspecified, unspecified, 0, 0, verdict, 0, true),
+    };
+    FlowRecord {
+        src,
+        dst,
+        protocol,
+        port,
+        verdict: flow_verdict(verdict),
+        rule,
+        count: summary.count,
+        first_seen: summary.first_seen,
+        last_seen: summary.last_seen,
+        sampling_scale: summary.scale,
+        overflow,
+    }
+}
+
+fn flow_verdict(verdict: LogVerdict) -> FlowVerdict {
+    match verdict {
+        LogVerdict::Allowed => FlowVerdict::Allowed,
+        LogVerdict::Observed => FlowVerdict::Observed,
+        LogVerdict::WouldDrop => FlowVerdict::WouldDrop,
+        LogVerdict::Dropped => FlowVerdict::Dropped,
     }
 }

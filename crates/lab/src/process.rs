@@ -213,6 +213,15 @@ impl Daemon {
         self.child.try_wait().ok().flatten()
     }
 
+    /// SIGKILL at once (a crash, for the crash tests), and reaps it.
+    pub fn kill(&mut self) {
+        if !self.stopped {
+            self.stopped = true;
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     /// SIGTERM, up to `grace` to exit, then SIGKILL. Idempotent.
     pub fn stop(&mut self, grace: Duration) {
         if !self.stopped {

@@ -567,7 +567,9 @@ impl Lab {
 
     /// Starts `ven agent` on `host` (stdout and stderr to [`Lab::log_path`]).
     pub fn start_agent(&self, host: Host) -> Result<(), LabError> {
-        let command = self.ven_command(host, &["agent"]);
+        let mut command = self.ven_command(host, &["agent"]);
+        // The agent's lines also go to its log/ files; the lab reads stderr for diagnostics.
+        command.env("VEN_LOG_STDERR", "1");
         let log = self.log_path(host);
         self.spawn_daemon(&format!("ven agent on {host}"), command, &log, &log)
     }
@@ -576,18 +578,28 @@ impl Lab {
     /// SIGKILL after the grace period) and forgets it, so that [`Lab::check_daemons`] does not
     /// count its exit as a failure. Fails when no agent of the lab runs there.
     pub fn stop_agent(&self, host: Host) -> Result<(), LabError> {
-        let name = format!("ven agent on {host}");
-        let mut daemon = {
-            let mut res = self.teardown.open()?;
-            let at = res
-                .daemons
-                .iter()
-                .position(|d| d.name() == name)
-                .ok_or(LabError::NotStarted("that agent"))?;
-            res.daemons.remove(at)
-        };
-        daemon.stop(DEFAULT_GRACE);
+        self.take_daemon(&format!("ven agent on {host}"), "that agent")?.stop(DEFAULT_GRACE);
         Ok(())
+    }
+
+    /// SIGKILLs the agent on `host` (a crash: no goodbye, no last flush) and forgets it.
+    pub fn kill_agent(&self, host: Host) -> Result<(), LabError> {
+        self.take_daemon(&format!("ven agent on {host}"), "that agent")?.kill();
+        Ok(())
+    }
+
+    /// Stops `pce serve` (SIGTERM, then SIGKILL after the grace period) and forgets it;
+    /// [`Lab::start_pce`] starts it again on the same data directory.
+    pub fn stop_pce(&self) -> Result<(), LabError> {
+        self.take_daemon("pce serve", "the PCE")?.stop(DEFAULT_GRACE);
+        Ok(())
+    }
+
+    /// Removes the daemon named `name` from the lab's care, so that its exit is no failure.
+    fn take_daemon(&self, name: &str, what: &'static str) -> Result<Daemon, LabError> {
+        let mut res = self.teardown.open()?;
+        let at = res.daemons.iter().position(|d| d.name() == name).ok_or(LabError::NotStarted(what))?;
+        Ok(res.daemons.remove(at))
     }
 
     /// Labels role=web and role=db, assigns them, adds the rule web -> db 5432/tcp and provisions.
@@ -1037,6 +1049,9 @@ mod tests {
             tamper_count: Some(0),
             last_tamper: None,
             flows: None,
+            flow_records_stored: None,
+            flow_records_uploaded: None,
+            flow_upload_error: None,
         }
     }
 

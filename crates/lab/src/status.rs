@@ -69,6 +69,12 @@ pub struct VenStatus {
     pub last_tamper: Option<String>,
     /// The running agent's flow pipeline: (reading its NFLOG group, packets logged, packets lost).
     pub flows: Option<(bool, u64, u64)>,
+    /// Flow records the running agent stored (`flows.records_stored`).
+    pub flow_records_stored: Option<u64>,
+    /// Flow records the running agent uploaded to the PCE (`flow_uploads.records`), and why the
+    /// last upload failed (`flow_uploads.last_error`).
+    pub flow_records_uploaded: Option<u64>,
+    pub flow_upload_error: Option<String>,
 }
 
 impl VenStatus {
@@ -101,6 +107,12 @@ impl VenStatus {
                         .to_string(),
                 ),
             },
+            flow_records_stored: value.pointer("/flows/records_stored").and_then(Value::as_u64),
+            flow_records_uploaded: value.pointer("/flow_uploads/records").and_then(Value::as_u64),
+            flow_upload_error: value
+                .pointer("/flow_uploads/last_error")
+                .and_then(Value::as_str)
+                .map(String::from),
             flows: match value.get("flows") {
                 None | Some(Value::Null) => None,
                 Some(flows) => {
