@@ -23,6 +23,8 @@ const REACT: Duration = Duration::from_secs(15);
 const FAST_FLOWS: &str = "flow_flush_interval_s = 1\nflow_upload_interval_s = 2\n";
 /// A port db listens on that nothing opens: enforced, it is dropped.
 const CLOSED_PORT: u16 = 7000;
+/// A port probed only after db lost its flow stores.
+const LOST_STORE_PORT: u16 = 7001;
 /// The port the demo's rule opens from web to db.
 const DB_PORT: u16 = 5432;
 
@@ -77,6 +79,14 @@ fn rows_of(rows: &[Row], src: Host, dst: Host, port: u16) -> Vec<&Row> {
         .collect()
 }
 
+/// How many flows `pce traffic --json ARGS` lists.
+fn pce_flows(lab: &Lab, args: &[&str]) -> Result<(usize, String), LabError> {
+    let mut all = vec!["traffic", "--json", "--limit", "1000"];
+    all.extend_from_slice(args);
+    let out = lab.pce(&all)?;
+    Ok((out.stdout.matches("\"verdict\"").count(), out.stdout))
+}
+
 fn count(row: &Row) -> u64 {
     row["count"].parse().expect("a count")
 }
@@ -125,12 +135,8 @@ fn real_traffic_is_recorded_queried_and_uploaded() {
 
     // The PCE receives them.
     let uploaded = lab.wait_until("db's agent uploading its flows", REACT, |lab| {
-        let out = lab.pce(&["traffic", "--dst", "198.18.0.3", "--port", "7000", "--json"])?;
-        Ok(if out.stdout.contains("198.18.0.1") && out.stdout.contains("\"dropped\"") {
-            None
-        } else {
-            Some(out.stdout)
-        })
+        let (flows, out) = pce_flows(lab, &["--src", "198.18.0.1", "--dst", "198.18.0.3", "--port", "7000"])?;
+        Ok(if flows > 0 && out.contains("dropped") { None } else { Some(out) })
     });
     must(uploaded, "flows on the PCE");
     let status = must(lab.ven_status(Host::Db), "ven status");
@@ -182,4 +188,44 @@ fn flows_wait_for_the_pce_and_survive_a_crash() {
         Ok(if out.stdout.contains("\"dropped\"") { None } else { Some(out.stdout) })
     });
     must(uploaded, "flows uploaded after the PCE came back");
+
+    // The VEN's stores are lost: it numbers rows from 1 again, below the PCE's cursor. Its new
+    // flows must still be stored, not skipped as duplicates. First, 100 more flows (one UDP
+    // datagram each to closed ports, dropped) put the PCE's cursor well above what the new
+    // store will number.
+    must(
+        lab.exec_ok(
+            Host::Pce,
+            "bash",
+            &["-c", "for p in $(seq 7100 7199); do echo x > /dev/udp/198.18.0.3/$p; done"],
+        ),
+        "UDP to 100 ports",
+    );
+    let many = lab.wait_until("100 more flows on the PCE", REACT, |lab| {
+        let out =
+            lab.pce(&["traffic", "--dst", "198.18.0.3", "--proto", "udp", "--limit", "1000", "--json"])?;
+        Ok(if out.stdout.matches("\"proto_name\"").count() >= 100 { None } else { Some(out.stdout) })
+    });
+    must(many, "100 UDP flows uploaded");
+    must(lab.stop_agent(Host::Db), "stopping db's agent");
+    let log_dir = lab.data_dir(Host::Db).join("log");
+    for entry in std::fs::read_dir(&log_dir).expect("db's log/") {
+        let path = entry.expect("entry").path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("flow")) {
+            std::fs::remove_file(&path).expect("removing a flow store");
+        }
+    }
+    must(lab.start_agent(Host::Db), "starting db's agent with no stores");
+    // Probed until db's agent has its firewall up again and has stored the flow.
+    let stored = lab.wait_until("db's new store recording a flow", REACT, |lab| {
+        assert!(!lab.probe(Host::Pce, Host::Db, LOST_STORE_PORT)?.connected());
+        let rows = flows(lab, Host::Db, &["--raw", "--port", "7001"]);
+        Ok(if rows.is_empty() { Some("no row yet".into()) } else { None })
+    });
+    must(stored, "a flow in the new store");
+    let renumbered = lab.wait_until("flows of a VEN that lost its stores reaching the PCE", REACT, |lab| {
+        let (flows, out) = pce_flows(lab, &["--dst", "198.18.0.3", "--port", "7001"])?;
+        Ok(if flows > 0 { None } else { Some(out) })
+    });
+    must(renumbered, "flows uploaded after the stores were lost");
 }

@@ -150,7 +150,25 @@ pub fn upload_round(
             break;
         }
         let last = batch.first + batch.records.len() as u64 - 1;
-        let ack = client.upload_flows(&batch)?;
+        let mut ack = client.upload_flows(&batch)?;
+        if ack.through > last {
+            // The PCE already holds numbers past these: this store numbered its rows again from
+            // a lower start (its files were lost), and the PCE skipped them as duplicates. Send
+            // them again numbered after the PCE's, so that they are stored.
+            crate::log_limited!(
+                log::Level::Warn,
+                "the PCE holds flow records through {} and this VEN's store is at {last} (its files \
+                 were lost?); sending them again numbered after the PCE's",
+                ack.through
+            );
+            let renumbered = ven_proto::FlowBatch { first: ack.through + 1, records: batch.records };
+            let renumbered_last = renumbered.first + renumbered.records.len() as u64 - 1;
+            let again = client.upload_flows(&renumbered)?;
+            if again.through < renumbered_last {
+                return Err(UploadError::NotStored { first: renumbered.first, through: again.through });
+            }
+            ack.through = last;
+        }
         if ack.through < batch.first {
             return Err(UploadError::NotStored { first: batch.first, through: ack.through });
         }
