@@ -19,21 +19,22 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_stored_summary(data);
 
     // Several chunks: [cursor: 1 byte][max: 1 byte] then [first-seq step: 1][length: 1][bytes].
-    let [cursor, max, mut rest @ ..] = data else { return };
+    let &[cursor, max, ref chunked @ ..] = data else { return };
+    let mut rest: &[u8] = chunked;
     let mut chunks = Vec::new();
     let mut key = 1u64;
-    while let [step, len, tail @ ..] = rest {
-        let len = usize::from(*len).min(tail.len());
-        key += u64::from(*step);
+    while let &[step, len, ref tail @ ..] = rest {
+        let len = usize::from(len).min(tail.len());
+        key += u64::from(step);
         chunks.push((key, &tail[..len]));
         rest = &tail[len..];
     }
-    let acknowledged = u64::from(*cursor);
-    let (batch, undecodable) = batch_from_chunks(acknowledged, usize::from(*max), chunks.iter().copied());
+    let acknowledged = u64::from(cursor);
+    let (batch, undecodable) = batch_from_chunks(acknowledged, usize::from(max), chunks.iter().copied());
     assert!(undecodable <= chunks.len() as u64);
     if let Some(batch) = batch {
         assert!(batch.first > acknowledged);
         assert!(!batch.records.is_empty());
-        assert!(batch.records.len() <= usize::from(*max).min(ven_proto::MAX_FLOWS_PER_BATCH));
+        assert!(batch.records.len() <= usize::from(max).min(ven_proto::MAX_FLOWS_PER_BATCH));
     }
 });

@@ -25,9 +25,12 @@
 //!   stays within its total by construction ([`crate::logdir`]). A file over the cap (the cap
 //!   was lowered) is deleted when it would become the backup.
 //! - **Crash consistency.** One committed transaction per file per flush (Immediate
-//!   durability, quick-repair so a reopen after SIGKILL is instant): a crash loses at most the
-//!   flush being written. `flow.db` is written first; if `flowsum.db` then fails, the error
-//!   says so ([`StoreError::SummaryNotMerged`]) and the raw rows stay.
+//!   durability): a crash loses at most the flush being written (tested with SIGKILL).
+//!   `flow.db` is written first; if `flowsum.db` then fails, the error says so
+//!   ([`StoreError::SummaryNotMerged`]) and the raw rows stay. Every file is closed the way a
+//!   killed process leaves it and every open runs redb's crash recovery, which verifies each
+//!   page's checksum: a clean close would write redb's 3 MB allocator snapshot each call (see
+//!   `file`, which measures both).
 //! - **Full disk.** An I/O error fails the call, never panics; the handle (which redb latches
 //!   into a failed state) is dropped, and the next call reopens. What was committed stays.
 //! - **Corruption.** A file that is not a flow store (garbage, truncated, damaged pages, other
@@ -46,9 +49,16 @@
 //!   ([`StoreUsage::undecodable_rows`]), never a panic (fuzzed: `flow_store_rows`).
 //!
 //! Aggregation merges counts (saturating), the earliest `first_seen`, the latest `last_seen`,
-//! the largest sampling scale and the overflow flag; `rule` is the latest appended one. Each
-//! summary file aggregates what was written to it: after a rotation the same flow has a row in
-//! the backup and one in the current file (a query lists the backup's first).
+//! the largest sampling scale and the overflow flag; `rule` is the latest appended one. A flush
+//! is merged in key order (windows of `MERGE_WINDOW`), so each B-tree leaf is rewritten once
+//! per window rather than once per record (a 10k-record flush wrote 45 MB unsorted, 5.5 MB
+//! sorted). Each summary file aggregates what was written to it: after a rotation the same
+//! flow has a row in the backup and one in the current file (a query lists the backup's first).
+//!
+//! Measured (`cargo bench --bench flow_store`, x86 NVMe, release): 303,000 raw rows per file
+//! under the 15 MB cap (30.5 bytes a row; the file rotates at 9.25 MB, since redb's next growth
+//! would reach 18 MB), a flush of 1,000 records 17 ms (1.1 MB written), of 10,000 records
+//! 69 ms (5.5 MB), a query of a full raw view 78 ms.
 
 mod file;
 mod rows;
@@ -69,7 +79,7 @@ use ven_proto::{FlowBatch, FlowRecord, IpNet};
 use crate::logdir::{self, LogCaps};
 use file::{Failure, Mode, Opened};
 
-/// Most rows a query returns (about 60 bytes each in memory); larger limits are clamped.
+/// Most rows a query returns (about 80 bytes each in memory); larger limits are clamped.
 pub const MAX_QUERY_ROWS: usize = 100_000;
 /// Smallest per-file cap a store can live in (measured: redb's new file is 1,064,960 bytes and
 /// its first growth passes 1.58 MB whatever is written); a file rotates at about 1.25 MB and
