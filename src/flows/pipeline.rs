@@ -493,3 +493,116 @@ fn flow_verdict(verdict: LogVerdict) -> FlowVerdict {
         LogVerdict::Dropped => FlowVerdict::Dropped,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stores batches, failing the calls whose number (from 0) is in `fail`.
+    struct FlakySink {
+        fail: Vec<usize>,
+        calls: usize,
+        stored: Arc<Mutex<Vec<u32>>>,
+    }
+
+    impl FlowSink for FlakySink {
+        fn store(&mut self, records: &[FlowRecord]) -> Result<(), String> {
+            let call = self.calls;
+            self.calls += 1;
+            if self.fail.contains(&call) {
+                return Err(format!("disk full (call {call})"));
+            }
+            self.stored.lock().unwrap().extend(records.iter().map(|r| r.count));
+            Ok(())
+        }
+    }
+
+    fn batch(count: u32) -> Vec<FlowRecord> {
+        let unspecified = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        vec![FlowRecord {
+            src: unspecified,
+            dst: unspecified,
+            protocol: 6,
+            port: 22,
+            verdict: FlowVerdict::Dropped,
+            rule: 0,
+            count,
+            first_seen: 1,
+            last_seen: 2,
+            sampling_scale: 1,
+            overflow: false,
+        }]
+    }
+
+    /// Runs `flowstore` over `batches` (each one record whose count names it) with a sink
+    /// failing the given calls; returns what was stored and the counters.
+    fn run(batches: &[u32], fail: &[usize]) -> (Vec<u32>, FlowCounters) {
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let sink = FlakySink { fail: fail.to_vec(), calls: 0, stored: Arc::clone(&stored) };
+        let stats = FlowStats::new();
+        let (tx, rx) = mpsc::sync_channel(batches.len());
+        for &count in batches {
+            tx.send(batch(count)).unwrap();
+        }
+        drop(tx);
+        write_flushes(&rx, Box::new(sink), &stats);
+        let stored = stored.lock().unwrap().clone();
+        (stored, stats.snapshot())
+    }
+
+    #[test]
+    fn a_failed_flush_is_tried_again_before_the_next_one() {
+        // Calls: 0 stores 1; 1 fails 2; 2 retries 2; 3 stores 3.
+        let (stored, counters) = run(&[1, 2, 3], &[1]);
+        assert_eq!(stored, [1, 2, 3]);
+        assert_eq!((counters.flushes, counters.records_stored), (3, 3));
+        assert_eq!((counters.store_failures, counters.records_dropped), (1, 0));
+        assert_eq!(counters.last_store_error, None, "cleared once storing works again");
+    }
+
+    #[test]
+    fn a_flush_failing_twice_is_dropped_and_counted_and_the_newest_is_kept() {
+        // Calls: 0 fails 1; 1 retry of 1 fails (dropped); 2 fails 2; 3 retry of 2 stores it;
+        // 4 stores 3.
+        let (stored, counters) = run(&[1, 2, 3], &[0, 1, 2]);
+        assert_eq!(stored, [2, 3]);
+        assert_eq!((counters.store_failures, counters.records_dropped), (3, 1));
+    }
+
+    #[test]
+    fn a_store_that_never_works_loses_only_what_it_cannot_hold_and_says_why() {
+        let (stored, counters) = run(&[1, 2, 3], &[0, 1, 2, 3, 4, 5]);
+        assert!(stored.is_empty());
+        assert_eq!(counters.records_dropped, 3, "every record counted as lost");
+        assert!(
+            counters.last_store_error.as_deref().is_some_and(|e| e.contains("disk full")),
+            "{counters:?}"
+        );
+    }
+
+    #[test]
+    fn records_carry_the_flow_or_the_overflow_bucket() {
+        let key = super::super::FlowKey {
+            src: "198.18.0.1".parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            protocol: 17,
+            port: 53,
+            verdict: LogVerdict::WouldDrop,
+            rule: 0,
+        };
+        let mut aggregator = Aggregator::new(1);
+        aggregator.record_sampled(&key, 100, 4);
+        aggregator.record(&super::super::FlowKey { port: 54, ..key }, 101);
+        let records: Vec<FlowRecord> = aggregator.drain().iter().map(record_of).collect();
+        let flow = records.iter().find(|r| !r.overflow).expect("the tracked flow");
+        assert_eq!(
+            (flow.src, flow.port, flow.verdict, flow.count, flow.sampling_scale),
+            (key.src, 53, FlowVerdict::WouldDrop, 4, 4)
+        );
+        let overflow = records.iter().find(|r| r.overflow).expect("the overflow bucket");
+        assert_eq!(
+            (overflow.src.is_unspecified(), overflow.port, overflow.verdict, overflow.count),
+            (true, 0, FlowVerdict::WouldDrop, 1)
+        );
+    }
+}
