@@ -208,24 +208,6 @@ fn capture_test_vectors() {
     }
 }
 
-/// A fresh directory for a test's flow store, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("ven-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Starts the agent's pipeline inside B (its threads inherit B's namespace) writing into a
 /// store in `dir`, and waits until it reads the group.
 fn start_pipeline(lab: &Lab, dir: &std::path::Path, settings: PipelineSettings) -> FlowPipeline {
@@ -267,10 +249,10 @@ fn the_pipeline_stores_the_flows_of_real_traffic() {
         return;
     }
     let lab = Lab::new("fnk-pipe");
-    let dir = TempDir::new("fnk-pipe");
+    let dir = ven_lab::workdir::scratch("fnk-pipe");
     lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
     // Flushes every 300 ms: the traffic spreads over several intervals.
-    let pipeline = start_pipeline(&lab, &dir.0, settings(Duration::from_millis(300), 0));
+    let pipeline = start_pipeline(&lab, dir.path(), settings(Duration::from_millis(300), 0));
     let connections = 3;
     for _ in 0..connections {
         expect_tcp(
@@ -292,7 +274,7 @@ fn the_pipeline_stores_the_flows_of_real_traffic() {
     assert_eq!((counters.lost, counters.skipped, counters.records_dropped), (0, 0, 0), "{counters:?}");
     assert!(counters.flushes >= 2, "several intervals flushed: {counters:?}");
 
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     let rows = all_flows(&store, View::Aggregated);
     let find = |src: &str, dst: &str, protocol: u8, port: u16| {
         let found: Vec<&FlowRecord> = rows
@@ -341,10 +323,10 @@ fn sustained_load_samples_and_scales_then_stops_sampling() {
         return;
     }
     let lab = Lab::new("fnk-samp");
-    let dir = TempDir::new("fnk-samp");
+    let dir = ven_lab::workdir::scratch("fnk-samp");
     lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
     let threshold = 2_000;
-    let pipeline = start_pipeline(&lab, &dir.0, settings(Duration::from_secs(1), threshold));
+    let pipeline = start_pipeline(&lab, dir.path(), settings(Duration::from_secs(1), threshold));
     let stats = pipeline.stats();
     // C's datagrams are dropped and each is logged: about 10,000 a second for 5 s, bounded.
     let target = common::addr(B, UDP_PORT);
@@ -378,7 +360,7 @@ fn sustained_load_samples_and_scales_then_stops_sampling() {
     let after = stats.snapshot();
     assert_eq!(after.lost, 0, "{after:?}");
 
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     let raw = all_flows(&store, View::Raw);
     let load: Vec<&FlowRecord> =
         raw.iter().map(|row| &row.record).filter(|r| r.src == ip(C) && r.protocol == 17).collect();

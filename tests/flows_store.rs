@@ -5,12 +5,13 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ven::flows::store::{AppendOutcome, FlowQuery, FlowStore, QueryResult, StoreError, VerdictFilter, View};
 use ven::logdir::{self, LogCaps};
+use ven_lab::workdir::{Tmpfs, Workdir, scratch};
 use ven_proto::{FlowRecord, FlowVerdict};
 
 /// The smallest cap a store lives in: a file rotates after about 28,000 rows.
@@ -20,28 +21,6 @@ const SMALL: LogCaps =
 const FLUSH: u32 = 2_000;
 const STORE_FILES: [&str; 6] =
     ["flow.db", "flow.db.1", "flow.db.corrupt", "flowsum.db", "flowsum.db.1", "flowsum.db.corrupt"];
-
-/// A fresh directory under /tmp, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = PathBuf::from(format!("/tmp/ven-flows-store-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn flow(n: u32, verdict: FlowVerdict) -> FlowRecord {
     FlowRecord {
@@ -88,9 +67,9 @@ fn len(path: &Path) -> u64 {
 }
 
 /// Every store file is within the per-file cap.
-fn assert_within_cap(dir: &TempDir, caps: LogCaps) {
+fn assert_within_cap(dir: &Workdir, caps: LogCaps) {
     for name in STORE_FILES {
-        let size = len(&dir.file(name));
+        let size = len(&dir.path().join(name));
         assert!(
             size <= caps.per_file_bytes(),
             "{name} is {size} bytes, over the {} cap",
@@ -101,10 +80,10 @@ fn assert_within_cap(dir: &TempDir, caps: LogCaps) {
 
 /// Nothing holds the store's files between calls: each can be locked at once, as redb locks it.
 /// (A lock, not a redb handle: redb's clean close would add its allocator snapshot to the file.)
-fn assert_nothing_open(dir: &TempDir) {
+fn assert_nothing_open(dir: &Workdir) {
     use nix::fcntl::{Flock, FlockArg};
     for name in ["flow.db", "flowsum.db", "flow.db.1", "flowsum.db.1"] {
-        if let Ok(file) = fs::File::open(dir.file(name)) {
+        if let Ok(file) = fs::File::open(dir.path().join(name)) {
             let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock);
             assert!(lock.is_ok(), "{name} is held open");
         }
@@ -113,8 +92,8 @@ fn assert_nothing_open(dir: &TempDir) {
 
 #[test]
 fn the_four_views_filter_and_number_rows() {
-    let dir = TempDir::new("views");
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let dir = scratch("flows-store-views");
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     let v6 = FlowRecord {
         src: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
         dst: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
@@ -176,8 +155,8 @@ fn the_four_views_filter_and_number_rows() {
 
 #[test]
 fn files_rotate_before_they_pass_the_cap_and_numbers_continue() {
-    let dir = TempDir::new("rotate");
-    let store = FlowStore::new(&dir.0, SMALL);
+    let dir = scratch("flows-store-rotate");
+    let store = FlowStore::new(dir.path(), SMALL);
     let mut appended = 0u32;
     let mut raw_rotations = 0;
     let mut at_first_rotation = 0;
@@ -187,7 +166,7 @@ fn files_rotate_before_they_pass_the_cap_and_numbers_continue() {
         assert!(outcome.recovered.is_empty());
         appended += FLUSH;
         assert_within_cap(&dir, SMALL);
-        if outcome.rotated.contains(&dir.file("flow.db")) {
+        if outcome.rotated.contains(&dir.path().join("flow.db")) {
             raw_rotations += 1;
             if raw_rotations == 1 {
                 at_first_rotation = appended - FLUSH;
@@ -198,7 +177,7 @@ fn files_rotate_before_they_pass_the_cap_and_numbers_continue() {
         }
         assert!(flush < 399, "flow.db never rotated twice");
     }
-    assert!(dir.file("flow.db.1").exists());
+    assert!(dir.path().join("flow.db.1").exists());
     // Rows per byte: a file held this many rows before it would have grown past the cap.
     println!(
         "rows in flow.db at the first rotation under a {}-byte cap: {at_first_rotation}",
@@ -218,7 +197,7 @@ fn files_rotate_before_they_pass_the_cap_and_numbers_continue() {
     assert!(numbers[0] > 1, "the oldest rows left with the replaced backup");
 
     // A restart continues the numbering.
-    let restarted = FlowStore::new(&dir.0, SMALL);
+    let restarted = FlowStore::new(dir.path(), SMALL);
     restarted.append(&flows(appended, 1)).unwrap();
     let newest =
         restarted.query(&FlowQuery { since: Some(1_780_000_000 + appended), ..all(View::Raw) }).unwrap();
@@ -232,8 +211,8 @@ fn every_file_together_stays_within_the_total() {
     // A total that lowers the per-file cap: 16 files of 1.6 MB.
     let caps = LogCaps { file_max_bytes: 15_000_000, total_max_bytes: 25_600_000 };
     assert_eq!(caps.per_file_bytes(), 1_600_000);
-    let dir = TempDir::new("total");
-    let store = FlowStore::new(&dir.0, caps);
+    let dir = scratch("flows-store-total");
+    let store = FlowStore::new(dir.path(), caps);
     let mut rotated = (0, 0);
     let mut appended = 0;
     for _ in 0..300 {
@@ -242,9 +221,9 @@ fn every_file_together_stays_within_the_total() {
         rotated.0 += outcome.rotated.iter().filter(|path| path.ends_with("flow.db")).count();
         rotated.1 += outcome.rotated.iter().filter(|path| path.ends_with("flowsum.db")).count();
         assert_within_cap(&dir, caps);
-        let store_bytes: u64 = STORE_FILES.iter().map(|name| len(&dir.file(name))).sum();
+        let store_bytes: u64 = STORE_FILES.iter().map(|name| len(&dir.path().join(name))).sum();
         assert!(store_bytes <= caps.per_file_bytes() * STORE_FILES.len() as u64);
-        assert!(logdir::usage(&dir.0) <= caps.total_max_bytes);
+        assert!(logdir::usage(dir.path()) <= caps.total_max_bytes);
         if rotated.0 >= 2 && rotated.1 >= 2 {
             break;
         }
@@ -258,8 +237,8 @@ fn every_file_together_stays_within_the_total() {
 
 #[test]
 fn pending_and_acknowledge_survive_rotation_and_restart() {
-    let dir = TempDir::new("pending");
-    let store = FlowStore::new(&dir.0, SMALL);
+    let dir = scratch("flows-store-pending");
+    let store = FlowStore::new(dir.path(), SMALL);
     assert_eq!(store.pending(100).unwrap(), None);
     store.append(&flows(0, 500)).unwrap();
     let batch = store.pending(200).unwrap().unwrap();
@@ -273,7 +252,7 @@ fn pending_and_acknowledge_survive_rotation_and_restart() {
 
     // A restart keeps the cursor.
     drop(store);
-    let store = FlowStore::new(&dir.0, SMALL);
+    let store = FlowStore::new(dir.path(), SMALL);
     let batch = store.pending(1_000).unwrap().unwrap();
     assert_eq!((batch.first, batch.records.len()), (201, 300));
     store.acknowledge(500).unwrap();
@@ -286,7 +265,7 @@ fn pending_and_acknowledge_survive_rotation_and_restart() {
     // Fill past one rotation: the rows left in the backup are still pending, oldest first,
     // and the batch runs on into the current file.
     let mut appended = 510u32;
-    while !dir.file("flow.db.1").exists() {
+    while !dir.path().join("flow.db.1").exists() {
         store.append(&flows(appended, FLUSH)).unwrap();
         appended += FLUSH;
         assert!(appended < 400_000, "no rotation");
@@ -297,7 +276,7 @@ fn pending_and_acknowledge_survive_rotation_and_restart() {
     let through = u64::from(appended) - 5;
     store.acknowledge(through).unwrap();
     drop(store);
-    let store = FlowStore::new(&dir.0, SMALL);
+    let store = FlowStore::new(dir.path(), SMALL);
     let batch = store.pending(100).unwrap().unwrap();
     assert_eq!((batch.first, batch.records.len()), (through + 1, 5));
 
@@ -324,39 +303,44 @@ fn pending_and_acknowledge_survive_rotation_and_restart() {
 
 #[test]
 fn corrupt_files_are_moved_aside_and_numbering_continues() {
-    let dir = TempDir::new("corrupt");
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let dir = scratch("flows-store-corrupt");
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     store.append(&flows(0, 10)).unwrap();
 
     // Garbage: the query names the file and moves nothing; the append moves it aside.
-    fs::write(dir.file("flow.db"), vec![0x5a; 100_000]).unwrap();
+    fs::write(dir.path().join("flow.db"), vec![0x5a; 100_000]).unwrap();
     let error = store.query(&all(View::Raw)).unwrap_err();
-    assert!(matches!(&error, StoreError::Corrupt { path, .. } if path == &dir.file("flow.db")), "{error}");
+    assert!(
+        matches!(&error, StoreError::Corrupt { path, .. } if *path == dir.path().join("flow.db")),
+        "{error}"
+    );
     assert!(error.to_string().contains("flow.db"), "{error}");
-    assert!(!dir.file("flow.db.corrupt").exists());
+    assert!(!dir.path().join("flow.db.corrupt").exists());
     let outcome = store.append(&flows(10, 5)).unwrap();
     assert_eq!(outcome.recovered.len(), 1, "{outcome:?}");
-    assert_eq!(outcome.recovered[0].path, dir.file("flow.db"));
-    assert_eq!(outcome.recovered[0].moved_to, dir.file("flow.db.corrupt"));
+    assert_eq!(outcome.recovered[0].path, dir.path().join("flow.db"));
+    assert_eq!(outcome.recovered[0].moved_to, dir.path().join("flow.db.corrupt"));
     assert!(outcome.recovered[0].cause.contains("magic"), "{}", outcome.recovered[0].cause);
-    assert_eq!(len(&dir.file("flow.db.corrupt")), 100_000);
+    assert_eq!(len(&dir.path().join("flow.db.corrupt")), 100_000);
     // Numbering continues above what flowsum.db remembers.
     assert_eq!(seqs(&store.query(&all(View::Raw)).unwrap()), [11, 12, 13, 14, 15]);
 
     // Truncated (redb would abort on this header), on a new store instance.
-    let whole = fs::read(dir.file("flow.db")).unwrap();
-    fs::write(dir.file("flow.db"), &whole[..whole.len() / 2]).unwrap();
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let whole = fs::read(dir.path().join("flow.db")).unwrap();
+    fs::write(dir.path().join("flow.db"), &whole[..whole.len() / 2]).unwrap();
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     let outcome = store.append(&flows(15, 1)).unwrap();
     assert_eq!(outcome.recovered.len(), 1);
     assert!(outcome.recovered[0].cause.contains("truncated"), "{}", outcome.recovered[0].cause);
     assert_eq!(seqs(&store.query(&all(View::Raw)).unwrap()), [16], "one corrupt copy kept, the newest");
 
     // A redb file with other tables.
-    fs::remove_file(dir.file("flowsum.db")).unwrap();
+    fs::remove_file(dir.path().join("flowsum.db")).unwrap();
     {
-        let db =
-            redb::Builder::new().create_with_file_format_v3(true).create(dir.file("flowsum.db")).unwrap();
+        let db = redb::Builder::new()
+            .create_with_file_format_v3(true)
+            .create(dir.path().join("flowsum.db"))
+            .unwrap();
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(redb::TableDefinition::<&str, &str>::new("summaries")).unwrap();
@@ -366,7 +350,7 @@ fn corrupt_files_are_moved_aside_and_numbering_continues() {
     }
     let outcome = store.append(&flows(16, 1)).unwrap();
     assert_eq!(outcome.recovered.len(), 1);
-    assert_eq!(outcome.recovered[0].path, dir.file("flowsum.db"));
+    assert_eq!(outcome.recovered[0].path, dir.path().join("flowsum.db"));
     assert!(outcome.recovered[0].cause.contains("wrong tables"), "{}", outcome.recovered[0].cause);
     assert_eq!(seqs(&store.query(&all(View::Raw)).unwrap()), [16, 17]);
     assert_eq!(store.query(&all(View::Aggregated)).unwrap().rows.len(), 1);
@@ -374,41 +358,41 @@ fn corrupt_files_are_moved_aside_and_numbering_continues() {
     // Damaged pages behind a good header: found by the page checksums redb verifies at every
     // open, never read as rows.
     drop(store);
-    let mut bytes = fs::read(dir.file("flow.db")).unwrap();
+    let mut bytes = fs::read(dir.path().join("flow.db")).unwrap();
     for byte in &mut bytes[4096..] {
         *byte ^= 0xa5;
     }
-    fs::write(dir.file("flow.db"), &bytes).unwrap();
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    fs::write(dir.path().join("flow.db"), &bytes).unwrap();
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     let outcome = store.append(&flows(17, 1)).unwrap();
     assert_eq!(outcome.recovered.len(), 1, "{outcome:?}");
-    assert_eq!(outcome.recovered[0].path, dir.file("flow.db"));
+    assert_eq!(outcome.recovered[0].path, dir.path().join("flow.db"));
     assert_eq!(seqs(&store.query(&all(View::Raw)).unwrap()), [18]);
 
     // A corrupt backup found by pending is moved aside there and reported by the next append.
-    fs::write(dir.file("flow.db.1"), b"not a database").unwrap();
+    fs::write(dir.path().join("flow.db.1"), b"not a database").unwrap();
     let batch = store.pending(10).unwrap().unwrap();
     assert_eq!(batch.first, 18);
-    assert!(!dir.file("flow.db.1").exists());
+    assert!(!dir.path().join("flow.db.1").exists());
     let outcome = store.append(&flows(18, 1)).unwrap();
     assert_eq!(outcome.recovered.len(), 1);
-    assert_eq!(outcome.recovered[0].path, dir.file("flow.db.1"));
+    assert_eq!(outcome.recovered[0].path, dir.path().join("flow.db.1"));
     assert_eq!(store.usage().recoveries, 2, "counted by this store: the damaged file and the backup");
 }
 
 #[test]
 fn a_file_another_handle_holds_is_busy_then_free() {
-    let dir = TempDir::new("busy");
-    let store = FlowStore::new(&dir.0, LogCaps::default());
+    let dir = scratch("flows-store-busy");
+    let store = FlowStore::new(dir.path(), LogCaps::default());
     store.append(&flows(0, 3)).unwrap();
-    let held = redb::Database::open(dir.file("flow.db")).unwrap();
+    let held = redb::Database::open(dir.path().join("flow.db")).unwrap();
     let started = Instant::now();
     let error = store.append(&flows(3, 3)).unwrap_err();
     let waited = started.elapsed();
-    assert!(matches!(&error, StoreError::Busy { path } if path == &dir.file("flow.db")), "{error}");
+    assert!(matches!(&error, StoreError::Busy { path } if *path == dir.path().join("flow.db")), "{error}");
     assert!(waited >= Duration::from_millis(1_900) && waited < Duration::from_secs(5), "waited {waited:?}");
     assert!(matches!(store.query(&all(View::Raw)), Err(StoreError::Busy { .. })));
-    assert!(!dir.file("flow.db.corrupt").exists(), "busy is never corrupt");
+    assert!(!dir.path().join("flow.db.corrupt").exists(), "busy is never corrupt");
 
     // Released within the wait: the call goes through.
     let release = std::thread::spawn(move || {
@@ -421,51 +405,14 @@ fn a_file_another_handle_holds_is_busy_then_free() {
     assert_eq!(seqs(&store.query(&all(View::Raw)).unwrap()), [1, 2, 3, 4, 5, 6]);
 }
 
-/// A tmpfs of `size` mounted on a fresh directory; unmounted and removed on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// `None` (said loudly) when it cannot be mounted here; under CI that is a failure.
-    fn mount(name: &str, size: &str) -> Option<Tmpfs> {
-        let path = PathBuf::from(format!("/tmp/ven-flows-store-tmpfs-{name}-{}", std::process::id()));
-        let why = if !nix::unistd::geteuid().is_root() {
-            "not root".to_owned()
-        } else {
-            let _ = fs::create_dir_all(&path);
-            match Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-                .arg(&path)
-                .status()
-            {
-                Ok(status) if status.success() => return Some(Tmpfs(path)),
-                Ok(status) => format!("mount -t tmpfs failed: {status}"),
-                Err(e) => format!("cannot run mount: {e}"),
-            }
-        };
-        let _ = fs::remove_dir(&path);
-        if std::env::var_os("CI").is_some() {
-            panic!("the full-disk flow store test cannot run under CI: {why}");
-        }
-        eprintln!("SKIPPED: the full-disk flow store test needs a tmpfs mount: {why}");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn a_full_disk_fails_the_append_keeps_what_was_stored_and_recovers() {
-    let Some(tmpfs) = Tmpfs::mount("full", "3m") else { return };
-    let dir = tmpfs.0.join("log");
+    let Some(tmpfs) = Tmpfs::mount("flows-store-full", "3m") else { return };
+    let dir = tmpfs.path().join("log");
     let store = FlowStore::new(&dir, LogCaps::default());
     store.append(&flows(0, 100)).unwrap();
     // Fill what is left.
-    let filler = tmpfs.0.join("filler");
+    let filler = tmpfs.path().join("filler");
     {
         use std::io::Write;
         let mut file = fs::File::create(&filler).unwrap();
@@ -538,8 +485,8 @@ fn killed_writer_child() {
 
 #[test]
 fn a_writer_killed_mid_flush_loses_at_most_that_flush() {
-    let dir = TempDir::new("killed");
-    let log = dir.0.join("log");
+    let dir = scratch("flows-store-killed");
+    let log = dir.path().join("log");
     for attempt in 0..3u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["killed_writer_child", "--exact", "--test-threads=1", "--nocapture"])

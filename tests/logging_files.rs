@@ -3,33 +3,15 @@
 //! `log` backend sending each component to its file.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use ven::logdir::{LogCaps, backup_path};
 use ven::logging::{self, Component, LogFiles, LoggingError, Outcome, REOPEN_INTERVAL};
+use ven_lab::workdir::{Tmpfs, scratch};
 
 const CAPS: LogCaps = LogCaps { file_max_bytes: 4096, total_max_bytes: 1 << 20 };
 const CAP: u64 = 4096;
-
-/// A fresh directory under /tmp, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = PathBuf::from(format!("/tmp/ven-logging-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Line `n`: exactly 100 bytes, newline included.
 fn line(n: usize) -> String {
@@ -56,8 +38,8 @@ fn the_test_caps_give_a_4096_byte_file() {
 
 #[test]
 fn rotation_keeps_every_file_under_the_cap() {
-    let dir = TempDir::new("rotation");
-    let files = LogFiles::open(&dir.0, CAPS).unwrap();
+    let dir = scratch("logging-rotation");
+    let files = LogFiles::open(dir.path(), CAPS).unwrap();
     assert_eq!(files.cap(), CAP);
     let path = files.path(Component::Platform);
     let backup = backup_path(&path);
@@ -97,7 +79,7 @@ fn rotation_keeps_every_file_under_the_cap() {
     assert_eq!(lines(&path), [line(100).trim_end()]);
 
     // No file of log/ is past the cap, and only the platform files grew.
-    for entry in fs::read_dir(&dir.0).unwrap() {
+    for entry in fs::read_dir(dir.path()).unwrap() {
         let entry = entry.unwrap();
         let size = entry.metadata().unwrap().len();
         assert!(size <= CAP, "{}: {size}", entry.path().display());
@@ -111,16 +93,16 @@ fn rotation_keeps_every_file_under_the_cap() {
 
 #[test]
 fn a_restart_appends_and_counts_what_the_file_already_holds() {
-    let dir = TempDir::new("restart");
+    let dir = scratch("logging-restart");
     let path;
     {
-        let files = LogFiles::open(&dir.0, CAPS).unwrap();
+        let files = LogFiles::open(dir.path(), CAPS).unwrap();
         path = files.path(Component::Evsync);
         for n in 0..30 {
             written(files.write(Component::Evsync, &line(n)));
         }
     }
-    let files = LogFiles::open(&dir.0, CAPS).unwrap();
+    let files = LogFiles::open(dir.path(), CAPS).unwrap();
     assert_eq!(len(&path), 3000);
     for n in 30..40 {
         written(files.write(Component::Evsync, &line(n)));
@@ -134,55 +116,12 @@ fn a_restart_appends_and_counts_what_the_file_already_holds() {
     assert_eq!(lines(&path), [line(40).trim_end()]);
 }
 
-/// A tmpfs of 64 KiB mounted on a fresh directory; unmounted and removed on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// `None` (said loudly) when it cannot be mounted here; under CI that is a failure.
-    fn mount(name: &str) -> Option<Tmpfs> {
-        let why = if !nix::unistd::geteuid().is_root() {
-            Some("not root".to_owned())
-        } else {
-            let path = PathBuf::from(format!("/tmp/ven-logging-{name}-{}", std::process::id()));
-            let _ = fs::create_dir_all(&path);
-            let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
-                .arg(&path)
-                .status();
-            match status {
-                Ok(status) if status.success() => return Some(Tmpfs(path)),
-                Ok(status) => {
-                    let _ = fs::remove_dir(&path);
-                    Some(format!("mount -t tmpfs failed: {status}"))
-                }
-                Err(e) => {
-                    let _ = fs::remove_dir(&path);
-                    Some(format!("cannot run mount: {e}"))
-                }
-            }
-        };
-        let why = why.unwrap_or_default();
-        if std::env::var_os("CI").is_some() {
-            panic!("the full-disk test cannot run under CI: {why}");
-        }
-        eprintln!("SKIPPED: the full-disk logging test needs a tmpfs mount: {why}");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn a_full_disk_drops_and_counts_lines_then_writing_resumes() {
-    let Some(tmpfs) = Tmpfs::mount("full") else { return };
+    let Some(tmpfs) = Tmpfs::mount("logging-full", "64k") else { return };
     // A larger cap than the others, so agent.log spans a page boundary when the disk fills.
     let caps = LogCaps { file_max_bytes: 16_384, total_max_bytes: 1 << 20 };
-    let files = LogFiles::open(&tmpfs.0.join("log"), caps).unwrap();
+    let files = LogFiles::open(&tmpfs.path().join("log"), caps).unwrap();
     let path = files.path(Component::Agent);
     for n in 0..40 {
         written(files.write(Component::Agent, &line(n)));
@@ -190,7 +129,7 @@ fn a_full_disk_drops_and_counts_lines_then_writing_resumes() {
     assert_eq!(len(&path), 4000);
 
     // Fill the rest of the file system.
-    let filler = tmpfs.0.join("filler");
+    let filler = tmpfs.path().join("filler");
     {
         use std::io::Write;
         let mut file = fs::File::create(&filler).unwrap();
@@ -244,8 +183,8 @@ fn a_full_disk_drops_and_counts_lines_then_writing_resumes() {
 
 #[test]
 fn the_installed_logger_sends_each_component_to_its_file() {
-    let dir = TempDir::new("installed");
-    let log_dir = dir.0.join("log");
+    let dir = scratch("logging-installed");
+    let log_dir = dir.path().join("log");
     logging::init();
     log::set_max_level(log::LevelFilter::Info); // whatever VEN_LOG says here
     logging::init_daemon(&log_dir, CAPS, false).unwrap();

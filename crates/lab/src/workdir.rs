@@ -50,6 +50,54 @@ impl Drop for Workdir {
     }
 }
 
+/// A fresh scratch directory for one test, `<tmp>/ven-<name>-<pid>-<n>`, removed on drop.
+/// Panics when it cannot be made (a test cannot run without it).
+pub fn scratch(name: &str) -> Workdir {
+    Workdir::create(&std::env::temp_dir(), &format!("ven-{name}"))
+        .unwrap_or_else(|e| panic!("cannot make a scratch directory for {name}: {e}"))
+}
+
+/// A small tmpfs mounted on a scratch directory, for full-disk tests; unmounted on drop.
+pub struct Tmpfs {
+    dir: Workdir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as mount's `size=` option: `64k`, `3m`). `None`, said loudly,
+    /// when it cannot be mounted here (not root); under CI that is a failure.
+    pub fn mount(name: &str, size: &str) -> Option<Tmpfs> {
+        let dir = scratch(name);
+        let why = if !nix::unistd::geteuid().is_root() {
+            "not root".to_owned()
+        } else {
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            match status {
+                Ok(status) if status.success() => return Some(Tmpfs { dir }),
+                Ok(status) => format!("mount -t tmpfs failed: {status}"),
+                Err(e) => format!("cannot run mount: {e}"),
+            }
+        };
+        if std::env::var_os("CI").is_some() {
+            panic!("{name} cannot run under CI: it needs a tmpfs mount: {why}");
+        }
+        eprintln!("SKIPPED: {name} needs a tmpfs mount: {why}");
+        None
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
