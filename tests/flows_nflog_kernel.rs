@@ -211,7 +211,7 @@ fn capture_test_vectors() {
 /// Starts the agent's pipeline inside B (its threads inherit B's namespace) writing into a
 /// store in `dir`, and waits until it reads the group.
 fn start_pipeline(lab: &Lab, dir: &std::path::Path, settings: PipelineSettings) -> FlowPipeline {
-    let store = FlowStore::new(dir, LogCaps::default());
+    let store = std::sync::Arc::new(FlowStore::new(dir, LogCaps::default()));
     let pipeline =
         lab.b.run(move || FlowPipeline::start(settings, Box::new(store))).expect("enter b").expect("start");
     let started = Instant::now();

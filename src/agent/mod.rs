@@ -198,15 +198,17 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     let firewall = Firewall::new(firewall_config);
     // The flow pipeline is best effort: without it the firewall still enforces.
     let flow_settings = crate::flows::PipelineSettings::from_config(&config);
-    let store = || crate::flows::store::FlowStore::new(&data.log_dir(), config.logs);
-    let flows = match crate::flows::FlowPipeline::start(flow_settings, Box::new(store())) {
+    // One store for both writers, so that their calls are serialised by it rather than by
+    // redb's file lock.
+    let store = Arc::new(crate::flows::store::FlowStore::new(&data.log_dir(), config.logs));
+    let flows = match crate::flows::FlowPipeline::start(flow_settings, Box::new(Arc::clone(&store))) {
         Ok(flows) => Some(flows),
         Err(e) => {
             log::error!("cannot start the flows threads: {e}; flows are not recorded");
             None
         }
     };
-    let uploader = match uploader::Uploader::start(data.clone(), store(), config.flows.upload_interval) {
+    let uploader = match uploader::Uploader::start(data.clone(), store, config.flows.upload_interval) {
         Ok(uploader) => Some(uploader),
         Err(e) => {
             log::error!("cannot start the uploader thread: {e}; flows are kept but not sent to the PCE");

@@ -76,7 +76,7 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub fn start(data: DataDir, store: FlowStore, interval: Duration) -> std::io::Result<Self> {
+    pub fn start(data: DataDir, store: Arc<FlowStore>, interval: Duration) -> std::io::Result<Self> {
         let (stop_read, stop_write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
         let stats = Arc::new(UploadStats::default());
         let thread_stats = Arc::clone(&stats);

@@ -64,8 +64,8 @@ pub trait FlowSink: Send + 'static {
     fn store(&mut self, records: &[FlowRecord]) -> Result<(), String>;
 }
 
-/// The agent's sink: flow.db and flowsum.db in log/.
-impl FlowSink for super::store::FlowStore {
+/// The agent's sink: flow.db and flowsum.db in log/ (shared with the uploader).
+impl FlowSink for Arc<super::store::FlowStore> {
     fn store(&mut self, records: &[FlowRecord]) -> Result<(), String> {
         let outcome = self.append(records).map_err(|e| e.to_string())?;
         for path in &outcome.rotated {
