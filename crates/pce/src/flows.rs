@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -434,25 +433,15 @@ impl FlowStore {
     /// Writes the store as a compacted log to `path` (temp file, fsync, rename, directory fsync);
     /// returns its length.
     fn write_snapshot(&self, path: &Path) -> io::Result<u64> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        // `mode` only applies on creation; a leftover temp file keeps its own.
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        let mut out = BufWriter::new(file);
-        let len = self.snapshot_to(&mut out)?;
-        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        if let Err(e) = File::open(dir).and_then(|dir| dir.sync_all()) {
+        let len = crate::store::replace_file(path, 0o600, |file| {
+            let mut out = BufWriter::new(file);
+            let len = self.snapshot_to(&mut out)?;
+            out.flush()?;
+            Ok(len)
+        })?;
+        if let Err(e) = crate::store::sync_parent(path) {
             // Old or new, either file is whole; only the rename's durability is in doubt.
-            log::warn!("syncing {} after compacting the flow log: {e}", dir.display());
+            log::warn!("syncing the directory of {} after compacting the flow log: {e}", path.display());
         }
         Ok(len)
     }
@@ -650,6 +639,7 @@ pub fn fuzz_flow_log(data: &[u8]) {
 pub(crate) mod tests {
     use super::*;
     use crate::store::scratch_dir;
+    use std::os::unix::fs::PermissionsExt;
     use ven_proto::FlowVerdict;
 
     /// A TCP flow from `src` to `dst`:`port`, seen at `at`.

@@ -683,16 +683,33 @@ fn initial_state() -> Result<State, StoreError> {
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content: write a
 /// temporary file with `mode`, fsync it, rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    replace_file(path, mode, |file| file.write_all(bytes))?;
+    sync_parent(path)
+}
+
+/// Writes what `write` produces into a temporary file with `mode`, fsyncs it and renames it over
+/// `path`: a crash leaves the old file or the new one, whole. The rename is durable only once
+/// the directory is synced ([`sync_parent`]).
+pub fn replace_file<T>(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut File) -> io::Result<T>,
+) -> io::Result<T> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
     // `mode` only applies on creation; a leftover temp file keeps its own.
     file.set_permissions(fs::Permissions::from_mode(mode))?;
-    file.write_all(bytes)?;
+    let written = write(&mut file)?;
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)?;
+    Ok(written)
+}
+
+/// Syncs the directory holding `path`, so that a rename into it survives a crash.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
