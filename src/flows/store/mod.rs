@@ -221,6 +221,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The failure of a write split in parts, after the first `stored` of `of` records were
+    /// committed: [`StoreError::PartlyStored`] when some were, the failure itself when none.
+    fn after_parts(path: PathBuf, cap: u64, failure: Failure, stored: usize, of: usize) -> Self {
+        let error = Self::from_failure(&path, cap, failure);
+        if stored == 0 {
+            return error;
+        }
+        Self::PartlyStored { path, stored, of, source: Box::new(error) }
+    }
+
     fn from_failure(path: &Path, cap: u64, failure: Failure) -> Self {
         let path = path.to_path_buf();
         match failure {
@@ -446,16 +456,7 @@ impl FlowStore {
                 }
                 Err(WriteFailure::Full { empty: false }) => self.rotate_raw(outcome, &mut recoveries)?,
                 Err(WriteFailure::Other(failure)) => {
-                    let error = StoreError::from_failure(&path, self.cap, failure);
-                    if start == 0 {
-                        return Err(error);
-                    }
-                    return Err(StoreError::PartlyStored {
-                        path,
-                        stored: start,
-                        of: records.len(),
-                        source: Box::new(error),
-                    });
+                    return Err(StoreError::after_parts(path, self.cap, failure, start, records.len()));
                 }
             }
         }
@@ -734,16 +735,7 @@ impl FlowStore {
                     self.counters.rotations.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(WriteFailure::Other(failure)) => {
-                    let error = StoreError::from_failure(&path, self.cap, failure);
-                    if start == 0 {
-                        return Err(error);
-                    }
-                    return Err(StoreError::PartlyStored {
-                        path,
-                        stored: start,
-                        of: records.len(),
-                        source: Box::new(error),
-                    });
+                    return Err(StoreError::after_parts(path, self.cap, failure, start, records.len()));
                 }
             }
         }
