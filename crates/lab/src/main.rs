@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use nix::sys::signal::{SigSet, Signal};
 use ven_lab::scenario::{self, Host, Lab, LabOptions, Teardown};
@@ -115,12 +115,17 @@ fn main() -> ExitCode {
     }
     let teardown = Teardown::new();
     let result = Arc::new(AtomicI32::new(NO_RESULT));
+    // Set by the signal thread alone. The lab's own tear-down also cancels `teardown` (the Lab's
+    // Drop runs it at the end of `run`), so cancellation does not say a signal came.
+    let signalled = Arc::new(AtomicBool::new(false));
     let spawned = {
         let teardown = teardown.clone();
         let result = Arc::clone(&result);
+        let signalled = Arc::clone(&signalled);
         std::thread::Builder::new().name("ven-lab-signals".into()).spawn(move || {
             // Ends only by exiting the process; the main thread's own exit ends it otherwise.
             let signal = signals.wait();
+            signalled.store(true, Ordering::SeqCst);
             let name = signal.map(|s| s.as_str()).unwrap_or("a signal");
             say!("\nven-lab: {name} received, tearing down");
             teardown.run();
@@ -140,8 +145,8 @@ fn main() -> ExitCode {
     }
 
     let code = run(&config, bins, &teardown, &result);
-    if teardown.is_cancelled() {
-        // Only the signal thread cancels: it is tearing down and exits with 128+signal.
+    if signalled.load(Ordering::SeqCst) {
+        // The signal thread is tearing down and exits with 128+signal.
         loop {
             std::thread::park();
         }
