@@ -36,6 +36,14 @@ fn provisioned_rule_is_enforced_and_idle_opens_the_firewall_again() {
     );
     assert!(report.probes.iter().all(|p| p.ok()), "with both workloads enforced:{}", listing(&report.probes));
 
+    // Right after the probes, long before the manager's next wake-up or a flush: db's status
+    // counts the packets its firewall logged (the allowed 5432 connection and the dropped probe).
+    let db = lab.ven_status(Host::Db).expect("db's ven status");
+    match db.flows {
+        Some((true, logged, _)) => assert!(logged >= 2, "db's status right after the probes: {db:?}"),
+        other => panic!("db's flow pipeline should be reading NFLOG, got {other:?}"),
+    }
+
     // Both agents say they are online, and the PCE agrees and has heard what they applied.
     let limit = Duration::from_secs(10);
     let agents_online = lab.wait_until("both agents reporting connectivity online", limit, |lab| {

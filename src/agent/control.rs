@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -56,6 +56,27 @@ pub enum ControlResponse {
     Failed(String),
 }
 
+/// Counters the worker threads update as they go. A status request reads them at the moment it
+/// is answered, not from the manager's last published report (which is only as fresh as the
+/// manager's last wake-up). Set once, after the flow threads start.
+#[derive(Default)]
+pub struct LiveCounters {
+    pub flows: Option<Arc<crate::flows::FlowStats>>,
+    pub uploads: Option<Arc<super::uploader::UploadStats>>,
+}
+
+impl LiveCounters {
+    /// `report` with the counters as they are now.
+    fn refresh(&self, report: &mut StatusReport) {
+        if let Some(flows) = &self.flows {
+            report.flows = Some(flows.snapshot());
+        }
+        if let Some(uploads) = &self.uploads {
+            report.flow_uploads = Some(uploads.snapshot());
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("no agent is running on {0}")]
@@ -77,10 +98,12 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Binds the socket (refusing when another agent answers on it) and starts serving. Status is
-    /// answered from `status` directly; other requests go to the manager through `inputs`.
+    /// answered from `status` directly, with the counters in `live` read at that moment; other
+    /// requests go to the manager through `inputs`.
     pub fn start(
         path: &Path,
         status: Arc<Mutex<StatusReport>>,
+        live: Arc<OnceLock<LiveCounters>>,
         inputs: SyncSender<Input>,
     ) -> Result<Self, ControlError> {
         let socket_error = |cause| ControlError::Socket { path: path.to_path_buf(), cause };
@@ -94,7 +117,7 @@ impl ControlServer {
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve(listener, &thread_stop, &status, &inputs))
+            .spawn(move || serve(listener, &thread_stop, &status, &live, &inputs))
             .map_err(socket_error)?;
         Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
@@ -115,6 +138,7 @@ fn serve(
     listener: UnixListener,
     stop: &AtomicBool,
     status: &Mutex<StatusReport>,
+    live: &OnceLock<LiveCounters>,
     inputs: &SyncSender<Input>,
 ) {
     for connection in listener.incoming() {
@@ -133,7 +157,13 @@ fn serve(
         };
         let response = match request {
             ControlRequest::Status => match status.lock() {
-                Ok(report) => ControlResponse::Status(Box::new(report.clone())),
+                Ok(report) => {
+                    let mut report = Box::new(report.clone());
+                    if let Some(live) = live.get() {
+                        live.refresh(&mut report);
+                    }
+                    ControlResponse::Status(report)
+                }
                 Err(_) => ControlResponse::Failed("status unavailable".into()),
             },
             work => {
@@ -172,4 +202,57 @@ pub fn request(
         .map_err(|cause| ControlError::Socket { path: path.into(), cause })?;
     frame::write_frame(&mut stream, request).map_err(frame_error)?;
     frame::read_frame(&mut stream, &mut Vec::new()).map_err(frame_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ven-control-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn status_over_socket(path: &Path) -> StatusReport {
+        match request(path, &ControlRequest::Status, STATUS_TIMEOUT).unwrap() {
+            ControlResponse::Status(report) => *report,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn status_reads_the_flow_counters_at_the_moment_it_is_asked() {
+        let dir = scratch_dir("live");
+        let path = dir.join("control.sock");
+        let (inputs, _inputs_rx) = mpsc::sync_channel(1);
+        let published = Arc::new(Mutex::new(StatusReport::unpaired()));
+        let live = Arc::new(OnceLock::new());
+        let server = ControlServer::start(&path, published, Arc::clone(&live), inputs).unwrap();
+
+        // Before the flow threads start there is nothing live to read.
+        assert_eq!(status_over_socket(&path).flows, None);
+
+        let flows = Arc::new(crate::flows::FlowStats::default());
+        let uploads = Arc::new(crate::agent::uploader::UploadStats::default());
+        assert!(
+            live.set(LiveCounters { flows: Some(Arc::clone(&flows)), uploads: Some(uploads.clone()) })
+                .is_ok()
+        );
+        flows.events.store(42, Ordering::Relaxed);
+        flows.tracked.store(3, Ordering::Relaxed);
+        uploads.records.store(7, Ordering::Relaxed);
+
+        // The published report was never updated: the answer comes from the counters themselves.
+        let report = status_over_socket(&path);
+        let counters = report.flows.expect("flow counters");
+        assert_eq!((counters.events, counters.tracked), (42, 3));
+        assert_eq!(report.flow_uploads.expect("upload counters").records, 7);
+
+        flows.events.store(43, Ordering::Relaxed);
+        assert_eq!(status_over_socket(&path).flows.unwrap().events, 43);
+        server.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -175,7 +175,13 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
 
     let (inputs_tx, inputs_rx) = mpsc::sync_channel(INPUT_QUEUE_CAPACITY);
     let status = Arc::new(Mutex::new(StatusReport::unpaired()));
-    let control = ControlServer::start(&data.socket_path(), status.clone(), inputs_tx.clone())?;
+    let live_counters = Arc::new(std::sync::OnceLock::new());
+    let control = ControlServer::start(
+        &data.socket_path(),
+        status.clone(),
+        Arc::clone(&live_counters),
+        inputs_tx.clone(),
+    )?;
     let signal_inputs = inputs_tx.clone();
     let signals = std::thread::Builder::new()
         .name("signals".into())
@@ -217,6 +223,8 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     };
     let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
     let upload_stats = uploader.as_ref().map(uploader::Uploader::stats);
+    let _ =
+        live_counters.set(control::LiveCounters { flows: flow_stats.clone(), uploads: upload_stats.clone() });
     manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(flow_stats, upload_stats)
         .run(inputs_rx);
