@@ -435,12 +435,12 @@ mod tests {
 
     #[test]
     fn workload_list_from_the_contract_example() {
-        let text = r#"[{"href":"/api/v2/workloads/1","id":1,"hostname":"web",
-            "labels":[{"href":"/api/v2/labels/1","key":"role","value":"web"}],
+        let text = r#"[{"href":"/orgs/1/workloads/1","id":1,"hostname":"web",
+            "labels":[{"href":"/orgs/1/labels/1","key":"role","value":"web"}],
             "policy_state":"enforced","online":true,"last_heartbeat_on":"2026-11-27T12:00:00Z",
             "policy_version":3,"applied_policy_version":3,"applied_state":"enforced",
             "apply_error":null,"interfaces":[{"name":"eth0","address":"198.18.0.2/24"}]},
-            {"href":"/api/v2/workloads/2","id":2,"hostname":"db","labels":[],
+            {"href":"/orgs/1/workloads/2","id":2,"hostname":"db","labels":[],
             "policy_state":"idle","online":false,"last_heartbeat_on":null,
             "policy_version":null,"applied_policy_version":null,"applied_state":null,
             "apply_error":"iptables-restore: line 3 failed","interfaces":[]}]"#;
@@ -474,17 +474,17 @@ mod tests {
     fn events_from_the_admin_api_shape() {
         // `pce events --json` after a suspend, a tampering report and a PCE-wide event.
         let text = r#"[
-          {"href":"/api/v2/events/3","id":3,"timestamp":"2026-11-28T01:18:42Z",
+          {"href":"/orgs/1/events/3","id":3,"timestamp":"2026-11-28T01:18:42Z",
            "event_type":"server_suspended","severity":"warning",
-           "workload":{"href":"/api/v2/workloads/2","id":2,"hostname":"db"},
+           "workload":{"href":"/orgs/1/workloads/2","id":2,"hostname":"db"},
            "message":"VEN suspended (its firewall was enforced)",
            "details":{"previous_state":"enforced"}},
-          {"href":"/api/v2/events/4","id":4,"timestamp":"2026-11-28T01:18:43Z",
+          {"href":"/orgs/1/events/4","id":4,"timestamp":"2026-11-28T01:18:43Z",
            "event_type":"tampering","severity":"warning",
-           "workload":{"href":"/api/v2/workloads/2","id":2,"hostname":"db"},
+           "workload":{"href":"/orgs/1/workloads/2","id":2,"hostname":"db"},
            "message":"firewall tampering: v4: ... (repaired)",
            "details":{"summary":"v4: ...","repaired":true,"detected_at":"2026-11-28T01:18:43Z"}},
-          {"href":"/api/v2/events/5","id":5,"timestamp":"2026-11-28T01:18:44Z",
+          {"href":"/orgs/1/events/5","id":5,"timestamp":"2026-11-28T01:18:44Z",
            "event_type":"agent_deactivated","severity":"info","workload":null,
            "message":"m","details":{}}
         ]"#;

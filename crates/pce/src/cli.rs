@@ -51,6 +51,7 @@ enum Sub {
     ActivationCode(ActivationCodeArgs),
     CaFingerprint(CaFingerprintArgs),
     Label(LabelArgs),
+    ApiKey(ApiKeyArgs),
     Workload(WorkloadArgs),
     Rule(RuleArgs),
     Provision(ProvisionArgs),
@@ -109,6 +110,52 @@ struct LabelArgs {
 enum LabelSub {
     Create(LabelCreateArgs),
     List(LabelListArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "api-key")]
+/// create, list and delete API keys (HTTP Basic credentials for scripts and illumio-py)
+struct ApiKeyArgs {
+    #[argh(subcommand)]
+    command: ApiKeySub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ApiKeySub {
+    Create(ApiKeyCreateArgs),
+    List(ApiKeyListArgs),
+    Delete(ApiKeyDeleteArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "create")]
+/// create an API key and print its id (auth_username) and secret, shown only this once
+struct ApiKeyCreateArgs {
+    /// a name for the key
+    #[argh(option, default = "String::new()")]
+    name: String,
+    /// what the key is for
+    #[argh(option, default = "String::new()")]
+    description: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the API keys (never their secrets)
+struct ApiKeyListArgs {
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "delete")]
+/// delete an API key: its secret stops working at once
+struct ApiKeyDeleteArgs {
+    /// the key's id (key_id, as `list` shows it)
+    #[argh(positional)]
+    key_id: String,
 }
 
 #[derive(FromArgs)]
@@ -343,6 +390,15 @@ fn convert(args: Args) -> Result<Command, String> {
         Sub::CaFingerprint(_) => ctl::Command::CaFingerprint,
         Sub::Label(LabelArgs { command: LabelSub::Create(create) }) => {
             ctl::Command::LabelCreate { key: create.key, value: create.value }
+        }
+        Sub::ApiKey(ApiKeyArgs { command: ApiKeySub::Create(create) }) => {
+            ctl::Command::ApiKeyCreate { name: create.name, description: create.description }
+        }
+        Sub::ApiKey(ApiKeyArgs { command: ApiKeySub::List(list) }) => {
+            ctl::Command::ApiKeyList { json: list.json }
+        }
+        Sub::ApiKey(ApiKeyArgs { command: ApiKeySub::Delete(delete) }) => {
+            ctl::Command::ApiKeyDelete { key_id: delete.key_id }
         }
         Sub::Label(LabelArgs { command: LabelSub::List(list) }) => {
             ctl::Command::LabelList { json: list.json }

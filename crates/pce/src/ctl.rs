@@ -15,6 +15,8 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// The administrator's API keys (a global path, outside `/orgs/1/`).
+const API_KEYS: &str = "users/1/api_keys";
 
 /// Where the admin API is and how to reach it.
 pub struct Target {
@@ -60,6 +62,9 @@ pub enum EventFormat {
 pub enum Command {
     ActivationCode,
     CaFingerprint,
+    ApiKeyCreate { name: String, description: String },
+    ApiKeyList { json: bool },
+    ApiKeyDelete { key_id: String },
     LabelCreate { key: String, value: String },
     LabelList { json: bool },
     WorkloadList { json: bool },
@@ -106,6 +111,31 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             let default = profiles.iter().find(|p| p["name"] == "default").or(profiles.first());
             let code = default.and_then(|p| p["activation_code"].as_str());
             println!("{}", code.ok_or_else(|| CtlError::NotFound("the PCE has no pairing profile".into()))?);
+        }
+        Command::ApiKeyCreate { name, description } => {
+            let body = json!({ "name": name, "description": description });
+            let key = client.send("POST", API_KEYS, &body)?;
+            println!("key id:        {}", text(&key["key_id"]));
+            println!("auth_username: {}", text(&key["auth_username"]));
+            println!("secret:        {}", text(&key["secret"]));
+        }
+        Command::ApiKeyList { json } => {
+            let keys = client.get(API_KEYS)?;
+            if json {
+                println!("{keys:#}");
+            } else {
+                let rows = items(&keys)
+                    .map(|k| {
+                        let cells = ["key_id", "auth_username", "name", "created_at"];
+                        cells.iter().map(|field| text(&k[*field])).collect()
+                    })
+                    .collect();
+                print_table(&["KEY ID", "AUTH USERNAME", "NAME", "CREATED"], rows);
+            }
+        }
+        Command::ApiKeyDelete { key_id } => {
+            client.send("DELETE", &format!("{API_KEYS}/{key_id}"), &Value::Null)?;
+            println!("API key {key_id} deleted");
         }
         Command::LabelCreate { key, value } => {
             let label = client.send("POST", "labels", &json!({ "key": key, "value": value }))?;

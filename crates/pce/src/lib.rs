@@ -3,14 +3,14 @@
 //! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
 //!
 //! Map: `cli` (arguments), `serve` (process, listeners), `http` (HTTP/1.1 server), `tls` (CA,
-//! certificates, crypto helpers), `venapi` and `admin` (the two APIs), `events` (event service),
+//! certificates, crypto helpers), `venapi` and `api` (the VEN API; the admin API, one module per resource), `events` (event service),
 //! `store` (state and persistence), `orgevents` (organisation events: ring, CEF and LEEF),
 //! `flows` (uploaded flow summaries: checks, de-duplication, bounded store, append-only log),
 //! `traffic` (the traffic query: parameters, filter, JSON), `policy` (computation), `ctl` (admin
 //! client), `clock`.
 #![forbid(unsafe_code)]
 
-mod admin;
+mod api;
 mod cli;
 use ven_proto::clock;
 mod ctl;

@@ -10,7 +10,7 @@ use crate::flows::{FlowError, FlowStore};
 use crate::http::{self, HttpError, Request, Response};
 use crate::store::{Changes, Store, StoreError};
 use crate::tls::{self, TlsError};
-use crate::{admin, clock, venapi};
+use crate::{api, clock, venapi};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use nix::sys::signal::{SigSet, Signal};
@@ -87,9 +87,16 @@ pub struct App {
     pub heartbeat_interval_s: u32,
     pub offline_after_heartbeats: u32,
     pub event_port: u16,
+    /// When `pce serve` started (Unix seconds).
+    started_at: u64,
 }
 
 impl App {
+    /// Seconds since `pce serve` started.
+    pub fn uptime_seconds(&self) -> u64 {
+        clock::now().saturating_sub(self.started_at)
+    }
+
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -171,6 +178,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         heartbeat_interval_s: config.heartbeat_interval_s,
         offline_after_heartbeats: config.offline_after_heartbeats,
         event_port: event_addr.port(),
+        started_at: clock::now(),
     });
     let ex = Arc::new(Executor::new());
     let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));
@@ -357,8 +365,8 @@ impl http::Handler for Api {
         let path = request.head.path.as_str();
         let response = if path.starts_with("/ven/") {
             venapi::handle(&self.0, &request)
-        } else if path.starts_with(admin::PREFIX) {
-            admin::handle(&self.0, &request)
+        } else if path.starts_with(api::PREFIX) {
+            api::handle(&self.0, &request)
         } else {
             Response::with_body(404, "text/plain", b"not found\n".to_vec())
         };
@@ -370,9 +378,7 @@ impl http::Handler for Api {
         let message = error.to_string();
         let response = match path {
             Some(path) if path.starts_with("/ven/") => venapi::error(status, ErrorKind::BadRequest, message),
-            Some(path) if path.starts_with(admin::PREFIX) => {
-                admin::error(status, "invalid_request", &message)
-            }
+            Some(path) if path.starts_with(api::PREFIX) => api::error(status, "invalid_request", &message),
             _ => Response::with_body(status, "text/plain", format!("{message}\n").into_bytes()),
         };
         response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())

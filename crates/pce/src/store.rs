@@ -33,6 +33,9 @@ const FORMAT: u32 = 1;
 pub const MAX_LABELS: usize = 10_000;
 pub const MAX_DRAFT_RULES: usize = 10_000;
 pub const MAX_WORKLOADS: usize = 100_000;
+pub const MAX_API_KEYS: usize = 1_000;
+const API_KEY_ID_BYTES: usize = 8;
+const API_KEY_SECRET_BYTES: usize = 32;
 /// Custom iptables rules per workload (the VEN's own cap, from its board config, may be lower).
 pub const MAX_CUSTOM_RULES: usize = 1024;
 /// Longest custom rule text, in bytes.
@@ -60,6 +63,13 @@ pub enum StoreError {
     Rejected(String),
     #[error("no workload with id {0}")]
     NoWorkload(u64),
+    #[error("no label with id {0}")]
+    NoLabel(u64),
+    #[error("no API key with id {0}")]
+    NoApiKey(String),
+    /// The object is referenced and cannot be changed that way.
+    #[error("{0}")]
+    InUse(String),
     #[error("workload {workload} has no custom rule with id {rule}")]
     NoCustomRule { workload: u64, rule: u32 },
 }
@@ -115,6 +125,20 @@ pub struct PairingProfile {
     pub activation_code: String,
 }
 
+/// An API key for the admin API (Illumio's `api_keys`): the client sends `auth_username` and
+/// the secret with HTTP Basic. Only the secret's SHA-256 is kept; the secret is shown once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// The href's last segment, e.g. `4ab3c2e1f0`.
+    pub key_id: String,
+    /// `api_` + hex: the Basic user name.
+    pub auth_username: String,
+    pub secret_sha256: String,
+    pub name: String,
+    pub description: String,
+    pub created_at: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub format: u32,
@@ -130,6 +154,9 @@ pub struct State {
     pub last_label_id: u64,
     pub last_rule_id: u64,
     pub last_workload_id: u64,
+    /// Absent from states written before API keys existed.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
 }
 
 /// What an activation hands back.
@@ -515,6 +542,98 @@ impl Store {
         Ok(label)
     }
 
+    /// Gives label `id` a new key and/or value. The workloads and rules that carry it keep it.
+    pub fn update_label(
+        &mut self,
+        id: u64,
+        key: Option<&str>,
+        value: Option<&str>,
+    ) -> Result<Changes, StoreError> {
+        let current = self.label(id).ok_or(StoreError::NoLabel(id))?.clone();
+        let (key, value) = (key.unwrap_or(&current.key), value.unwrap_or(&current.value));
+        if self.state.labels.iter().any(|label| label.id != id && label.key == key && label.value == value) {
+            return Err(StoreError::Rejected(format!("label {key}={value} already exists")));
+        }
+        if key != current.key && self.state.workloads.values().any(|w| w.labels.contains(&id)) {
+            // A workload has at most one label per key: changing the key could break that.
+            return Err(StoreError::InUse(format!("label {id} is on workloads; its key cannot change")));
+        }
+        let label =
+            self.state.labels.iter_mut().find(|label| label.id == id).ok_or(StoreError::NoLabel(id))?;
+        label.key = key.to_string();
+        label.value = value.to_string();
+        self.save()?;
+        Ok(Vec::new())
+    }
+
+    /// Deletes label `id`, refusing while a workload, rule or pairing profile uses it.
+    pub fn delete_label(&mut self, id: u64) -> Result<(), StoreError> {
+        if self.label(id).is_none() {
+            return Err(StoreError::NoLabel(id));
+        }
+        let on_workload = self.state.workloads.values().find(|w| w.labels.contains(&id));
+        let in_rule = |rules: &[RuleDef]| {
+            rules.iter().find(|r| r.consumers.contains(&id) || r.providers.contains(&id)).map(|r| r.id)
+        };
+        let user = if let Some(workload) = on_workload {
+            Some(format!("workload {} ({})", workload.id, workload.hostname))
+        } else if let Some(rule) = in_rule(&self.state.draft_rules) {
+            Some(format!("draft rule {rule}"))
+        } else {
+            in_rule(&self.state.active_rules).map(|rule| format!("active rule {rule}"))
+        };
+        if let Some(user) = user {
+            return Err(StoreError::InUse(format!("label {id} is in use by {user}")));
+        }
+        self.state.labels.retain(|label| label.id != id);
+        self.save()
+    }
+
+    /// Creates an API key; returns it and its secret, which is not kept.
+    pub fn create_api_key(
+        &mut self,
+        name: &str,
+        description: &str,
+        now: u64,
+    ) -> Result<(ApiKey, String), StoreError> {
+        if self.state.api_keys.len() >= MAX_API_KEYS {
+            return Err(StoreError::Rejected(format!(
+                "the PCE holds its maximum of {MAX_API_KEYS} API keys"
+            )));
+        }
+        let key_id = tls::random_hex(API_KEY_ID_BYTES)?;
+        let secret = tls::random_hex(API_KEY_SECRET_BYTES)?;
+        let key = ApiKey {
+            auth_username: format!("api_{key_id}"),
+            key_id,
+            secret_sha256: tls::sha256_hex(secret.as_bytes()),
+            name: name.to_string(),
+            description: description.to_string(),
+            created_at: now,
+        };
+        self.state.api_keys.push(key.clone());
+        self.save()?;
+        Ok((key, secret))
+    }
+
+    pub fn delete_api_key(&mut self, key_id: &str) -> Result<(), StoreError> {
+        let before = self.state.api_keys.len();
+        self.state.api_keys.retain(|key| key.key_id != key_id);
+        if self.state.api_keys.len() == before {
+            return Err(StoreError::NoApiKey(key_id.to_string()));
+        }
+        self.save()
+    }
+
+    /// Whether `secret` belongs to the API key named `auth_username` (compared in constant time).
+    pub fn api_key_matches(&self, auth_username: &str, secret: &str) -> bool {
+        let digest = tls::sha256_hex(secret.as_bytes());
+        self.state.api_keys.iter().any(|key| {
+            key.auth_username == auth_username
+                && tls::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
+        })
+    }
+
     /// Adds a rule to the draft; it takes effect at the next [`Store::provision`].
     pub fn add_draft_rule(
         &mut self,
@@ -677,6 +796,7 @@ fn initial_state() -> Result<State, StoreError> {
         last_label_id: 0,
         last_rule_id: 0,
         last_workload_id: 0,
+        api_keys: Vec::new(),
     })
 }
 

@@ -266,7 +266,7 @@ impl<'a> FlowJson<'a> {
             sampling_scale: record.sampling_scale,
             overflow: record.overflow,
             workload: WorkloadJson {
-                href: format!("/api/v2/workloads/{}", flow.workload_id),
+                href: format!("/orgs/1/workloads/{}", flow.workload_id),
                 id: flow.workload_id,
                 hostname: &flow.hostname,
             },
@@ -575,7 +575,7 @@ mod tests {
         );
         assert_eq!((&flow["last_seen"], &flow["received"]), (&json!(4005), &json!(20)));
         assert_eq!((&flow["sampling_scale"], &flow["overflow"]), (&json!(1), &json!(false)));
-        assert_eq!(flow["workload"], json!({ "href": "/api/v2/workloads/2", "id": 2, "hostname": "db" }));
+        assert_eq!(flow["workload"], json!({ "href": "/orgs/1/workloads/2", "id": 2, "hostname": "db" }));
         assert_eq!(protocol_name(47), "47");
     }
 }

@@ -5,12 +5,9 @@
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use ven_proto::frame::{self, Event, PceFrame, VenFrame};
 use ven_proto::{
@@ -20,123 +17,12 @@ use ven_proto::{
     Policy, PolicyState, PortRange, Protocol, RuleFamily, SuspendNotice, path,
 };
 
-const PCE: &str = env!("CARGO_BIN_EXE_pce");
-const STARTUP: Duration = Duration::from_secs(30);
+mod common;
+use common::{DataDir, Server, cli, cli_ok, free_port};
+
 /// `x-ven-protocol` value of this build.
 fn protocol() -> String {
     PROTOCOL_VERSION.to_string()
-}
-
-/// A temporary data directory, removed on drop.
-struct DataDir(PathBuf);
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `pce serve`; killed on drop if the test did not stop it.
-struct Server {
-    child: Child,
-    /// stdout lines up to and including "listening: ...".
-    lines: Vec<String>,
-}
-
-impl Server {
-    fn start(dir: &Path, api: u16, events: u16) -> Server {
-        Server::start_with(dir, api, events, &["--heartbeat-interval", "7"])
-    }
-
-    fn start_with(dir: &Path, api: u16, events: u16, extra: &[&str]) -> Server {
-        let mut child = Command::new(PCE)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args([
-                "--listen",
-                "127.0.0.1",
-                "--api-port",
-                &api.to_string(),
-                "--event-port",
-                &events.to_string(),
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn pce serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = Server { child, lines: Vec::new() };
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).expect("pce serve printed no listening line in time");
-            let done = line.starts_with("listening: ");
-            server.lines.push(line);
-            if done {
-                break;
-            }
-        }
-        server
-    }
-
-    fn line(&self, prefix: &str) -> Option<String> {
-        self.lines.iter().find_map(|line| line.strip_prefix(prefix).map(str::to_string))
-    }
-
-    /// SIGTERM, then expect a clean exit.
-    fn stop(mut self) {
-        let status =
-            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for pce") {
-                assert!(status.success(), "pce serve exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "pce serve ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
-
-/// Runs the admin CLI against the server; returns its output.
-fn cli(dir: &Path, api: u16, args: &[&str]) -> Output {
-    Command::new(PCE)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--server", &format!("127.0.0.1:{api}")])
-        .args(args)
-        .output()
-        .expect("run pce")
-}
-
-/// Runs the admin CLI and expects success; returns stdout, trimmed.
-fn cli_ok(dir: &Path, api: u16, args: &[&str]) -> String {
-    let output = cli(dir, api, args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "pce {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
 fn ca(dir: &Path) -> CertificateDer<'static> {
@@ -321,10 +207,10 @@ fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
     assert_eq!(cli_ok(d, api, &["activation-code"]), code);
 
     // Labels, a draft rule, provisioning.
-    assert_eq!(cli_ok(d, api, &["label", "create", "role", "web"]), "/api/v2/labels/1");
-    assert_eq!(cli_ok(d, api, &["label", "create", "role", "db"]), "/api/v2/labels/2");
+    assert_eq!(cli_ok(d, api, &["label", "create", "role", "web"]), "/orgs/1/labels/1");
+    assert_eq!(cli_ok(d, api, &["label", "create", "role", "db"]), "/orgs/1/labels/2");
     let rule = ["rule", "add", "--consumers", "role=web", "--providers", "role=db", "--service", "5432/tcp"];
-    assert_eq!(cli_ok(d, api, &rule), "/api/v2/sec_policy/draft/rules/1");
+    assert_eq!(cli_ok(d, api, &rule), "/orgs/1/sec_policy/draft/rules/1");
     assert_eq!(cli_ok(d, api, &["provision"]), "provisioned version 1");
     let missing = cli(
         d,
@@ -420,7 +306,7 @@ fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
     assert_eq!(decode::<HeartbeatResponse>(&body).policy_version, pushed);
     let (_, body) = ven.policy(&db_auth, None);
     assert_eq!(decode::<Policy>(&body), db_policy);
-    assert!(cli_ok(d, api, &["label", "list"]).contains("/api/v2/labels/2  role  db"));
+    assert!(cli_ok(d, api, &["label", "list"]).contains("/orgs/1/labels/2  role  db"));
 
     // Deactivation forgets the workload, and web's policy loses db.
     let (status, _) = ven.call(
@@ -543,7 +429,7 @@ fn tampering_events_suspend_and_custom_rules() {
     ));
     let rule = "-p tcp --dport 9000 -j ACCEPT";
     let add = ["workload", "custom-rule", "add", "db", "--chain", "input", "--family", "v4", "--rule", rule];
-    assert_eq!(cli_ok(d, api, &add), format!("/api/v2/workloads/{}/custom_iptables_rules/1", db.agent_id));
+    assert_eq!(cli_ok(d, api, &add), format!("/orgs/1/workloads/{}/custom_iptables_rules/1", db.agent_id));
     let PceFrame::Event(Event::PolicyChanged { version: pushed }) = read_event(&mut db_events) else {
         panic!("expected a policy event for db");
     };

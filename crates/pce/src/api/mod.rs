@@ -1,0 +1,252 @@
+//! The admin API: JSON under `/api/v2`, in the shapes of the public Illumio REST API v2, so that
+//! the public clients (illumio-py, pylo) drive this PCE as they drive Illumio's.
+//!
+//! Conventions, as those clients expect them:
+//! - Paths: organisation objects under `/api/v2/orgs/1/...` (this PCE has one organisation; the
+//!   same paths without `orgs/1/` are kept as aliases for older scripts and the `pce` CLI);
+//!   global ones (`/health`, `/product_version`, `/users/1/api_keys`) without it. Hrefs have the
+//!   form `/orgs/1/labels/7`, `/orgs/1/sec_policy/draft/rules/3`.
+//! - Every call needs credentials ([`auth`]), checked first; otherwise 401.
+//! - Collections answer with `X-Total-Count` (all that match) and honour `max_results` (the
+//!   first N; `max_results=0` gives none, which illumio-py uses to learn the count).
+//! - GET 200; POST 201 with the created object; PUT and DELETE 204; errors are a JSON array
+//!   `[{"token": ..., "message": ...}]`: 400 for malformed input, 401, 404 for a missing object
+//!   or endpoint, 405, 406 for a valid request the state refuses (an object in use).
+//!
+//! One module per resource: `auth` (credentials, API keys), `labels`, `workloads` (and their
+//! custom iptables rules), `rules` (draft and active rules, provisioning), `pairing`, `events`,
+//! `traffic`.
+
+mod auth;
+mod events;
+mod labels;
+mod pairing;
+mod rules;
+mod traffic;
+mod workloads;
+
+use crate::http::{Request, Response};
+use crate::serve::App;
+use crate::store::StoreError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub const PREFIX: &str = "/api/v2/";
+/// The one organisation, for paths and hrefs in Illumio's `/orgs/<org>/...` form.
+pub const ORG: &str = "1";
+
+pub fn handle(app: &App, request: &Request) -> Response {
+    if !auth::authenticated(app, request) {
+        return auth::refused();
+    }
+    let path = request.head.path.strip_prefix(PREFIX).unwrap_or_default().trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').collect();
+    let method = request.head.method.as_str();
+    let result = match segments.as_slice() {
+        ["health"] if method == "GET" => Ok(health(app)),
+        ["product_version"] if method == "GET" => Ok(product_version()),
+        ["health" | "product_version"] => Err(method_not_allowed(method, request)),
+        ["users", auth::USER, "api_keys", rest @ ..] => auth::route(app, method, rest, request),
+        ["orgs", ORG, rest @ ..] => org_route(app, method, rest, request),
+        ["orgs", org, ..] => {
+            Err(error(404, "not_found", &format!("no organisation {org:?} (this PCE has org 1)")))
+        }
+        rest => org_route(app, method, rest, request),
+    };
+    result.unwrap_or_else(|response| response)
+}
+
+/// Objects of the organisation, with the `orgs/1/` prefix taken off.
+fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> Answer {
+    match segments {
+        ["labels", rest @ ..] => labels::route(app, method, rest, request),
+        ["workloads", rest @ ..] => workloads::route(app, method, rest, request),
+        ["events"] if method == "GET" => events::list(app, request),
+        ["traffic_flows"] if method == "GET" => traffic::flows(app, request),
+        ["sec_policy", rest @ ..] => rules::route(app, method, rest, request),
+        ["pairing_profiles"] if method == "GET" => pairing::list(app, request),
+        ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
+        ["events" | "traffic_flows" | "pairing_profiles"] | ["settings", "workloads"] => {
+            Err(method_not_allowed(method, request))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// `GET /api/v2/health`: one node, as Illumio answers for a single-node cluster.
+fn health(app: &App) -> Response {
+    ok(
+        200,
+        json!([{
+            "status": "normal",
+            "type": "snc0",
+            "generated_at": crate::clock::rfc3339(crate::clock::now()),
+            "available_seconds": app.uptime_seconds(),
+            "notifications": [],
+        }]),
+    )
+}
+
+/// `GET /orgs/1/settings/workloads`: when a silent workload goes offline (the spec: 12 missed
+/// heartbeats) and when one that said goodbye does (at once). illumio-py's connection check
+/// reads it to validate the organisation.
+fn workload_settings(app: &App) -> Response {
+    let offline_after = u64::from(app.heartbeat_interval_s) * u64::from(app.offline_after_heartbeats);
+    ok(
+        200,
+        json!({
+            "href": format!("/orgs/{ORG}/settings/workloads"),
+            "workload_disconnected_timeout_seconds": [{ "scope": [], "value": offline_after }],
+            "workload_goodbye_timeout_seconds": [{ "scope": [], "value": 0 }],
+        }),
+    )
+}
+
+/// `GET /api/v2/product_version`.
+fn product_version() -> Response {
+    let version = env!("CARGO_PKG_VERSION");
+    ok(
+        200,
+        json!({
+            "version": version,
+            "build": 0,
+            "short_display": version,
+            "long_display": format!("{version}-0"),
+            "product": "ven reference PCE",
+        }),
+    )
+}
+
+/// An answer, or the error answer that ends the request.
+type Answer = Result<Response, Response>;
+
+/// An error answer: `[{"token": ..., "message": ...}]`.
+pub fn error(status: u16, token: &str, message: &str) -> Response {
+    ok(status, json!([{ "token": token, "message": message }]))
+}
+
+fn ok(status: u16, body: Value) -> Response {
+    Response::with_body(status, "application/json", body.to_string().into_bytes())
+}
+
+/// A collection: the first `max_results` items (all without it), `X-Total-Count` counting all.
+fn collection(items: Vec<Value>, request: &Request) -> Response {
+    let total = items.len();
+    let shown = match max_results(&request.head.query) {
+        Ok(Some(max)) => items.into_iter().take(max).collect(),
+        Ok(None) => items,
+        Err(response) => return response,
+    };
+    ok(200, Value::Array(shown)).header("x-total-count", total.to_string())
+}
+
+/// The `max_results` query parameter: a whole number, without sign or leading zeros.
+fn max_results(query: &str) -> Result<Option<usize>, Response> {
+    let Some(value) = query_value(query, "max_results") else { return Ok(None) };
+    parse_id(value).map(Some).ok_or_else(|| invalid_field("max_results", "must be a whole number"))
+}
+
+/// The value of `key` in a query string (the first, undecoded).
+fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+/// A decimal id as it appears in paths and hrefs: digits only, no sign, no leading zero.
+fn parse_id<T: std::str::FromStr>(text: &str) -> Option<T> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    if canonical { text.parse().ok() } else { None }
+}
+
+fn not_found() -> Response {
+    error(404, "not_found", "no such object or endpoint")
+}
+
+fn method_not_allowed(method: &str, request: &Request) -> Response {
+    error(405, "method_not_allowed", &format!("{method} is not allowed on {}", request.head.path))
+}
+
+fn invalid(message: &str) -> Response {
+    error(400, "input_validation_error", message)
+}
+
+/// A 400 naming the field that is wrong.
+fn invalid_field(field: &str, problem: &str) -> Response {
+    invalid(&format!("{field}: {problem}"))
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::Rejected(message) => invalid(&message),
+        StoreError::InUse(message) => error(406, "object_in_use", &message),
+        StoreError::NoWorkload(_) | StoreError::NoLabel(_) | StoreError::NoApiKey(_) => not_found(),
+        e @ StoreError::NoCustomRule { .. } => error(404, "not_found", &e.to_string()),
+        other => {
+            log::error!("admin API: {other}");
+            error(500, "internal_error", "the PCE could not record the change")
+        }
+    }
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, Response> {
+    serde_json::from_slice(&request.body)
+        .map_err(|e| error(400, "invalid_json", &format!("request body: {e}")))
+}
+
+#[derive(Deserialize)]
+struct Href {
+    href: String,
+}
+
+/// The id in an href of `kind` (`labels`, `workloads`): `/orgs/1/KIND/ID`, or the older
+/// `/api/v2/KIND/ID`.
+fn href_id(href: &str, kind: &str) -> Option<u64> {
+    let rest = href.strip_prefix("/orgs/1/").or_else(|| href.strip_prefix(PREFIX))?;
+    parse_id(rest.strip_prefix(kind)?.strip_prefix('/')?)
+}
+
+fn org_href(kind: &str, id: impl std::fmt::Display) -> String {
+    format!("/orgs/{ORG}/{kind}/{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_an_array_of_token_and_message() {
+        let response = error(404, "not_found", "nope");
+        let body: Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(body, json!([{ "token": "not_found", "message": "nope" }]));
+    }
+
+    #[test]
+    fn ids_are_canonical_decimal() {
+        assert_eq!(parse_id::<u64>("17"), Some(17));
+        assert_eq!(parse_id::<u64>("0"), Some(0));
+        for bad in ["", "+1", "01", "-1", "1a", " 1", "99999999999999999999999"] {
+            assert_eq!(parse_id::<u64>(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hrefs_of_both_forms_name_their_object() {
+        assert_eq!(href_id("/orgs/1/labels/7", "labels"), Some(7));
+        assert_eq!(href_id("/api/v2/labels/7", "labels"), Some(7));
+        assert_eq!(href_id("/orgs/2/labels/7", "labels"), None);
+        assert_eq!(href_id("/orgs/1/workloads/7", "labels"), None);
+        assert_eq!(href_id("/orgs/1/labels/07", "labels"), None);
+        assert_eq!(href_id("/orgs/1/labels/7/x", "labels"), None);
+        assert_eq!(org_href("labels", 7), "/orgs/1/labels/7");
+    }
+
+    #[test]
+    fn max_results_is_read_strictly() {
+        assert_eq!(max_results("a=1&max_results=0").unwrap(), Some(0));
+        assert_eq!(max_results("max_results=25").unwrap(), Some(25));
+        assert_eq!(max_results("name=x").unwrap(), None);
+        assert!(max_results("max_results=-1").is_err());
+        assert!(max_results("max_results=+3").is_err());
+    }
+}
