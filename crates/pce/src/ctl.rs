@@ -267,7 +267,8 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 .map(|s| json!({ "port": s.first, "to_port": s.last, "proto": s.protocol.as_str() }))
                 .collect();
             let body = json!({ "consumers": actors(&consumers)?, "providers": actors(&providers)?, "ingress_services": services });
-            let rule = client.send("POST", "sec_policy/draft/rules", &body)?;
+            let rule_set = default_rule_set(&client)?;
+            let rule = client.send("POST", &format!("{}/sec_rules", api_path(&rule_set)), &body)?;
             println!("{}", rule["href"].as_str().unwrap_or_default());
         }
         Command::Provision => {
@@ -276,6 +277,23 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
         }
     }
     Ok(())
+}
+
+/// The href of the draft rule set `pce rule add` adds to (global scope), created when missing.
+fn default_rule_set(client: &Client) -> Result<String, CtlError> {
+    let name = crate::store::DEFAULT_RULE_SET;
+    let sets = client.get("sec_policy/draft/rule_sets")?;
+    if let Some(set) = items(&sets).find(|set| set["name"] == name) {
+        return Ok(text(&set["href"]));
+    }
+    let body = json!({ "name": name, "description": "rules added with pce rule add", "scopes": [[]] });
+    let created = client.send("POST", "sec_policy/draft/rule_sets", &body)?;
+    Ok(text(&created["href"]))
+}
+
+/// The admin API path (under `/api/v2/`) of an href (`/orgs/1/...`).
+fn api_path(href: &str) -> &str {
+    href.trim_start_matches('/')
 }
 
 /// The workload whose id or (unique) hostname is `host`, as the admin API shows it.

@@ -102,3 +102,14 @@ print(p.check_connection())";
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "False", "a deleted key still connects");
     server.stop();
 }
+
+#[test]
+fn illumio_py_builds_and_provisions_a_scoped_policy() {
+    let Some(python) = prerequisites("illumio_py_builds_and_provisions_a_scoped_policy") else { return };
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-illumio-policy-{}", std::process::id())));
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(&dir.0, api, events);
+    let key = create_api_key(&dir.0, api);
+    run_script(&python, "policy.py", &dir.0, api, &key);
+    server.stop();
+}

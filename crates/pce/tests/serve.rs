@@ -210,7 +210,7 @@ fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
     assert_eq!(cli_ok(d, api, &["label", "create", "role", "web"]), "/orgs/1/labels/1");
     assert_eq!(cli_ok(d, api, &["label", "create", "role", "db"]), "/orgs/1/labels/2");
     let rule = ["rule", "add", "--consumers", "role=web", "--providers", "role=db", "--service", "5432/tcp"];
-    assert_eq!(cli_ok(d, api, &rule), "/orgs/1/sec_policy/draft/rules/1");
+    assert_eq!(cli_ok(d, api, &rule), "/orgs/1/sec_policy/draft/rule_sets/1/sec_rules/1");
     assert_eq!(cli_ok(d, api, &["provision"]), "provisioned version 1");
     let missing = cli(
         d,

@@ -14,18 +14,23 @@
 //!   or endpoint, 405, 406 for a valid request the state refuses (an object in use).
 //!
 //! One module per resource: `auth` (credentials, API keys), `labels`, `workloads` (and their
-//! custom iptables rules), `rules` (draft and active rules, provisioning), `pairing`, `events`,
+//! custom iptables rules), `sec_policy` (draft and active versions, provisioning, policy
+//! versions) with `ip_lists`, `services` and `rule_sets` (and their rules), `pairing`, `events`,
 //! `traffic`.
 
 mod auth;
 mod events;
+mod ip_lists;
 mod labels;
 mod pairing;
-mod rules;
+mod rule_sets;
+mod sec_policy;
+mod services;
 mod traffic;
 mod workloads;
 
 use crate::http::{Request, Response};
+use crate::policy::model::MAX_TEXT;
 use crate::serve::App;
 use crate::store::StoreError;
 use serde::Deserialize;
@@ -63,7 +68,7 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         ["workloads", rest @ ..] => workloads::route(app, method, rest, request),
         ["events"] if method == "GET" => events::list(app, request),
         ["traffic_flows"] if method == "GET" => traffic::flows(app, request),
-        ["sec_policy", rest @ ..] => rules::route(app, method, rest, request),
+        ["sec_policy", rest @ ..] => sec_policy::route(app, method, rest, request),
         ["pairing_profiles"] if method == "GET" => pairing::list(app, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
         ["events" | "traffic_flows" | "pairing_profiles"] | ["settings", "workloads"] => {
@@ -206,6 +211,55 @@ fn href_id(href: &str, kind: &str) -> Option<u64> {
     parse_id(rest.strip_prefix(kind)?.strip_prefix('/')?)
 }
 
+/// A name: 1 to [`MAX_TEXT`] bytes, no control characters.
+fn check_name(field: &str, name: String) -> Result<String, Response> {
+    if name.trim().is_empty() {
+        return Err(invalid_field(field, "must not be empty"));
+    }
+    check_text(field, name)
+}
+
+/// A description: at most [`MAX_TEXT`] bytes, no control characters.
+fn check_text(field: &str, text: String) -> Result<String, Response> {
+    if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
+        return Err(invalid_field(field, &format!("at most {MAX_TEXT} bytes, no control characters")));
+    }
+    Ok(text)
+}
+
+/// The `name` filter of collections: a case-insensitive substring, as Illumio matches it.
+fn name_matches(name: &str, wanted: &str) -> bool {
+    let wanted = percent_decode(wanted);
+    name.to_lowercase().contains(&wanted.to_lowercase())
+}
+
+/// `%XX` and `+` of a query value; a malformed escape is kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (bytes[i], escaped) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn org_href(kind: &str, id: impl std::fmt::Display) -> String {
     format!("/orgs/{ORG}/{kind}/{id}")
 }
@@ -239,6 +293,14 @@ mod tests {
         assert_eq!(href_id("/orgs/1/labels/07", "labels"), None);
         assert_eq!(href_id("/orgs/1/labels/7/x", "labels"), None);
         assert_eq!(org_href("labels", 7), "/orgs/1/labels/7");
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("Any+%280.0.0.0%2F0%29"), "Any (0.0.0.0/0)");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert!(name_matches("All Services", "all+serv"));
     }
 
     #[test]

@@ -1,19 +1,29 @@
-//! Policy computation: from labels, workloads and the active rules to each workload's
+//! Policy computation: from labels, workloads and the compiled active rules to each workload's
 //! [`ven_proto::Policy`]. Pure functions, no I/O.
 //!
-//! A workload matches an actor list (a rule's consumers or providers, as label ids) when, for every
+//! A workload matches a label list (a rule side's labels, or a rule set's scope) when, for every
 //! label key present in the list, it carries one of that key's listed labels: keys AND, values OR.
-//! For a workload W and every rule:
-//! - W matches the providers: one inbound rule per service, peers = the consumers' addresses;
-//! - W matches the consumers: one outbound rule per service, peers = the providers' addresses.
+//! A rule side also names every workload (`ams`), single workloads, and addresses (IP lists).
+//! A rule applies within each scope of its rule set: for a workload W and every rule, scope by
+//! scope:
+//! - W is in the scope and matches the providers: one inbound rule per service, peers = the
+//!   consumers in the same scope (in any scope with `unscoped_consumers`) and the consumers' IP
+//!   lists;
+//! - W is in the scope and matches the consumers (or matches them anywhere, with
+//!   `unscoped_consumers`): one outbound rule per service, peers = the providers in the scope and
+//!   the providers' IP lists.
 //!
-//! Peers never include W itself nor workloads that are not peers any more (offline: the spec's
-//! peer isolation; a suspended workload stays a peer). An empty peer set is still emitted; it
+//! Peers never include W's own addresses nor workloads that are not peers any more (offline: the
+//! spec's peer isolation; a suspended workload stays a peer). An empty peer set is still emitted; it
 //! matches nothing. W's own custom iptables rules are carried as they are, by increasing id.
 //!
 //! Ids are derived from the PCE rule id, so they stay put when unrelated rules come and go and can
 //! be traced back from a log prefix: rule `R*1000 + n` is service n of PCE rule R inbound,
 //! `R*1000 + 500 + n` outbound; set `2R` holds the inbound peers of rule R, `2R + 1` the outbound.
+//!
+//! Cost: each rule side is matched against every workload once per scope, and the peer list of
+//! each (rule, scope, side) is built once; a workload's policy then only copies the lists it
+//! uses. So a change costs O(rules x scopes x workloads) plus the size of the policies.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -57,12 +67,34 @@ pub struct Service {
     pub protocol: Protocol,
 }
 
-/// A rule as the administrator wrote it: actor lists are label ids.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleDef {
+/// What one side of a rule names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActorSet {
+    pub all_workloads: bool,
+    /// Label ids (keys AND, values OR); empty: no workload by label.
+    pub labels: Vec<u64>,
+    pub workloads: Vec<u64>,
+    /// Addresses from IP lists (not narrowed by scopes).
+    pub nets: Vec<IpNet>,
+}
+
+impl ActorSet {
+    fn names(&self, member: &Member, keys: &HashMap<u64, &str>) -> bool {
+        self.all_workloads
+            || self.workloads.contains(&member.id)
+            || (!self.labels.is_empty() && matches(member.labels, &self.labels, keys))
+    }
+}
+
+/// An active rule in the computation's terms (see `model::compile`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledRule {
     pub id: u64,
-    pub consumers: Vec<u64>,
-    pub providers: Vec<u64>,
+    /// Its rule set's scopes: label lists; an empty list is every workload.
+    pub scopes: Vec<Vec<u64>>,
+    pub unscoped_consumers: bool,
+    pub providers: ActorSet,
+    pub consumers: ActorSet,
     pub services: Vec<Service>,
 }
 
@@ -76,6 +108,8 @@ pub struct Member<'a> {
     pub addresses: Vec<IpNet>,
     /// Whether other workloads' policies include this one (false once it is offline).
     pub is_peer: bool,
+    /// Whether it runs a VEN and so gets a policy (unmanaged workloads are only peers).
+    pub managed: bool,
     /// The workload's own custom iptables rules.
     pub custom_rules: &'a [CustomRule],
 }
@@ -96,9 +130,8 @@ pub fn host_addresses(interfaces: &[Interface]) -> Vec<IpNet> {
     addresses
 }
 
-/// Whether a workload with `labels` matches the actor list `actors` (label ids). `keys` maps label
-/// ids to their key; an actor label missing from it matches nothing. An empty list matches every
-/// workload (the admin API refuses to store one).
+/// Whether a workload with `labels` matches the label list `actors`. `keys` maps label ids to
+/// their key; a label missing from it matches nothing. An empty list matches every workload.
 pub fn matches(labels: &[u64], actors: &[u64], keys: &HashMap<u64, &str>) -> bool {
     actors.iter().all(|actor| {
         let Some(key) = keys.get(actor) else { return false };
@@ -106,64 +139,123 @@ pub fn matches(labels: &[u64], actors: &[u64], keys: &HashMap<u64, &str>) -> boo
     })
 }
 
-/// Computes every member's policy, in the order of `members`, each with version 0 (the store
-/// assigns versions).
-pub fn compute_all(members: &[Member], rules: &[RuleDef], keys: &HashMap<u64, &str>) -> Vec<Policy> {
-    let mut rules: Vec<&RuleDef> = rules.iter().collect();
+/// One rule within one scope: which members are its providers and consumers there, and the
+/// peer addresses each side offers the other.
+struct ScopedRule {
+    providers: Vec<bool>,
+    consumers: Vec<bool>,
+    /// Addresses of the providers that are peers, and of the consumers, with the side's nets.
+    provider_peers: Vec<IpNet>,
+    consumer_peers: Vec<IpNet>,
+}
+
+/// Computes the policy of every managed member (`None` for the others), in the order of
+/// `members`, each with version 0 (the store assigns versions).
+pub fn compute_all(
+    members: &[Member],
+    rules: &[CompiledRule],
+    keys: &HashMap<u64, &str>,
+) -> Vec<Option<Policy>> {
+    let mut rules: Vec<&CompiledRule> = rules.iter().filter(|rule| rule.id <= MAX_RULE_ID).collect();
     rules.sort_by_key(|rule| rule.id);
-    let matched: Vec<(Vec<bool>, Vec<bool>)> = rules
+    let global = [Vec::new()];
+    let scoped: Vec<Vec<ScopedRule>> = rules
         .iter()
         .map(|rule| {
-            let side = |actors: &[u64]| members.iter().map(|m| matches(m.labels, actors, keys)).collect();
-            (side(&rule.consumers), side(&rule.providers))
+            let scopes = if rule.scopes.is_empty() { &global[..] } else { &rule.scopes[..] };
+            scopes.iter().map(|scope| scope_rule(rule, scope, members, keys)).collect()
         })
         .collect();
-    (0..members.len()).map(|target| policy_for(target, members, &rules, &matched)).collect()
+    members
+        .iter()
+        .enumerate()
+        .map(|(target, member)| member.managed.then(|| policy_for(target, members, &rules, &scoped)))
+        .collect()
+}
+
+fn scope_rule(
+    rule: &CompiledRule,
+    scope: &[u64],
+    members: &[Member],
+    keys: &HashMap<u64, &str>,
+) -> ScopedRule {
+    let in_scope: Vec<bool> = members.iter().map(|m| matches(m.labels, scope, keys)).collect();
+    let providers: Vec<bool> =
+        members.iter().zip(&in_scope).map(|(m, inside)| *inside && rule.providers.names(m, keys)).collect();
+    let consumers: Vec<bool> = members
+        .iter()
+        .zip(&in_scope)
+        .map(|(m, inside)| (*inside || rule.unscoped_consumers) && rule.consumers.names(m, keys))
+        .collect();
+    let peers = |matched: &[bool], nets: &[IpNet]| {
+        let mut addresses: Vec<IpNet> = members
+            .iter()
+            .zip(matched)
+            .filter(|(member, is_match)| **is_match && member.is_peer)
+            .flat_map(|(member, _)| member.addresses.iter().copied())
+            .chain(nets.iter().copied())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    };
+    ScopedRule {
+        provider_peers: peers(&providers, &rule.providers.nets),
+        consumer_peers: peers(&consumers, &rule.consumers.nets),
+        providers,
+        consumers,
+    }
 }
 
 fn policy_for(
     target: usize,
     members: &[Member],
-    rules: &[&RuleDef],
-    matched: &[(Vec<bool>, Vec<bool>)],
+    rules: &[&CompiledRule],
+    scoped: &[Vec<ScopedRule>],
 ) -> Policy {
+    let me = &members[target];
     let mut policy = Policy {
         version: 0,
-        state: members[target].state,
+        state: me.state,
         ip_sets: Vec::new(),
         rules: Vec::new(),
-        custom_rules: members[target].custom_rules.to_vec(),
+        custom_rules: me.custom_rules.to_vec(),
     };
     policy.custom_rules.sort_by_key(|rule| rule.id);
-    for (rule, (consumers, providers)) in rules.iter().zip(matched) {
-        if rule.id > MAX_RULE_ID {
-            continue;
+    for (rule, scopes) in rules.iter().zip(scoped) {
+        let as_provider: Vec<&ScopedRule> = scopes.iter().filter(|s| s.providers[target]).collect();
+        if !as_provider.is_empty() {
+            let peers = union_without(as_provider.iter().map(|s| &s.consumer_peers), &me.addresses);
+            emit(&mut policy, rule, Direction::Inbound, peers);
         }
-        if providers[target] {
-            emit(&mut policy, rule, Direction::Inbound, peers(target, members, consumers));
-        }
-        if consumers[target] {
-            emit(&mut policy, rule, Direction::Outbound, peers(target, members, providers));
+        let as_consumer: Vec<&ScopedRule> = scopes.iter().filter(|s| s.consumers[target]).collect();
+        if !as_consumer.is_empty() {
+            let peers = union_without(as_consumer.iter().map(|s| &s.provider_peers), &me.addresses);
+            emit(&mut policy, rule, Direction::Outbound, peers);
         }
     }
     policy
 }
 
-/// Addresses of the matched members other than `target`, sorted and deduplicated.
-fn peers(target: usize, members: &[Member], matched: &[bool]) -> Vec<IpNet> {
-    let mut addresses: Vec<IpNet> = members
-        .iter()
-        .zip(matched)
-        .enumerate()
-        .filter(|(index, (member, is_match))| **is_match && *index != target && member.is_peer)
-        .flat_map(|(_, (member, _))| member.addresses.iter().copied())
-        .collect();
-    addresses.sort();
-    addresses.dedup();
+/// The sorted union of `lists` without the addresses in `own`.
+fn union_without<'a>(lists: impl Iterator<Item = &'a Vec<IpNet>>, own: &[IpNet]) -> Vec<IpNet> {
+    let mut lists: Vec<&Vec<IpNet>> = lists.collect();
+    let mut addresses: Vec<IpNet> = if lists.len() == 1 {
+        lists
+            .pop()
+            .map(|list| list.iter().filter(|a| !own.contains(a)).copied().collect())
+            .unwrap_or_default()
+    } else {
+        let mut all: Vec<IpNet> = lists.into_iter().flatten().filter(|a| !own.contains(a)).copied().collect();
+        all.sort();
+        all.dedup();
+        all
+    };
+    addresses.shrink_to_fit();
     addresses
 }
 
-fn emit(policy: &mut Policy, rule: &RuleDef, direction: Direction, members: Vec<IpNet>) {
+fn emit(policy: &mut Policy, rule: &CompiledRule, direction: Direction, members: Vec<IpNet>) {
     // Both fit in u32: rule.id <= MAX_RULE_ID was checked by the caller.
     let offset = match direction {
         Direction::Inbound => 0,
@@ -206,20 +298,32 @@ mod tests {
             state: PolicyState::Enforced,
             addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
             is_peer: true,
+            managed: true,
             custom_rules: &[],
         }
     }
 
-    fn rule(id: u64, consumers: &[u64], providers: &[u64], ports: &[(u16, u16, Protocol)]) -> RuleDef {
-        RuleDef {
+    fn labels(ids: &[u64]) -> ActorSet {
+        ActorSet { labels: ids.to_vec(), ..ActorSet::default() }
+    }
+
+    fn rule(id: u64, consumers: &[u64], providers: &[u64], ports: &[(u16, u16, Protocol)]) -> CompiledRule {
+        CompiledRule {
             id,
-            consumers: consumers.to_vec(),
-            providers: providers.to_vec(),
+            scopes: Vec::new(),
+            unscoped_consumers: false,
+            consumers: labels(consumers),
+            providers: labels(providers),
             services: ports
                 .iter()
                 .map(|&(first, last, protocol)| Service { ports: PortRange { first, last }, protocol })
                 .collect(),
         }
+    }
+
+    /// Every member's policy (all are managed in these tests).
+    fn all(members: &[Member], rules: &[CompiledRule]) -> Vec<Policy> {
+        compute_all(members, rules, &keys()).into_iter().map(|p| p.expect("managed")).collect()
     }
 
     fn set(addresses: &[&str]) -> Vec<IpNet> {
@@ -234,7 +338,7 @@ mod tests {
             member(3, &[], &["198.18.0.4"]),
         ];
         let rules = [rule(7, &[ROLE_WEB], &[ROLE_DB], &[(5432, 5432, Protocol::Tcp)])];
-        let policies = compute_all(&members, &rules, &keys());
+        let policies: Vec<Policy> = compute_all(&members, &rules, &keys()).into_iter().flatten().collect();
 
         let web = &policies[0];
         assert_eq!(web.ip_sets, vec![IpSet { id: 15, members: set(&["198.18.0.3", "2001:db8::3"]) }]);
@@ -291,7 +395,7 @@ mod tests {
             rule(1, &[ROLE_WEB], &[ROLE_WEB], &[(80, 80, Protocol::Tcp)]),
             rule(2, &[ROLE_DB], &[ENV_PROD], &[(53, 53, Protocol::Udp)]),
         ];
-        let policies = compute_all(&members, &rules, &keys());
+        let policies: Vec<Policy> = compute_all(&members, &rules, &keys()).into_iter().flatten().collect();
         // web 1 is provider and consumer of rule 1; it sees neither itself nor offline web 3.
         assert_eq!(
             policies[0].ip_sets,
@@ -308,9 +412,9 @@ mod tests {
     fn ids_are_unique_and_independent_of_other_rules() {
         let members = [member(1, &[ROLE_WEB], &["198.18.0.2"]), member(2, &[ROLE_DB], &["198.18.0.3"])];
         let services = [(80, 80, Protocol::Tcp), (1000, 2000, Protocol::Udp), (0, 0, Protocol::Icmp)];
-        let first = compute_all(&members, &[rule(5, &[ROLE_WEB], &[ROLE_DB], &services)], &keys());
+        let first = all(&members, &[rule(5, &[ROLE_WEB], &[ROLE_DB], &services)]);
         let extra = rule(3, &[ROLE_DB], &[ROLE_WEB], &[(22, 22, Protocol::Tcp)]);
-        let second = compute_all(&members, &[rule(5, &[ROLE_WEB], &[ROLE_DB], &services), extra], &keys());
+        let second = all(&members, &[rule(5, &[ROLE_WEB], &[ROLE_DB], &services), extra]);
         for (before, after) in first.iter().zip(&second) {
             for rule in &before.rules {
                 assert!(after.rules.contains(rule), "rule {} moved", rule.id);
@@ -337,7 +441,7 @@ mod tests {
         let mut web = member(1, &[ROLE_WEB], &["198.18.0.2"]);
         web.custom_rules = &rules;
         let db = member(2, &[ROLE_DB], &["198.18.0.3"]);
-        let policies = compute_all(&[web, db], &[], &keys());
+        let policies = all(&[web, db], &[]);
         assert_eq!(policies[0].custom_rules.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 5]);
         assert!(policies[1].custom_rules.is_empty());
     }
@@ -354,6 +458,60 @@ mod tests {
     fn the_policy_state_is_the_workloads() {
         let mut idle = member(1, &[], &[]);
         idle.state = PolicyState::Idle;
-        assert_eq!(compute_all(&[idle], &[], &keys())[0].state, PolicyState::Idle);
+        assert_eq!(all(&[idle], &[])[0].state, PolicyState::Idle);
+    }
+
+    #[test]
+    fn scopes_narrow_both_sides_and_unscoped_consumers_only_the_providers() {
+        // Two apps, each a web and a db; the rule set's scopes are app=a and app=b.
+        const APP_A: u64 = 10;
+        const APP_B: u64 = 11;
+        let keys = HashMap::from([(ROLE_WEB, "role"), (ROLE_DB, "role"), (APP_A, "app"), (APP_B, "app")]);
+        let (a_web, a_db, b_web, b_db) =
+            ([ROLE_WEB, APP_A], [ROLE_DB, APP_A], [ROLE_WEB, APP_B], [ROLE_DB, APP_B]);
+        let members = [
+            member(1, &a_web, &["198.18.0.1"]),
+            member(2, &a_db, &["198.18.0.2"]),
+            member(3, &b_web, &["198.18.0.3"]),
+            member(4, &b_db, &["198.18.0.4"]),
+        ];
+        let mut scoped = rule(9, &[ROLE_WEB], &[ROLE_DB], &[(5432, 5432, Protocol::Tcp)]);
+        scoped.scopes = vec![vec![APP_A], vec![APP_B]];
+        let policies: Vec<Policy> =
+            compute_all(&members, &[scoped.clone()], &keys).into_iter().flatten().collect();
+        // Each db admits only its own app's web.
+        assert_eq!(policies[1].ip_sets, vec![IpSet { id: 18, members: set(&["198.18.0.1"]) }]);
+        assert_eq!(policies[3].ip_sets, vec![IpSet { id: 18, members: set(&["198.18.0.3"]) }]);
+        assert_eq!(policies[0].ip_sets, vec![IpSet { id: 19, members: set(&["198.18.0.2"]) }]);
+
+        // Unscoped consumers: every web reaches the dbs of both scopes.
+        scoped.unscoped_consumers = true;
+        let policies: Vec<Policy> = compute_all(&members, &[scoped], &keys).into_iter().flatten().collect();
+        assert_eq!(policies[1].ip_sets, vec![IpSet { id: 18, members: set(&["198.18.0.1", "198.18.0.3"]) }]);
+        assert_eq!(policies[0].ip_sets, vec![IpSet { id: 19, members: set(&["198.18.0.2", "198.18.0.4"]) }]);
+    }
+
+    #[test]
+    fn ip_lists_all_workloads_and_unmanaged_members() {
+        let mut unmanaged = member(3, &[ROLE_WEB], &["198.18.0.9"]);
+        unmanaged.managed = false;
+        let members = [member(1, &[ROLE_DB], &["198.18.0.1"]), member(2, &[], &["198.18.0.2"]), unmanaged];
+        let from_list = ActorSet { nets: set(&["198.18.7.0/24"]), ..ActorSet::default() };
+        let mut inbound = rule(4, &[ROLE_WEB], &[ROLE_DB], &[(22, 22, Protocol::Tcp)]);
+        inbound.consumers.nets = from_list.nets.clone();
+        let everyone = CompiledRule {
+            providers: ActorSet { all_workloads: true, ..ActorSet::default() },
+            consumers: from_list,
+            ..rule(6, &[], &[], &[(53, 53, Protocol::Udp)])
+        };
+        let policies = compute_all(&members, &[inbound, everyone], &keys());
+        assert!(policies[2].is_none(), "an unmanaged workload gets no policy");
+        let db = policies[0].as_ref().unwrap();
+        // The unmanaged web is a peer; the IP list's network comes along.
+        assert_eq!(db.ip_sets[0], IpSet { id: 8, members: set(&["198.18.0.9", "198.18.7.0/24"]) });
+        // ams: both managed workloads admit the IP list on 53/udp.
+        for policy in policies.iter().flatten() {
+            assert!(policy.ip_sets.contains(&IpSet { id: 12, members: set(&["198.18.7.0/24"]) }));
+        }
     }
 }

@@ -13,7 +13,8 @@
 
 use crate::clock;
 use crate::orgevents::{EventLog, EventType};
-use crate::policy::{self, Label, Member, RuleDef, Service};
+use crate::policy::model::{self, PolicyObjects};
+use crate::policy::{self, Label, Member, Service};
 use crate::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -27,11 +28,14 @@ use ven_proto::{
     RuleFamily,
 };
 
+mod sec_policy;
+
+pub use sec_policy::DEFAULT_RULE_SET;
+
 pub const STATE_FILE: &str = "state.json";
 pub const EVENTS_FILE: &str = "events.json";
 const FORMAT: u32 = 1;
 pub const MAX_LABELS: usize = 10_000;
-pub const MAX_DRAFT_RULES: usize = 10_000;
 pub const MAX_WORKLOADS: usize = 100_000;
 pub const MAX_API_KEYS: usize = 1_000;
 const API_KEY_ID_BYTES: usize = 8;
@@ -67,6 +71,8 @@ pub enum StoreError {
     NoLabel(u64),
     #[error("no API key with id {0}")]
     NoApiKey(String),
+    #[error("no such policy object in the draft")]
+    NoObject,
     /// The object is referenced and cannot be changed that way.
     #[error("{0}")]
     InUse(String),
@@ -107,13 +113,21 @@ pub struct Workload {
     /// Last custom rule id handed out; ids are not reused.
     #[serde(default)]
     pub last_custom_rule_id: u32,
+    /// Paired through a VEN; false for workloads created through the API, which are peers in
+    /// policy but get none (no agent) and never go offline.
+    #[serde(default = "managed_by_default")]
+    pub managed: bool,
+}
+
+fn managed_by_default() -> bool {
+    true
 }
 
 impl Workload {
     /// Whether other workloads' policies include this one: online, or suspended (the spec: peers
     /// of a suspended VEN keep their rules).
     pub fn is_peer(&self) -> bool {
-        self.online || self.suspended
+        !self.managed || self.online || self.suspended
     }
 }
 
@@ -144,8 +158,19 @@ pub struct State {
     pub format: u32,
     pub labels: Vec<Label>,
     pub workloads: BTreeMap<u64, Workload>,
-    pub draft_rules: Vec<RuleDef>,
-    pub active_rules: Vec<RuleDef>,
+    /// The policy objects as edited, and as provisioned (what the policies are computed from).
+    #[serde(default)]
+    pub draft: PolicyObjects,
+    #[serde(default)]
+    pub active: PolicyObjects,
+    /// Every provisioning, oldest first (the newest [`MAX_POLICY_VERSIONS`] are kept).
+    #[serde(default)]
+    pub policy_versions: Vec<PolicyVersion>,
+    /// Flat rules of states written before rule sets existed: moved into a rule set at open.
+    #[serde(default, skip_serializing)]
+    draft_rules: Vec<LegacyRule>,
+    #[serde(default, skip_serializing)]
+    active_rules: Vec<LegacyRule>,
     pub pairing_profiles: Vec<PairingProfile>,
     /// Bumped by every provisioning.
     pub sec_policy_version: u64,
@@ -157,7 +182,37 @@ pub struct State {
     /// Absent from states written before API keys existed.
     #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    #[serde(default)]
+    pub last_ip_list_id: u64,
+    #[serde(default)]
+    pub last_service_id: u64,
+    #[serde(default)]
+    pub last_rule_set_id: u64,
 }
+
+/// A rule of the flat rule list that preceded rule sets (consumers and providers: label ids).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct LegacyRule {
+    id: u64,
+    consumers: Vec<u64>,
+    providers: Vec<u64>,
+    services: Vec<Service>,
+}
+
+/// One provisioning: `POST /sec_policy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: u64,
+    pub description: String,
+    pub created_at: u64,
+    /// What it made active: (kind, id) of each object.
+    pub objects: Vec<model::ObjectRef>,
+    /// Workloads whose policy changed.
+    pub workloads_affected: usize,
+}
+
+/// Provisionings kept in the state.
+pub const MAX_POLICY_VERSIONS: usize = 1_000;
 
 /// What an activation hands back.
 pub struct Activation {
@@ -189,7 +244,7 @@ impl Store {
     /// created.
     pub fn open(dir: &Path) -> Result<(Self, bool), StoreError> {
         let path = dir.join(STATE_FILE);
-        let (state, created) = match fs::read(&path) {
+        let (mut state, created) = match fs::read(&path) {
             Ok(bytes) => {
                 let state: State = serde_json::from_slice(&bytes)
                     .map_err(|source| StoreError::Parse { path: path.clone(), source })?;
@@ -201,6 +256,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (initial_state()?, true),
             Err(source) => return Err(StoreError::Read { path, source }),
         };
+        let upgraded = sec_policy::upgrade(&mut state);
         let events_path = dir.join(EVENTS_FILE);
         let events = match fs::read(&events_path) {
             Ok(bytes) => {
@@ -224,7 +280,7 @@ impl Store {
             events_dirty: false,
         };
         let changes = store.recompute();
-        if created || !changes.is_empty() {
+        if created || upgraded || !changes.is_empty() {
             store.save()?;
         }
         Ok((store, created))
@@ -341,6 +397,7 @@ impl Store {
             unsuspended_at: None,
             custom_rules: Vec::new(),
             last_custom_rule_id: 0,
+            managed: true,
         };
         self.state.workloads.insert(agent_id, workload);
         let details = json!({ "policy_state": policy_state.as_str() });
@@ -467,7 +524,7 @@ impl Store {
     /// counting from `since` at the earliest (the PCE's start: a grace period after a restart).
     pub fn sweep_offline(&mut self, now: u64, quiet_for: u64, since: u64) -> Result<Changes, StoreError> {
         let mut silent = Vec::new();
-        for workload in self.state.workloads.values_mut().filter(|w| w.online && !w.suspended) {
+        for workload in self.state.workloads.values_mut().filter(|w| w.managed && w.online && !w.suspended) {
             let last_seen = workload
                 .last_heartbeat
                 .unwrap_or(0)
@@ -566,21 +623,18 @@ impl Store {
         Ok(Vec::new())
     }
 
-    /// Deletes label `id`, refusing while a workload, rule or pairing profile uses it.
+    /// Deletes label `id`, refusing while a workload or a rule set (draft or active) uses it.
     pub fn delete_label(&mut self, id: u64) -> Result<(), StoreError> {
         if self.label(id).is_none() {
             return Err(StoreError::NoLabel(id));
         }
         let on_workload = self.state.workloads.values().find(|w| w.labels.contains(&id));
-        let in_rule = |rules: &[RuleDef]| {
-            rules.iter().find(|r| r.consumers.contains(&id) || r.providers.contains(&id)).map(|r| r.id)
-        };
         let user = if let Some(workload) = on_workload {
             Some(format!("workload {} ({})", workload.id, workload.hostname))
-        } else if let Some(rule) = in_rule(&self.state.draft_rules) {
-            Some(format!("draft rule {rule}"))
+        } else if let Some(set) = self.state.draft.uses_label(id) {
+            Some(format!("draft rule set {set}"))
         } else {
-            in_rule(&self.state.active_rules).map(|rule| format!("active rule {rule}"))
+            self.state.active.uses_label(id).map(|set| format!("active rule set {set}"))
         };
         if let Some(user) = user {
             return Err(StoreError::InUse(format!("label {id} is in use by {user}")));
@@ -632,40 +686,6 @@ impl Store {
             key.auth_username == auth_username
                 && tls::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
         })
-    }
-
-    /// Adds a rule to the draft; it takes effect at the next [`Store::provision`].
-    pub fn add_draft_rule(
-        &mut self,
-        consumers: Vec<u64>,
-        providers: Vec<u64>,
-        services: Vec<Service>,
-    ) -> Result<RuleDef, StoreError> {
-        for (side, actors) in [("consumers", &consumers), ("providers", &providers)] {
-            if actors.is_empty() {
-                return Err(StoreError::Rejected(format!("{side} must name at least one label")));
-            }
-            self.check_labels(actors)?;
-        }
-        if services.is_empty() || services.len() > policy::MAX_SERVICES_PER_RULE {
-            let max = policy::MAX_SERVICES_PER_RULE;
-            return Err(StoreError::Rejected(format!("a rule needs 1 to {max} services")));
-        }
-        if self.state.draft_rules.len() >= MAX_DRAFT_RULES || self.state.last_rule_id >= policy::MAX_RULE_ID {
-            return Err(StoreError::Rejected("the PCE holds its maximum of rules".to_string()));
-        }
-        self.state.last_rule_id += 1;
-        let rule = RuleDef { id: self.state.last_rule_id, consumers, providers, services };
-        self.state.draft_rules.push(rule.clone());
-        self.save()?;
-        Ok(rule)
-    }
-
-    /// Makes the draft active. Returns the new security policy version.
-    pub fn provision(&mut self) -> Result<(u64, Changes), StoreError> {
-        self.state.active_rules = self.state.draft_rules.clone();
-        self.state.sec_policy_version += 1;
-        Ok((self.state.sec_policy_version, self.commit()?))
     }
 
     /// Replaces a workload's labels and/or policy state.
@@ -732,13 +752,16 @@ impl Store {
                 state: w.policy_state,
                 addresses: policy::host_addresses(&w.interfaces),
                 is_peer: w.is_peer(),
+                managed: w.managed,
                 custom_rules: &w.custom_rules,
             })
             .collect();
+        let rules = model::compile(&self.state.active);
         let computed: Vec<(u64, Policy)> = members
             .iter()
             .map(|m| m.id)
-            .zip(policy::compute_all(&members, &self.state.active_rules, &keys))
+            .zip(policy::compute_all(&members, &rules, &keys))
+            .filter_map(|(id, policy)| Some((id, policy?)))
             .collect();
         drop(members);
         let mut changes = Vec::new();
@@ -783,6 +806,9 @@ fn initial_state() -> Result<State, StoreError> {
         format: FORMAT,
         labels: Vec::new(),
         workloads: BTreeMap::new(),
+        draft: PolicyObjects::default(),
+        active: PolicyObjects::default(),
+        policy_versions: Vec::new(),
         draft_rules: Vec::new(),
         active_rules: Vec::new(),
         pairing_profiles: vec![PairingProfile {
@@ -797,6 +823,9 @@ fn initial_state() -> Result<State, StoreError> {
         last_rule_id: 0,
         last_workload_id: 0,
         api_keys: Vec::new(),
+        last_ip_list_id: 0,
+        last_service_id: 0,
+        last_rule_set_id: 0,
     })
 }
 
@@ -896,6 +925,43 @@ mod tests {
 
     const PG: Service = Service { ports: PortRange { first: 5432, last: 5432 }, protocol: Protocol::Tcp };
 
+    /// A global rule set with one rule: `consumers` may reach `providers` (label ids) on `service`.
+    fn add_rule(
+        store: &mut Store,
+        consumers: Vec<u64>,
+        providers: Vec<u64>,
+        service: Service,
+    ) -> Result<u64, StoreError> {
+        use crate::policy::model::{Actor, RuleSet, SecRule, ServicePort, ServiceRef};
+        let rule = SecRule {
+            id: 0,
+            enabled: true,
+            description: String::new(),
+            providers: providers.into_iter().map(Actor::Label).collect(),
+            consumers: consumers.into_iter().map(Actor::Label).collect(),
+            services: vec![ServiceRef::Port(ServicePort {
+                protocol: service.protocol,
+                ports: Some(service.ports),
+            })],
+            unscoped_consumers: false,
+        };
+        let name = format!("set {}", store.state().last_rule_set_id + 1);
+        let set = RuleSet {
+            id: 0,
+            name,
+            description: String::new(),
+            enabled: true,
+            scopes: vec![vec![]],
+            rules: vec![rule],
+        };
+        Ok(store.create_rule_set(set)?.id)
+    }
+
+    fn provision_all(store: &mut Store) -> (u64, Changes) {
+        let (version, changes) = store.provision(None, "test", 1).unwrap();
+        (version.version, changes)
+    }
+
     /// Two workloads, web -> db on 5432, provisioned.
     fn populated(dir: &Path) -> (Store, Activation, Activation) {
         let (mut store, created) = Store::open(dir).unwrap();
@@ -908,7 +974,7 @@ mod tests {
         let db = store.activate(&code, host("db", "198.18.0.3/24"), 100).unwrap().unwrap();
         store.update_workload(web.agent_id, Some(vec![web_label.id]), Some(PolicyState::Enforced)).unwrap();
         store.update_workload(db.agent_id, Some(vec![db_label.id]), None).unwrap();
-        store.add_draft_rule(vec![web_label.id], vec![db_label.id], vec![PG]).unwrap();
+        add_rule(&mut store, vec![web_label.id], vec![db_label.id], PG).unwrap();
         (store, web, db)
     }
 
@@ -918,7 +984,7 @@ mod tests {
         let (mut store, web, db) = populated(&dir);
         let before_provision = store.policy(db.agent_id).unwrap().clone();
         assert!(before_provision.rules.is_empty(), "drafts do not count");
-        let (version, changes) = store.provision().unwrap();
+        let (version, changes) = provision_all(&mut store);
         assert_eq!(version, 1);
         assert_eq!(changes.len(), 2);
         store.heartbeat(web.agent_id, heartbeat(None), 200).unwrap();
@@ -942,10 +1008,10 @@ mod tests {
     fn versions_move_only_when_the_content_changes() {
         let dir = scratch_dir("store-versions");
         let (mut store, web, db) = populated(&dir);
-        store.provision().unwrap();
+        provision_all(&mut store);
         let version = |store: &Store, id| store.policy(id).unwrap().version;
         let (web_v, db_v) = (version(&store, web.agent_id), version(&store, db.agent_id));
-        assert_eq!(store.provision().unwrap().1, vec![], "provisioning the same rules changes nothing");
+        assert_eq!(provision_all(&mut store).1, vec![], "provisioning the same rules changes nothing");
         assert!(store.heartbeat(web.agent_id, heartbeat(None), 300).unwrap().is_empty());
 
         let changes =
@@ -965,6 +1031,43 @@ mod tests {
     }
 
     #[test]
+    fn flat_rules_of_older_states_become_a_rule_set_with_the_same_ids() {
+        let dir = scratch_dir("store-upgrade");
+        let (mut store, web, db) = populated(&dir);
+        provision_all(&mut store);
+        let policy = store.policy(db.agent_id).unwrap().clone();
+        let (web_label, db_label) = (store.state().labels[0].id, store.state().labels[1].id);
+        drop(store);
+        // The state as the previous version wrote it: flat rules, no policy objects.
+        let path = dir.join(STATE_FILE);
+        let mut old: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let flat = json!([{ "id": 7, "consumers": [web_label], "providers": [db_label],
+            "services": [{ "ports": { "first": 5432, "last": 5432 }, "protocol": "Tcp" }] }]);
+        let object = old.as_object_mut().unwrap();
+        for key in ["draft", "active", "policy_versions", "last_ip_list_id", "last_service_id", "last_rule_set_id"] {
+            object.remove(key);
+        }
+        object.insert("draft_rules".into(), flat.clone());
+        object.insert("active_rules".into(), flat);
+        fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+
+        let (store, _) = Store::open(&dir).unwrap();
+        let state = store.state();
+        let set = state.active.rule_sets.values().find(|s| s.name == DEFAULT_RULE_SET).expect("Default");
+        assert_eq!(set.rules.iter().map(|r| r.id).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(state.draft.rule_sets.get(&set.id), Some(set));
+        assert!(state.active.ip_lists.values().any(|l| l.name == model::ANY_IP_LIST_NAME));
+        // The same peers; the rule's derived ids follow its id.
+        let upgraded = store.policy(db.agent_id).unwrap();
+        assert_eq!(upgraded.ip_sets[0].members, policy.ip_sets[0].members);
+        assert_eq!(upgraded.rules[0].id, 7000);
+        assert!(store.authenticate(web.agent_id, &web.agent_token));
+        // What it wrote is the new model: the flat rules are gone from the file.
+        let written = fs::read_to_string(&path).unwrap();
+        assert!(!written.contains("draft_rules") && written.contains("rule_sets"));
+    }
+
+    #[test]
     fn bad_input_is_rejected() {
         let dir = scratch_dir("store-rejects");
         let (mut store, web, _) = populated(&dir);
@@ -975,14 +1078,8 @@ mod tests {
         let both = store.update_workload(web.agent_id, Some(vec![web_label, db_label]), None);
         assert!(matches!(both, Err(StoreError::Rejected(m)) if m.contains("\"role\"")));
         assert!(matches!(store.update_workload(42, None, None), Err(StoreError::NoWorkload(42))));
-        assert!(matches!(
-            store.add_draft_rule(vec![], vec![db_label], vec![PG]),
-            Err(StoreError::Rejected(_))
-        ));
-        assert!(matches!(
-            store.add_draft_rule(vec![77], vec![db_label], vec![PG]),
-            Err(StoreError::Rejected(_))
-        ));
+        assert!(matches!(add_rule(&mut store, vec![], vec![db_label], PG), Err(StoreError::Rejected(_))));
+        assert!(matches!(add_rule(&mut store, vec![77], vec![db_label], PG), Err(StoreError::Rejected(_))));
     }
 
     #[test]
@@ -1003,7 +1100,7 @@ mod tests {
     fn suspended_workloads_stay_peers_and_are_not_taken_offline() {
         let dir = scratch_dir("store-suspend");
         let (mut store, web, db) = populated(&dir);
-        store.provision().unwrap();
+        provision_all(&mut store);
         let db_peers = |store: &Store| store.policy(db.agent_id).unwrap().ip_sets[0].members.clone();
         assert_eq!(db_peers(&store), vec!["198.18.0.2/32".parse().unwrap()]);
 
