@@ -439,7 +439,7 @@ mod tests {
             "labels":[{"href":"/orgs/1/labels/1","key":"role","value":"web"}],
             "policy_state":"enforced","online":true,"last_heartbeat_on":"2026-11-27T12:00:00Z",
             "policy_version":3,"applied_policy_version":3,"applied_state":"enforced",
-            "apply_error":null,"interfaces":[{"name":"eth0","address":"198.18.0.2/24"}]},
+            "apply_error":null,"interfaces":[{"name":"eth0","address":"198.18.0.2","cidr_block":24}]},
             {"href":"/orgs/1/workloads/2","id":2,"hostname":"db","labels":[],
             "policy_state":"idle","online":false,"last_heartbeat_on":null,
             "policy_version":null,"applied_policy_version":null,"applied_state":null,

@@ -357,7 +357,8 @@ fn find_label(labels: &Value, wanted: &LabelRef) -> Result<String, CtlError> {
 fn workload_row(w: &Value) -> Vec<String> {
     let labels: Vec<String> =
         items(&w["labels"]).map(|l| format!("{}={}", text(&l["key"]), text(&l["value"]))).collect();
-    let addresses: Vec<String> = items(&w["interfaces"]).map(|i| text(&i["address"])).collect();
+    let addresses: Vec<String> =
+        items(&w["interfaces"]).map(|i| format!("{}/{}", text(&i["address"]), i["cidr_block"])).collect();
     let applied = match w["applied_state"].as_str() {
         Some(state) => format!("{} {state}", w["applied_policy_version"]),
         None => "-".to_string(),

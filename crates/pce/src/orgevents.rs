@@ -28,10 +28,12 @@ pub enum EventType {
     WorkloadOnline,
     AgentActivated,
     AgentDeactivated,
+    /// The VEN missed three heartbeats in a row (it stays a peer until it goes offline).
+    AgentMissedHeartbeats,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 8] = [
         Self::Tampering,
         Self::ServerSuspended,
         Self::ServerUnsuspended,
@@ -39,6 +41,7 @@ impl EventType {
         Self::WorkloadOnline,
         Self::AgentActivated,
         Self::AgentDeactivated,
+        Self::AgentMissedHeartbeats,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -50,14 +53,17 @@ impl EventType {
             Self::WorkloadOnline => "workload_online",
             Self::AgentActivated => "agent_activated",
             Self::AgentDeactivated => "agent_deactivated",
+            Self::AgentMissedHeartbeats => "agent_missed_heartbeats",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
-            Self::Tampering | Self::ServerSuspended | Self::ServerUnsuspended | Self::WorkloadOffline => {
-                Severity::Warning
-            }
+            Self::Tampering
+            | Self::ServerSuspended
+            | Self::ServerUnsuspended
+            | Self::WorkloadOffline
+            | Self::AgentMissedHeartbeats => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
         }
     }

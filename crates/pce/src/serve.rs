@@ -38,6 +38,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// A workload silent for this many heartbeat intervals goes offline (the spec: 12 x 5 min = 1 h).
 pub const DEFAULT_OFFLINE_AFTER_HEARTBEATS: u32 = 12;
+/// Missed heartbeats after which the PCE raises an event (the spec: three).
+const MISSED_HEARTBEATS_WARNING: u32 = 3;
 const ADMIN_KEY_BYTES: usize = 32;
 
 /// Everything `pce serve` needs, validated.
@@ -117,10 +119,12 @@ impl App {
     fn housekeeping(&self, started_at: u64) {
         let quiet_for = u64::from(self.offline_after_heartbeats) * u64::from(self.heartbeat_interval_s);
         let mut store = self.store();
-        let changes = store.sweep_offline(clock::now(), quiet_for, started_at).unwrap_or_else(|e| {
-            log::error!("marking silent workloads offline: {e}");
-            Vec::new()
-        });
+        let warn_after = u64::from(MISSED_HEARTBEATS_WARNING) * u64::from(self.heartbeat_interval_s);
+        let changes =
+            store.sweep_offline(clock::now(), warn_after, quiet_for, started_at).unwrap_or_else(|e| {
+                log::error!("marking silent workloads offline: {e}");
+                Vec::new()
+            });
         if let Err(e) = store.flush() {
             log::error!("{e}");
         }

@@ -76,9 +76,10 @@ fn activate(app: &App, request: &Request) -> Answer {
     check_host(&activation.host)?;
     let hostname = activation.host.hostname.clone();
     let activated = app.store().activate(&activation.activation_code, activation.host, clock::now());
-    let Some(activated) = activated.map_err(store_error)? else {
-        return Err(error(401, ErrorKind::BadActivationCode, "unknown activation code"));
-    };
+    let activated = activated.map_err(|e| match e {
+        StoreError::Activation(why) => error(401, ErrorKind::BadActivationCode, why),
+        other => store_error(other),
+    })?;
     log::info!("activated workload {} ({hostname})", activated.agent_id);
     app.publish(&activated.changes);
     Ok(message_response(

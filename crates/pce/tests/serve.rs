@@ -293,7 +293,10 @@ fn pairs_computes_policy_pushes_events_and_survives_a_restart() {
     assert_eq!(web_json["online"], true);
     assert_eq!(web_json["applied_state"], "idle");
     assert!(web_json["last_heartbeat_on"].as_str().is_some_and(|t| t.ends_with('Z')));
-    assert_eq!(web_json["interfaces"][1]["address"], "198.18.0.2/24");
+    assert_eq!(web_json["interfaces"][1]["address"], "198.18.0.2");
+    assert_eq!(web_json["interfaces"][1]["cidr_block"], 24);
+    assert_eq!(web_json["enforcement_mode"], "full");
+    assert_eq!(web_json["agent"]["status"]["status"], "active");
     assert!(cli_ok(d, api, &["workload", "list"]).contains("role=web"));
 
     // Restart: identities, labels, rules and versions are kept.

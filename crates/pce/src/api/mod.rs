@@ -69,11 +69,9 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         ["events"] if method == "GET" => events::list(app, request),
         ["traffic_flows"] if method == "GET" => traffic::flows(app, request),
         ["sec_policy", rest @ ..] => sec_policy::route(app, method, rest, request),
-        ["pairing_profiles"] if method == "GET" => pairing::list(app, request),
+        ["pairing_profiles", rest @ ..] => pairing::route(app, method, rest, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
-        ["events" | "traffic_flows" | "pairing_profiles"] | ["settings", "workloads"] => {
-            Err(method_not_allowed(method, request))
-        }
+        ["events" | "traffic_flows"] | ["settings", "workloads"] => Err(method_not_allowed(method, request)),
         _ => Err(not_found()),
     }
 }
@@ -185,7 +183,11 @@ fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::Rejected(message) => invalid(&message),
         StoreError::InUse(message) => error(406, "object_in_use", &message),
-        StoreError::NoWorkload(_) | StoreError::NoLabel(_) | StoreError::NoApiKey(_) => not_found(),
+        StoreError::NoWorkload(_)
+        | StoreError::NoLabel(_)
+        | StoreError::NoApiKey(_)
+        | StoreError::NoObject
+        | StoreError::NoProfile(_) => not_found(),
         e @ StoreError::NoCustomRule { .. } => error(404, "not_found", &e.to_string()),
         other => {
             log::error!("admin API: {other}");

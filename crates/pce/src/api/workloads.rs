@@ -1,9 +1,10 @@
-//! `/orgs/1/workloads`: the paired workloads (list, get, update labels and policy state) and each
-//! one's custom iptables rules, which apply at once without provisioning.
+//! `/orgs/1/workloads`: managed workloads (paired VENs) and unmanaged ones (created here: a
+//! hostname, interfaces and labels, peers in policy without a VEN); labels and enforcement mode
+//! of either; each managed one's custom iptables rules, which apply at once.
 
 use super::{
-    Answer, Href, collection, invalid, method_not_allowed, not_found, ok, org_href, parse_id, parse_json,
-    store_error,
+    Answer, Href, collection, invalid, invalid_field, method_not_allowed, not_found, ok, org_href, parse_id,
+    parse_json, store_error,
 };
 use crate::clock;
 use crate::http::{Request, Response};
@@ -12,8 +13,9 @@ use crate::serve::App;
 use crate::store::{Store, Workload};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::net::IpAddr;
 use std::str::FromStr;
-use ven_proto::{CustomChain, CustomRule, PolicyState, RuleFamily};
+use ven_proto::{CustomChain, CustomRule, Interface, IpNet, PolicyState, RuleFamily};
 
 pub fn href(id: u64) -> String {
     org_href("workloads", id)
@@ -30,7 +32,14 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
             let workload = parse_id(id).and_then(|id| store.state().workloads.get(&id));
             workload.map(|w| ok(200, json(&store, w))).ok_or_else(not_found)
         }
+        ("POST", []) => create_unmanaged(app, request),
         ("PUT", [id]) => update(app, id, request),
+        ("DELETE", [id]) => {
+            let id = parse_id(id).ok_or_else(not_found)?;
+            let changes = app.store().delete_unmanaged_workload(id).map_err(store_error)?;
+            app.publish(&changes);
+            Ok(Response::empty(204))
+        }
         ("GET", [id, "custom_iptables_rules"]) => {
             let store = app.store();
             let workload = parse_id(id).and_then(|id| store.state().workloads.get(&id));
@@ -49,33 +58,139 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
     }
 }
 
+/// `{"name": "eth0", "address": "198.18.0.9", "cidr_block": 24}`.
 #[derive(Deserialize)]
-struct WorkloadUpdate {
+struct InterfaceBody {
+    name: String,
+    address: String,
+    cidr_block: Option<u8>,
+}
+
+/// Most interfaces an unmanaged workload may list.
+const MAX_INTERFACES: usize = 64;
+
+fn parse_interfaces(interfaces: &[InterfaceBody]) -> Result<Vec<Interface>, Response> {
+    if interfaces.len() > MAX_INTERFACES {
+        return Err(invalid_field("interfaces", &format!("at most {MAX_INTERFACES}")));
+    }
+    let mut parsed: Vec<Interface> = Vec::new();
+    for (i, interface) in interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}]");
+        let name = super::check_name(&format!("{field}.name"), interface.name.clone())?;
+        let addr: IpAddr = interface
+            .address
+            .parse()
+            .map_err(|_| invalid_field(&format!("{field}.address"), "is not an IP address"))?;
+        let prefix = interface.cidr_block.unwrap_or(if addr.is_ipv4() { 32 } else { 128 });
+        let net = IpNet::new(addr, prefix)
+            .map_err(|e| invalid_field(&format!("{field}.cidr_block"), &e.to_string()))?;
+        match parsed.iter_mut().find(|existing| existing.name == name) {
+            Some(existing) => existing.addresses.push(net),
+            None => parsed.push(Interface { name, addresses: vec![net] }),
+        }
+    }
+    Ok(parsed)
+}
+
+#[derive(Deserialize)]
+struct WorkloadBody {
+    name: Option<String>,
+    hostname: Option<String>,
+    interfaces: Option<Vec<InterfaceBody>>,
     labels: Option<Vec<Href>>,
     policy_state: Option<String>,
+    enforcement_mode: Option<String>,
+}
+
+impl WorkloadBody {
+    /// The hostname given (`hostname`, else Illumio's `name`), checked as RFC 1123 allows.
+    fn hostname(&self) -> Result<Option<String>, Response> {
+        match self.hostname.as_ref().or(self.name.as_ref()) {
+            None => Ok(None),
+            Some(name) if is_hostname(name) => Ok(Some(name.clone())),
+            Some(_) => Err(invalid_field("hostname", "must be an RFC 1123 host name")),
+        }
+    }
+
+    fn labels(&self, store: &Store) -> Result<Option<Vec<u64>>, Response> {
+        let Some(hrefs) = &self.labels else { return Ok(None) };
+        hrefs
+            .iter()
+            .enumerate()
+            .map(|(i, h)| super::labels::existing(store, &h.href, &format!("labels[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    fn state(&self) -> Result<Option<PolicyState>, Response> {
+        if let Some(mode) = &self.enforcement_mode {
+            return super::pairing::parse_enforcement_mode(mode)
+                .map(Some)
+                .map_err(|e| invalid_field("enforcement_mode", &e));
+        }
+        match &self.policy_state {
+            Some(text) => {
+                PolicyState::from_str(text).map(Some).map_err(|e| invalid_field("policy_state", &e))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// RFC 1123: dot-separated labels of 1-63 letters, digits and hyphens, not starting or ending
+/// with a hyphen, 253 bytes in all.
+pub fn is_hostname(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn create_unmanaged(app: &App, request: &Request) -> Answer {
+    let body: WorkloadBody = parse_json(request)?;
+    let hostname = body.hostname()?.ok_or_else(|| invalid_field("hostname", "is required"))?;
+    let interfaces = parse_interfaces(body.interfaces.as_deref().unwrap_or_default())?;
+    if body.state()?.is_some() {
+        return Err(invalid_field("enforcement_mode", "an unmanaged workload has no VEN to enforce"));
+    }
+    let (id, changes) = {
+        let mut store = app.store();
+        let labels = body.labels(&store)?.unwrap_or_default();
+        store.create_unmanaged_workload(&hostname, interfaces, labels, clock::now()).map_err(store_error)?
+    };
+    log::info!("unmanaged workload {id} ({hostname}) created");
+    app.publish(&changes);
+    let store = app.store();
+    let workload = store.state().workloads.get(&id).ok_or_else(not_found)?;
+    Ok(ok(201, json(&store, workload)))
 }
 
 fn update(app: &App, id: &str, request: &Request) -> Answer {
     let id = parse_id(id).ok_or_else(not_found)?;
-    let update: WorkloadUpdate = parse_json(request)?;
-    let state = match &update.policy_state {
-        Some(text) => Some(PolicyState::from_str(text).map_err(|e| invalid(&e))?),
-        None => None,
-    };
-    let changes = {
+    let body: WorkloadBody = parse_json(request)?;
+    let state = body.state()?;
+    let hostname = body.hostname()?;
+    let interfaces = body.interfaces.as_deref().map(parse_interfaces).transpose()?;
+    let mut changes = {
         let mut store = app.store();
-        let labels = match &update.labels {
-            Some(hrefs) => Some(
-                hrefs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| super::labels::existing(&store, &h.href, &format!("labels[{i}]")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => None,
-        };
-        store.update_workload(id, labels, state).map_err(store_error)?
+        let labels = body.labels(&store)?;
+        let managed = store.state().workloads.get(&id).ok_or_else(not_found)?.managed;
+        if state.is_some() && !managed {
+            return Err(invalid_field("enforcement_mode", "an unmanaged workload has no VEN to enforce"));
+        }
+        let mut changes = Vec::new();
+        if hostname.is_some() || interfaces.is_some() {
+            changes = store.update_unmanaged_workload(id, hostname, interfaces).map_err(store_error)?;
+        }
+        changes.extend(store.update_workload(id, labels, state).map_err(store_error)?);
+        changes
     };
+    changes.sort_unstable();
+    changes.dedup_by_key(|change| change.0);
     app.publish(&changes);
     Ok(Response::empty(204))
 }
@@ -119,7 +234,11 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
     let interfaces: Vec<Value> = workload
         .interfaces
         .iter()
-        .flat_map(|i| i.addresses.iter().map(|a| json!({ "name": i.name, "address": a.to_string() })))
+        .flat_map(|i| {
+            i.addresses
+                .iter()
+                .map(|a| json!({ "name": i.name, "address": a.addr().to_string(), "cidr_block": a.prefix() }))
+        })
         .collect();
     let agent_status = if workload.suspended {
         "suspended"
@@ -128,9 +247,37 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
     } else {
         "offline"
     };
+    let agent = workload.managed.then(|| {
+        let sync = if workload.apply_error.is_some() {
+            "error"
+        } else if workload.applied_policy_version == workload.policy_version {
+            "active"
+        } else {
+            "syncing"
+        };
+        let status = match (workload.suspended, workload.online) {
+            (true, _) => "suspended",
+            (false, true) => "active",
+            (false, false) => "stopped",
+        };
+        json!({
+            "status": {
+                "status": status,
+                "agent_version": workload.agent_version,
+                "last_heartbeat_on": workload.last_heartbeat.map(clock::rfc3339),
+                "uptime_seconds": workload.online_since.map(|since| clock::now().saturating_sub(since)),
+                "security_policy_sync_state": sync,
+                "security_policy_applied_at": null,
+            }
+        })
+    });
     json!({
         "href": href(workload.id),
         "id": workload.id,
+        "name": workload.hostname,
+        "managed": workload.managed,
+        "enforcement_mode": super::pairing::enforcement_mode(workload.policy_state),
+        "agent": agent,
         "hostname": workload.hostname,
         "os": workload.os,
         "agent_version": workload.agent_version,

@@ -28,6 +28,7 @@ use ven_proto::{
     RuleFamily,
 };
 
+mod pairing;
 mod sec_policy;
 
 pub use sec_policy::DEFAULT_RULE_SET;
@@ -44,7 +45,7 @@ const API_KEY_SECRET_BYTES: usize = 32;
 pub const MAX_CUSTOM_RULES: usize = 1024;
 /// Longest custom rule text, in bytes.
 pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
-const ACTIVATION_CODE_BYTES: usize = 10;
+pub(crate) const ACTIVATION_CODE_BYTES: usize = 10;
 const AGENT_TOKEN_BYTES: usize = 32;
 
 /// Workloads whose policy changed, with their new version.
@@ -73,6 +74,11 @@ pub enum StoreError {
     NoApiKey(String),
     #[error("no such policy object in the draft")]
     NoObject,
+    #[error("no pairing profile with id {0}")]
+    NoProfile(u64),
+    /// The activation code cannot pair a workload; says why.
+    #[error("{0}")]
+    Activation(String),
     /// The object is referenced and cannot be changed that way.
     #[error("{0}")]
     InUse(String),
@@ -117,6 +123,12 @@ pub struct Workload {
     /// policy but get none (no agent) and never go offline.
     #[serde(default = "managed_by_default")]
     pub managed: bool,
+    /// Since when the VEN has been online without a break (the agent status block's uptime).
+    #[serde(default)]
+    pub online_since: Option<u64>,
+    /// Missed-heartbeat warning raised for the current silence (the spec: after 3 intervals).
+    #[serde(default)]
+    pub missed_heartbeats_reported: bool,
 }
 
 fn managed_by_default() -> bool {
@@ -131,12 +143,40 @@ impl Workload {
     }
 }
 
+/// How VENs pair: the labels and policy state a workload starts with, and the keys (activation
+/// codes) that may be used, how often and for how long.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PairingProfile {
     pub id: u64,
     pub name: String,
     pub policy_state: PolicyState,
+    /// The profile's standing code, never expiring, unlimited (the default profile's, which
+    /// `pce activation-code` prints); empty for profiles created through the API, which pair
+    /// only with keys from `POST .../pairing_key`.
     pub activation_code: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "managed_by_default")]
+    pub enabled: bool,
+    /// Label ids every workload paired with this profile gets.
+    #[serde(default)]
+    pub labels: Vec<u64>,
+    /// Activations each generated key allows; `None`: unlimited.
+    #[serde(default)]
+    pub allowed_uses_per_key: Option<u32>,
+    /// Seconds a generated key stays valid; `None`: forever.
+    #[serde(default)]
+    pub key_lifespan_s: Option<u64>,
+    /// Keys generated from this profile (only their SHA-256 is kept).
+    #[serde(default)]
+    pub keys: Vec<PairingKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairingKey {
+    pub code_sha256: String,
+    pub created_at: u64,
+    pub uses: u32,
 }
 
 /// An API key for the admin API (Illumio's `api_keys`): the client sends `auth_username` and
@@ -355,19 +395,13 @@ impl Store {
         })
     }
 
-    /// Pairs a new workload when `code` is a pairing profile's activation code (`None` otherwise).
-    pub fn activate(
-        &mut self,
-        code: &str,
-        host: HostReport,
-        now: u64,
-    ) -> Result<Option<Activation>, StoreError> {
-        let profile = self
-            .state
-            .pairing_profiles
-            .iter()
-            .find(|profile| tls::constant_time_eq(profile.activation_code.as_bytes(), code.as_bytes()));
-        let Some(policy_state) = profile.map(|profile| profile.policy_state) else { return Ok(None) };
+    /// Pairs a new workload with `code`: a profile's standing code or a key generated from it,
+    /// which must be valid now (profile enabled, key not expired nor used up). The workload gets
+    /// the profile's labels and policy state.
+    pub fn activate(&mut self, code: &str, host: HostReport, now: u64) -> Result<Activation, StoreError> {
+        let (profile_index, key_index) = self.pairing_key(code, now)?;
+        let profile = &self.state.pairing_profiles[profile_index];
+        let (policy_state, labels) = (profile.policy_state, profile.labels.clone());
         if self.state.workloads.len() >= MAX_WORKLOADS {
             return Err(StoreError::Rejected(format!(
                 "the PCE holds its maximum of {MAX_WORKLOADS} workloads"
@@ -382,7 +416,7 @@ impl Store {
             os: host.os,
             agent_version: host.agent_version,
             interfaces: host.interfaces,
-            labels: Vec::new(),
+            labels,
             policy_state,
             token_sha256: tls::sha256_hex(agent_token.as_bytes()),
             online: true,
@@ -398,12 +432,18 @@ impl Store {
             custom_rules: Vec::new(),
             last_custom_rule_id: 0,
             managed: true,
+            online_since: Some(now),
+            missed_heartbeats_reported: false,
         };
         self.state.workloads.insert(agent_id, workload);
-        let details = json!({ "policy_state": policy_state.as_str() });
+        if let Some(key) = key_index {
+            self.state.pairing_profiles[profile_index].keys[key].uses += 1;
+        }
+        let profile = self.state.pairing_profiles[profile_index].id;
+        let details = json!({ "policy_state": policy_state.as_str(), "pairing_profile": profile });
         self.record(now, EventType::AgentActivated, Some(agent_id), "VEN paired".to_string(), details);
         let changes = self.commit()?;
-        Ok(Some(Activation { agent_id, agent_token, changes }))
+        Ok(Activation { agent_id, agent_token, changes })
     }
 
     /// Records a heartbeat and the events it carries. Policies are recomputed when the workload
@@ -422,7 +462,11 @@ impl Store {
         workload.apply_error = report.apply_error;
         let back = !workload.is_peer();
         let mut affects_policy = !workload.online;
+        if !workload.online || workload.online_since.is_none() {
+            workload.online_since = Some(now);
+        }
         workload.online = true;
+        workload.missed_heartbeats_reported = false;
         if let Some(host) = report.host {
             affects_policy |= host.interfaces != workload.interfaces;
             workload.hostname = host.hostname;
@@ -468,6 +512,7 @@ impl Store {
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         let was_peer = workload.is_peer();
         workload.online = false;
+        workload.online_since = None;
         if was_peer && !workload.is_peer() {
             let message = format!("VEN said goodbye ({reason}): removed from its peers' policies");
             let details = json!({ "reason": "goodbye", "goodbye": reason });
@@ -520,10 +565,19 @@ impl Store {
         self.commit()
     }
 
-    /// Marks offline every online, unsuspended workload not heard from for `quiet_for` seconds,
-    /// counting from `since` at the earliest (the PCE's start: a grace period after a restart).
-    pub fn sweep_offline(&mut self, now: u64, quiet_for: u64, since: u64) -> Result<Changes, StoreError> {
+    /// Raises a missed-heartbeats event for every online, unsuspended workload not heard from for
+    /// `warn_after` seconds (once per silence), and marks offline those not heard from for
+    /// `quiet_for` seconds, counting from `since` at the earliest (the PCE's start: a grace period
+    /// after a restart).
+    pub fn sweep_offline(
+        &mut self,
+        now: u64,
+        warn_after: u64,
+        quiet_for: u64,
+        since: u64,
+    ) -> Result<Changes, StoreError> {
         let mut silent = Vec::new();
+        let mut missing = Vec::new();
         for workload in self.state.workloads.values_mut().filter(|w| w.managed && w.online && !w.suspended) {
             let last_seen = workload
                 .last_heartbeat
@@ -531,11 +585,23 @@ impl Store {
                 .max(workload.activated_at)
                 .max(workload.unsuspended_at.unwrap_or(0))
                 .max(since);
-            if now.saturating_sub(last_seen) > quiet_for {
+            let quiet = now.saturating_sub(last_seen);
+            if quiet > warn_after && !workload.missed_heartbeats_reported {
+                workload.missed_heartbeats_reported = true;
+                missing.push((workload.id, last_seen));
+            }
+            if quiet > quiet_for {
                 log::info!("workload {} ({}) missed its heartbeats: offline", workload.id, workload.hostname);
                 workload.online = false;
+                workload.online_since = None;
                 silent.push((workload.id, last_seen));
             }
+        }
+        for (id, last_seen) in missing {
+            let message = "VEN missed three heartbeats; it goes offline if it stays silent".to_string();
+            let details = json!({ "last_seen": clock::rfc3339(last_seen) });
+            self.record(now, EventType::AgentMissedHeartbeats, Some(id), message, details);
+            self.dirty = true;
         }
         if silent.is_empty() {
             return Ok(Vec::new());
@@ -688,6 +754,100 @@ impl Store {
         })
     }
 
+    /// Creates a workload without a VEN (Illumio's unmanaged workload): a peer in policy by its
+    /// interfaces and labels, never offline, with no policy of its own.
+    pub fn create_unmanaged_workload(
+        &mut self,
+        hostname: &str,
+        interfaces: Vec<Interface>,
+        labels: Vec<u64>,
+        now: u64,
+    ) -> Result<(u64, Changes), StoreError> {
+        if self.state.workloads.len() >= MAX_WORKLOADS {
+            return Err(StoreError::Rejected(format!(
+                "the PCE holds its maximum of {MAX_WORKLOADS} workloads"
+            )));
+        }
+        self.check_labels(&labels)?;
+        self.state.last_workload_id += 1;
+        let id = self.state.last_workload_id;
+        let workload = Workload {
+            id,
+            hostname: hostname.to_string(),
+            os: String::new(),
+            agent_version: String::new(),
+            interfaces,
+            labels: Vec::new(),
+            policy_state: PolicyState::Idle,
+            token_sha256: String::new(),
+            online: false,
+            activated_at: now,
+            last_heartbeat: None,
+            applied_policy_version: 0,
+            applied_state: None,
+            apply_error: None,
+            policy_version: 0,
+            policy_sha256: String::new(),
+            suspended: false,
+            unsuspended_at: None,
+            custom_rules: Vec::new(),
+            last_custom_rule_id: 0,
+            managed: false,
+            online_since: None,
+            missed_heartbeats_reported: false,
+        };
+        self.state.workloads.insert(id, workload);
+        // Labels through the same checks as for any workload (one per key).
+        match self.update_workload(id, Some(labels), None) {
+            Ok(changes) => Ok((id, changes)),
+            Err(e) => {
+                self.state.workloads.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces an unmanaged workload's hostname and/or interfaces (a VEN reports its own).
+    pub fn update_unmanaged_workload(
+        &mut self,
+        id: u64,
+        hostname: Option<String>,
+        interfaces: Option<Vec<Interface>>,
+    ) -> Result<Changes, StoreError> {
+        let workload = self.state.workloads.get_mut(&id).ok_or(StoreError::NoWorkload(id))?;
+        if workload.managed && (hostname.is_some() || interfaces.is_some()) {
+            return Err(StoreError::InUse(format!(
+                "workload {id} is managed: its VEN reports its hostname and interfaces"
+            )));
+        }
+        if let Some(hostname) = hostname {
+            workload.hostname = hostname;
+        }
+        match interfaces {
+            Some(interfaces) => {
+                workload.interfaces = interfaces;
+                self.commit()
+            }
+            None => {
+                self.save()?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Deletes an unmanaged workload (a managed one is unpaired by its VEN).
+    pub fn delete_unmanaged_workload(&mut self, id: u64) -> Result<Changes, StoreError> {
+        let workload = self.state.workloads.get(&id).ok_or(StoreError::NoWorkload(id))?;
+        if workload.managed {
+            return Err(StoreError::InUse(format!(
+                "workload {id} is managed: unpair it with `ven deactivate` on the host"
+            )));
+        }
+        self.state.workloads.remove(&id);
+        self.policies.remove(&id);
+        self.commit()
+    }
+
     /// Replaces a workload's labels and/or policy state.
     pub fn update_workload(
         &mut self,
@@ -816,6 +976,12 @@ fn initial_state() -> Result<State, StoreError> {
             name: "default".to_string(),
             policy_state: PolicyState::Idle,
             activation_code: tls::random_hex(ACTIVATION_CODE_BYTES)?,
+            description: String::new(),
+            enabled: true,
+            labels: Vec::new(),
+            allowed_uses_per_key: None,
+            key_lifespan_s: None,
+            keys: Vec::new(),
         }],
         sec_policy_version: 0,
         policy_counter: 0,
@@ -901,7 +1067,7 @@ mod tests {
     use super::*;
     use ven_proto::{AgentEvent, PortRange, Protocol};
 
-    fn host(name: &str, address: &str) -> HostReport {
+    pub(super) fn host(name: &str, address: &str) -> HostReport {
         HostReport {
             hostname: name.to_string(),
             os: "Linux 6.1 x86_64".to_string(),
@@ -963,15 +1129,15 @@ mod tests {
     }
 
     /// Two workloads, web -> db on 5432, provisioned.
-    fn populated(dir: &Path) -> (Store, Activation, Activation) {
+    pub(super) fn populated(dir: &Path) -> (Store, Activation, Activation) {
         let (mut store, created) = Store::open(dir).unwrap();
         assert!(created);
         let code = store.state().pairing_profiles[0].activation_code.clone();
         assert_eq!(code.len(), 20);
         let web_label = store.create_label("role", "web").unwrap();
         let db_label = store.create_label("role", "db").unwrap();
-        let web = store.activate(&code, host("web", "198.18.0.2/24"), 100).unwrap().unwrap();
-        let db = store.activate(&code, host("db", "198.18.0.3/24"), 100).unwrap().unwrap();
+        let web = store.activate(&code, host("web", "198.18.0.2/24"), 100).unwrap();
+        let db = store.activate(&code, host("db", "198.18.0.3/24"), 100).unwrap();
         store.update_workload(web.agent_id, Some(vec![web_label.id]), Some(PolicyState::Enforced)).unwrap();
         store.update_workload(db.agent_id, Some(vec![db_label.id]), None).unwrap();
         add_rule(&mut store, vec![web_label.id], vec![db_label.id], PG).unwrap();
@@ -1044,7 +1210,9 @@ mod tests {
         let flat = json!([{ "id": 7, "consumers": [web_label], "providers": [db_label],
             "services": [{ "ports": { "first": 5432, "last": 5432 }, "protocol": "Tcp" }] }]);
         let object = old.as_object_mut().unwrap();
-        for key in ["draft", "active", "policy_versions", "last_ip_list_id", "last_service_id", "last_rule_set_id"] {
+        for key in
+            ["draft", "active", "policy_versions", "last_ip_list_id", "last_service_id", "last_rule_set_id"]
+        {
             object.remove(key);
         }
         object.insert("draft_rules".into(), flat.clone());
@@ -1071,7 +1239,10 @@ mod tests {
     fn bad_input_is_rejected() {
         let dir = scratch_dir("store-rejects");
         let (mut store, web, _) = populated(&dir);
-        assert!(store.activate("0000", host("x", "198.18.0.9/24"), 1).unwrap().is_none());
+        assert!(matches!(
+            store.activate("0000", host("x", "198.18.0.9/24"), 1),
+            Err(StoreError::Activation(_))
+        ));
         assert!(matches!(store.create_label("role", "web"), Err(StoreError::Rejected(_))));
         let web_label = store.state().labels[0].id;
         let db_label = store.state().labels[1].id;
@@ -1086,10 +1257,34 @@ mod tests {
     fn workloads_go_offline_after_silence_with_a_grace_period() {
         let dir = scratch_dir("store-sweep");
         let (mut store, web, _) = populated(&dir);
-        assert!(store.sweep_offline(150, 60, 0).unwrap().is_empty());
-        assert!(store.sweep_offline(1000, 60, 990).unwrap().is_empty(), "grace after a restart");
-        store.sweep_offline(1000, 60, 0).unwrap();
+        assert!(store.sweep_offline(150, 60, 60, 0).unwrap().is_empty());
+        assert!(store.sweep_offline(1000, 60, 60, 990).unwrap().is_empty(), "grace after a restart");
+        store.sweep_offline(1000, 60, 60, 0).unwrap();
         assert!(!store.state().workloads[&web.agent_id].online);
+    }
+
+    #[test]
+    fn three_missed_heartbeats_raise_one_event_before_offline() {
+        let dir = scratch_dir("store-missed");
+        let (mut store, web, db) = populated(&dir);
+        store.heartbeat(web.agent_id, heartbeat(None), 100).unwrap();
+        store.heartbeat(db.agent_id, heartbeat(None), 100).unwrap();
+        let missed = |store: &Store| {
+            event_types(store).iter().filter(|t| **t == EventType::AgentMissedHeartbeats).count()
+        };
+        assert!(store.sweep_offline(130, 30, 120, 0).unwrap().is_empty());
+        assert_eq!(missed(&store), 0);
+        assert!(store.sweep_offline(131, 30, 120, 0).unwrap().is_empty(), "a warning, still a peer");
+        assert_eq!(missed(&store), 2);
+        assert!(store.state().workloads[&web.agent_id].online);
+        store.sweep_offline(140, 30, 120, 0).unwrap();
+        assert_eq!(missed(&store), 2, "once per silence");
+        store.heartbeat(web.agent_id, heartbeat(None), 150).unwrap();
+        store.sweep_offline(181, 30, 120, 0).unwrap();
+        assert_eq!(missed(&store), 3, "a new silence warns again");
+        store.sweep_offline(222, 30, 120, 0).unwrap();
+        assert!(!store.state().workloads[&db.agent_id].online, "12 intervals: offline");
+        assert!(store.state().workloads[&web.agent_id].online);
     }
 
     fn event_types(store: &Store) -> Vec<EventType> {
@@ -1108,7 +1303,7 @@ mod tests {
         assert!(store.suspend(web.agent_id, true, None, 201).unwrap().is_empty(), "a repeat changes nothing");
         // The VEN stops after suspending: its goodbye does not isolate it.
         assert!(store.goodbye(web.agent_id, "suspended", 202).unwrap().is_empty());
-        assert!(store.sweep_offline(100_000, 60, 0).unwrap().len() == 1, "db goes offline, web stays");
+        assert!(store.sweep_offline(100_000, 60, 60, 0).unwrap().len() == 1, "db goes offline, web stays");
         assert!(store.state().workloads[&web.agent_id].suspended);
         assert_eq!(db_peers(&store), vec!["198.18.0.2/32".parse().unwrap()]);
         // The operator changes the policy state meanwhile.
@@ -1120,8 +1315,11 @@ mod tests {
         store.suspend(web.agent_id, false, None, 100_000).unwrap();
         let workload = &store.state().workloads[&web.agent_id];
         assert!(!workload.suspended && workload.online);
-        assert!(store.sweep_offline(100_050, 60, 0).unwrap().is_empty(), "the offline clock starts afresh");
-        store.sweep_offline(100_061, 60, 0).unwrap();
+        assert!(
+            store.sweep_offline(100_050, 60, 60, 0).unwrap().is_empty(),
+            "the offline clock starts afresh"
+        );
+        store.sweep_offline(100_061, 60, 60, 0).unwrap();
         assert!(!store.state().workloads[&web.agent_id].online);
         assert_eq!(
             event_types(&store),
@@ -1129,15 +1327,17 @@ mod tests {
                 EventType::AgentActivated,
                 EventType::AgentActivated,
                 EventType::ServerSuspended,
+                EventType::AgentMissedHeartbeats,
                 EventType::WorkloadOffline,
                 EventType::ServerUnsuspended,
+                EventType::AgentMissedHeartbeats,
                 EventType::WorkloadOffline,
             ]
         );
         let suspended = store.events().iter().nth(2).unwrap();
         assert_eq!(suspended.details["previous_state"], "enforced");
         assert_eq!(suspended.hostname.as_deref(), Some("web"));
-        let unsuspended = store.events().iter().nth(4).unwrap();
+        let unsuspended = store.events().iter().nth(5).unwrap();
         assert!(unsuspended.message.contains("policy state test"), "{}", unsuspended.message);
 
         // A suspended VEN may unpair.
