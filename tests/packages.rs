@@ -779,3 +779,64 @@ fn uci_settings_override_the_board_profile() {
     assert_eq!(config.ignored_interfaces, profile.ignored_interfaces);
     assert!(config.routes);
 }
+
+/// The agent as systemd runs it (`Type=notify`, `WatchdogSec=`): READY=1 once it is up,
+/// WATCHDOG=1 every half of WATCHDOG_USEC from its manager loop, STOPPING=1 on SIGTERM, all on
+/// a real datagram socket standing where systemd's would. Inside a namespace of our own.
+#[test]
+fn the_agent_notifies_its_supervisor() {
+    if !common::require_kernel() {
+        return;
+    }
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let dir = Scratch::new("notify");
+    let socket_path = dir.path("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let next = || -> String {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification from the agent within 10 s");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+
+    let mut ns = Netns::new("vennotify").expect("creating a namespace");
+    let mut agent = ns.command(env!("CARGO_BIN_EXE_ven"));
+    agent
+        .arg("agent")
+        .env("VEN_DATA_DIR", dir.path("data"))
+        .env("VEN_CONFIG", script("board-configs/generic-x86_64.conf"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        // WatchdogSec=2: a ping every second.
+        .env("WATCHDOG_USEC", "2000000")
+        .env_remove("WATCHDOG_PID")
+        .env("VEN_LOG_STDERR", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let started = Instant::now();
+    let pid = ns.spawn(agent).expect("starting the agent").id();
+
+    let ready = next();
+    assert!(ready.starts_with("READY=1\nSTATUS=unpaired"), "{ready:?}");
+    // The first ping comes with READY; then one a second, however idle the agent is.
+    assert_eq!(next(), "WATCHDOG=1");
+    let pings_from = Instant::now();
+    for _ in 0..2 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    let spacing = pings_from.elapsed() / 2;
+    assert!(
+        spacing >= Duration::from_millis(800) && spacing <= Duration::from_millis(1800),
+        "pings every {spacing:?}, expected every second (half of WATCHDOG_USEC)"
+    );
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let mut last = next();
+    while last == "WATCHDOG=1" {
+        last = next();
+    }
+    assert_eq!(last, "STOPPING=1\nSTATUS=stopping", "after {:?}", started.elapsed());
+    ns.stop_children(Duration::from_secs(10));
+}
