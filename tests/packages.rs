@@ -186,11 +186,16 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
+/// `sh -n`, and shellcheck (warnings and errors) when it is installed. `local` is busybox ash's
+/// and dash's, not POSIX's, hence dash; files sourced from the target system (OpenWrt's
+/// /lib/functions.sh) cannot be followed here (SC1091).
 fn assert_sh_parses(path: &Path) {
     run(Command::new("sh").arg("-n").arg(path));
     if Command::new("shellcheck").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
-        // Errors only; `local` is busybox ash's and dash's, not POSIX's.
-        run(Command::new("shellcheck").args(["-s", "dash", "-S", "error"]).arg(path));
+        run(Command::new("shellcheck")
+            .args(["-x", "-s", "dash", "-S", "warning", "-e", "SC1091"])
+            .arg(path)
+            .current_dir(REPO));
     }
 }
 
@@ -247,9 +252,12 @@ fn ipk_unpacks_as_opkg_reads_it() {
 
     // The wrappers OpenWrt generates, and our parts from the feed Makefile.
     let postinst = fs::read_to_string(control_dir.join("postinst")).unwrap();
-    assert!(postinst.contains("IPKG_NO_SCRIPT") && postinst.contains("default_postinst $0 $@"), "{postinst}");
+    assert!(
+        postinst.contains("IPKG_NO_SCRIPT") && postinst.contains("default_postinst \"$0\" \"$@\""),
+        "{postinst}"
+    );
     let prerm = fs::read_to_string(control_dir.join("prerm")).unwrap();
-    assert!(prerm.contains("default_prerm $0 $@"), "{prerm}");
+    assert!(prerm.contains("default_prerm \"$0\" \"$@\""), "{prerm}");
     let postinst_pkg = fs::read_to_string(control_dir.join("postinst-pkg")).unwrap();
     assert!(postinst_pkg.contains("\"${IPKG_INSTROOT}/etc/ven/data\"") && !postinst_pkg.contains("$$"));
     let prerm_pkg = fs::read_to_string(control_dir.join("prerm-pkg")).unwrap();
@@ -355,6 +363,14 @@ fn packages_follow_the_binary_s_architecture() {
     assert_eq!(stdout(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends")).trim(), "iptables, ipset");
     let contents = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
     assert!(contents.contains("./usr/share/lintian/overrides/ven"), "{contents}");
+    // The same inputs make the same bytes (timestamps from SOURCE_DATE_EPOCH, sorted, root-owned).
+    let again = dir.path("again");
+    let (ipk_again, _) = package("ipk", &aarch64, "aarch64-unknown-linux-musl", &again, &[]);
+    let (deb_again, _) =
+        package("deb", &aarch64, "aarch64-unknown-linux-gnu", &again, &[("VEN_DEB_COMPRESSION", "gzip")]);
+    let (ipk, _) = package("ipk", &aarch64, "aarch64-unknown-linux-musl", &out, &[]);
+    assert_eq!(fs::read(&ipk).unwrap(), fs::read(&ipk_again).unwrap(), "the .ipk is not reproducible");
+    assert_eq!(fs::read(&deb).unwrap(), fs::read(&deb_again).unwrap(), "the .deb is not reproducible");
     let (deb, _) =
         package("deb", &armv7, "armv7-unknown-linux-gnueabihf", &out, &[("VEN_DEB_COMPRESSION", "gzip")]);
     assert_eq!(stdout(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Architecture")).trim(), "armhf");

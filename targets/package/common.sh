@@ -1,3 +1,4 @@
+# shellcheck shell=sh disable=SC2034  # the variables set here are the callers'
 # Shared by targets/package/ipk, targets/package/deb and targets/rootfs/assemble (sourced, POSIX sh).
 #
 # Facts every package of ven agrees on: the version (the workspace's), which board profile a
@@ -61,6 +62,7 @@ ven_check_elf() {
 	data=$(od -An -tu1 -j5 -N1 "$1" | tr -d ' \n')
 	[ "$data" = 1 ] || die "$1 is not little-endian"
 	# e_machine: two little-endian bytes at offset 18.
+	# shellcheck disable=SC2046  # the two numbers become $2 and $3
 	set -- "$1" $(od -An -tu1 -j18 -N2 "$1")
 	machine=$(($2 + 256 * $3))
 	if [ "$machine" != "$ELF_MACHINE" ] || [ "$class" != "$ELF_CLASS" ]; then
@@ -85,6 +87,7 @@ ven_need_tools() {
 	done
 	[ -z "$missing" ] && return 0
 	echo "${0##*/}: installing$missing" >&2
+	# shellcheck disable=SC2086  # one argument per package
 	apt-get install -y --no-install-recommends $missing >&2 || die "cannot install$missing"
 }
 

@@ -5,6 +5,8 @@
 # section 'settings': a key given twice takes its last value, so UCI overrides the profile.
 # An unknown key or a bad value stops the agent with the merged file's name and line.
 
+# The variables are the init scripts'.
+# shellcheck disable=SC2034
 VEN_BOARD_CONFIG=/etc/ven/ven.conf
 VEN_RUN_CONFIG=/var/etc/ven.conf
 VEN_DEFAULT_DATA_DIR=/etc/ven/data
