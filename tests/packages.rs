@@ -876,3 +876,156 @@ fn the_agent_notifies_its_supervisor() {
     assert_eq!(last, "STOPPING=1\nSTATUS=stopping", "after {:?}", started.elapsed());
     ns.stop_children(Duration::from_secs(10));
 }
+
+/// Kills the agent a pid file names, whatever happened to the test.
+struct PidFileGuard(PathBuf);
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = fs::read_to_string(&self.0).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// The sysvinit script for images without systemd or procd, run for real inside a namespace of
+/// our own: with start-stop-daemon (Debian) and without it (the busybox fallback).
+#[test]
+fn sysvinit_script_starts_and_stops_the_agent() {
+    if !common::require_kernel() {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let dir = Scratch::new("sysv");
+    let ns = Netns::new("vensysv").expect("creating a namespace");
+    // A PATH without start-stop-daemon, for the fallback.
+    let bare = dir.path("bare-path");
+    fs::create_dir(&bare).unwrap();
+    for tool in ["sh", "cat", "sleep", "rm"] {
+        let found = stdout(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+        std::os::unix::fs::symlink(found.trim(), bare.join(tool)).unwrap();
+    }
+    let has_ssd = Command::new("sh")
+        .args(["-c", "command -v start-stop-daemon"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let ip = stdout(Command::new("sh").args(["-c", "command -v ip"])).trim().to_string();
+    let mut paths = vec![("fallback", bare.display().to_string())];
+    if has_ssd {
+        paths.push(("start-stop-daemon", std::env::var("PATH").unwrap_or_default()));
+    } else {
+        eprintln!("start-stop-daemon is not installed: only the busybox fallback is run");
+    }
+
+    for (how, path) in paths {
+        let data = dir.path(&format!("data-{how}"));
+        let pid_file = dir.path(&format!("ven-{how}.pid"));
+        let _guard = PidFileGuard(pid_file.clone());
+        let init = |action: &str| -> Output {
+            // By absolute path: the restricted PATH below is also where Command looks for it.
+            Command::new(&ip)
+                .args(["netns", "exec", ns.name(), "sh"])
+                .arg(script("targets/sysvinit/ven"))
+                .arg(action)
+                .env("PATH", &path)
+                .env("VEN_BIN", env!("CARGO_BIN_EXE_ven"))
+                .env("VEN_PIDFILE", &pid_file)
+                .env("VEN_DATA_DIR", &data)
+                .env("VEN_CONFIG", script("board-configs/generic-x86_64.conf"))
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        };
+        let status_json = || -> String {
+            let output = Command::new(env!("CARGO_BIN_EXE_ven"))
+                .args(["status", "--json"])
+                .env("VEN_DATA_DIR", &data)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+
+        let started = init("start");
+        assert!(started.status.success(), "{how}: start: {}", String::from_utf8_lossy(&started.stderr));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !status_json().contains("\"agent_running\":true") {
+            assert!(Instant::now() < deadline, "{how}: the agent did not come up: {}", status_json());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let pid: i32 = fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert!(String::from_utf8_lossy(&init("start").stdout).contains("already running"), "{how}");
+        let status = init("status");
+        assert!(status.status.success(), "{how}: status must exit 0 while running");
+
+        let stopped = init("stop");
+        assert!(stopped.status.success(), "{how}: stop: {}", String::from_utf8_lossy(&stopped.stderr));
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+            "{how}: the agent (pid {pid}) still runs after stop"
+        );
+        assert!(!pid_file.exists(), "{how}: the pid file stays after stop");
+        assert_eq!(init("status").status.code(), Some(3), "{how}: LSB status of a stopped service");
+        assert!(status_json().contains("\"agent_running\":false"), "{how}");
+    }
+}
+
+/// targets/rootfs/assemble lays out what an image builder copies, for each init system.
+#[test]
+fn rootfs_assemble_lays_out_each_init_system() {
+    if !require("rootfs_assemble_lays_out_each_init_system", &["od"]) {
+        return;
+    }
+    let dir = Scratch::new("rootfs");
+    let bin = elf_file(&dir, "ven-armv7", 1, 40);
+    let assemble = |out: &str, env: &[(&str, &str)]| -> PathBuf {
+        let root = dir.path(out);
+        run(Command::new(script("targets/rootfs/assemble"))
+            .arg(&root)
+            .arg(&bin)
+            .arg("armv7-unknown-linux-musleabihf")
+            .envs(env.iter().copied()));
+        root
+    };
+
+    let root = assemble("busybox", &[("VEN_INIT", "busybox"), ("VEN_DATA_DIR", "/data/ven")]);
+    assert_eq!(mode(&root.join("usr/sbin/ven")), 0o755);
+    assert_eq!(mode(&root.join("data/ven")), 0o700, "the data directory on persistent storage");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/ven/ven.conf")).unwrap(),
+        fs::read_to_string(script("board-configs/armhf-appliance.conf")).unwrap()
+    );
+    for name in ["S35ven-firewall", "S90ven"] {
+        assert_eq!(mode(&root.join("etc/init.d").join(name)), 0o755, "{name}");
+    }
+    assert!(fs::read_to_string(root.join("etc/default/ven")).unwrap().contains("VEN_DATA_DIR=/data/ven"));
+
+    let root = assemble("sysvinit", &[]);
+    assert_eq!(mode(&root.join("var/lib/ven")), 0o700);
+    assert_eq!(
+        fs::read_link(root.join("etc/rcS.d/S10ven-firewall")).unwrap(),
+        Path::new("../init.d/ven-firewall")
+    );
+    assert_eq!(fs::read_link(root.join("etc/rc2.d/S90ven")).unwrap(), Path::new("../init.d/ven"));
+
+    let root = assemble("systemd", &[("VEN_INIT", "systemd"), ("VEN_DATA_DIR", "/data/ven")]);
+    assert_eq!(
+        fs::read_link(root.join("etc/systemd/system/sysinit.target.wants/ven-firewall.service")).unwrap(),
+        Path::new("/lib/systemd/system/ven-firewall.service")
+    );
+    let drop_in =
+        fs::read_to_string(root.join("etc/systemd/system/ven-firewall.service.d/data-dir.conf")).unwrap();
+    assert!(
+        drop_in.contains("Environment=VEN_DATA_DIR=/data/ven")
+            && drop_in.contains("RequiresMountsFor=/data/ven")
+    );
+
+    let refused = Command::new(script("targets/rootfs/assemble"))
+        .arg(dir.path("refused"))
+        .arg(&bin)
+        .arg("aarch64-unknown-linux-musl")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "an armv7 binary laid out as aarch64");
+}
