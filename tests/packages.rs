@@ -814,6 +814,32 @@ fn uci_settings_override_the_board_profile() {
     assert_eq!(config.caps, profile.caps);
     assert_eq!(config.ignored_interfaces, profile.ignored_interfaces);
     assert!(config.routes);
+
+    // The CLI's default data directory points at the one on flash, made again at each boot;
+    // someone's real directory there is left alone.
+    let link = dir.path("var/lib/ven");
+    let flash = dir.path("etc/ven/data");
+    let link_data_dir = || -> Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                ". '{}'; VEN_CLI_DATA_DIR='{}'; ven_link_data_dir '{}'",
+                script("targets/openwrt/files/ven.sh").display(),
+                link.display(),
+                flash.display()
+            ))
+            .output()
+            .unwrap()
+    };
+    assert!(link_data_dir().status.success());
+    assert_eq!(fs::read_link(&link).unwrap(), flash);
+    assert!(link_data_dir().status.success(), "again, over its own link");
+    assert_eq!(fs::read_link(&link).unwrap(), flash);
+    fs::remove_file(&link).unwrap();
+    fs::create_dir(&link).unwrap();
+    let refused = link_data_dir();
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is a directory"));
+    assert!(fs::symlink_metadata(&link).unwrap().is_dir(), "a real directory must stay");
 }
 
 /// The agent as systemd runs it (`Type=notify`, `WatchdogSec=`): READY=1 once it is up,

@@ -10,6 +10,8 @@
 VEN_BOARD_CONFIG=/etc/ven/ven.conf
 VEN_RUN_CONFIG=/var/etc/ven.conf
 VEN_DEFAULT_DATA_DIR=/etc/ven/data
+# Where `ven` looks when VEN_DATA_DIR is not set (an operator's `ven status`, `ven activate`).
+VEN_CLI_DATA_DIR=/var/lib/ven
 
 # Reads `uci show ven.settings` on stdin and prints one `key = value` line per option; a list's
 # items are joined with ", ". uci prints values single-quoted ('a' 'b' for a list); no value
@@ -56,4 +58,17 @@ ven_write_config() {
 		echo "# Overrides from /etc/config/ven, section 'settings':"
 		uci -q show ven.settings | ven_uci_to_conf
 	} >"$VEN_RUN_CONFIG.new" && chmod 0600 "$VEN_RUN_CONFIG.new" && mv "$VEN_RUN_CONFIG.new" "$VEN_RUN_CONFIG"
+}
+
+# Points $VEN_CLI_DATA_DIR at the data directory on flash, so that the ven command works without
+# VEN_DATA_DIR. /var is RAM on OpenWrt: the link is made again at every boot. A real directory
+# there (someone's own) is left alone.
+ven_link_data_dir() {
+	local data_dir="$1"
+	[ "$data_dir" = "$VEN_CLI_DATA_DIR" ] && return 0
+	if [ -L "$VEN_CLI_DATA_DIR" ] || [ ! -e "$VEN_CLI_DATA_DIR" ]; then
+		mkdir -p "${VEN_CLI_DATA_DIR%/*}" && ln -sfn "$data_dir" "$VEN_CLI_DATA_DIR"
+	else
+		echo "ven: $VEN_CLI_DATA_DIR is a directory; run ven with VEN_DATA_DIR=$data_dir" >&2
+	fi
 }
