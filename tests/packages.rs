@@ -1,13 +1,13 @@
 //! The packages and init integration (targets/): the .ipk and .deb that targets/package/ipk and
 //! targets/package/deb make from this build's `ven`, unpacked and checked the way opkg and dpkg
 //! read them; the .deb installed, removed and purged in a scratch root with the real dpkg;
-//! removal's effect on the firewall inside a network namespace of our own; the init scripts
+//! the real `dpkg -r` (scripts chrooted) against an enforced firewall in a namespace of our own; the init scripts
 //! parsed by `sh -n` (and shellcheck when installed), the systemd units by
 //! `systemd-analyze verify` when it is there; the OpenWrt UCI translation fed to the agent's own
 //! configuration parser.
 //!
-//! The tools are the Debian packages .ci/setup installs (tar, gzip, dpkg, iproute2, iptables,
-//! ipset). Without them a test skips loudly; under `CI` it fails instead. Nothing is installed
+//! The tools are the Debian packages .ci/setup installs (tar, gzip, dpkg, coreutils, libc-bin,
+//! iproute2, iptables, ipset; shellcheck, lintian and systemd's systemd-analyze when present). Without them a test skips loudly; under `CI` it fails instead. Nothing is installed
 //! on this machine: dpkg works on a scratch root (`--root` with `--force-script-chrootless`).
 
 mod common;
@@ -538,28 +538,62 @@ fn deb_installs_removes_and_purges_in_a_scratch_root() {
     assert!(left.is_empty(), "left after purge: {left:?}");
 }
 
-/// Removing the package leaves the firewall as `ven deactivate` does: the prerm of both
-/// packages runs the installed uninstall-firewall, here inside a namespace of our own with an
-/// enforced last-known-good policy put in force by the installed binary's `ven restore`.
+/// A root a chroot can run the package's scripts and `ven` in: merged /usr, /bin/sh and the
+/// few tools the maintainer scripts use, the nft variant of iptables with its extensions, ipset,
+/// `ven`'s shared libraries and /dev/null, each copied from this machine with its libraries.
+fn chroot_root(root: &Path, ven: &Path) {
+    let script = r#"
+set -eu
+R=$1 VEN=$2
+mkdir -p "$R/usr/bin" "$R/usr/sbin" "$R/usr/lib" "$R/usr/lib64" "$R/dev" "$R/run" "$R/tmp" \
+	"$R/var/lib/dpkg/info" "$R/var/lib/dpkg/updates" "$R/var/log"
+for d in bin sbin lib lib64; do ln -s "usr/$d" "$R/$d"; done
+: >"$R/var/lib/dpkg/status"
+: >"$R/var/lib/dpkg/available"
+put() { mkdir -p "$R$(dirname "$1")" && cp -L "$1" "$R$1"; }
+with_libs() {
+	ldd "$1" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
+		[ -e "$R$lib" ] || put "$lib"
+	done
+}
+xtables=$(readlink -f "$(command -v iptables-nft-restore)")
+for tool in /bin/sh /bin/mkdir /bin/chmod /bin/rm /bin/rmdir "$xtables" "$(command -v ipset)"; do
+	put "$tool"
+	with_libs "$tool"
+done
+for name in iptables-nft-save iptables-nft-restore ip6tables-nft-save ip6tables-nft-restore; do
+	ln -s "$(basename "$xtables")" "$R$(dirname "$xtables")/$name"
+done
+extensions=$(dirname "$(ldd "$xtables" | awk '/libxtables/ { print $3 }')")/xtables
+mkdir -p "$R$(dirname "$extensions")"
+cp -a "$extensions" "$R$extensions"
+with_libs "$VEN"
+mknod -m 666 "$R/dev/null" c 1 3
+"#;
+    run(Command::new("sh").arg("-c").arg(script).arg("chroot-root").arg(root).arg(ven));
+}
+
+/// Removing the package is the spec's uninstall, like `ven deactivate`: ven's rules and sets
+/// go, the host's own stay, the VEN is unpaired. The real `dpkg -r` runs the real prerm in a
+/// chroot (so DPKG_ROOT is not set and the scripts act as on a live system) inside a network
+/// namespace of our own, against an enforced policy the packaged `ven restore` put in force.
+/// Also: an upgrade leaves the firewall alone, `VEN_UNINSTALL_FIREWALL=keep` too, and a
+/// firewall that cannot be changed fails the removal and keeps the package.
 #[test]
 fn removal_leaves_the_firewall_as_deactivate_does() {
     let test = "removal_leaves_the_firewall_as_deactivate_does";
-    if !require(test, &["tar", "gzip", "od", "dpkg-deb"]) || !common::require_kernel() {
+    if !require(
+        test,
+        &["tar", "gzip", "od", "dpkg", "dpkg-deb", "chroot", "ldd", "mknod", "iptables-nft-restore"],
+    ) || !common::require_kernel()
+    {
         return;
     }
     let dir = Scratch::new("removal");
     let bin = host_binary(&dir);
     let (deb, _) = package("deb", &bin, HOST_TRIPLE, &dir.path("out"), &[("VEN_DEB_COMPRESSION", "gzip")]);
     let root = dir.path("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
-    let prerm = stdout(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("prerm"));
-    let on_remove = prerm.find("if [ \"$1\" = remove ]; then").expect("prerm handles remove");
-    let block_end = on_remove + prerm[on_remove..].find("\nfi\n").expect("end of the remove block");
-    assert!(
-        prerm[on_remove..=block_end].contains("\t/usr/lib/ven/uninstall-firewall\n")
-            && prerm.matches("/usr/lib/ven/uninstall-firewall").count() == 1,
-        "prerm must run uninstall-firewall on remove, and only then:\n{prerm}"
-    );
+    chroot_root(&root, &bin);
 
     let ns = Netns::new("venpkg").expect("creating a namespace");
     // The host's own rules, which deactivation must keep.
@@ -567,12 +601,35 @@ fn removal_leaves_the_firewall_as_deactivate_does() {
     common::sh(&ns, "ip6tables -A INPUT -p tcp --dport 9 -m comment --comment host-rule -j ACCEPT");
     let before = dump(&ns);
 
-    let data = dir.path("data");
-    let config = root.join("etc/ven/ven.conf");
-    let pair_and_restore = || {
-        let data_dir = ven::state::DataDir::new(&data);
-        data_dir.ensure().unwrap();
-        // No PCE: its address has no route in the namespace, so the goodbye fails at once.
+    // dpkg in the namespace; the scripts run chrooted into `root`.
+    let dpkg = |args: &[&str], env: &[(&str, &str)]| -> Output {
+        let mut command = ns.command("dpkg");
+        command
+            .arg(format!("--root={}", root.display()))
+            .args(["--log=/dev/null", "--force-depends"])
+            .args(args)
+            .env_remove("DPKG_ROOT")
+            .env_remove("VEN_UNINSTALL_FIREWALL")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null());
+        command.output().unwrap()
+    };
+    let succeeded = |output: Output, what: &str| -> String {
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "{what} failed:\n{text}");
+        text
+    };
+    let status = || String::from_utf8_lossy(&dpkg(&["-s", "ven"], &[]).stdout).into_owned();
+    let data = ven::state::DataDir::new(root.join("var/lib/ven"));
+    let paired = || data.identity_path().exists();
+    let install = || {
+        succeeded(dpkg(&["-i", deb.to_str().unwrap()], &[]), "dpkg -i");
+        assert!(status().contains("Status: install ok installed"), "{}", status());
+    };
+    // Paired with a PCE that has no route from the namespace (the goodbye fails at once), and
+    // its enforced policy put in force by the installed `ven restore`.
+    let pair_and_restore = || -> FirewallDump {
         let identity = Identity {
             agent_id: 7,
             agent_token: "token".into(),
@@ -583,60 +640,65 @@ fn removal_leaves_the_firewall_as_deactivate_does() {
             heartbeat_interval_s: 300,
             activated_at: 1,
         };
-        state::write_record(&data_dir.identity_path(), RecordKind::Identity, &identity, 0o600).unwrap();
+        data.ensure().unwrap();
+        state::write_record(&data.identity_path(), RecordKind::Identity, &identity, 0o600).unwrap();
         let policy = common::policy(3, PolicyState::Enforced, &["198.18.0.1"]);
-        state::write_record(&data_dir.policy_path(), RecordKind::Policy, &policy, 0o600).unwrap();
-        let restored =
-            ven_in(&ns, &root, &data, &config, &[root.join("usr/sbin/ven").to_str().unwrap(), "restore"]);
+        state::write_record(&data.policy_path(), RecordKind::Policy, &policy, 0o600).unwrap();
+        let mut restore = ns.command("chroot");
+        restore
+            .arg(&root)
+            .args(["/usr/sbin/ven", "restore"])
+            .env_remove("VEN_DATA_DIR")
+            .env_remove("VEN_CONFIG");
+        let restored = stdout(&mut restore);
         assert!(restored.starts_with("Restored policy version 3 (enforced)"), "{restored}");
         let enforced = dump(&ns);
         assert!(!enforced.ven_objects().is_empty(), "ven restore put nothing in force");
         enforced
     };
-    let uninstall = root.join("usr/lib/ven/uninstall-firewall");
-    let uninstall = uninstall.to_str().unwrap();
 
-    // `keep` leaves the pairing and the firewall alone.
+    install();
+    assert_eq!(mode(&root.join("var/lib/ven")), 0o700, "postinst, in the chroot");
     let enforced = pair_and_restore();
-    let said = ven_in_env(&ns, &root, &data, &config, &[uninstall], &[("VEN_UNINSTALL_FIREWALL", "keep")]);
+
+    // An upgrade (the same package again: prerm upgrade) leaves the pairing and the firewall.
+    install();
+    assert!(paired());
+    assert_eq!(comparable(&dump(&ns)), comparable(&enforced), "an upgrade changed the firewall");
+
+    // `keep` removes the package and leaves the pairing and the firewall.
+    let said = succeeded(dpkg(&["-r", "ven"], &[("VEN_UNINSTALL_FIREWALL", "keep")]), "dpkg -r (keep)");
     assert!(said.contains("left as they are"), "{said}");
+    assert!(paired());
+    assert_eq!(comparable(&dump(&ns)), comparable(&enforced));
+
+    // A firewall the tools cannot change: prerm fails, dpkg keeps the package, nothing changes.
+    install();
+    let restore_tool = root.join("usr/sbin/iptables-nft-restore");
+    let hidden = root.join("usr/sbin/iptables-nft-restore.hidden");
+    fs::rename(&restore_tool, &hidden).unwrap();
+    let failed = dpkg(&["-r", "ven"], &[]);
+    fs::rename(&hidden, &restore_tool).unwrap();
+    let said =
+        format!("{}{}", String::from_utf8_lossy(&failed.stdout), String::from_utf8_lossy(&failed.stderr));
+    assert!(!failed.status.success(), "dpkg -r succeeded although the firewall could not be opened:\n{said}");
+    assert!(said.contains("the package stays installed"), "{said}");
+    // Still installed (the selection says it was asked to go: "deinstall ok installed").
+    assert!(status().contains(" ok installed\n"), "{}", status());
+    assert!(root.join("usr/sbin/ven").is_file() && paired());
     assert_eq!(comparable(&dump(&ns)), comparable(&enforced));
 
     // The default: ven's rules and sets gone, the host's kept, the pairing forgotten.
-    let said = ven_in(&ns, &root, &data, &config, &[uninstall]);
+    let said = succeeded(dpkg(&["-r", "ven"], &[]), "dpkg -r");
     assert!(said.contains("Deactivated") && said.contains("the firewall is open"), "{said}");
     let after = dump(&ns);
     assert_eq!(after.ven_objects(), Vec::<String>::new(), "ven objects left:\n{}", after.v4);
     assert_eq!(comparable(&after), comparable(&before), "the host's own rules must stay as they were");
-    assert!(!ven::state::DataDir::new(&data).identity_path().exists(), "the VEN must be unpaired");
-    // Removing again (nothing paired) is not an error.
-    let said = ven_in(&ns, &root, &data, &config, &[uninstall]);
-    assert!(said.contains("not activated"), "{said}");
-}
-
-/// `ven` (or a script) from the unpacked package, inside the namespace, with its data and
-/// configuration; must succeed.
-fn ven_in(ns: &Netns, root: &Path, data: &Path, config: &Path, argv: &[&str]) -> String {
-    ven_in_env(ns, root, data, config, argv, &[])
-}
-
-fn ven_in_env(
-    ns: &Netns,
-    root: &Path,
-    data: &Path,
-    config: &Path,
-    argv: &[&str],
-    env: &[(&str, &str)],
-) -> String {
-    let mut command = ns.command(argv[0]);
-    command
-        .args(&argv[1..])
-        .env("VEN_BIN", root.join("usr/sbin/ven"))
-        .env("VEN_DATA_DIR", data)
-        .env("VEN_CONFIG", config)
-        .env_remove("VEN_UNINSTALL_FIREWALL")
-        .envs(env.iter().copied());
-    stdout(&mut command)
+    assert!(!paired(), "the VEN must be unpaired");
+    assert!(status().contains("Status: deinstall ok config-files"), "{}", status());
+    assert!(!root.join("usr/sbin/ven").exists());
+    succeeded(dpkg(&["-P", "ven"], &[]), "dpkg -P");
+    assert!(!root.join("var/lib/ven").exists(), "purge removes the data directory");
 }
 
 fn dump(ns: &Netns) -> FirewallDump {
