@@ -1117,3 +1117,83 @@ fn rootfs_assemble_lays_out_each_init_system() {
         .unwrap();
     assert!(!refused.status.success(), "an armv7 binary laid out as aarch64");
 }
+
+/// The .ipk's removal step (prerm-pkg, which OpenWrt's default_prerm sources before stopping
+/// the services) does what the .deb's does: nothing on an upgrade (PKG_UPGRADE=1), the spec's
+/// uninstall otherwise. Run chrooted into a root holding the ipk's files, inside a namespace of
+/// our own; `uci` there answers as on a router whose /etc/config/ven sets nothing.
+#[test]
+fn ipk_removal_opens_the_firewall_but_not_on_upgrade() {
+    let test = "ipk_removal_opens_the_firewall_but_not_on_upgrade";
+    if !require(test, &["tar", "gzip", "od", "chroot", "ldd", "mknod", "iptables-nft-restore"])
+        || !common::require_kernel()
+    {
+        return;
+    }
+    let dir = Scratch::new("ipk-removal");
+    let bin = host_binary(&dir);
+    let (ipk, _) = package("ipk", &bin, HOST_TRIPLE, &dir.path("out"), &[]);
+    let root = dir.path("root");
+    chroot_root(&root, &bin);
+    let control = dir.path("control");
+    fs::create_dir(&control).unwrap();
+    run(Command::new("sh").arg("-c").arg(format!(
+        "tar xzOf '{ipk}' ./data.tar.gz | tar xzf - -C '{root}' && tar xzOf '{ipk}' ./control.tar.gz | tar xzf - -C '{control}'",
+        ipk = ipk.display(),
+        root = root.display(),
+        control = control.display()
+    )));
+    fs::copy(control.join("prerm-pkg"), root.join("prerm-pkg")).unwrap();
+    // `uci -q get` of an option nobody set: no output, exit 1.
+    fs::write(root.join("usr/bin/uci"), "#!/bin/sh\nexit 1\n").unwrap();
+    fs::set_permissions(root.join("usr/bin/uci"), fs::Permissions::from_mode(0o755)).unwrap();
+
+    let ns = Netns::new("venipk").expect("creating a namespace");
+    // Both families hold a rule of the host's (an empty family has no table to compare).
+    common::sh(&ns, "iptables -A INPUT -p tcp --dport 9 -m comment --comment host-rule -j ACCEPT");
+    common::sh(&ns, "ip6tables -A INPUT -p tcp --dport 9 -m comment --comment host-rule -j ACCEPT");
+    let before = dump(&ns);
+    let data = ven::state::DataDir::new(root.join("etc/ven/data"));
+    let identity = Identity {
+        agent_id: 9,
+        agent_token: "token".into(),
+        hostname: "router".into(),
+        management_server: "198.18.0.250:8443".into(),
+        event_port: 8444,
+        ca_cert_der: vec![0x30, 0x00],
+        heartbeat_interval_s: 300,
+        activated_at: 1,
+    };
+    data.ensure().unwrap();
+    state::write_record(&data.identity_path(), RecordKind::Identity, &identity, 0o600).unwrap();
+    let policy = common::policy(5, PolicyState::Enforced, &["198.18.0.1"]);
+    state::write_record(&data.policy_path(), RecordKind::Policy, &policy, 0o600).unwrap();
+    let in_root = |argv: &[&str], env: &[(&str, &str)]| -> String {
+        let mut command = ns.command("chroot");
+        command
+            .arg(&root)
+            .args(argv)
+            .env_remove("PKG_UPGRADE")
+            .env_remove("IPKG_INSTROOT")
+            .env_remove("VEN_UNINSTALL_FIREWALL")
+            .envs(env.iter().copied());
+        stdout(&mut command)
+    };
+    let restored = in_root(&["/usr/sbin/ven", "restore"], &[("VEN_DATA_DIR", "/etc/ven/data")]);
+    assert!(restored.starts_with("Restored policy version 5 (enforced)"), "{restored}");
+    let enforced = dump(&ns);
+    assert!(!enforced.ven_objects().is_empty());
+
+    // opkg upgrading the package: nothing changes.
+    in_root(&["/bin/sh", "/prerm-pkg"], &[("PKG_UPGRADE", "1")]);
+    assert!(data.identity_path().exists());
+    assert_eq!(comparable(&dump(&ns)), comparable(&enforced), "an upgrade changed the firewall");
+
+    // opkg removing it: the spec's uninstall, with the data directory UCI defaults to.
+    let said = in_root(&["/bin/sh", "/prerm-pkg"], &[]);
+    assert!(said.contains("Deactivated"), "{said}");
+    assert!(!data.identity_path().exists(), "the VEN must be unpaired");
+    let after = dump(&ns);
+    assert_eq!(after.ven_objects(), Vec::<String>::new(), "ven objects left:\n{}", after.v4);
+    assert_eq!(comparable(&after), comparable(&before));
+}
