@@ -135,6 +135,7 @@ impl Manager {
     }
 
     pub fn run(mut self, inputs: Receiver<Input>) {
+        let mut supervisor = super::notify::Supervisor::from_env();
         self.set_conntrack_timeout();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
@@ -145,9 +146,14 @@ impl Manager {
             self.restore_last_known_good();
         }
         self.publish_status();
+        // Up: the last-known-good policy is in force (or there is none to restore).
+        supervisor.ready(&self.state_line());
         loop {
             let now = Instant::now();
             let wait = self.next_deadline().map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
+            // INVARIANT: the init system's watchdog is fed from this loop, never from a thread
+            // of its own, so a manager stuck in one operation gets restarted.
+            let wait = supervisor.until_next_ping(now).map_or(wait, |ping| wait.min(ping));
             match inputs.recv_timeout(wait) {
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(Input::Event(event)) => self.on_event(event),
@@ -158,8 +164,27 @@ impl Manager {
                 Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
             self.publish_status();
+            supervisor.ping_if_due(Instant::now());
+            supervisor.status(&self.state_line());
         }
+        supervisor.stopping();
         self.shutdown();
+    }
+
+    /// One line for the init system (`systemctl status`): connectivity and what is enforced.
+    fn state_line(&self) -> String {
+        if self.suspended {
+            return "suspended: ven's rules are removed until `ven unsuspend`".into();
+        }
+        if self.pairing.is_none() {
+            return "unpaired: waiting for `ven activate`".into();
+        }
+        let policy = self.applied.as_ref().map_or_else(
+            || "no policy yet".to_string(),
+            |p| format!("policy version {} ({})", p.version, p.state),
+        );
+        let error = if self.apply_error.is_some() { ", last apply failed" } else { "" };
+        format!("{}; {policy}{error}", self.heartbeats.connectivity().as_str())
     }
 
     /// The earliest timer, or `None` when the agent has nothing to do on its own.

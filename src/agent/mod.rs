@@ -14,6 +14,7 @@ pub mod evsync;
 pub mod host;
 pub mod lifecycle;
 pub mod manager;
+pub mod notify;
 pub mod pce_client;
 pub mod status;
 pub mod tls;
