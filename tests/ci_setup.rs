@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 /// Programs the workspace builds itself: never installed by setup.
 const BUILT_HERE: [&str; 3] = ["ven", "pce", "ven-lab"];
+/// Programs only the agent runs, and only on a board that has them: `ubus` feeds procd's
+/// watchdog on OpenWrt (src/agent/notify.rs); no test runs it.
+const BOARD_ONLY: [&str; 1] = ["ubus"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,7 +79,9 @@ fn tools_the_code_runs() -> BTreeSet<String> {
     let is_program_name = |tool: &str| {
         !tool.is_empty() && tool.chars().all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c))
     };
-    tools.retain(|tool| is_program_name(tool) && !BUILT_HERE.contains(&tool.as_str()));
+    tools.retain(|tool| {
+        is_program_name(tool) && !BUILT_HERE.contains(&tool.as_str()) && !BOARD_ONLY.contains(&tool.as_str())
+    });
     tools
 }
 
