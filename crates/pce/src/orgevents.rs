@@ -180,6 +180,16 @@ impl EventLog {
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &OrgEvent> + ExactSizeIterator {
         self.events.iter()
     }
+
+    /// The log from what a store kept: the counters and the events (any order; the newest
+    /// [`MAX_ORG_EVENTS`] are kept).
+    pub fn from_parts(last_id: u64, dropped: u64, mut events: Vec<OrgEvent>) -> Self {
+        events.sort_by_key(|event| event.id);
+        let excess = events.len().saturating_sub(MAX_ORG_EVENTS);
+        let events: VecDeque<OrgEvent> = events.into_iter().skip(excess).collect();
+        let last_id = last_id.max(events.back().map_or(0, |event| event.id));
+        Self { last_id, dropped: dropped + excess as u64, events }
+    }
 }
 
 /// One CEF line: `CEF:0|ven|pce|<version>|<type>|<type>|<severity>|rt=<ms> externalId=<id>

@@ -87,8 +87,9 @@ fn illumio_py_manages_labels_with_an_api_key() {
     run_script(&python, "labels.py", &dir.0, api, &key);
 
     // Only a hash of the secret is stored; a deleted key stops working at once.
-    let state = std::fs::read_to_string(dir.0.join("state.json")).expect("state.json");
-    assert!(!state.contains(&key.1), "the secret is stored in clear");
+    let store = std::fs::read(dir.0.join("pce.redb")).expect("pce.redb");
+    let secret = key.1.as_bytes();
+    assert!(!store.windows(secret.len()).any(|w| w == secret), "the secret is stored in clear");
     let key_id = key.0.trim_start_matches("api_").to_string();
     cli_ok(&dir.0, api, &["api-key", "delete", &key_id]);
     let listed = cli_ok(&dir.0, api, &["api-key", "list", "--json"]);

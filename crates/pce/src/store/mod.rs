@@ -1,15 +1,19 @@
-//! The PCE's state: labels, draft and active rules, pairing profiles and workloads (one per paired
-//! VEN, with its suspension and custom iptables rules), kept in memory and persisted in
-//! `DIR/state.json`; the organisation events in `DIR/events.json`.
+//! The PCE's state: labels, policy objects (draft and active), pairing profiles, API keys,
+//! workloads (one per paired VEN, with its suspension and custom iptables rules, and unmanaged
+//! ones) and the organisation events, kept in memory and persisted record by record through a
+//! [`backend::Backend`] (redb: `DIR/pce.redb`).
 //!
-//! Guarantees: every change is written before the call returns (temp file, fsync, rename, 0600),
-//! except heartbeat bookkeeping (and the events a heartbeat carries), which only marks the state
-//! dirty for [`Store::flush`]. A write that fails leaves the change in memory and the state dirty,
-//! so the next flush retries it. Policies are recomputed after every change that can affect them; a
-//! workload's policy version moves (to the next value of one global counter) exactly when its
-//! content changes, also across restarts: the state keeps each workload's version and a digest of
-//! its content. The events live in a file of their own so that the frequent heartbeat flushes do not
-//! rewrite up to [`crate::orgevents::MAX_ORG_EVENTS`] events each time.
+//! Guarantees: every change is committed before the call returns, as one transaction holding only
+//! the records that changed ([`backend::diff`]), except heartbeat bookkeeping (and the events a
+//! heartbeat carries), which only marks the state dirty for [`Store::flush`]. A commit that fails
+//! leaves the change in memory and the state dirty, so the next flush retries it (the diff is
+//! taken against what the backend last took). Policies are recomputed after every change that can
+//! affect them; a workload's policy version moves (to the next value of one global counter) exactly
+//! when its content changes, also across restarts: the state keeps each workload's version and a
+//! digest of its content.
+//!
+//! A data directory of an older PCE (`state.json`, `events.json`) is migrated at open: its state
+//! is committed to the new store in one transaction, then the files are renamed `*.migrated`.
 
 use crate::clock;
 use crate::orgevents::{EventLog, EventType};
@@ -28,8 +32,12 @@ use ven_proto::{
     RuleFamily,
 };
 
+mod backend;
 mod pairing;
+mod redb_backend;
 mod sec_policy;
+
+use backend::{Backend, EventsMark};
 
 pub use sec_policy::DEFAULT_RULE_SET;
 
@@ -59,6 +67,12 @@ pub enum StoreError {
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("{path} has format {found}; this pce reads format {FORMAT}")]
     Format { path: PathBuf, found: u32 },
+    #[error("the store {path}: {cause}")]
+    Database { path: PathBuf, cause: String },
+    #[error("the store's {table} record {key:?} is damaged: {source}")]
+    Record { table: &'static str, key: String, source: serde_json::Error },
+    #[error("the store has records but no meta/state record: it is damaged")]
+    MissingMeta,
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -262,14 +276,15 @@ pub struct Activation {
 }
 
 pub struct Store {
-    path: PathBuf,
+    backend: Box<dyn Backend>,
     state: State,
+    /// What the backend holds: the diff of each commit is taken against it.
+    persisted: State,
+    persisted_events: EventsMark,
     /// Current policy of every workload (derived, not persisted).
     policies: HashMap<u64, Policy>,
     dirty: bool,
-    events_path: PathBuf,
     events: EventLog,
-    events_dirty: bool,
 }
 
 /// `DIR/events.json`.
@@ -283,47 +298,53 @@ impl Store {
     /// Opens `dir/state.json`, or creates it with a default pairing profile. Returns whether it was
     /// created.
     pub fn open(dir: &Path) -> Result<(Self, bool), StoreError> {
-        let path = dir.join(STATE_FILE);
-        let (mut state, created) = match fs::read(&path) {
-            Ok(bytes) => {
-                let state: State = serde_json::from_slice(&bytes)
-                    .map_err(|source| StoreError::Parse { path: path.clone(), source })?;
-                if state.format != FORMAT {
-                    return Err(StoreError::Format { path, found: state.format });
-                }
-                (state, false)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (initial_state()?, true),
-            Err(source) => return Err(StoreError::Read { path, source }),
+        let backend = redb_backend::RedbBackend::open(&dir.join(redb_backend::STORE_FILE))?;
+        Self::open_with(dir, Box::new(backend))
+    }
+
+    /// Opens the store `backend` holds; an empty one is filled from the JSON files of an older
+    /// PCE in `dir` when there are any, else created with a default pairing profile.
+    fn open_with(dir: &Path, backend: Box<dyn Backend>) -> Result<(Self, bool), StoreError> {
+        let (mut state, events, origin) = match backend::assemble(backend.load()?)? {
+            Some((state, events)) => (state, events, Origin::Stored),
+            None => match read_json_files(dir)? {
+                Some((state, events)) => (state, events, Origin::Migrated),
+                None => (initial_state()?, EventLog::default(), Origin::Created),
+            },
         };
+        if state.format != FORMAT {
+            return Err(StoreError::Format { path: dir.join(redb_backend::STORE_FILE), found: state.format });
+        }
         let upgraded = sec_policy::upgrade(&mut state);
-        let events_path = dir.join(EVENTS_FILE);
-        let events = match fs::read(&events_path) {
-            Ok(bytes) => {
-                let file: EventsFile = serde_json::from_slice(&bytes)
-                    .map_err(|source| StoreError::Parse { path: events_path.clone(), source })?;
-                if file.format != FORMAT {
-                    return Err(StoreError::Format { path: events_path, found: file.format });
-                }
-                file.log
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => EventLog::default(),
-            Err(source) => return Err(StoreError::Read { path: events_path, source }),
-        };
         let mut store = Store {
-            path,
+            backend,
             state,
+            persisted: State::empty(),
+            persisted_events: EventsMark::default(),
             policies: HashMap::new(),
-            dirty: created,
-            events_path,
+            dirty: true,
             events,
-            events_dirty: false,
         };
+        if origin == Origin::Stored {
+            store.persisted = store.state.clone();
+            store.persisted_events = EventsMark::of(&store.events);
+            store.dirty = false;
+        }
         let changes = store.recompute();
-        if created || upgraded || !changes.is_empty() {
+        if origin != Origin::Stored || upgraded || !changes.is_empty() {
             store.save()?;
         }
-        Ok((store, created))
+        if origin == Origin::Migrated {
+            for file in [STATE_FILE, EVENTS_FILE] {
+                let path = dir.join(file);
+                if path.exists() {
+                    let migrated = dir.join(format!("{file}.migrated"));
+                    fs::rename(&path, &migrated).map_err(|source| StoreError::Write { path, source })?;
+                }
+            }
+            log::info!("migrated {} into {}", dir.join(STATE_FILE).display(), redb_backend::STORE_FILE);
+        }
+        Ok((store, origin == Origin::Created))
     }
 
     /// The organisation events, oldest first.
@@ -339,31 +360,20 @@ impl Store {
         self.policies.get(&workload_id)
     }
 
-    /// Writes the state, and the events if they changed since their last write.
+    /// Commits what changed since the last commit, as one transaction.
     pub fn save(&mut self) -> Result<(), StoreError> {
         self.dirty = true;
-        let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        write_atomic(&self.path, &bytes, 0o600)
-            .map_err(|source| StoreError::Write { path: self.path.clone(), source })?;
+        let changes = backend::diff(&self.persisted, &self.state, self.persisted_events, &self.events);
+        self.backend.commit(&changes)?;
+        backend::apply(&mut self.persisted, &self.state, &changes);
+        self.persisted_events = EventsMark::of(&self.events);
         self.dirty = false;
-        self.save_events()
-    }
-
-    /// Writes what changed since the last write.
-    pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.dirty { self.save() } else { self.save_events() }
-    }
-
-    fn save_events(&mut self) -> Result<(), StoreError> {
-        if !self.events_dirty {
-            return Ok(());
-        }
-        // Compact: this file holds up to MAX_ORG_EVENTS events.
-        let bytes = serde_json::to_vec(&json!({ "format": FORMAT, "log": &self.events })).unwrap_or_default();
-        write_atomic(&self.events_path, &bytes, 0o600)
-            .map_err(|source| StoreError::Write { path: self.events_path.clone(), source })?;
-        self.events_dirty = false;
         Ok(())
+    }
+
+    /// Commits what changed since the last commit, if anything did.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.dirty || self.persisted_events != EventsMark::of(&self.events) { self.save() } else { Ok(()) }
     }
 
     /// Records an organisation event about `workload` (its current hostname is looked up); the
@@ -382,7 +392,6 @@ impl Store {
             _ => serde_json::Map::new(),
         };
         self.events.record(now, event_type, host, message, details);
-        self.events_dirty = true;
     }
 
     /// Whether `token` is the agent token of workload `agent_id`.
@@ -961,6 +970,69 @@ fn check_custom_rule(text: &str) -> Result<&str, String> {
     Ok(text)
 }
 
+/// Where an opened store's state came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Stored,
+    /// From an older PCE's `state.json` and `events.json`.
+    Migrated,
+    Created,
+}
+
+/// The state and events of an older PCE's JSON files in `dir`, if it has a `state.json`.
+fn read_json_files(dir: &Path) -> Result<Option<(State, EventLog)>, StoreError> {
+    let path = dir.join(STATE_FILE);
+    let state: State = match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|source| StoreError::Parse { path: path.clone(), source })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::Read { path, source }),
+    };
+    if state.format != FORMAT {
+        return Err(StoreError::Format { path, found: state.format });
+    }
+    let events_path = dir.join(EVENTS_FILE);
+    let events = match fs::read(&events_path) {
+        Ok(bytes) => {
+            let file: EventsFile = serde_json::from_slice(&bytes)
+                .map_err(|source| StoreError::Parse { path: events_path.clone(), source })?;
+            if file.format != FORMAT {
+                return Err(StoreError::Format { path: events_path, found: file.format });
+            }
+            file.log
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => EventLog::default(),
+        Err(source) => return Err(StoreError::Read { path: events_path, source }),
+    };
+    Ok(Some((state, events)))
+}
+
+impl State {
+    /// No objects, zero counters: what records are assembled into.
+    fn empty() -> State {
+        State {
+            format: FORMAT,
+            labels: Vec::new(),
+            workloads: BTreeMap::new(),
+            draft: PolicyObjects::default(),
+            active: PolicyObjects::default(),
+            policy_versions: Vec::new(),
+            draft_rules: Vec::new(),
+            active_rules: Vec::new(),
+            pairing_profiles: Vec::new(),
+            sec_policy_version: 0,
+            policy_counter: 0,
+            last_label_id: 0,
+            last_rule_id: 0,
+            last_workload_id: 0,
+            api_keys: Vec::new(),
+            last_ip_list_id: 0,
+            last_service_id: 0,
+            last_rule_set_id: 0,
+        }
+    }
+}
+
 fn initial_state() -> Result<State, StoreError> {
     Ok(State {
         format: FORMAT,
@@ -1166,7 +1238,7 @@ mod tests {
         assert!(reopened.authenticate(web.agent_id, &web.agent_token));
         assert!(!reopened.authenticate(web.agent_id, &db.agent_token));
         assert!(!reopened.authenticate(99, &web.agent_token));
-        let mode = fs::metadata(dir.join(STATE_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join(redb_backend::STORE_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -1197,16 +1269,24 @@ mod tests {
     }
 
     #[test]
-    fn flat_rules_of_older_states_become_a_rule_set_with_the_same_ids() {
-        let dir = scratch_dir("store-upgrade");
-        let (mut store, web, db) = populated(&dir);
+    fn an_older_pces_json_files_are_migrated_and_flat_rules_keep_their_ids() {
+        let built = scratch_dir("store-upgrade-source");
+        let (mut store, web, db) = populated(&built);
         provision_all(&mut store);
         let policy = store.policy(db.agent_id).unwrap().clone();
         let (web_label, db_label) = (store.state().labels[0].id, store.state().labels[1].id);
-        drop(store);
-        // The state as the previous version wrote it: flat rules, no policy objects.
+        let events = store.events().clone();
+        // The data directory as the previous version wrote it: state.json with flat rules and no
+        // policy objects, events.json beside it.
+        let dir = scratch_dir("store-upgrade");
         let path = dir.join(STATE_FILE);
-        let mut old: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let mut old: Value = serde_json::to_value(store.state()).unwrap();
+        drop(store);
+        fs::write(
+            dir.join(EVENTS_FILE),
+            serde_json::to_vec(&json!({ "format": FORMAT, "log": events })).unwrap(),
+        )
+        .unwrap();
         let flat = json!([{ "id": 7, "consumers": [web_label], "providers": [db_label],
             "services": [{ "ports": { "first": 5432, "last": 5432 }, "protocol": "Tcp" }] }]);
         let object = old.as_object_mut().unwrap();
@@ -1230,9 +1310,15 @@ mod tests {
         assert_eq!(upgraded.ip_sets[0].members, policy.ip_sets[0].members);
         assert_eq!(upgraded.rules[0].id, 7000);
         assert!(store.authenticate(web.agent_id, &web.agent_token));
-        // What it wrote is the new model: the flat rules are gone from the file.
-        let written = fs::read_to_string(&path).unwrap();
-        assert!(!written.contains("draft_rules") && written.contains("rule_sets"));
+        assert_eq!(store.events().iter().len(), events.iter().len(), "the events came along");
+        // The JSON files are set aside, and a reopen reads the new store alone.
+        assert!(!path.exists() && dir.join(format!("{STATE_FILE}.migrated")).exists());
+        assert!(dir.join(format!("{EVENTS_FILE}.migrated")).exists());
+        let state = store.state().clone();
+        drop(store);
+        let (reopened, created) = Store::open(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(reopened.state(), &state);
     }
 
     #[test]

@@ -2,11 +2,18 @@
 //! 127.0.0.1 with free ports, and the admin CLI against it.
 #![allow(dead_code)] // each test file uses its own part of this module
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use ven_proto::{
+    ActivateRequest, AgentEvent, HeartbeatRequest, HostReport, Interface, IpNet, PROTOCOL_VERSION,
+    PolicyState, SuspendNotice, path,
+};
 
 pub const PCE: &str = env!("CARGO_BIN_EXE_pce");
 pub const STARTUP: Duration = Duration::from_secs(30);
@@ -120,4 +127,151 @@ pub fn cli_ok(dir: &Path, api: u16, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "pce {args:?} failed: {stderr}");
     String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// `x-ven-protocol` value of this build.
+pub fn protocol() -> String {
+    PROTOCOL_VERSION.to_string()
+}
+
+pub fn ca(dir: &Path) -> CertificateDer<'static> {
+    CertificateDer::from_pem_file(dir.join("ca.pem")).expect("CA certificate")
+}
+
+/// The VEN side of the VEN API.
+pub struct Ven {
+    pub agent: ureq::Agent,
+    pub base: String,
+}
+
+impl Ven {
+    pub fn new(dir: &Path, api: u16) -> Ven {
+        let ca = ureq::tls::Certificate::from_der(ca(dir).as_ref()).to_owned();
+        let tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Ven { agent, base: format!("https://127.0.0.1:{api}") }
+    }
+
+    /// Sends a request; returns the status and body.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, Vec<u8>) {
+        self.try_call(method, path, auth, headers, body).expect("VEN API request")
+    }
+
+    /// Like [`Ven::call`], with transport failures (a PCE that is gone) as errors.
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), ureq::Error> {
+        let url = format!("{}{path}", self.base);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let request = request.header("content-type", ven_proto::CONTENT_TYPE).body(body).expect("request");
+        let mut response = self.agent.run(request)?;
+        assert_eq!(
+            response.headers().get(ven_proto::PROTOCOL_HEADER).and_then(|v| v.to_str().ok()),
+            Some(protocol().as_str())
+        );
+        let status = response.status().as_u16();
+        Ok((status, response.body_mut().read_to_vec()?))
+    }
+
+    pub fn post<T: serde::Serialize>(&self, path: &str, auth: Option<&str>, message: &T) -> (u16, Vec<u8>) {
+        self.call(
+            "POST",
+            path,
+            auth,
+            &[(ven_proto::PROTOCOL_HEADER, &protocol())],
+            ven_proto::encode(message),
+        )
+    }
+
+    pub fn activate(&self, code: &str, hostname: &str, address: &str) -> (u16, Vec<u8>) {
+        let host = HostReport {
+            hostname: hostname.to_string(),
+            os: "Linux 6.1.0 x86_64".to_string(),
+            agent_version: "0.1.0".to_string(),
+            interfaces: vec![
+                Interface { name: "lo".into(), addresses: vec![net("127.0.0.1/8")] },
+                Interface { name: "eth0".into(), addresses: vec![net(address)] },
+            ],
+        };
+        self.post(path::ACTIVATE, None, &ActivateRequest { activation_code: code.to_string(), host })
+    }
+
+    pub fn heartbeat(&self, auth: &str, applied: u64) -> (u16, Vec<u8>) {
+        self.heartbeat_with(auth, applied, Vec::new())
+    }
+
+    pub fn heartbeat_with(&self, auth: &str, applied: u64, events: Vec<AgentEvent>) -> (u16, Vec<u8>) {
+        let beat = HeartbeatRequest {
+            applied_policy_version: applied,
+            applied_state: PolicyState::Idle,
+            apply_error: None,
+            host: None,
+            events,
+        };
+        self.post(path::HEARTBEAT, Some(auth), &beat)
+    }
+
+    pub fn suspend(&self, auth: &str, suspended: bool, previous_state: Option<PolicyState>) -> u16 {
+        self.post(path::SUSPEND, Some(auth), &SuspendNotice { suspended, previous_state }).0
+    }
+
+    /// GET on the admin API with the data directory's key: status, X-Total-Count, JSON body.
+    pub fn admin_get(&self, dir: &Path, path: &str) -> (u16, Option<usize>, serde_json::Value) {
+        let key = std::fs::read_to_string(dir.join("admin.key")).expect("admin key");
+        let url = format!("{}/api/v2/{path}", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("authorization", &format!("Bearer {}", key.trim()))
+            .call()
+            .expect("admin API request");
+        let total = response
+            .headers()
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let body = response.body_mut().read_to_string().expect("admin API body");
+        (response.status().as_u16(), total, serde_json::from_str(&body).expect("admin API JSON"))
+    }
+
+    pub fn policy(&self, auth: &str, known: Option<u64>) -> (u16, Vec<u8>) {
+        let known = known.map(|v| v.to_string());
+        let version = protocol();
+        let mut headers = vec![(ven_proto::PROTOCOL_HEADER, version.as_str())];
+        if let Some(known) = &known {
+            headers.push(("if-none-match", known));
+        }
+        self.call("GET", path::POLICY, Some(auth), &headers, Vec::new())
+    }
+}
+
+pub fn net(text: &str) -> IpNet {
+    text.parse().expect("address")
 }
