@@ -91,6 +91,8 @@ pub struct App {
     pub event_port: u16,
     /// When `pce serve` started (Unix seconds).
     started_at: u64,
+    /// Finished asynchronous requests (bounded; see `api::jobs`).
+    jobs: Mutex<crate::api::Jobs>,
 }
 
 impl App {
@@ -105,6 +107,10 @@ impl App {
 
     pub fn flows(&self) -> MutexGuard<'_, FlowStore> {
         self.flows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn jobs(&self) -> MutexGuard<'_, crate::api::Jobs> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn is_admin_key(&self, key: &str) -> bool {
@@ -183,6 +189,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         offline_after_heartbeats: config.offline_after_heartbeats,
         event_port: event_addr.port(),
         started_at: clock::now(),
+        jobs: Mutex::default(),
     });
     let ex = Arc::new(Executor::new());
     let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));

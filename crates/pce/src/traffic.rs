@@ -169,7 +169,7 @@ pub fn select(store: &FlowStore, query: &Query) -> Selection {
 }
 
 /// Whether `addr` is in `net` (a network: host bits cleared).
-fn contains(net: IpNet, addr: IpAddr) -> bool {
+pub fn contains(net: IpNet, addr: IpAddr) -> bool {
     addr.is_ipv4() == net.is_ipv4() && IpNet::new(addr, net.prefix()).is_ok_and(|host| host.network() == net)
 }
 

@@ -4,7 +4,7 @@
 //! Missing, the tests are skipped loudly, except under CI, where they fail.
 
 mod common;
-use common::{DataDir, Server, cli_ok, free_port};
+use common::{DataDir, Server, Ven, cli_ok, free_port};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -112,5 +112,70 @@ fn illumio_py_builds_and_provisions_a_scoped_policy() {
     let server = Server::start(&dir.0, api, events);
     let key = create_api_key(&dir.0, api);
     run_script(&python, "policy.py", &dir.0, api, &key);
+    server.stop();
+}
+
+/// Pairs `hostname` at `address` with the default profile; its `Bearer id.token`.
+fn pair(ven: &Ven, dir: &Path, api: u16, hostname: &str, address: &str) -> String {
+    let code = cli_ok(dir, api, &["activation-code"]).trim().to_string();
+    let (status, body) = ven.activate(&code, hostname, address);
+    assert_eq!(status, 200, "activate {hostname}");
+    let answer: ven_proto::ActivateResponse = ven_proto::decode(&body).expect("activation answer");
+    format!("Bearer {}.{}", answer.agent_id, answer.agent_token)
+}
+
+fn flow(
+    src: &str,
+    dst: &str,
+    protocol: u8,
+    port: u16,
+    verdict: ven_proto::FlowVerdict,
+    count: u32,
+) -> ven_proto::FlowRecord {
+    let now = ven_proto::clock::now() as u32;
+    ven_proto::FlowRecord {
+        src: src.parse().expect("address"),
+        dst: dst.parse().expect("address"),
+        protocol,
+        port,
+        verdict,
+        rule: 0,
+        count,
+        first_seen: now - 60,
+        last_seen: now - 30,
+        sampling_scale: 1,
+        overflow: false,
+    }
+}
+
+#[test]
+fn illumio_py_queries_traffic_and_collections_asynchronously() {
+    use ven_proto::FlowVerdict::{Allowed, Dropped};
+    let Some(python) = prerequisites("illumio_py_queries_traffic_and_collections_asynchronously") else {
+        return;
+    };
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-illumio-traffic-{}", std::process::id())));
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(&dir.0, api, events);
+    let d = dir.0.as_path();
+    let ven = Ven::new(d, api);
+    pair(&ven, d, api, "web", "198.18.0.2/24");
+    let db = pair(&ven, d, api, "db", "198.18.0.3/24");
+    cli_ok(d, api, &["label", "create", "role", "web"]);
+    cli_ok(d, api, &["label", "create", "role", "db"]);
+    cli_ok(d, api, &["workload", "set", "web", "--label", "role=web"]);
+    cli_ok(d, api, &["workload", "set", "db", "--label", "role=db"]);
+    let batch = ven_proto::FlowBatch {
+        first: 1,
+        records: vec![
+            flow("198.18.0.2", "198.18.0.3", 6, 5432, Allowed, 3),
+            flow("198.18.0.2", "198.18.0.3", 6, 22, Dropped, 4),
+            flow("198.18.0.9", "198.18.0.3", 17, 53, Dropped, 1),
+        ],
+    };
+    let (status, _) = ven.post(ven_proto::path::FLOWS, Some(&db), &batch);
+    assert_eq!(status, 200, "flow upload");
+    let key = create_api_key(d, api);
+    run_script(&python, "traffic.py", d, api, &key);
     server.stop();
 }

@@ -21,6 +21,7 @@
 mod auth;
 mod events;
 mod ip_lists;
+mod jobs;
 mod labels;
 mod pairing;
 mod rule_sets;
@@ -35,6 +36,8 @@ use crate::serve::App;
 use crate::store::StoreError;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+pub use jobs::Jobs;
 
 pub const PREFIX: &str = "/api/v2/";
 /// The one organisation, for paths and hrefs in Illumio's `/orgs/<org>/...` form.
@@ -58,7 +61,12 @@ pub fn handle(app: &App, request: &Request) -> Response {
         }
         rest => org_route(app, method, rest, request),
     };
-    result.unwrap_or_else(|response| response)
+    let answer = result.unwrap_or_else(|response| response);
+    if method == "GET" && jobs::wants_async(request) {
+        jobs::defer_collection(app, request, answer)
+    } else {
+        answer
+    }
 }
 
 /// Objects of the organisation, with the `orgs/1/` prefix taken off.
@@ -68,6 +76,9 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         ["workloads", rest @ ..] => workloads::route(app, method, rest, request),
         ["events"] if method == "GET" => events::list(app, request),
         ["traffic_flows"] if method == "GET" => traffic::flows(app, request),
+        ["traffic_flows", "async_queries", ..] | ["jobs", ..] | ["datafiles", ..] => {
+            jobs::route(app, method, segments, request)
+        }
         ["sec_policy", rest @ ..] => sec_policy::route(app, method, rest, request),
         ["pairing_profiles", rest @ ..] => pairing::route(app, method, rest, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
