@@ -198,3 +198,58 @@ fn identity_files(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// Waits (bounded) until web -> db:5432 is `connects`; the wait names `why`.
+fn wait_for_web_to_db(lab: &Lab, connects: bool, why: &str, limit: Duration) {
+    let what = format!("web -> db:5432 {} ({why})", if connects { "connecting" } else { "blocked" });
+    let waited = lab.wait_until(&what, limit, |lab| {
+        let verdict = lab.probe(Host::Web, Host::Db, 5432)?;
+        Ok((verdict.connected() != connects).then(|| format!("probe: {verdict}")))
+    });
+    if let Err(e) = waited {
+        panic!("{e}");
+    }
+}
+
+fn event_count(lab: &Lab, event_type: &str, host: &str) -> usize {
+    let events = lab.events().expect("pce events");
+    events.iter().filter(|e| e.event_type == event_type && e.hostname.as_deref() == Some(host)).count()
+}
+
+/// The spec's isolation, with real traffic: a workload that stops (goodbye) or falls silent (12
+/// missed heartbeats; an event after 3) leaves its peers' policies, so db stops admitting web;
+/// when web's agent is back, so is its access.
+#[test]
+fn a_stopped_or_silent_workload_is_isolated_and_welcomed_back() {
+    let Some(bins) = prerequisites("a_stopped_or_silent_workload_is_isolated_and_welcomed_back") else {
+        return;
+    };
+    // One-second heartbeats: silence is noticed after 3 s and isolated after 12 s.
+    let opts =
+        LabOptions { name_prefix: "veniso".into(), heartbeat_interval: Some(1), ..LabOptions::default() };
+    let mut lab = Lab::new(bins, opts).expect("building the lab");
+    let report = scenario::run_demo(&mut lab, &mut say).unwrap_or_else(|e| panic!("the demo failed: {e}"));
+    assert!(report.all_as_expected(), "the demo's probes");
+    let limit = Duration::from_secs(30);
+
+    // Goodbye: isolated at once.
+    lab.stop_agent(Host::Web).expect("stop web's agent");
+    wait_for_web_to_db(&lab, false, "web said goodbye", limit);
+    assert!(event_count(&lab, "workload_offline", "web") >= 1, "the PCE records web going offline");
+    lab.start_agent(Host::Web).expect("start web's agent");
+    wait_for_web_to_db(&lab, true, "web is back", limit);
+
+    // Silence (a crash: no goodbye): a warning after three heartbeats, isolation after twelve.
+    lab.kill_agent(Host::Web).expect("kill web's agent");
+    let warned = lab.wait_until("the PCE warning of web's missed heartbeats", limit, |lab| {
+        Ok((event_count(lab, "agent_missed_heartbeats", "web") == 0).then(|| "no event yet".to_string()))
+    });
+    if let Err(e) = warned {
+        panic!("{e}");
+    }
+    wait_for_web_to_db(&lab, false, "web missed 12 heartbeats", limit);
+    assert!(event_count(&lab, "workload_offline", "web") >= 2);
+    lab.start_agent(Host::Web).expect("start web's agent again");
+    wait_for_web_to_db(&lab, true, "web heartbeats again", limit);
+    assert!(event_count(&lab, "workload_online", "web") >= 2);
+}
