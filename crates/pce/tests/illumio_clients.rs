@@ -179,3 +179,26 @@ fn illumio_py_queries_traffic_and_collections_asynchronously() {
     run_script(&python, "traffic.py", d, api, &key);
     server.stop();
 }
+
+#[test]
+fn pylo_loads_the_organisation() {
+    let Some(python) = prerequisites("pylo_loads_the_organisation") else { return };
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-pylo-{}", std::process::id())));
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(&dir.0, api, events);
+    let d = dir.0.as_path();
+    let ven = Ven::new(d, api);
+    pair(&ven, d, api, "web", "198.18.0.2/24");
+    pair(&ven, d, api, "db", "198.18.0.3/24");
+    cli_ok(d, api, &["label", "create", "role", "web"]);
+    cli_ok(d, api, &["label", "create", "role", "db"]);
+    cli_ok(
+        d,
+        api,
+        &["rule", "add", "--consumers", "role=web", "--providers", "role=db", "--service", "5432/tcp"],
+    );
+    cli_ok(d, api, &["provision"]);
+    let key = create_api_key(d, api);
+    run_script(&python, "pylo_org.py", d, api, &key);
+    server.stop();
+}

@@ -39,6 +39,11 @@ use serde_json::{Value, json};
 
 pub use jobs::Jobs;
 
+/// Illumio object kinds this PCE does not model; their collections are empty, so that clients
+/// that load every kind (pylo's Organization) work. Creating one is a 404.
+const UNMODELLED_POLICY_KINDS: [&str; 3] = ["label_groups", "virtual_services", "virtual_servers"];
+const UNMODELLED_ORG_KINDS: [&str; 2] = ["security_principals", "label_dimensions"];
+
 pub const PREFIX: &str = "/api/v2/";
 /// The one organisation, for paths and hrefs in Illumio's `/orgs/<org>/...` form.
 pub const ORG: &str = "1";
@@ -82,6 +87,9 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         ["sec_policy", rest @ ..] => sec_policy::route(app, method, rest, request),
         ["pairing_profiles", rest @ ..] => pairing::route(app, method, rest, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
+        [kind] if method == "GET" && UNMODELLED_ORG_KINDS.contains(kind) => {
+            Ok(collection(Vec::new(), request))
+        }
         ["events" | "traffic_flows"] | ["settings", "workloads"] => Err(method_not_allowed(method, request)),
         _ => Err(not_found()),
     }

@@ -311,6 +311,7 @@ fn rule_json(version: Version, set_id: u64, rule: &SecRule) -> Value {
         "consumers": rule.consumers.iter().map(|a| actor_json(version, a)).collect::<Vec<_>>(),
         "ingress_services": services,
         "unscoped_consumers": rule.unscoped_consumers,
+        "consuming_security_principals": [],
         "resolve_labels_as": { "providers": ["workloads"], "consumers": ["workloads"] },
     })
 }

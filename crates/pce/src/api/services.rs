@@ -149,11 +149,21 @@ pub fn port_json(port: &ServicePort) -> Value {
         Protocol::Any => json!(-1),
     };
     let mut value = json!({ "proto": proto });
-    if let Some(ports) = port.ports {
+    // TCP and UDP always carry a port (every port is 1-65535), as Illumio shows them; ICMP
+    // carries its (any) type and code.
+    let ports = match port.protocol {
+        Protocol::Tcp | Protocol::Udp => Some(port.ports.unwrap_or(PortRange { first: 1, last: 65535 })),
+        Protocol::Icmp | Protocol::Any => None,
+    };
+    if let Some(ports) = ports {
         value["port"] = json!(ports.first);
         if ports.last != ports.first {
             value["to_port"] = json!(ports.last);
         }
+    }
+    if port.protocol == Protocol::Icmp {
+        value["icmp_type"] = Value::Null;
+        value["icmp_code"] = Value::Null;
     }
     value
 }
@@ -164,6 +174,8 @@ pub fn json(version: Version, service: &ServiceDef) -> Value {
         "name": service.name,
         "description": service.description,
         "service_ports": service.ports.iter().map(port_json).collect::<Vec<_>>(),
+        "process_name": null,
+        "deleted_at": null,
     })
 }
 

@@ -247,7 +247,9 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
     } else {
         "offline"
     };
-    let agent = workload.managed.then(|| {
+    // Illumio's agent block: empty for an unmanaged workload (no href), else the VEN's status and
+    // its mode in the older vocabulary pylo reads (illuminated = build/test, log_traffic = test).
+    let agent = if workload.managed {
         let sync = if workload.apply_error.is_some() {
             "error"
         } else if workload.applied_policy_version == workload.policy_version {
@@ -260,7 +262,14 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
             (false, true) => "active",
             (false, false) => "stopped",
         };
+        let (mode, log_traffic) = match workload.policy_state {
+            PolicyState::Idle => ("idle", false),
+            PolicyState::Build => ("illuminated", false),
+            PolicyState::Test => ("illuminated", true),
+            PolicyState::Enforced => ("enforced", true),
+        };
         json!({
+            "href": org_href("agents", workload.id),
             "status": {
                 "status": status,
                 "agent_version": workload.agent_version,
@@ -268,14 +277,18 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
                 "uptime_seconds": workload.online_since.map(|since| clock::now().saturating_sub(since)),
                 "security_policy_sync_state": sync,
                 "security_policy_applied_at": null,
-            }
+            },
+            "config": { "mode": mode, "log_traffic": log_traffic },
         })
-    });
+    } else {
+        json!({})
+    };
     json!({
         "href": href(workload.id),
         "id": workload.id,
         "name": workload.hostname,
         "managed": workload.managed,
+        "deleted": false,
         "enforcement_mode": super::pairing::enforcement_mode(workload.policy_state),
         "agent": agent,
         "hostname": workload.hostname,
