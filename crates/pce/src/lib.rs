@@ -16,6 +16,7 @@ use ven_proto::clock;
 mod ctl;
 mod events;
 mod flows;
+mod fsutil;
 mod http;
 mod orgevents;
 mod policy;
@@ -56,7 +57,13 @@ pub fn main() -> ExitCode {
 /// Entry points for the fuzz targets (`fuzz/fuzz_targets/flow_batches.rs`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::flows::fuzz_flow_batch as flow_batch;
+    /// An upload of `data` as a flow batch (see `flows::fuzz_flow_batch`), then a query over it.
+    pub fn flow_batch(data: &[u8]) {
+        if let Some(store) = crate::flows::fuzz_flow_batch(data) {
+            let selection = crate::traffic::select(&store, &crate::traffic::Query::default());
+            assert_eq!(selection.total, store.flows().len());
+        }
+    }
     pub use crate::flows::fuzz_flow_log as flow_log;
     pub use crate::traffic::fuzz_query as traffic_query;
 }

@@ -265,7 +265,7 @@ fn admin_key(dir: &Path) -> Result<String, ServeError> {
         Ok(key) => Ok(key.trim().to_string()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = tls::random_hex(ADMIN_KEY_BYTES)?;
-            crate::store::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
+            crate::fsutil::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
                 .map_err(|source| ServeError::WriteKey { path, source })?;
             Ok(key)
         }

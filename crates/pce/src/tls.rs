@@ -7,7 +7,7 @@
 //! written 0600, atomically.
 
 use crate::clock;
-use crate::store::write_atomic;
+use crate::fsutil::write_atomic;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SerialNumber,
@@ -240,7 +240,7 @@ fn pem_error(path: &Path, what: &'static str) -> TlsError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::scratch_dir;
+    use crate::fsutil::scratch_dir;
     use rustls::RootCertStore;
     use rustls::client::WebPkiServerVerifier;
     use rustls::client::danger::ServerCertVerifier;

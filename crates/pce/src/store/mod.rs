@@ -23,9 +23,8 @@ use crate::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use ven_proto::{
     AgentEventKind, CustomChain, CustomRule, HeartbeatRequest, HostReport, Interface, Policy, PolicyState,
@@ -1067,76 +1066,11 @@ fn initial_state() -> Result<State, StoreError> {
     })
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content: write a
-/// temporary file with `mode`, fsync it, rename it over `path`, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    replace_file(path, mode, |file| file.write_all(bytes))?;
-    sync_parent(path)
-}
-
-/// Writes what `write` produces into a temporary file with `mode`, fsyncs it and renames it over
-/// `path`: a crash leaves the old file or the new one, whole. The rename is durable only once
-/// the directory is synced ([`sync_parent`]).
-pub fn replace_file<T>(
-    path: &Path,
-    mode: u32,
-    write: impl FnOnce(&mut File) -> io::Result<T>,
-) -> io::Result<T> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    // `mode` only applies on creation; a leftover temp file keeps its own.
-    file.set_permissions(fs::Permissions::from_mode(mode))?;
-    let written = write(&mut file)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    Ok(written)
-}
-
-/// Syncs the directory holding `path`, so that a rename into it survives a crash.
-pub fn sync_parent(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-#[cfg(test)]
-pub(crate) struct ScratchDir(PathBuf);
-
-#[cfg(test)]
-pub(crate) fn scratch_dir(name: &str) -> ScratchDir {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("pce-unit-{name}-{}-{n}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create scratch dir");
-    ScratchDir(dir)
-}
-
-#[cfg(test)]
-impl std::ops::Deref for ScratchDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-#[cfg(test)]
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::scratch_dir;
+    use std::os::unix::fs::PermissionsExt;
     use ven_proto::{AgentEvent, PortRange, Protocol};
 
     pub(super) fn host(name: &str, address: &str) -> HostReport {

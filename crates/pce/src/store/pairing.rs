@@ -145,7 +145,7 @@ impl Store {
 mod tests {
     use super::super::tests::{host, populated};
     use super::*;
-    use crate::store::scratch_dir;
+    use crate::fsutil::scratch_dir;
     use ven_proto::PolicyState;
 
     fn profile(name: &str, labels: Vec<u64>, uses: Option<u32>, lifespan: Option<u64>) -> PairingProfile {
