@@ -215,12 +215,23 @@ fn store_error(e: StoreError) -> Response {
     }
 }
 
+/// The request body as `T`; a 400 naming the field that is wrong (`labels[1].href: ...`), or
+/// `invalid_json` for a body that is not JSON.
 fn parse_json<'a, T: Deserialize<'a>>(request: &'a Request) -> Result<T, Response> {
-    serde_json::from_slice(&request.body)
-        .map_err(|e| error(400, "invalid_json", &format!("request body: {e}")))
+    let mut body = serde_json::Deserializer::from_slice(&request.body);
+    serde_path_to_error::deserialize(&mut body).map_err(|e| {
+        let (path, inner) = (e.path().to_string(), e.into_inner());
+        if inner.is_syntax() || inner.is_eof() {
+            error(400, "invalid_json", &format!("request body: {inner}"))
+        } else if path == "." {
+            invalid(&format!("request body: {inner}"))
+        } else {
+            invalid_field(&path, &inner.to_string())
+        }
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 struct Href {
     href: String,
 }
@@ -294,6 +305,34 @@ mod tests {
         let response = error(404, "not_found", "nope");
         let body: Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(body, json!([{ "token": "not_found", "message": "nope" }]));
+    }
+
+    #[test]
+    fn body_errors_name_the_field() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Body {
+            labels: Vec<Href>,
+        }
+        let request = |body: &str| Request {
+            head: crate::http::Head {
+                method: "POST".into(),
+                path: "/api/v2/x".into(),
+                query: String::new(),
+                headers: Vec::new(),
+                keep_alive: true,
+            },
+            body: body.as_bytes().to_vec(),
+        };
+        let message = |response: Response| -> Value { serde_json::from_slice(&response.body).unwrap() };
+        let wrong = message(
+            parse_json::<Body>(&request(r#"{"labels": [{"href": "/orgs/1/labels/1"}, {"href": 5}]}"#))
+                .unwrap_err(),
+        );
+        assert_eq!(wrong[0]["token"], "input_validation_error");
+        assert!(wrong[0]["message"].as_str().unwrap().starts_with("labels[1].href: invalid type"), "{wrong}");
+        let broken = message(parse_json::<Body>(&request(r#"{"labels": ["#)).unwrap_err());
+        assert_eq!(broken[0]["token"], "invalid_json");
     }
 
     #[test]
