@@ -15,6 +15,25 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `println!` that ends the program quietly when stdout is a closed pipe (`pce traffic | head`);
+/// other write errors are reported on stderr, once, before exiting with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_line(format_args!($($arg)*))
+    };
+}
+
+fn write_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(io::stdout().lock(), "{line}") {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("pce: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 /// The administrator's API keys (a global path, outside `/orgs/1/`).
 const API_KEYS: &str = "users/1/api_keys";
 
@@ -99,7 +118,7 @@ pub enum CtlError {
 pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
     if let Command::CaFingerprint = command {
         let path = target.ca_cert.unwrap_or_else(|| target.data_dir.join(CA_CERT_FILE));
-        println!("{}", tls::fingerprint_file(&path)?);
+        out!("{}", tls::fingerprint_file(&path)?);
         return Ok(());
     }
     let client = Client::new(&target)?;
@@ -110,19 +129,19 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             let profiles = profiles.as_array().map(Vec::as_slice).unwrap_or_default();
             let default = profiles.iter().find(|p| p["name"] == "default").or(profiles.first());
             let code = default.and_then(|p| p["activation_code"].as_str());
-            println!("{}", code.ok_or_else(|| CtlError::NotFound("the PCE has no pairing profile".into()))?);
+            out!("{}", code.ok_or_else(|| CtlError::NotFound("the PCE has no pairing profile".into()))?);
         }
         Command::ApiKeyCreate { name, description } => {
             let body = json!({ "name": name, "description": description });
             let key = client.send("POST", API_KEYS, &body)?;
-            println!("key id:        {}", text(&key["key_id"]));
-            println!("auth_username: {}", text(&key["auth_username"]));
-            println!("secret:        {}", text(&key["secret"]));
+            out!("key id:        {}", text(&key["key_id"]));
+            out!("auth_username: {}", text(&key["auth_username"]));
+            out!("secret:        {}", text(&key["secret"]));
         }
         Command::ApiKeyList { json } => {
             let keys = client.get(API_KEYS)?;
             if json {
-                println!("{keys:#}");
+                out!("{keys:#}");
             } else {
                 let rows = items(&keys)
                     .map(|k| {
@@ -135,16 +154,16 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
         }
         Command::ApiKeyDelete { key_id } => {
             client.send("DELETE", &format!("{API_KEYS}/{key_id}"), &Value::Null)?;
-            println!("API key {key_id} deleted");
+            out!("API key {key_id} deleted");
         }
         Command::LabelCreate { key, value } => {
             let label = client.send("POST", "labels", &json!({ "key": key, "value": value }))?;
-            println!("{}", label["href"].as_str().unwrap_or_default());
+            out!("{}", label["href"].as_str().unwrap_or_default());
         }
         Command::LabelList { json } => {
             let labels = client.get("labels")?;
             if json {
-                println!("{labels:#}");
+                out!("{labels:#}");
             } else {
                 let rows = items(&labels)
                     .map(|l| vec![text(&l["href"]), text(&l["key"]), text(&l["value"])])
@@ -155,7 +174,7 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
         Command::WorkloadList { json } => {
             let workloads = client.get("workloads")?;
             if json {
-                println!("{workloads:#}");
+                out!("{workloads:#}");
             } else {
                 print_table(
                     &[
@@ -178,7 +197,7 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             let workload = find_workload(&client, &host)?;
             let rules = client.get(&format!("workloads/{}/custom_iptables_rules", workload["id"]))?;
             if json {
-                println!("{rules:#}");
+                out!("{rules:#}");
             } else {
                 let rows = items(&rules)
                     .map(|r| vec![text(&r["id"]), text(&r["chain"]), text(&r["family"]), text(&r["rule"])])
@@ -192,7 +211,7 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 json!({ "chain": chain.as_str(), "family": policy::family_name(family), "rule": rule });
             let added =
                 client.send("POST", &format!("workloads/{}/custom_iptables_rules", workload["id"]), &body)?;
-            println!("{}", added["href"].as_str().unwrap_or_default());
+            out!("{}", added["href"].as_str().unwrap_or_default());
         }
         Command::CustomRuleRemove { host, id } => {
             let workload = find_workload(&client, &host)?;
@@ -202,10 +221,7 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 &format!("workloads/{workload_id}/custom_iptables_rules/{id}"),
                 &Value::Null,
             )?;
-            println!(
-                "removed custom rule {id} from workload {workload_id} ({})",
-                text(&workload["hostname"])
-            );
+            out!("removed custom rule {id} from workload {workload_id} ({})", text(&workload["hostname"]));
         }
         Command::Events { format, event_type, max } => {
             let mut query = vec![format!(
@@ -220,8 +236,12 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             query.extend(max.map(|max| format!("max_results={max}")));
             let path = format!("events?{}", query.join("&"));
             match format {
-                EventFormat::Cef | EventFormat::Leef => print!("{}", client.get_text(&path)?),
-                EventFormat::Json => println!("{:#}", client.get(&path)?),
+                EventFormat::Cef | EventFormat::Leef => {
+                    for line in client.get_text(&path)?.lines() {
+                        out!("{}", printable(line));
+                    }
+                }
+                EventFormat::Json => out!("{:#}", client.get(&path)?),
                 EventFormat::Table => {
                     let events = client.get(&path)?;
                     let rows = items(&events)
@@ -243,16 +263,17 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
         Command::Traffic { query, json } => {
             let answer = client.get(&format!("traffic_flows?{}", query.to_query_string()))?;
             if json {
-                println!("{answer:#}");
+                out!("{answer:#}");
             } else {
                 print_table(
                     &["LAST SEEN", "WORKLOAD", "SRC", "DST", "PROTO", "PORT", "VERDICT", "RULE", "COUNT"],
                     items(&answer["flows"]).map(flow_row).collect(),
                 );
                 if answer["more"] == true {
-                    println!(
+                    out!(
                         "({} of {} matching flows shown, the newest; see --limit)",
-                        answer["returned"], answer["total"]
+                        answer["returned"],
+                        answer["total"]
                     );
                 }
             }
@@ -269,11 +290,11 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             let body = json!({ "consumers": actors(&consumers)?, "providers": actors(&providers)?, "ingress_services": services });
             let rule_set = default_rule_set(&client)?;
             let rule = client.send("POST", &format!("{}/sec_rules", api_path(&rule_set)), &body)?;
-            println!("{}", rule["href"].as_str().unwrap_or_default());
+            out!("{}", rule["href"].as_str().unwrap_or_default());
         }
         Command::Provision => {
             let answer = client.send("POST", "sec_policy", &json!({}))?;
-            println!("provisioned version {}", answer["version"]);
+            out!("provisioned version {}", answer["version"]);
         }
     }
     Ok(())
@@ -338,7 +359,7 @@ fn set_workload(
     }
     let id = &workload["id"];
     client.send("PUT", &format!("workloads/{id}"), &Value::Object(body))?;
-    println!("updated workload {id} ({})", text(&workload["hostname"]));
+    out!("updated workload {id} ({})", text(&workload["hostname"]));
     Ok(())
 }
 
@@ -401,12 +422,29 @@ fn items(value: &Value) -> impl Iterator<Item = &Value> {
 }
 
 /// A JSON scalar as plain text (strings without quotes).
+/// A JSON value as a table cell or message: strings shown through [`printable`].
 fn text(value: &Value) -> String {
     match value {
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s),
         Value::Null => "-".to_string(),
         other => other.to_string(),
     }
+}
+
+/// `text` safe for a terminal: control characters (escape sequences, newlines that would fake
+/// table rows) and bidirectional overrides (U+202E and kin, which reorder what is shown) become
+/// `\u{...}`. Anything a VEN reports (hostnames, messages) passes through here.
+pub fn printable(text: &str) -> String {
+    let hostile = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hostile) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| if hostile(c) { format!("\\u{{{:x}}}", u32::from(c)) } else { c.to_string() })
+        .collect()
 }
 
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -419,7 +457,7 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let line = |cells: Vec<String>| {
         let padded: Vec<String> =
             cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        out!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -536,5 +574,19 @@ impl Client {
         let messages: Vec<String> = items(&json).map(|e| text(&e["message"])).collect();
         let message = if messages.is_empty() { body } else { messages.join("; ") };
         Err(CtlError::Api { method, path: format!("/api/v2/{path}"), status, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_vens_report_is_made_safe_for_a_terminal() {
+        assert_eq!(printable("db-01"), "db-01");
+        assert_eq!(printable("web\u{1b}[31m\nfake row"), "web\\u{1b}[31m\\u{a}fake row");
+        assert_eq!(printable("evil\u{202e}gnp.exe"), "evil\\u{202e}gnp.exe");
+        assert_eq!(text(&json!("a\u{2066}b")), "a\\u{2066}b");
+        assert_eq!(text(&Value::Null), "-");
     }
 }

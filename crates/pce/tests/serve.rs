@@ -413,6 +413,18 @@ fn flow_uploads_are_stored_once_queried_and_kept_across_a_restart() {
     // The ack was lost: the same batch again is stored once, same ack.
     assert_eq!(upload(&ven, &web_auth, &first), (200, Ok(FlowAck { through: 3 })));
     assert_eq!(traffic(&ven, d, ""), (vec![8, 53, 5432], 3));
+    // `pce traffic | head`: a reader that went away ends the CLI quietly, without a panic.
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let closed = std::process::Command::new(common::PCE)
+        .arg("--data-dir")
+        .arg(d)
+        .args(["--server", &format!("127.0.0.1:{api}"), "traffic", "--json"])
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .expect("run pce traffic");
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(closed.status.success() && stderr.is_empty(), "{}: {stderr}", closed.status);
 
     // A gap: 4-9 were rotated out on the VEN; 10-11 are stored.
     let gap = FlowBatch {
