@@ -275,7 +275,7 @@ impl History {
         self.dir.join(format!("{seq:08}"))
     }
 
-    /// Files named like entries (digits only), by sequence number.
+    /// Regular files named like entries (digits only), by sequence number.
     fn files(&self) -> Result<Vec<(u64, PathBuf)>, HistoryError> {
         let read_error = |cause| HistoryError::Read { path: self.dir.clone(), cause };
         let listing = match fs::read_dir(&self.dir) {
@@ -286,7 +286,8 @@ impl History {
         let mut files = Vec::new();
         for item in listing {
             let item = item.map_err(read_error)?;
-            if let Some(seq) = item.file_name().to_str().and_then(parse_entry_name) {
+            let is_file = item.file_type().is_ok_and(|t| t.is_file());
+            if let Some(seq) = item.file_name().to_str().and_then(parse_entry_name).filter(|_| is_file) {
                 files.push((seq, item.path()));
             }
         }
@@ -294,17 +295,18 @@ impl History {
         Ok(files)
     }
 
-    /// Deletes temp files a crash left mid-write (`.<name>.tmp-<pid>` of another process):
-    /// each may hold up to an entry's worth of flash.
+    /// Deletes temp files a crash left mid-write (`.<name>.tmp-<pid>-<random>` of another
+    /// process): each may hold up to an entry's worth of flash.
     fn remove_stale_temp_files(&self) {
-        let own = format!(".tmp-{}", std::process::id());
+        let own = std::process::id().to_string();
         let Ok(listing) = fs::read_dir(&self.dir) else { return };
         for item in listing.flatten() {
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
+            let writer =
+                name.rsplit_once(".tmp-").map(|(_, rest)| rest.split_once('-').map_or(rest, |(pid, _)| pid));
             let stale = name.starts_with('.')
-                && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| is_digits(pid))
-                && !name.ends_with(&own)
+                && writer.is_some_and(|pid| is_digits(pid) && pid != own)
                 && item.file_type().is_ok_and(|t| t.is_file());
             if stale {
                 match fs::remove_file(item.path()) {
@@ -558,14 +560,20 @@ mod tests {
             record(&history, n);
         }
         let before = history.list().unwrap();
-        // The temp file of the next entry cannot be created (even by root): as a full disk would.
-        let blocker = history.dir().join(format!(".{:08}.tmp-{}", 11, std::process::id()));
+        // The next entry cannot be put in place (even by root): a directory holds its name, so
+        // the rename fails as a full disk would fail the write.
+        let blocker = history.dir().join(format!("{:08}", 11));
         fs::create_dir(&blocker).unwrap();
         let result = record_result(&history);
         assert!(matches!(result, Err(HistoryError::Write { .. })), "{result:?}");
-        assert_eq!(history.list().unwrap(), before, "no entry lost or damaged");
-
         fs::remove_dir(&blocker).unwrap();
+        assert_eq!(history.list().unwrap(), before, "no entry lost or damaged");
+        let temps = fs::read_dir(history.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"));
+        assert_eq!(temps.count(), 0, "the failed write's temp file is gone");
+
         assert_eq!(record_result(&history).unwrap().seq, 11);
         assert_eq!(seqs(&history.list().unwrap()), (2..=11).collect::<Vec<_>>());
     }
@@ -579,7 +587,7 @@ mod tests {
         let temp = TempData::new("stale");
         let history = History::new(&temp.data);
         record(&history, 1);
-        let stale = history.dir().join(".00000002.tmp-4294967295");
+        let stale = history.dir().join(".00000002.tmp-4294967295-0123456789abcdef");
         fs::write(&stale, b"half an entry").unwrap();
         record(&history, 2);
         assert!(!stale.exists());

@@ -36,6 +36,9 @@ pub enum StateError {
     Write { path: PathBuf, cause: io::Error },
     #[error("{path} is corrupt ({why}); it was left in place for inspection")]
     Corrupt { path: PathBuf, why: String },
+    /// Another user could replace what the agent reads or make it write elsewhere.
+    #[error("refusing to use the data directory: {path} {why}")]
+    Unsafe { path: PathBuf, why: String },
 }
 
 /// The kinds of record, so that one file can never be read back as another.
@@ -107,7 +110,8 @@ impl DataDir {
         self.root.join("agent.sock")
     }
 
-    /// Creates the directory tree (mode 0700) if it is missing.
+    /// Creates the directory tree (mode 0700) if it is missing, and checks that no other user
+    /// can change it ([`check_private`]).
     pub fn ensure(&self) -> Result<(), StateError> {
         for dir in [self.state_dir(), self.log_dir()] {
             fs::DirBuilder::new()
@@ -116,9 +120,43 @@ impl DataDir {
                 .create(&dir)
                 .map_err(|cause| StateError::Write { path: dir, cause })?;
         }
-        Ok(())
+        check_private(&self.root)
     }
 }
+
+/// Refuses a data directory that another local user could tamper with: the directory itself
+/// writable by group or others, or it or any parent owned by another user (root excepted) or
+/// writable by everyone without the sticky bit (which keeps `/tmp` usable). Such a user could
+/// plant links where the agent writes (the agent runs as root) or swap its records.
+pub fn check_private(root: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let unsafe_dir = |path: &Path, why: String| StateError::Unsafe { path: path.to_path_buf(), why };
+    let root =
+        fs::canonicalize(root).map_err(|cause| StateError::Read { path: root.to_path_buf(), cause })?;
+    for (depth, dir) in root.ancestors().enumerate() {
+        let meta = fs::metadata(dir).map_err(|cause| StateError::Read { path: dir.to_path_buf(), cause })?;
+        let mode = meta.mode();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(unsafe_dir(dir, format!("is owned by user {}, not by this one ({me})", meta.uid())));
+        }
+        if depth == 0 && mode & 0o022 != 0 {
+            return Err(unsafe_dir(
+                dir,
+                format!("is writable by group or others (mode {:o}): chmod go-w it", mode & 0o7777),
+            ));
+        }
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(unsafe_dir(
+                dir,
+                format!("is writable by everyone (mode {:o}): chmod o-w it", mode & 0o7777),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl DataDir {}
 
 /// Writes `value` to `path` atomically with the given file mode.
 pub fn write_record<T: Serialize>(
@@ -190,12 +228,24 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_BYTES] {
 }
 
 /// Temp file in the same directory, fsync, rename over the target, fsync the directory.
+///
+/// The temp file, `.NAME.tmp-PID-RANDOM`, is created exclusively and without following links:
+/// a link or file planted there by someone else makes the write fail rather than go through it.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("record");
-    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let mut random = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .map_err(|_| io::Error::other("the system random number generator failed"))?;
+    let random: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let temp = dir.join(format!(".{file_name}.tmp-{}-{random}", std::process::id()));
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&temp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .mode(mode)
+            .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, path)?;
@@ -263,6 +313,41 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temp_name_is_never_written_through() {
+        let dir = temp_dir("planted");
+        let victim = dir.join("victim");
+        fs::write(&victim, b"root's file").unwrap();
+        // The old, predictable name: a link there is no longer where the agent writes.
+        std::os::unix::fs::symlink(&victim, dir.join(format!(".status.tmp-{}", std::process::id()))).unwrap();
+        write_atomically(&dir.join("status"), b"new", 0o600).unwrap();
+        assert_eq!(fs::read(dir.join("status")).unwrap(), b"new");
+        assert_eq!(fs::read(&victim).unwrap(), b"root's file");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_data_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("unsafe");
+        let data = DataDir::new(dir.join("data"));
+        data.ensure().expect("a fresh 0700 directory under /tmp (sticky) is fine");
+        fs::set_permissions(dir.join("data"), fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = data.ensure().unwrap_err();
+        assert!(
+            matches!(&refused, StateError::Unsafe { why, .. } if why.contains("chmod go-w")),
+            "{refused}"
+        );
+        fs::set_permissions(dir.join("data"), fs::Permissions::from_mode(0o700)).unwrap();
+        // A parent everyone can write to, without the sticky bit.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = data.ensure().unwrap_err();
+        assert!(matches!(&refused, StateError::Unsafe { why, .. } if why.contains("everyone")), "{refused}");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        data.ensure().expect("a sticky world-writable parent, like /tmp, is fine");
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
