@@ -6,13 +6,15 @@
 //! and leaves it empty with its memory kept.
 //!
 //! Guarantees:
-//! - **Memory follows the flows tracked, never past the cap.** The table starts at
-//!   [`INITIAL_SLOTS`] slots (3.5 KiB) and doubles whenever a new flow would load it past 2/3,
-//!   up to `capacity * 3 / 2` slots for `capacity` flows (from the board config, clamped to
-//!   [`MAX_CAPACITY`]); it never grows further. Each flush empties it and gives the grown table
-//!   back, so an idle agent holds the initial table whatever flood came before. A slot is 56
-//!   bytes: at the cap one tracked flow costs 84 bytes of table (target: 128;
-//!   [`Aggregator::bytes_per_flow`]); while growing, at most 168 (just after a doubling).
+//! - **Memory follows the flows tracked, never past the cap.** The table's sizes are its cap,
+//!   `capacity * 3 / 2` slots for `capacity` flows (from the board config, clamped to
+//!   [`MAX_CAPACITY`]), halved: it starts at the smallest that keeps [`INITIAL_SLOTS`] (64 to
+//!   127 slots, at most 7 KiB) and doubles whenever a new flow would load it past 2/3, so the
+//!   last step lands exactly on the cap and never past it. Each flush empties it and gives the
+//!   grown table back, so an idle agent holds the initial table whatever flood came before. A
+//!   slot is 56 bytes: at the cap one tracked flow costs 84 bytes of table (target: 128;
+//!   [`Aggregator::bytes_per_flow`]); while growing, at most 168 (just after a doubling), and a
+//!   doubling briefly holds the old half beside the new table.
 //! - **No allocation per event** beyond that amortised growth: log2(capacity / 64) doublings
 //!   per interval at most, each moving every tracked flow once.
 //! - **Overflow is counted, never evicted.** Once `capacity` flows are tracked, events of new
@@ -50,8 +52,9 @@ use crate::firewall::LogVerdict;
 /// configured capacities are clamped to it.
 pub const MAX_CAPACITY: usize = 1_000_000;
 
-/// Slots of a fresh table, and of the table after each flush (3.5 KiB): an idle host's
-/// aggregator costs this much whatever its configured capacity.
+/// Fewest slots of a fresh table, and of the table after each flush (unless the cap is
+/// smaller): the cap is halved while it keeps at least this many, so an idle host's aggregator
+/// costs 3.5 to 7 KiB whatever its configured capacity.
 pub const INITIAL_SLOTS: usize = 64;
 
 /// Verdicts in the order of the "other" buckets.
@@ -249,14 +252,18 @@ pub struct Counters {
 /// The bounded table of flows of the current interval. See the module doc.
 #[derive(Debug)]
 pub struct Aggregator<S = RandomState> {
-    // INVARIANT: `slots.len()` is 0 when `capacity` is 0, else between
-    // `INITIAL_SLOTS.min(max_slots)` and `max_slots`, and it holds more than `tracked` slots:
-    // below `max_slots` the load stays at most 2/3 (the table grows first), and
-    // `max_slots > capacity >= tracked`. So a probe always reaches an empty slot or the key.
+    // INVARIANT: `slots.len() == max_slots >> shift` with `shift <= initial_shift`, and it
+    // holds more than `tracked` slots: below `max_slots` the load stays at most 2/3 (the table
+    // grows first), and `max_slots > capacity >= tracked`. So a probe always reaches an empty
+    // slot or the key.
     slots: Vec<Option<Entry>>,
     capacity: usize,
     /// The size the table stops growing at: `capacity * 3 / 2` (load 2/3 at the cap).
     max_slots: usize,
+    /// The table has `max_slots >> shift` slots; it starts (and restarts at each flush) at
+    /// `initial_shift`, the largest shift that keeps [`INITIAL_SLOTS`] (0 for small caps).
+    shift: u32,
+    initial_shift: u32,
     other: [Option<Tally>; 4],
     hasher: S,
     counters: Counters,
@@ -275,10 +282,16 @@ impl<S: BuildHasher> Aggregator<S> {
     pub fn with_hasher(capacity: usize, hasher: S) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
         let max_slots = if capacity == 0 { 0 } else { (capacity + capacity / 2).max(capacity + 1) };
+        let mut initial_shift = 0;
+        while max_slots >> (initial_shift + 1) >= INITIAL_SLOTS {
+            initial_shift += 1;
+        }
         Self {
-            slots: empty_table(INITIAL_SLOTS.min(max_slots)),
+            slots: empty_table(max_slots >> initial_shift),
             capacity,
             max_slots,
+            shift: initial_shift,
+            initial_shift,
             other: [None; 4],
             hasher,
             counters: Counters::default(),
@@ -363,10 +376,11 @@ impl<S: BuildHasher> Aggregator<S> {
         len < self.max_slots && (self.counters.tracked + 1) * 3 > len * 2
     }
 
-    /// Doubles the table (to `max_slots` at most) and moves every tracked flow into it.
+    /// Doubles the table (the next size towards `max_slots`) and moves every tracked flow
+    /// into it.
     fn grow(&mut self) {
-        let len = (self.slots.len() * 2).min(self.max_slots);
-        let old = std::mem::replace(&mut self.slots, empty_table(len));
+        self.shift -= 1;
+        let old = std::mem::replace(&mut self.slots, empty_table(self.max_slots >> self.shift));
         for entry in old.into_iter().flatten() {
             let hash = self.hasher.hash_one(entry.key());
             self.insert_new(hash, entry);
@@ -396,9 +410,9 @@ impl<S: BuildHasher> Aggregator<S> {
                 }
             }
         }
-        let initial = INITIAL_SLOTS.min(self.max_slots);
-        if self.slots.len() > initial {
-            self.slots = empty_table(initial);
+        if self.shift < self.initial_shift {
+            self.shift = self.initial_shift;
+            self.slots = empty_table(self.max_slots >> self.shift);
         }
         self.counters.tracked = 0;
         for (verdict, bucket) in VERDICTS.into_iter().zip(&mut self.other) {
@@ -637,15 +651,15 @@ mod tests {
         out.clear();
         aggregator.flush_into(&mut out);
         assert_eq!(out.len(), 5_000);
-        assert_eq!(aggregator.slots.len(), INITIAL_SLOTS);
-        assert_eq!(aggregator.table_bytes(), INITIAL_SLOTS * size_of::<Option<Entry>>());
+        assert_eq!(aggregator.slots.len(), 15_000 >> 7, "the cap halved while >= 64 slots");
+        assert_eq!(aggregator.table_bytes(), 117 * size_of::<Option<Entry>>());
     }
 
     #[test]
     fn the_table_grows_by_doubling_up_to_the_cap_and_no_further() {
         const CAPACITY: usize = 1000;
         let mut aggregator = Aggregator::new(CAPACITY);
-        assert_eq!(aggregator.slots.len(), INITIAL_SLOTS, "nothing big is reserved at start");
+        assert_eq!(aggregator.slots.len(), 93, "nothing big is reserved at start: 1500 >> 4");
         assert_eq!(aggregator.max_table_bytes(), 1500 * 56);
         let mut sizes = vec![aggregator.slots.len()];
         for n in 0..CAPACITY as u32 {
@@ -659,7 +673,7 @@ mod tests {
             assert!(len == aggregator.max_slots || tracked * 3 <= len * 2, "{tracked} flows in {len} slots");
             assert_eq!(aggregator.table_bytes(), len * size_of::<Option<Entry>>(), "no slack allocated");
         }
-        assert_eq!(sizes, [64, 128, 256, 512, 1024, 1500]);
+        assert_eq!(sizes, [93, 187, 375, 750, 1500], "each step doubles, the last lands on the cap");
 
         // At the cap: new keys fold, tracked keys keep counting, the table stays.
         for n in CAPACITY as u32..2 * CAPACITY as u32 {
@@ -708,8 +722,8 @@ mod tests {
     }
 
     #[test]
-    fn small_capacities_start_at_their_cap() {
-        for (capacity, slots) in [(0, 0), (1, 2), (3, 4), (16, 24), (42, 63), (43, 64), (44, 64), (100, 64)] {
+    fn the_first_table_is_the_cap_halved_while_it_keeps_64_slots() {
+        for (capacity, slots) in [(0, 0), (1, 2), (3, 4), (16, 24), (42, 63), (43, 64), (44, 66), (100, 75)] {
             let aggregator = Aggregator::new(capacity);
             assert_eq!(aggregator.slots.len(), slots, "capacity {capacity}");
         }
@@ -826,6 +840,7 @@ mod tests {
         let aggregator = Aggregator::with_hasher(usize::MAX, BuildHasherDefault::<Colliding>::default());
         assert_eq!(aggregator.capacity(), MAX_CAPACITY);
         assert!(aggregator.bytes_per_flow() <= 128);
-        assert_eq!(aggregator.table_bytes(), INITIAL_SLOTS * size_of::<Option<Entry>>());
+        assert_eq!(aggregator.slots.len(), 1_500_000 >> 14);
+        assert_eq!(aggregator.table_bytes(), 91 * size_of::<Option<Entry>>());
     }
 }
