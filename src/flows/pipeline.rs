@@ -438,6 +438,8 @@ fn write_flushes(flushes: &Receiver<Vec<FlowRecord>>, mut sink: Box<dyn FlowSink
         if store(sink.as_mut(), &records, stats).is_err() {
             failed = Some(records);
         }
+        // The store call freed its page cache; glibc keeps it unless asked (crate::memory).
+        crate::memory::release_freed();
     }
     if let Some(retry) = failed {
         if store(sink.as_mut(), &retry, stats).is_err() {
