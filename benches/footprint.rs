@@ -3,7 +3,9 @@
 //! figures for the idle `pce serve` it is paired with, in the same run.
 //!
 //! Run as root: `cargo bench --locked --bench footprint` (an idle window of 60 s per profile).
-//! `VEN_BENCH_SCALE=small` (or the argument `small`) shortens the window to 10 s.
+//! `VEN_BENCH_SCALE=small` (or the argument `small`) shortens the window to 10 s. `VEN_BIN`
+//! names another `ven` to measure (e.g. a static x86_64 musl build, the boards' kind of
+//! binary); `PCE_BIN` another `pce`.
 //!
 //! - Sizes: `target/dist/<triple>/ven` for each board triple (written by the cross build in
 //!   `targets/`; "not built" when absent) and the host release binaries this bench runs.
@@ -185,10 +187,17 @@ fn prerequisites() -> BenchResult<()> {
     Ok(())
 }
 
-/// The release `ven` cargo built for this bench, and `pce` beside it (built here when missing:
-/// `cargo bench --bench footprint` builds only this package's binaries).
+/// The release `ven` cargo built for this bench (or `VEN_BIN`, e.g. a static musl build of
+/// the board's kind), and `pce` beside it (built here when missing: `cargo bench --bench
+/// footprint` builds only this package's binaries).
 fn binaries() -> BenchResult<Binaries> {
-    let ven = PathBuf::from(env!("CARGO_BIN_EXE_ven"));
+    let ven = match std::env::var_os("VEN_BIN") {
+        Some(path) => {
+            println!("ven:       VEN_BIN is set: the agent measured is {}", Path::new(&path).display());
+            PathBuf::from(path)
+        }
+        None => PathBuf::from(env!("CARGO_BIN_EXE_ven")),
+    };
     let pce = match ven_lab::binaries::locate("pce", "PCE_BIN") {
         Ok(pce) => pce,
         Err(_) => {
@@ -272,6 +281,9 @@ fn print_sizes() {
         println!("{}", size_line(&format!("ven {triple}"), &dist.join(triple).join("ven")));
     }
     println!("{}", size_line("ven host release (this run)", Path::new(env!("CARGO_BIN_EXE_ven"))));
+    if let Some(path) = std::env::var_os("VEN_BIN") {
+        println!("{}", size_line("ven measured below (VEN_BIN)", Path::new(&path)));
+    }
     if let Ok(pce) = ven_lab::binaries::locate("pce", "PCE_BIN") {
         println!("{}", size_line("pce host release (this run)", &pce));
     }
