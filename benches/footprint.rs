@@ -294,9 +294,11 @@ fn print_sizes() {
 // /proc readers
 
 /// One look at a process: every figure the bench prints comes from two of these.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Sample {
     at: Option<Instant>,
+    /// (thread id, name, its context switches), to say where wake-ups come from.
+    per_thread: Vec<(u32, String, u64)>,
     /// Voluntary + involuntary context switches summed over the threads alive now.
     switches: u64,
     /// CPU of the threads alive now (schedstat) plus reaped children (stat, clock ticks).
@@ -354,8 +356,12 @@ fn sample(pid: u32) -> BenchResult<Sample> {
     for task in std::fs::read_dir(proc.join("task")).map_err(|e| format!("process {pid}: {e}"))?.flatten() {
         let path = task.path();
         let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
-        sample.switches += status_number(&status, "voluntary_ctxt_switches:")
+        let switches = status_number(&status, "voluntary_ctxt_switches:")
             + status_number(&status, "nonvoluntary_ctxt_switches:");
+        sample.switches += switches;
+        let tid = task.file_name().to_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let name = status.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim().to_string();
+        sample.per_thread.push((tid, name, switches));
         sample.cpu += task_cpu(&path);
     }
     // cutime + cstime: children the process waited for (iptables tools, when it runs them).
@@ -367,13 +373,14 @@ fn sample(pid: u32) -> BenchResult<Sample> {
 }
 
 /// What a process did between two samples.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Window {
     seconds: f64,
     wakeups_per_s: f64,
     cpu_percent: f64,
     write_bytes: u64,
     end: Sample,
+    start_threads: Vec<(u32, String, u64)>,
 }
 
 impl Window {
@@ -388,8 +395,24 @@ impl Window {
             wakeups_per_s: per_s(end.switches.saturating_sub(start.switches) as f64),
             cpu_percent: per_s(end.cpu.saturating_sub(start.cpu).as_secs_f64()) * 100.0,
             write_bytes: end.write_bytes.saturating_sub(start.write_bytes),
-            end: *end,
+            end: end.clone(),
+            start_threads: start.per_thread.clone(),
         }
+    }
+
+    /// "name N, ..." : context switches per thread over the window, busiest first.
+    fn by_thread(&self) -> String {
+        let mut counts: Vec<(String, u64)> = self
+            .end
+            .per_thread
+            .iter()
+            .map(|(tid, name, end)| {
+                let start = self.start_threads.iter().find(|(t, _, _)| t == tid).map_or(0, |(_, _, n)| *n);
+                (name.clone(), end.saturating_sub(start))
+            })
+            .collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
     }
 
     fn bytes_per_hour(&self) -> f64 {
@@ -824,6 +847,8 @@ fn print_summary(scale: Scale, results: &[ProfileResult]) {
             ["  records stored by that flush".into(), count(flood.records_stored), "-".into(), "-".into()],
         ];
         print!("{}", table(&rows));
+        println!("  idle context switches by thread, agent: {}", agent.by_thread());
+        println!("                                    pce:   {}", pce.by_thread());
         println!(
             "  (sender: {} datagrams in {:.1} s; RSS in MB of 10^6 bytes, from /proc/PID/status)",
             count(flood.sent),
