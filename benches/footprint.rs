@@ -411,7 +411,7 @@ impl Window {
                 (name.clone(), end.saturating_sub(start))
             })
             .collect();
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
         counts.iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
     }
 
