@@ -16,5 +16,6 @@ pub mod flows;
 pub mod history;
 pub mod logdir;
 pub mod logging;
+pub mod memory;
 mod netlink;
 pub mod state;

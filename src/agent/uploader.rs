@@ -133,6 +133,8 @@ fn run(data: &DataDir, store: &FlowStore, interval: Duration, stop: &OwnedFd, st
                 }
             }
         }
+        // The round's batches, redb cache and connection are freed: give them back.
+        crate::memory::release_freed();
     }
 }
 

@@ -6,11 +6,17 @@
 //! and leaves it empty with its memory kept.
 //!
 //! Guarantees:
-//! - **No growth, no allocation per event.** The table is one `Vec` allocated at construction and
-//!   never resized: `capacity` tracked flows (from the board config, clamped to
-//!   [`MAX_CAPACITY`]) in `capacity * 3 / 2` slots (load factor at most 2/3, a few probes per
-//!   event). A slot is 56 bytes, so one tracked flow costs at most 84 bytes of table (target:
-//!   128; [`Aggregator::bytes_per_flow`]).
+//! - **Memory follows the flows tracked, never past the cap.** The table's sizes are its cap,
+//!   `capacity * 3 / 2` slots for `capacity` flows (from the board config, clamped to
+//!   [`MAX_CAPACITY`]), halved: it starts at the smallest that keeps [`INITIAL_SLOTS`] (64 to
+//!   127 slots, at most 7 KiB) and doubles whenever a new flow would load it past 2/3, so the
+//!   last step lands exactly on the cap and never past it. Each flush empties it and gives the
+//!   grown table back, so an idle agent holds the initial table whatever flood came before. A
+//!   slot is 56 bytes: at the cap one tracked flow costs 84 bytes of table (target: 128;
+//!   [`Aggregator::bytes_per_flow`]); while growing, at most 168 (just after a doubling), and a
+//!   doubling briefly holds the old half beside the new table.
+//! - **No allocation per event** beyond that amortised growth: log2(capacity / 64) doublings
+//!   per interval at most, each moving every tracked flow once.
 //! - **Overflow is counted, never evicted.** Once `capacity` flows are tracked, events of new
 //!   keys fold into one "other" bucket per verdict ([`SummaryKey::Other`]) and into
 //!   [`Counters::folded`]; flows already tracked keep counting.
@@ -30,9 +36,10 @@
 //! counted, the count is exact).
 //!
 //! Why not `heapless` (named in the design card): its collections take their capacity as a
-//! const generic, fixed at compile time, while ours comes from the board config at run time. A
-//! `Vec` allocated once with its final size gives the same bound (never grown; checked by the
-//! hostile-pattern test) without a dependency.
+//! const generic, fixed at compile time and allocated whole, while ours comes from the board
+//! config at run time and should cost memory only when flows come. A `Vec` grown by doubling
+//! up to a hard cap gives the same bound (checked by the hostile-pattern test) without a
+//! dependency.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -44,6 +51,11 @@ use crate::firewall::LogVerdict;
 /// Largest number of tracked flows an aggregator accepts (about 84 MB of table); larger
 /// configured capacities are clamped to it.
 pub const MAX_CAPACITY: usize = 1_000_000;
+
+/// Fewest slots of a fresh table, and of the table after each flush (unless the cap is
+/// smaller): the cap is halved while it keeps at least this many, so an idle host's aggregator
+/// costs 3.5 to 7 KiB whatever its configured capacity.
+pub const INITIAL_SLOTS: usize = 64;
 
 /// Verdicts in the order of the "other" buckets.
 const VERDICTS: [LogVerdict; 4] =
@@ -240,10 +252,18 @@ pub struct Counters {
 /// The bounded table of flows of the current interval. See the module doc.
 #[derive(Debug)]
 pub struct Aggregator<S = RandomState> {
-    // INVARIANT: never resized; `slots.len() > capacity` whenever `capacity > 0`, so a probe
-    // always reaches an empty slot or the key.
+    // INVARIANT: `slots.len() == max_slots >> shift` with `shift <= initial_shift`, and it
+    // holds more than `tracked` slots: below `max_slots` the load stays at most 2/3 (the table
+    // grows first), and `max_slots > capacity >= tracked`. So a probe always reaches an empty
+    // slot or the key.
     slots: Vec<Option<Entry>>,
     capacity: usize,
+    /// The size the table stops growing at: `capacity * 3 / 2` (load 2/3 at the cap).
+    max_slots: usize,
+    /// The table has `max_slots >> shift` slots; it starts (and restarts at each flush) at
+    /// `initial_shift`, the largest shift that keeps [`INITIAL_SLOTS`] (0 for small caps).
+    shift: u32,
+    initial_shift: u32,
     other: [Option<Tally>; 4],
     hasher: S,
     counters: Counters,
@@ -261,10 +281,21 @@ impl<S: BuildHasher> Aggregator<S> {
     /// As [`Aggregator::new`] with a given hasher (tests use a constant one to force collisions).
     pub fn with_hasher(capacity: usize, hasher: S) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
-        let len = if capacity == 0 { 0 } else { (capacity + capacity / 2).max(capacity + 1) };
-        let mut slots = Vec::with_capacity(len);
-        slots.resize(len, None);
-        Self { slots, capacity, other: [None; 4], hasher, counters: Counters::default() }
+        let max_slots = if capacity == 0 { 0 } else { (capacity + capacity / 2).max(capacity + 1) };
+        let mut initial_shift = 0;
+        while max_slots >> (initial_shift + 1) >= INITIAL_SLOTS {
+            initial_shift += 1;
+        }
+        Self {
+            slots: empty_table(max_slots >> initial_shift),
+            capacity,
+            max_slots,
+            shift: initial_shift,
+            initial_shift,
+            other: [None; 4],
+            hasher,
+            counters: Counters::default(),
+        }
     }
 
     /// Most flows tracked between two flushes.
@@ -272,10 +303,20 @@ impl<S: BuildHasher> Aggregator<S> {
         self.capacity
     }
 
-    /// Bytes of table per tracked flow at full capacity (slots are more than flows).
+    /// Bytes of table per tracked flow with the table at its cap (slots are more than flows).
     pub fn bytes_per_flow(&self) -> usize {
-        let table = self.slots.capacity() * size_of::<Option<Entry>>();
+        let table = self.max_slots * size_of::<Option<Entry>>();
         table.checked_div(self.capacity).unwrap_or(0)
+    }
+
+    /// Bytes the table holds now (it grows with the flows tracked, up to the cap).
+    pub fn table_bytes(&self) -> usize {
+        self.slots.capacity() * size_of::<Option<Entry>>()
+    }
+
+    /// Bytes the table holds when grown to its cap.
+    pub fn max_table_bytes(&self) -> usize {
+        self.max_slots * size_of::<Option<Entry>>()
     }
 
     pub fn counters(&self) -> Counters {
@@ -295,7 +336,8 @@ impl<S: BuildHasher> Aggregator<S> {
         let compact = CompactKey::new(key);
         let len = self.slots.len();
         if len > 0 {
-            let mut index = reduce(self.hasher.hash_one(compact), len);
+            let hash = self.hasher.hash_one(compact);
+            let mut index = reduce(hash, len);
             for _ in 0..len {
                 match &mut self.slots[index] {
                     Some(entry) if entry.key() == compact => {
@@ -303,14 +345,20 @@ impl<S: BuildHasher> Aggregator<S> {
                         return;
                     }
                     Some(_) => index = if index + 1 == len { 0 } else { index + 1 },
-                    empty @ None => {
-                        if self.counters.tracked < self.capacity {
-                            *empty = Some(Entry::new(compact, Tally::new(now, scale)));
-                            self.counters.tracked += 1;
-                            self.counters.high_water = self.counters.high_water.max(self.counters.tracked);
-                            return;
+                    None => {
+                        if self.counters.tracked >= self.capacity {
+                            break;
                         }
-                        break;
+                        let entry = Entry::new(compact, Tally::new(now, scale));
+                        if self.needs_growth() {
+                            self.grow();
+                            self.insert_new(hash, entry);
+                        } else {
+                            self.slots[index] = Some(entry);
+                        }
+                        self.counters.tracked += 1;
+                        self.counters.high_water = self.counters.high_water.max(self.counters.tracked);
+                        return;
                     }
                 }
             }
@@ -322,21 +370,60 @@ impl<S: BuildHasher> Aggregator<S> {
         }
     }
 
+    /// Whether one more flow would load the table past 2/3 while it may still grow.
+    fn needs_growth(&self) -> bool {
+        let len = self.slots.len();
+        len < self.max_slots && (self.counters.tracked + 1) * 3 > len * 2
+    }
+
+    /// Doubles the table (the next size towards `max_slots`) and moves every tracked flow
+    /// into it.
+    fn grow(&mut self) {
+        self.shift -= 1;
+        let old = std::mem::replace(&mut self.slots, empty_table(self.max_slots >> self.shift));
+        for entry in old.into_iter().flatten() {
+            let hash = self.hasher.hash_one(entry.key());
+            self.insert_new(hash, entry);
+        }
+    }
+
+    /// Puts an entry whose key is not in the table into the first free slot of its probe.
+    fn insert_new(&mut self, hash: u64, entry: Entry) {
+        let len = self.slots.len();
+        let mut index = reduce(hash, len);
+        // The invariant guarantees a free slot: the loop ends within `len` steps.
+        while self.slots[index].is_some() {
+            index = if index + 1 == len { 0 } else { index + 1 };
+        }
+        self.slots[index] = Some(entry);
+    }
+
     /// Appends every flow of the interval, then the non-empty "other" buckets, to `out`, and
-    /// empties the table (its memory stays). `out` grows by at most `capacity + 4`; a caller
-    /// that reserved that once never allocates here.
+    /// empties the table, giving back what it grew by (it starts again at [`INITIAL_SLOTS`]).
+    /// `out` grows by at most `capacity + 4`; a caller that reserved that once never
+    /// allocates here.
     pub fn flush_into(&mut self, out: &mut Vec<Summary>) {
+        self.flush_each(|summary| out.push(summary));
+    }
+
+    /// [`Aggregator::flush_into`] one summary at a time, for callers that convert them (no
+    /// second vector of all the summaries beside the table and the converted ones).
+    pub fn flush_each(&mut self, mut emit: impl FnMut(Summary)) {
         if self.counters.tracked > 0 {
             for slot in &mut self.slots {
                 if let Some(entry) = slot.take() {
-                    out.push(Summary::new(SummaryKey::Flow(entry.key().flow_key()), entry.tally()));
+                    emit(Summary::new(SummaryKey::Flow(entry.key().flow_key()), entry.tally()));
                 }
             }
+        }
+        if self.shift < self.initial_shift {
+            self.shift = self.initial_shift;
+            self.slots = empty_table(self.max_slots >> self.shift);
         }
         self.counters.tracked = 0;
         for (verdict, bucket) in VERDICTS.into_iter().zip(&mut self.other) {
             if let Some(tally) = bucket.take() {
-                out.push(Summary::new(SummaryKey::Other(verdict), tally));
+                emit(Summary::new(SummaryKey::Other(verdict), tally));
             }
         }
     }
@@ -347,6 +434,11 @@ impl<S: BuildHasher> Aggregator<S> {
         self.flush_into(&mut out);
         out
     }
+}
+
+/// A table of `len` empty slots, allocated to exactly that size.
+fn empty_table(len: usize) -> Vec<Option<Entry>> {
+    vec![None; len]
 }
 
 /// Maps a hash onto `0..len` without a division (Lemire's multiply-shift).
@@ -532,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn drain_resets_without_freeing() {
+    fn drain_resets_and_gives_the_grown_table_back() {
         let mut aggregator = Aggregator::new(4);
         let slots = aggregator.slots.capacity();
         for n in 0..6 {
@@ -544,7 +636,7 @@ mod tests {
         out.clear();
         aggregator.flush_into(&mut out);
         assert!(out.is_empty(), "a second flush has nothing: {out:?}");
-        assert_eq!(aggregator.slots.capacity(), slots);
+        assert_eq!(aggregator.slots.capacity(), slots, "a table that never grew is kept");
         assert!(aggregator.slots.iter().all(Option::is_none));
 
         // The next interval starts from nothing: the 4 slots are free again, no "other".
@@ -555,6 +647,92 @@ mod tests {
         assert_eq!(flows(&out).len(), 4);
         assert_eq!(other(&out, LogVerdict::Dropped), None);
         assert_eq!(aggregator.counters(), Counters { events: 10, tracked: 0, folded: 2, high_water: 4 });
+
+        // A grown table goes back to its initial size at the flush.
+        let mut aggregator = Aggregator::new(10_000);
+        for n in 0..5_000 {
+            aggregator.record(&nth(n), 3);
+        }
+        assert!(aggregator.slots.len() >= 5_000 * 3 / 2, "{}", aggregator.slots.len());
+        out.clear();
+        aggregator.flush_into(&mut out);
+        assert_eq!(out.len(), 5_000);
+        assert_eq!(aggregator.slots.len(), 15_000 >> 7, "the cap halved while >= 64 slots");
+        assert_eq!(aggregator.table_bytes(), 117 * size_of::<Option<Entry>>());
+    }
+
+    #[test]
+    fn the_table_grows_by_doubling_up_to_the_cap_and_no_further() {
+        const CAPACITY: usize = 1000;
+        let mut aggregator = Aggregator::new(CAPACITY);
+        assert_eq!(aggregator.slots.len(), 93, "nothing big is reserved at start: 1500 >> 4");
+        assert_eq!(aggregator.max_table_bytes(), 1500 * 56);
+        let mut sizes = vec![aggregator.slots.len()];
+        for n in 0..CAPACITY as u32 {
+            aggregator.record(&nth(n), 1);
+            let len = aggregator.slots.len();
+            if sizes.last() != Some(&len) {
+                sizes.push(len);
+            }
+            let tracked = aggregator.counters().tracked;
+            assert_eq!(tracked, n as usize + 1);
+            assert!(len == aggregator.max_slots || tracked * 3 <= len * 2, "{tracked} flows in {len} slots");
+            assert_eq!(aggregator.table_bytes(), len * size_of::<Option<Entry>>(), "no slack allocated");
+        }
+        assert_eq!(sizes, [93, 187, 375, 750, 1500], "each step doubles, the last lands on the cap");
+
+        // At the cap: new keys fold, tracked keys keep counting, the table stays.
+        for n in CAPACITY as u32..2 * CAPACITY as u32 {
+            aggregator.record(&nth(n), 2);
+            aggregator.record(&nth(n - CAPACITY as u32), 2);
+        }
+        assert_eq!(aggregator.slots.len(), 1500);
+        assert_eq!(aggregator.table_bytes(), aggregator.max_table_bytes());
+        let counters = aggregator.counters();
+        assert_eq!((counters.tracked, counters.folded, counters.high_water), (CAPACITY, 1000, CAPACITY));
+        let out = aggregator.drain();
+        let tracked = flows(&out);
+        assert_eq!(tracked.len(), CAPACITY);
+        assert!(tracked.iter().all(|(_, s)| s.count == 2 && (s.first_seen, s.last_seen) == (1, 2)));
+        let folded = other(&out, LogVerdict::Dropped).expect("overflow bucket");
+        assert_eq!((folded.count, folded.first_seen, folded.last_seen), (1000, 2, 2));
+    }
+
+    #[test]
+    fn counts_stay_exact_across_growth_even_when_every_hash_collides() {
+        // Every key probes from the last slot, so each growth moves one long wrapped cluster.
+        let mut aggregator = Aggregator::with_hasher(300, BuildHasherDefault::<Colliding>::default());
+        let mut expected = std::collections::HashMap::new();
+        for round in 0..4u64 {
+            // Keys 0..100*(round+1): the old ones again while the new ones make the table grow.
+            for n in 0..100 * (round as u32 + 1) {
+                aggregator.record(&nth(n), 10 + round);
+                *expected.entry(n).or_insert(0u32) += 1;
+            }
+        }
+        // 400 keys for a cap of 300: keys 300..400 fold.
+        let out = aggregator.drain();
+        let tracked = flows(&out);
+        assert_eq!(tracked.len(), 300);
+        for (key, summary) in &tracked {
+            let IpAddr::V4(src) = key.src else { panic!("{key:?}") };
+            let n = u32::from(src);
+            assert_eq!(summary.count, expected[&n], "key {n}");
+            assert_eq!(summary.first_seen, 10 + n / 100, "key {n} first came in round n / 100");
+            assert_eq!(summary.last_seen, 13);
+        }
+        assert_eq!(other(&out, LogVerdict::Dropped).map(|s| s.count), Some(100));
+        let events: u32 = expected.values().sum();
+        assert_eq!(aggregator.counters().events, u64::from(events));
+        assert_eq!(aggregator.counters().folded, 100);
+    }
+
+    #[test]
+    fn the_first_table_is_the_cap_halved_while_it_keeps_64_slots() {
+        for (capacity, slots) in [(0, 0), (1, 2), (3, 4), (16, 24), (42, 63), (43, 64), (44, 66), (100, 75)] {
+            let aggregator = Aggregator::new(capacity);
+            assert_eq!(aggregator.slots.len(), slots, "capacity {capacity}");
+        }
     }
 
     #[test]
@@ -613,11 +791,11 @@ mod tests {
     }
 
     #[test]
-    fn hostile_unique_sources_never_grow_memory_and_add_up() {
+    fn hostile_unique_sources_never_grow_memory_past_the_cap_and_add_up() {
         const CAPACITY: usize = 1000;
         const SOURCES: u32 = 100_000;
         let mut aggregator = Aggregator::new(CAPACITY);
-        let slots = aggregator.slots.capacity();
+        let max_slots = aggregator.max_slots;
         let mut out = Vec::with_capacity(CAPACITY + 4);
         let out_capacity = out.capacity();
         for interval in 0..3u64 {
@@ -636,9 +814,10 @@ mod tests {
                     aggregator.record(&nth(0), interval);
                 }
                 assert!(aggregator.counters().tracked <= CAPACITY);
+                assert!(aggregator.table_bytes() <= aggregator.max_table_bytes());
             }
-            assert_eq!(aggregator.slots.capacity(), slots);
-            assert_eq!(aggregator.slots.len(), slots);
+            assert_eq!(aggregator.slots.capacity(), max_slots, "grown to the cap, not past it");
+            assert_eq!(aggregator.slots.len(), max_slots);
 
             out.clear();
             aggregator.flush_into(&mut out);
@@ -667,5 +846,7 @@ mod tests {
         let aggregator = Aggregator::with_hasher(usize::MAX, BuildHasherDefault::<Colliding>::default());
         assert_eq!(aggregator.capacity(), MAX_CAPACITY);
         assert!(aggregator.bytes_per_flow() <= 128);
+        assert_eq!(aggregator.slots.len(), 1_500_000 >> 14);
+        assert_eq!(aggregator.table_bytes(), 91 * size_of::<Option<Entry>>());
     }
 }

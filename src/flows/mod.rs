@@ -9,10 +9,11 @@
 //!   timestamp) and of its IPv4/IPv6 packet (TCP/UDP ports, ICMP/ICMPv6 type and code, other
 //!   protocols by number), and the [`FlowKey`] a flow is counted by (addresses, protocol,
 //!   destination port or ICMP type, verdict and rule id from the prefix).
-//! - [`aggregate`]: counts flow keys between two flushes in a table allocated once for the
-//!   configured number of flows (84 bytes per tracked flow, never grown, nothing allocated per
-//!   event) into [`Summary`] records (count, first and last seen, sampling scale); when full,
-//!   new keys fold into one counted "other" bucket per verdict. Pure: not yet run by the agent.
+//! - [`aggregate`]: counts flow keys between two flushes in a table that grows by doubling with
+//!   the flows tracked, up to the configured number of flows (84 bytes per tracked flow at that
+//!   cap, nothing allocated per event beyond the amortised growth, the grown table given back
+//!   at each flush) into [`Summary`] records (count, first and last seen, sampling scale); when
+//!   full, new keys fold into one counted "other" bucket per verdict.
 //!
 //! - [`pipeline`]: the agent's `flows` thread: binds the group, sleeps in `poll` (no wake-ups
 //!   on an idle host, an immediate stop), counts events, loss and skipped messages into shared

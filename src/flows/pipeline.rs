@@ -261,7 +261,7 @@ impl Reader {
             }
         }
         // Stopping: wait for the store rather than lose the last intervals.
-        let last: Vec<FlowRecord> = self.aggregator.drain().iter().map(record_of).collect();
+        let last = self.drain_records();
         for records in [self.held.take(), Some(last)].into_iter().flatten() {
             if !records.is_empty() {
                 let _ = self.flush_tx.send(records);
@@ -380,12 +380,18 @@ impl Reader {
         }
     }
 
+    /// The interval's flows as records, converted one by one (the only copy beside the table).
+    fn drain_records(&mut self) -> Vec<FlowRecord> {
+        let mut records = Vec::with_capacity(self.aggregator.counters().tracked + 4);
+        self.aggregator.flush_each(|summary| records.push(record_of(&summary)));
+        records
+    }
+
     /// Hands the interval's flows to `flowstore` without waiting for it.
     fn flush(&mut self) {
         self.flush_at = None;
-        let summaries = self.aggregator.drain();
+        let mut records = self.drain_records();
         self.stats.tracked.store(0, Ordering::Relaxed);
-        let mut records: Vec<FlowRecord> = summaries.iter().map(record_of).collect();
         if let Some(held) = self.held.take() {
             match self.flush_tx.try_send(held) {
                 Ok(()) => {}
@@ -432,6 +438,8 @@ fn write_flushes(flushes: &Receiver<Vec<FlowRecord>>, mut sink: Box<dyn FlowSink
         if store(sink.as_mut(), &records, stats).is_err() {
             failed = Some(records);
         }
+        // The store call freed its page cache; glibc keeps it unless asked (crate::memory).
+        crate::memory::release_freed();
     }
     if let Some(retry) = failed {
         if store(sink.as_mut(), &retry, stats).is_err() {
