@@ -356,10 +356,10 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    fn ipset_list_terse(&self) -> Result<String, FirewallError> {
+    fn ipset_sizes(&self) -> Result<BTreeMap<String, usize>, FirewallError> {
         let text = render_terse(&self.lock().sets);
-        self.lock().calls.push(("ipset_list_terse", String::new()));
-        Ok(text)
+        self.lock().calls.push(("ipset_sizes", String::new()));
+        Ok(super::ipset::parse_terse(&text))
     }
 
     fn ipset_save(&self) -> Result<String, FirewallError> {

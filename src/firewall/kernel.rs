@@ -6,6 +6,7 @@
 //! socket opened on the calling thread, so it is that namespace's too. A fake for unit tests
 //! lives in `fake.rs` (`#[cfg(test)]` only); production code always gets [`SystemKernel`].
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -25,8 +26,8 @@ pub(crate) trait Kernel: Send + Sync {
     fn restore_tables(&self, family: Family, input: &str) -> Result<(), FirewallError>;
     /// Every set, as `ipset save` prints it.
     fn ipset_save(&self) -> Result<String, FirewallError>;
-    /// Every set's header and size, as `ipset list -t` prints them.
-    fn ipset_list_terse(&self) -> Result<String, FirewallError>;
+    /// Our sets' sizes (from the kernel over netlink, else from `ipset list -t`).
+    fn ipset_sizes(&self) -> Result<BTreeMap<String, usize>, FirewallError>;
     /// Applies one `ipset restore` session (not atomic: it stops at the first failing line).
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError>;
     /// The nf_tables ruleset generation when the iptables tools (both families) program
@@ -100,8 +101,15 @@ impl Kernel for SystemKernel {
         ipset::save(&self.tools.ipset)
     }
 
-    fn ipset_list_terse(&self) -> Result<String, FirewallError> {
-        ipset::list_terse(&self.tools.ipset)
+    fn ipset_sizes(&self) -> Result<BTreeMap<String, usize>, FirewallError> {
+        match super::ipset_sizes::our_set_sizes() {
+            Ok(sizes) => Ok(sizes),
+            Err(e) => {
+                // Debug only: a kernel without IPSET_ATTR_ELEMENTS would log at every check.
+                log::debug!("{e}; asking `ipset list -t` instead");
+                Ok(ipset::parse_terse(&ipset::list_terse(&self.tools.ipset)?))
+            }
+        }
     }
 
     fn ipset_restore(&self, input: &str) -> Result<(), FirewallError> {

@@ -35,6 +35,7 @@
 pub mod backend;
 mod generation;
 mod ipset;
+mod ipset_sizes;
 mod iptables;
 mod kernel;
 mod render;
@@ -577,7 +578,7 @@ impl Firewall {
         let wanted = applied.rulesets.iter().flat_map(|(_, ruleset)| ruleset.sets.iter());
         match depth {
             CheckDepth::Quick => {
-                let sizes = ipset::parse_terse(&self.kernel.ipset_list_terse()?);
+                let sizes = self.kernel.ipset_sizes()?;
                 for (name, members) in wanted {
                     match sizes.get(name) {
                         None => drift.push(format!("set {name} missing")),
@@ -874,6 +875,22 @@ impl Firewall {
         }
         Ok(Removal { members: teardown.removed(), changed })
     }
+}
+
+/// For the kernel test and the `ipset_sizes` fuzz target: our sets' sizes read over netlink in
+/// the calling thread's namespace, and the decoder of one datagram of that dump.
+#[doc(hidden)]
+pub fn kernel_set_sizes() -> Result<std::collections::BTreeMap<String, usize>, String> {
+    ipset_sizes::our_set_sizes().map_err(|e| e.to_string())
+}
+
+#[doc(hidden)]
+pub fn parse_set_sizes_datagram(
+    datagram: &[u8],
+) -> Result<std::collections::BTreeMap<String, usize>, String> {
+    let mut sizes = std::collections::BTreeMap::new();
+    ipset_sizes::parse_datagram(datagram, 1, &mut sizes).map_err(|e| e.to_string())?;
+    Ok(sizes)
 }
 
 /// For the `nft_generation` fuzz target: the parser of the kernel's answer to NFT_MSG_GETGEN.
@@ -1269,7 +1286,7 @@ mod tests {
         fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "2001:2::2"]), &safeguards()).unwrap();
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["ipset_list_terse"], "no family is read back after our apply");
+        assert_eq!(call_names(&fake), ["ipset_sizes"], "no family is read back after our apply");
 
         // The skip is real: a change the generation does not show goes unseen by quick checks,
         // the full check reads the chains and finds it.
@@ -1283,14 +1300,14 @@ mod tests {
         // Found drift forgets the generation: quick checks read the chains back until repaired.
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), [drift.as_str()]);
-        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["save_filter", "save_filter", "ipset_sizes"]);
 
         // Set sizes are checked whatever the generation says (ipset does not move it).
         fw.repair().unwrap();
         fake.set_ipset_text(&fake.ipset_text().replace("add ven-1 198.18.0.2\n", ""));
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), ["set ven-1 holds 0 members, not 1"]);
-        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["ipset_sizes"]);
     }
 
     #[test]
@@ -1303,10 +1320,10 @@ mod tests {
         fake.commit_elsewhere();
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_sizes"]);
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["ipset_sizes"]);
         // Our rule deleted (the generation moves): found.
         let rules = iptables::parse_save(&fake.filter_text()).unwrap();
         let last = rules.rules.iter().rev().find(|rule| rule.chain == "VEN-INPUT").unwrap();
@@ -1323,7 +1340,7 @@ mod tests {
         for _ in 0..2 {
             fake.clear_calls();
             assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-            assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+            assert_eq!(call_names(&fake), ["save_filter", "ipset_sizes"]);
         }
         // The generation becomes unreadable after a clean check (the legacy tools, an error):
         // `None` never equals what was remembered.
@@ -1332,7 +1349,7 @@ mod tests {
         fake.set_generation(None);
         fake.clear_calls();
         fw.verify(CheckDepth::Quick).unwrap();
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_sizes"]);
     }
 
     #[test]
@@ -1350,7 +1367,7 @@ mod tests {
         assert_eq!(fake.generation(), Some(before + 1), "one restore, one commit");
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["ipset_list_terse"], "the repair's own commit is not a change");
+        assert_eq!(call_names(&fake), ["ipset_sizes"], "the repair's own commit is not a change");
     }
 
     #[test]
@@ -1361,23 +1378,23 @@ mod tests {
         fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2"]), &safeguards()).unwrap();
         fake.clear_calls();
         fw.verify(CheckDepth::Quick).unwrap();
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"], "two commits, one ours");
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_sizes"], "two commits, one ours");
         fake.clear_calls();
         fw.verify(CheckDepth::Quick).unwrap();
-        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["ipset_sizes"]);
 
         // A failed apply commits nothing here, yet what it did is doubt: compare.
         fake.fail_next_filter_restore("line 3 failed");
         fw.apply(&policy(PolicyState::Test, &["198.18.0.2"]), &safeguards()).unwrap_err();
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["save_filter", "ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["save_filter", "ipset_sizes"]);
 
         // A members-only change writes no rule: the remembered generation stands.
         fw.apply(&policy(PolicyState::Enforced, &["198.18.0.2", "198.18.0.3"]), &safeguards()).unwrap();
         fake.clear_calls();
         assert_eq!(fw.verify(CheckDepth::Quick).unwrap(), Vec::<String>::new());
-        assert_eq!(call_names(&fake), ["ipset_list_terse"]);
+        assert_eq!(call_names(&fake), ["ipset_sizes"]);
     }
 
     #[test]
