@@ -4,8 +4,10 @@
 //!
 //! Format: one setting per line, `#` starts a comment, lists are comma-separated, durations are
 //! seconds. Keys under `board.` describe the build (target triple, name) and are not read by the
-//! agent. An unknown key or a bad value is an error naming the file and line: a typo must not
-//! silently leave a default in force on a device nobody watches.
+//! agent. A bad value of a known key is an error naming the file and line: a typo in a value must
+//! not silently leave a default in force on a device nobody watches. An unknown key is only a
+//! warning (logged at start and shown by `ven status`): a rollback to an older binary, or a key
+//! an operator added for a newer one, must never leave an appliance without its agent.
 //!
 //! A missing file means every default (a generic Linux host).
 
@@ -119,7 +121,13 @@ pub struct Config {
     pub flows: FlowSettings,
     /// Sizes of the files in log/ ([`crate::logdir`]).
     pub logs: crate::logdir::LogCaps,
+    /// Keys this version does not know, ignored: `key (line N)`, the first
+    /// [`MAX_UNKNOWN_KEYS_KEPT`].
+    pub unknown_keys: Vec<String>,
 }
+
+/// Unknown keys remembered for the warning (all of them are ignored).
+pub const MAX_UNKNOWN_KEYS_KEPT: usize = 16;
 
 /// The flow pipeline's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +176,7 @@ impl Default for Config {
             conntrack_cut_on_tighten: true,
             flows: FlowSettings::default(),
             logs: crate::logdir::LogCaps::default(),
+            unknown_keys: Vec::new(),
         }
     }
 }
@@ -223,12 +232,17 @@ impl Config {
             let Some((key, value)) = line.split_once('=') else {
                 return Err((index + 1, format!("{line:?} is not KEY = VALUE")));
             };
-            config.set(key.trim(), value.trim()).map_err(|problem| (index + 1, problem))?;
+            let key = key.trim();
+            let known = config.set(key, value.trim()).map_err(|problem| (index + 1, problem))?;
+            if !known && config.unknown_keys.len() < MAX_UNKNOWN_KEYS_KEPT {
+                config.unknown_keys.push(format!("{key} (line {})", index + 1));
+            }
         }
         Ok(config)
     }
 
-    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+    /// Sets `key`; `Ok(false)` when this version does not know it.
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
         match key {
             "firewall_backend" => {
                 self.firewall_backend = match value {
@@ -283,9 +297,9 @@ impl Config {
                 self.logs.total_max_bytes = number(key, value, min, 1 << 40)?
             }
             _ if key.starts_with("board.") => {}
-            _ => return Err(format!("unknown setting {key:?}")),
+            _ => return Ok(false),
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -369,9 +383,17 @@ mod tests {
     }
 
     #[test]
+    fn unknown_keys_are_remembered_and_ignored_not_refused() {
+        let config = Config::parse("ipv6 = false\nfuture_setting = 3\nipv7 = true\n").unwrap();
+        assert!(!config.ipv6, "known keys still apply");
+        assert_eq!(config.unknown_keys, ["future_setting (line 2)", "ipv7 (line 3)"]);
+        let many: String = (0..40).map(|n| format!("k{n} = 1\n")).collect();
+        assert_eq!(Config::parse(&many).unwrap().unknown_keys.len(), MAX_UNKNOWN_KEYS_KEPT);
+    }
+
+    #[test]
     fn mistakes_name_their_line() {
         let cases = [
-            ("ipv6 = true\nipv7 = true\n", 2, "unknown setting"),
             ("routes = maybe", 1, "true or false"),
             ("failsafe_services = icmp/1", 1, "tcp or udp"),
             ("failsafe_services = tcp/0", 1, "port 0"),

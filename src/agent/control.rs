@@ -63,6 +63,8 @@ pub enum ControlResponse {
 pub struct LiveCounters {
     pub flows: Option<Arc<crate::flows::FlowStats>>,
     pub uploads: Option<Arc<super::uploader::UploadStats>>,
+    /// Configuration keys the agent ignored (fixed for its life).
+    pub config_warnings: Vec<String>,
 }
 
 impl LiveCounters {
@@ -74,6 +76,7 @@ impl LiveCounters {
         if let Some(uploads) = &self.uploads {
             report.flow_uploads = Some(uploads.snapshot());
         }
+        report.config_warnings.clone_from(&self.config_warnings);
     }
 }
 
@@ -236,10 +239,13 @@ mod tests {
 
         let flows = Arc::new(crate::flows::FlowStats::default());
         let uploads = Arc::new(crate::agent::uploader::UploadStats::default());
-        assert!(
-            live.set(LiveCounters { flows: Some(Arc::clone(&flows)), uploads: Some(uploads.clone()) })
-                .is_ok()
-        );
+        let warnings = vec!["future_setting (line 2)".to_string()];
+        let counters = LiveCounters {
+            flows: Some(Arc::clone(&flows)),
+            uploads: Some(uploads.clone()),
+            config_warnings: warnings,
+        };
+        assert!(live.set(counters).is_ok());
         flows.events.store(42, Ordering::Relaxed);
         flows.tracked.store(3, Ordering::Relaxed);
         uploads.records.store(7, Ordering::Relaxed);
@@ -249,6 +255,7 @@ mod tests {
         let counters = report.flows.expect("flow counters");
         assert_eq!((counters.events, counters.tracked), (42, 3));
         assert_eq!(report.flow_uploads.expect("upload counters").records, 7);
+        assert_eq!(report.config_warnings, ["future_setting (line 2)"]);
 
         flows.events.store(43, Ordering::Relaxed);
         assert_eq!(status_over_socket(&path).flows.unwrap().events, 43);

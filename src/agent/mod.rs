@@ -195,6 +195,9 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         .map_err(|cause| AgentError::Thread { thread: "signals", cause })?;
 
     log::info!("ven {} starting with data directory {}", env!("CARGO_PKG_VERSION"), data.root().display());
+    for key in &config.unknown_keys {
+        log::warn!("configuration: unknown key {key} ignored (a newer or older version's setting?)");
+    }
     let firewall_config = FirewallConfig::from_config(&config);
     log::info!(
         "firewall: iptables backend {} ({}), IPv6 {}",
@@ -224,8 +227,11 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     };
     let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
     let upload_stats = uploader.as_ref().map(uploader::Uploader::stats);
-    let _ =
-        live_counters.set(control::LiveCounters { flows: flow_stats.clone(), uploads: upload_stats.clone() });
+    let _ = live_counters.set(control::LiveCounters {
+        flows: flow_stats.clone(),
+        uploads: upload_stats.clone(),
+        config_warnings: config.unknown_keys.clone(),
+    });
     manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(flow_stats, upload_stats)
         .run(inputs_rx);

@@ -115,6 +115,8 @@ pub struct StatusReport {
     pub flows: Option<crate::flows::FlowCounters>,
     /// The uploader's counters (a running agent only).
     pub flow_uploads: Option<super::uploader::UploadCounters>,
+    /// Configuration keys the running agent ignored because it does not know them.
+    pub config_warnings: Vec<String>,
 }
 
 impl StatusReport {
@@ -168,6 +170,7 @@ impl StatusReport {
             pending_events: 0,
             flows: None,
             flow_uploads: None,
+            config_warnings: Vec::new(),
         }
     }
 
@@ -242,6 +245,10 @@ impl StatusReport {
                         json_option(u.last_error.as_deref().map(json_string)),
                     )
                 })),
+            ),
+            (
+                "config_warnings",
+                format!("[{}]", self.config_warnings.iter().map(|w| json_string(w)).collect::<Vec<_>>().join(",")),
             ),
         ];
         let body: Vec<String> = fields.iter().map(|(key, value)| format!("\"{key}\":{value}")).collect();
@@ -322,6 +329,12 @@ impl StatusReport {
         }
         if let Some(error) = &self.last_apply_error {
             lines.push(format!("  last apply error: {error} (the previous policy stays in force)"));
+        }
+        if !self.config_warnings.is_empty() {
+            lines.push(format!(
+                "  configuration:   unknown keys ignored: {}",
+                self.config_warnings.join(", ")
+            ));
         }
         lines.join("\n")
     }
