@@ -104,6 +104,34 @@ impl Command {
     }
 }
 
+/// `println!` (`out!`) and `print!` (`out_raw!`) that end the program quietly when stdout is a
+/// closed pipe (`ven flows --json | head`); another write error is reported, with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! out_raw {
+    ($($arg:tt)*) => {
+        write_out(format_args!($($arg)*))
+    };
+}
+
+fn write_out(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(text) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ven: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The target this binary was built for (printed by `ven version`).
+pub const TARGET: &str = env!("VEN_TARGET");
+
 /// Entry point of the `ven` binary.
 pub fn main() -> ExitCode {
     let raw: args::RawArgs = argh::from_env();
@@ -132,13 +160,13 @@ fn config() -> Result<Config, AgentError> {
 
 fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
     match command {
-        Command::Version => println!("ven {}", env!("CARGO_PKG_VERSION")),
+        Command::Version => out!("ven {} ({TARGET})", env!("CARGO_PKG_VERSION")),
         Command::Agent => agent::run(data.clone(), config()?)?,
         Command::Activate { server, activation_code, trust, hostname } => {
             let firewall = agent::firewall(&config()?);
             let identity =
                 lifecycle::activate(data, &server, &activation_code, &trust, &hostname, &firewall)?;
-            println!(
+            out!(
                 "Activated: agent {} ({}) is paired with the PCE at {} (CA {}).",
                 identity.agent_id,
                 identity.hostname,
@@ -150,9 +178,9 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 &ControlRequest::IdentityChanged,
                 control::STATUS_TIMEOUT,
             ) {
-                Ok(_) => println!("The running agent picked up the pairing."),
+                Ok(_) => out!("The running agent picked up the pairing."),
                 Err(ControlError::NotRunning(_)) => {
-                    println!("Start the agent (`ven agent`) to receive the policy.")
+                    out!("Start the agent (`ven agent`) to receive the policy.")
                 }
                 Err(e) => eprintln!("ven: the pairing is stored, but the agent was not told: {e}"),
             }
@@ -169,9 +197,9 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                     }
                 };
             if json {
-                println!("{}", report.to_json());
+                out!("{}", report.to_json());
             } else {
-                println!("{}", report.to_human(crate::clock::now()));
+                out!("{}", report.to_human(crate::clock::now()));
             }
         }
         Command::Deactivate { after } => {
@@ -186,49 +214,49 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 FirewallAfter::Saved => "the firewall is as it was before activation",
             };
             match notice {
-                None => println!("Deactivated: the PCE was notified and {firewall}."),
+                None => out!("Deactivated: the PCE was notified and {firewall}."),
                 Some(why) => {
-                    println!("Deactivated locally and {firewall}, but the PCE was not notified: {why}")
+                    out!("Deactivated locally and {firewall}, but the PCE was not notified: {why}")
                 }
             }
         }
         Command::Suspend => {
-            println!("Suspending the VEN...");
+            out!("Suspending the VEN...");
             let notice = match agent_work(data, &ControlRequest::Suspend)? {
                 Some(ControlResponse::Suspended { pce_notice }) => pce_notice,
                 Some(other) => return Err(refused(other)),
                 None => agent::suspend_offline(data, &config()?)?,
             };
             match notice {
-                None => println!("The VEN has been suspended. PCE was notified."),
-                Some(why) => println!("The VEN has been suspended, but the PCE was not notified: {why}"),
+                None => out!("The VEN has been suspended. PCE was notified."),
+                Some(why) => out!("The VEN has been suspended, but the PCE was not notified: {why}"),
             }
         }
         Command::Unsuspend => {
-            println!("Unsuspending the VEN...");
+            out!("Unsuspending the VEN...");
             let notice = match agent_work(data, &ControlRequest::Unsuspend)? {
                 Some(ControlResponse::Unsuspended { pce_notice }) => pce_notice,
                 Some(other) => return Err(refused(other)),
                 None => agent::unsuspend_offline(data, &config()?)?,
             };
             match notice {
-                None => println!("The VEN has been unsuspended. PCE was notified."),
-                Some(why) => println!("The VEN has been unsuspended, but the PCE was not notified: {why}"),
+                None => out!("The VEN has been unsuspended. PCE was notified."),
+                Some(why) => out!("The VEN has been unsuspended, but the PCE was not notified: {why}"),
             }
         }
         Command::Restore => {
             if control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT).is_ok()
             {
-                println!("The agent is running and keeps the firewall; nothing to restore.");
+                out!("The agent is running and keeps the firewall; nothing to restore.");
                 return Ok(());
             }
             let firewall = agent::firewall(&config()?);
             match lifecycle::restore_at_boot(data, &firewall, &History::new(data))? {
-                BootRestore::NotActivated => println!("Not activated; the firewall is left as it is."),
-                BootRestore::Suspended => println!("Suspended; the firewall is left as it is."),
-                BootRestore::NoPolicy => println!("No policy received yet; the firewall is left as it is."),
+                BootRestore::NotActivated => out!("Not activated; the firewall is left as it is."),
+                BootRestore::Suspended => out!("Suspended; the firewall is left as it is."),
+                BootRestore::NoPolicy => out!("No policy received yet; the firewall is left as it is."),
                 BootRestore::Restored { version, state } => {
-                    println!("Restored policy version {version} ({state}).")
+                    out!("Restored policy version {version} ({state}).")
                 }
             }
         }
@@ -237,21 +265,21 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
             let caps = Config::load().map(|config| config.logs).unwrap_or_default();
             let store = crate::flows::store::FlowStore::new(&data.log_dir(), caps);
             let result = store.query(&query)?;
-            print!("{}", flows::render(&result, query.view, format));
+            out_raw!("{}", flows::render(&result, query.view, format));
         }
         Command::History { json, show } => {
             let history = History::new(data);
             match show {
                 Some(seq) => match history.get(seq).map_err(history_error)? {
-                    Some(entry) => print!("{}", history::render_entry(&entry)),
+                    Some(entry) => out_raw!("{}", history::render_entry(&entry)),
                     None => return Err(AgentError::NoHistoryEntry(seq)),
                 },
                 None => {
                     let entries = history.list().map_err(history_error)?;
                     if json {
-                        println!("{}", history::render_json(&entries));
+                        out!("{}", history::render_json(&entries));
                     } else {
-                        print!("{}", history::render_table(&entries));
+                        out_raw!("{}", history::render_table(&entries));
                     }
                 }
             }
