@@ -107,6 +107,16 @@ fn provisioned_rule_is_enforced_and_idle_opens_the_firewall_again() {
             "with both idle, {from} -> {to}:{port} should connect again, was {verdict}"
         );
     }
+
+    // `ven check-env` on a paired host: every check passes, the PCE's certificate verifies
+    // against the pinned CA; with the PCE gone, that check fails and so does the command.
+    let checked = lab.ven(Host::Db, &["check-env"]).expect("ven check-env");
+    assert!(checked.success(), "check-env on db:\n{}{}", checked.stdout, checked.stderr);
+    assert!(checked.stdout.contains("certificate verified by the pinned CA"), "{}", checked.stdout);
+    lab.stop_pce().expect("stop the PCE");
+    let checked = lab.ven(Host::Db, &["check-env"]).expect("ven check-env");
+    assert!(!checked.success(), "with the PCE down check-env must fail:\n{}", checked.stdout);
+    assert!(checked.stdout.lines().any(|l| l.starts_with("fail  PCE API")), "{}", checked.stdout);
 }
 
 #[test]

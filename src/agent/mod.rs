@@ -53,6 +53,9 @@ pub enum Input {
 pub enum AgentError {
     #[error(transparent)]
     State(#[from] StateError),
+    /// `ven check-env` found a failing check (each is printed with its hint).
+    #[error("some checks failed; see the hints above")]
+    ChecksFailed,
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]

@@ -22,6 +22,7 @@ pub enum RawCommand {
     Restore(RawRestore),
     History(RawHistory),
     Flows(RawFlows),
+    CheckEnv(RawCheckEnv),
     Version(RawVersion),
 }
 
@@ -136,7 +137,13 @@ pub struct RawFlows {
     pub csv: bool,
 }
 
-/// Print the version.
+/// Check that this host can run the agent: kernel features, tools, sysctls, the data directory,
+/// the clock and the PCE (exit status 1 when a check fails).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check-env")]
+pub struct RawCheckEnv {}
+
+/// Print the version and the target this binary was built for.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
 pub struct RawVersion {}

@@ -2,6 +2,7 @@
 //! is then carried out against the data directory and, when one runs, the agent.
 
 mod args;
+mod check_env;
 pub mod flows;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ pub enum Command {
     Restore,
     History { json: bool, show: Option<u64> },
     Flows { query: crate::flows::store::FlowQuery, format: flows::Format },
+    CheckEnv,
     Version,
 }
 
@@ -99,6 +101,7 @@ impl Command {
                 )?;
                 Command::Flows { query, format }
             }
+            args::RawCommand::CheckEnv(_) => Command::CheckEnv,
             args::RawCommand::Version(_) => Command::Version,
         })
     }
@@ -161,6 +164,14 @@ fn config() -> Result<Config, AgentError> {
 fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
     match command {
         Command::Version => out!("ven {} ({TARGET})", env!("CARGO_PKG_VERSION")),
+        Command::CheckEnv => {
+            let config = config()?;
+            let checks = check_env::run(data, &config);
+            out_raw!("{}", check_env::render(&checks));
+            if checks.iter().any(|c| c.verdict == check_env::Verdict::Fail) {
+                return Err(AgentError::ChecksFailed);
+            }
+        }
         Command::Agent => agent::run(data.clone(), config()?)?,
         Command::Activate { server, activation_code, trust, hostname } => {
             let firewall = agent::firewall(&config()?);
