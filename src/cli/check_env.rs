@@ -195,6 +195,8 @@ pub fn run(data: &DataDir, config: &Config) -> Vec<Check> {
     });
     let existing = root.ancestors().find(|dir| dir.exists()).unwrap_or(Path::new("/"));
     if let Ok(stats) = nix::sys::statvfs::statvfs(existing) {
+        // The casts widen on 32-bit boards (c_ulong is u32 there) and do nothing on 64-bit ones.
+        #[allow(clippy::unnecessary_cast)]
         let free = stats.blocks_available() as u64 * stats.fragment_size() as u64;
         let caps = config.logs.total_max_bytes;
         let detail =
