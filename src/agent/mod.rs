@@ -53,6 +53,8 @@ pub enum Input {
 pub enum AgentError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Service(#[from] crate::cli::service::ServiceError),
     /// `ven check-env` found a failing check (each is printed with its hint).
     #[error("some checks failed; see the hints above")]
     ChecksFailed,

@@ -12,6 +12,8 @@ use ven_proto::{
 /// Whole-request limit: a PCE that does not answer in this time counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The goodbye's whole exchange: a stop must not wait on a PCE that does not answer.
+pub const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 /// ureq's input and output buffers per connection (its default is 128 KiB each, for the TCP
 /// and again for the TLS layer: 512 KiB zero-filled and kept while the connection idles in the
 /// pool, 0.5 MB of the idle agent's RSS). One TLS record (16 KiB) fits; our requests and
@@ -99,8 +101,15 @@ impl PceClient {
         self.decode(path::POLICY, response)
     }
 
+    /// Tells the PCE the agent is stopping; gives up after [`GOODBYE_TIMEOUT`], so that a stop
+    /// ends within seconds even when the PCE does not answer (it then finds the workload silent).
     pub fn goodbye(&self, reason: &str) -> Result<(), ClientError> {
-        self.post::<_, ()>(path::GOODBYE, &Goodbye { reason: reason.to_string() }).map(drop)
+        self.post_within::<_, ()>(
+            path::GOODBYE,
+            &Goodbye { reason: reason.to_string() },
+            Some(GOODBYE_TIMEOUT),
+        )
+        .map(drop)
     }
 
     /// Tells the PCE the VEN was suspended or unsuspended.
@@ -127,6 +136,16 @@ impl PceClient {
         endpoint: &'static str,
         body: &Req,
     ) -> Result<Option<Resp>, ClientError> {
+        self.post_within(endpoint, body, None)
+    }
+
+    /// [`PceClient::post`] with its own overall deadline instead of [`REQUEST_TIMEOUT`].
+    fn post_within<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        body: &Req,
+        deadline: Option<Duration>,
+    ) -> Result<Option<Resp>, ClientError> {
         let mut request = self
             .agent
             .post(self.url(endpoint))
@@ -134,6 +153,9 @@ impl PceClient {
             .header("content-type", ven_proto::CONTENT_TYPE);
         if let Some(auth) = &self.authorization {
             request = request.header("authorization", auth);
+        }
+        if let Some(deadline) = deadline {
+            request = request.config().timeout_global(Some(deadline)).timeout_connect(Some(deadline)).build();
         }
         let response = request.send(&ven_proto::encode(body)[..]).map_err(|e| self.unreachable(e))?;
         self.decode(endpoint, response)

@@ -117,6 +117,8 @@ pub struct StatusReport {
     pub flow_uploads: Option<super::uploader::UploadCounters>,
     /// Configuration keys the running agent ignored because it does not know them.
     pub config_warnings: Vec<String>,
+    /// `ven disable` was run: the boot entry points do nothing.
+    pub disabled: bool,
 }
 
 impl StatusReport {
@@ -171,6 +173,7 @@ impl StatusReport {
             flows: None,
             flow_uploads: None,
             config_warnings: Vec::new(),
+            disabled: false,
         }
     }
 
@@ -246,6 +249,7 @@ impl StatusReport {
                     )
                 })),
             ),
+            ("disabled", self.disabled.to_string()),
             (
                 "config_warnings",
                 format!("[{}]", self.config_warnings.iter().map(|w| json_string(w)).collect::<Vec<_>>().join(",")),
@@ -329,6 +333,9 @@ impl StatusReport {
         }
         if let Some(error) = &self.last_apply_error {
             lines.push(format!("  last apply error: {error} (the previous policy stays in force)"));
+        }
+        if self.disabled {
+            lines.push("  boot:            disabled: does not start at boot (`ven enable`)".to_string());
         }
         if !self.config_warnings.is_empty() {
             lines.push(format!(

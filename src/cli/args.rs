@@ -23,6 +23,11 @@ pub enum RawCommand {
     History(RawHistory),
     Flows(RawFlows),
     CheckEnv(RawCheckEnv),
+    Start(RawStart),
+    Stop(RawStop),
+    Restart(RawRestart),
+    Enable(RawEnable),
+    Disable(RawDisable),
     Version(RawVersion),
 }
 
@@ -142,6 +147,45 @@ pub struct RawFlows {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "check-env")]
 pub struct RawCheckEnv {}
+
+/// Start the agent: through the running init system (systemd, procd, sysvinit) for the default
+/// data directory, else directly.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "start")]
+pub struct RawStart {
+    /// start `ven agent` directly, whatever init system runs
+    #[argh(switch)]
+    pub direct: bool,
+}
+
+/// Stop the agent (it says goodbye to the PCE; the firewall keeps its policy).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stop")]
+pub struct RawStop {
+    /// stop the agent directly, whatever init system runs
+    #[argh(switch)]
+    pub direct: bool,
+}
+
+/// Restart the agent.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "restart")]
+pub struct RawRestart {
+    /// restart the agent directly, whatever init system runs
+    #[argh(switch)]
+    pub direct: bool,
+}
+
+/// Let the agent start at boot (undoes `disable`).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "enable")]
+pub struct RawEnable {}
+
+/// Keep the agent from starting at boot: `ven restore` and `ven agent` then do nothing (an image
+/// can carry an installed, unactivated VEN).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "disable")]
+pub struct RawDisable {}
 
 /// Print the version and the target this binary was built for.
 #[derive(FromArgs, Debug)]

@@ -4,6 +4,7 @@
 mod args;
 mod check_env;
 pub mod flows;
+pub mod service;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ pub enum Command {
     History { json: bool, show: Option<u64> },
     Flows { query: crate::flows::store::FlowQuery, format: flows::Format },
     CheckEnv,
+    Service { action: service::Action, direct: bool },
+    SetEnabled(bool),
     Version,
 }
 
@@ -102,6 +105,15 @@ impl Command {
                 Command::Flows { query, format }
             }
             args::RawCommand::CheckEnv(_) => Command::CheckEnv,
+            args::RawCommand::Start(a) => {
+                Command::Service { action: service::Action::Start, direct: a.direct }
+            }
+            args::RawCommand::Stop(a) => Command::Service { action: service::Action::Stop, direct: a.direct },
+            args::RawCommand::Restart(a) => {
+                Command::Service { action: service::Action::Restart, direct: a.direct }
+            }
+            args::RawCommand::Enable(_) => Command::SetEnabled(true),
+            args::RawCommand::Disable(_) => Command::SetEnabled(false),
             args::RawCommand::Version(_) => Command::Version,
         })
     }
@@ -172,7 +184,12 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 return Err(AgentError::ChecksFailed);
             }
         }
+        Command::Agent if service::is_disabled(data) => {
+            out!("Disabled (`ven enable` to run): the agent does not start.");
+        }
         Command::Agent => agent::run(data.clone(), config()?)?,
+        Command::Service { action, direct } => out!("{}", service::control_agent(data, action, direct)?),
+        Command::SetEnabled(enabled) => out!("{}", service::set_enabled(data, enabled)?),
         Command::Activate { server, activation_code, trust, hostname } => {
             let firewall = agent::firewall(&config()?);
             let identity =
@@ -197,7 +214,7 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
             }
         }
         Command::Status { json } => {
-            let report =
+            let mut report =
                 match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT)
                 {
                     Ok(ControlResponse::Status(report)) => *report,
@@ -207,6 +224,7 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                         StatusReport::from_data_dir(data)?
                     }
                 };
+            report.disabled = service::is_disabled(data);
             if json {
                 out!("{}", report.to_json());
             } else {
@@ -254,6 +272,9 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 None => out!("The VEN has been unsuspended. PCE was notified."),
                 Some(why) => out!("The VEN has been unsuspended, but the PCE was not notified: {why}"),
             }
+        }
+        Command::Restore if service::is_disabled(data) => {
+            out!("Disabled (`ven enable` to run): the firewall is left as it is.");
         }
         Command::Restore => {
             if control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT).is_ok()
