@@ -149,6 +149,45 @@ fn managed_by_default() -> bool {
 }
 
 impl Workload {
+    /// A workload with nothing applied, reported or added yet: offline, unlabelled, no policy
+    /// version, no token (which no agent can match).
+    fn new(
+        id: u64,
+        hostname: String,
+        interfaces: Vec<Interface>,
+        policy_state: PolicyState,
+        now: u64,
+        managed: bool,
+    ) -> Self {
+        Workload {
+            id,
+            hostname,
+            os: String::new(),
+            agent_version: String::new(),
+            interfaces,
+            labels: Vec::new(),
+            policy_state,
+            token_sha256: String::new(),
+            online: false,
+            activated_at: now,
+            last_heartbeat: None,
+            applied_policy_version: 0,
+            applied_state: None,
+            apply_error: None,
+            policy_version: 0,
+            policy_sha256: String::new(),
+            suspended: false,
+            unsuspended_at: None,
+            custom_rules: Vec::new(),
+            last_custom_rule_id: 0,
+            managed,
+            online_since: None,
+            missed_heartbeats_reported: false,
+        }
+    }
+}
+
+impl Workload {
     /// Whether other workloads' policies include this one: online, or suspended (the spec: peers
     /// of a suspended VEN keep their rules).
     pub fn is_peer(&self) -> bool {
@@ -419,29 +458,13 @@ impl Store {
         self.state.last_workload_id += 1;
         let agent_id = self.state.last_workload_id;
         let workload = Workload {
-            id: agent_id,
-            hostname: host.hostname,
             os: host.os,
             agent_version: host.agent_version,
-            interfaces: host.interfaces,
             labels,
-            policy_state,
             token_sha256: tls::sha256_hex(agent_token.as_bytes()),
             online: true,
-            activated_at: now,
-            last_heartbeat: None,
-            applied_policy_version: 0,
-            applied_state: None,
-            apply_error: None,
-            policy_version: 0,
-            policy_sha256: String::new(),
-            suspended: false,
-            unsuspended_at: None,
-            custom_rules: Vec::new(),
-            last_custom_rule_id: 0,
-            managed: true,
             online_since: Some(now),
-            missed_heartbeats_reported: false,
+            ..Workload::new(agent_id, host.hostname, host.interfaces, policy_state, now, true)
         };
         self.state.workloads.insert(agent_id, workload);
         if let Some(key) = key_index {
@@ -779,31 +802,7 @@ impl Store {
         self.check_labels(&labels)?;
         self.state.last_workload_id += 1;
         let id = self.state.last_workload_id;
-        let workload = Workload {
-            id,
-            hostname: hostname.to_string(),
-            os: String::new(),
-            agent_version: String::new(),
-            interfaces,
-            labels: Vec::new(),
-            policy_state: PolicyState::Idle,
-            token_sha256: String::new(),
-            online: false,
-            activated_at: now,
-            last_heartbeat: None,
-            applied_policy_version: 0,
-            applied_state: None,
-            apply_error: None,
-            policy_version: 0,
-            policy_sha256: String::new(),
-            suspended: false,
-            unsuspended_at: None,
-            custom_rules: Vec::new(),
-            last_custom_rule_id: 0,
-            managed: false,
-            online_since: None,
-            missed_heartbeats_reported: false,
-        };
+        let workload = Workload::new(id, hostname.to_string(), interfaces, PolicyState::Idle, now, false);
         self.state.workloads.insert(id, workload);
         // Labels through the same checks as for any workload (one per key).
         match self.update_workload(id, Some(labels), None) {

@@ -5,36 +5,12 @@ PCE_PORT, PCE_CA (the PCE's CA certificate), API_USER and API_SECRET (an API key
 line per check and ends with "N passed, M failed"; the exit status is 1 when a check failed.
 """
 import os
-import sys
 
-from illumio import PolicyComputeEngine, IllumioApiException
+from harness import check, connect, finish, refused
 from illumio.policyobjects import Label
 
-results = []
 
-
-def check(name, condition, detail=""):
-    results.append(bool(condition))
-    print(("ok    " if condition else "FAIL  ") + name + ("" if condition else f": {detail}"))
-
-
-def connect(user, secret):
-    pce = PolicyComputeEngine("https://127.0.0.1", port=os.environ["PCE_PORT"], org_id="1", retry_count=0)
-    pce.set_credentials(user, secret)
-    pce.set_tls_settings(verify=os.environ["PCE_CA"])
-    return pce
-
-
-def refused(call):
-    """The IllumioApiException message of `call`, or None when it succeeded."""
-    try:
-        call()
-    except IllumioApiException as e:
-        return str(e)
-    return None
-
-
-pce = connect(os.environ["API_USER"], os.environ["API_SECRET"])
+pce = connect()
 check("check_connection with the API key", pce.check_connection())
 version = pce.get("/product_version", include_org=False).json()
 check("product_version has a version", version.get("version"), version)
@@ -70,6 +46,4 @@ denied = refused(lambda: wrong.labels.get())
 check("a wrong secret gets 401 authentication_failed", denied and "authentication_failed" in denied, denied)
 check("check_connection with a wrong secret is False", not wrong.check_connection())
 
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

@@ -5,32 +5,13 @@ policy versions, the default objects, and the errors a mistake gets.
 Run by crates/pce/tests/illumio_clients.rs (see labels.py for the environment). Prints one line
 per check and ends with "N passed, M failed"; exit status 1 when a check failed.
 """
-import os
-import sys
 
-from illumio import PolicyComputeEngine, IllumioApiException
+from harness import check, connect, finish, refused
 from illumio.policyobjects import IPList, IPRange, Label, LabelSet, Service, ServicePort
 from illumio.rules import Rule, RuleSet
 
-results = []
 
-
-def check(name, condition, detail=""):
-    results.append(bool(condition))
-    print(("ok    " if condition else "FAIL  ") + name + ("" if condition else f": {detail}"))
-
-
-def refused(call):
-    try:
-        call()
-    except IllumioApiException as e:
-        return str(e)
-    return None
-
-
-pce = PolicyComputeEngine("https://127.0.0.1", port=os.environ["PCE_PORT"], org_id="1", retry_count=0)
-pce.set_credentials(os.environ["API_USER"], os.environ["API_SECRET"])
-pce.set_tls_settings(verify=os.environ["PCE_CA"])
+pce = connect()
 pce.must_connect()
 
 app_a = pce.labels.create(Label(key="app", value="A"))
@@ -99,6 +80,4 @@ pce.rule_sets.update(rule_set.href, {"enabled": False})
 pending = pce.get("/sec_policy/pending").json()
 check("an edit is pending until provisioned", [c["href"] for c in pending.get("rule_sets", [])] == [rule_set.href], pending)
 
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

@@ -7,17 +7,10 @@ conventions, a policy (see the test). Prints one line per check and ends with
 "N passed, M failed"; exit status 1 when a check failed.
 """
 import os
-import sys
 
 os.environ["REQUESTS_CA_BUNDLE"] = os.environ["PCE_CA"]
 import illumio_pylo as pylo  # noqa: E402
-
-results = []
-
-
-def check(name, condition, detail=""):
-    results.append(bool(condition))
-    print(("ok    " if condition else "FAIL  ") + name + ("" if condition else f": {detail}"))
+from harness import check, finish  # noqa: E402
 
 
 connector = pylo.APIConnector("127.0.0.1", os.environ["PCE_PORT"], os.environ["API_USER"], os.environ["API_SECRET"], org_id=1)
@@ -46,6 +39,4 @@ workloads = org.WorkloadStore.itemsByHRef
 check("the paired workloads", sorted(w.get_name() for w in workloads.values()) == ["db", "web"], workloads)
 check("pylo sees them managed, with their VEN", all(not w.unmanaged and w.ven_agent for w in workloads.values()), workloads)
 
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

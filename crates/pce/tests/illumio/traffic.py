@@ -6,23 +6,12 @@ Run by crates/pce/tests/illumio_clients.rs after it paired `web` (198.18.0.2, ro
 connections), 198.18.0.2 -> 198.18.0.3 tcp/22 blocked, 198.18.0.9 -> 198.18.0.3 udp/53 blocked.
 Prints one line per check and ends with "N passed, M failed"; exit status 1 when a check failed.
 """
-import os
-import sys
 
-from illumio import PolicyComputeEngine, IllumioApiException
+from harness import check, connect, finish
 from illumio.explorer import TrafficQuery
 
-results = []
 
-
-def check(name, condition, detail=""):
-    results.append(bool(condition))
-    print(("ok    " if condition else "FAIL  ") + name + ("" if condition else f": {detail}"))
-
-
-pce = PolicyComputeEngine("https://127.0.0.1", port=os.environ["PCE_PORT"], org_id="1", retry_count=0)
-pce.set_credentials(os.environ["API_USER"], os.environ["API_SECRET"])
-pce.set_tls_settings(verify=os.environ["PCE_CA"])
+pce = connect()
 
 db_label = pce.labels.get(params={"key": "role", "value": "db"})[0]
 web_label = pce.labels.get(params={"key": "role", "value": "web"})[0]
@@ -62,6 +51,4 @@ labels = pce.labels.get_async()
 check("an async collection (202, job, datafile) returns every label",
       sorted(l.value for l in labels) == ["db", "web"], labels)
 
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

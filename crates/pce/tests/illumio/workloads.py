@@ -6,31 +6,13 @@ Run by crates/pce/tests/illumio_clients.rs (see labels.py for the environment). 
 per check and ends with "N passed, M failed"; exit status 1 when a check failed.
 """
 import os
-import sys
 
-from illumio import PolicyComputeEngine, IllumioApiException
+from harness import check, connect, finish, refused
 from illumio.policyobjects import Label
 from illumio.workloads import PairingProfile, Workload, Interface
 
-results = []
 
-
-def check(name, condition, detail=""):
-    results.append(bool(condition))
-    print(("ok    " if condition else "FAIL  ") + name + ("" if condition else f": {detail}"))
-
-
-def refused(call):
-    try:
-        call()
-    except IllumioApiException as e:
-        return str(e)
-    return None
-
-
-pce = PolicyComputeEngine("https://" + os.environ.get("PCE_HOST", "127.0.0.1"), port=os.environ["PCE_PORT"], org_id="1", retry_count=0)
-pce.set_credentials(os.environ["API_USER"], os.environ["API_SECRET"])
-pce.set_tls_settings(verify=os.environ["PCE_CA"])
+pce = connect()
 
 db = pce.labels.create(Label(key="role", value="db"))
 web = pce.labels.create(Label(key="role", value="web"))
@@ -69,6 +51,4 @@ key = pce.generate_pairing_key(profile.href)
 check("a pairing key is generated", key and len(key) >= 16, key)
 print(f"pairing key: {key}")
 
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()
