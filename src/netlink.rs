@@ -141,6 +141,42 @@ pub(crate) fn align(len: usize) -> usize {
     len.saturating_add(NLMSG_ALIGN - 1) & !(NLMSG_ALIGN - 1)
 }
 
+/// One netlink message of a datagram: its type, sequence number, payload (after the header) and
+/// the payload's offset in the datagram.
+pub(crate) struct Message<'a> {
+    pub(crate) kind: u16,
+    pub(crate) seq: u32,
+    pub(crate) payload: &'a [u8],
+    pub(crate) payload_offset: usize,
+}
+
+/// The messages of a datagram, each length checked against the bytes there; an error names what
+/// did not hold together and its offset.
+pub(crate) fn messages(datagram: &[u8]) -> Result<Vec<Message<'_>>, (&'static str, usize)> {
+    let field = |bytes: &[u8], at: usize, len: usize| bytes.get(at..at + len).map(|b| b.to_vec());
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let rest = &datagram[offset..];
+        let (Some(len), Some(kind), Some(seq)) = (field(rest, 0, 4), field(rest, 4, 2), field(rest, 8, 4))
+        else {
+            return Err(("truncated message header", offset));
+        };
+        let len = u32::from_ne_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len < NLMSG_HDR_LEN || len > rest.len() {
+            return Err(("message length out of bounds", offset));
+        }
+        out.push(Message {
+            kind: u16::from_ne_bytes([kind[0], kind[1]]),
+            seq: u32::from_ne_bytes([seq[0], seq[1], seq[2], seq[3]]),
+            payload: &rest[NLMSG_HDR_LEN..len],
+            payload_offset: offset + NLMSG_HDR_LEN,
+        });
+        offset = offset.saturating_add(align(len)).min(datagram.len());
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

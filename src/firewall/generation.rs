@@ -119,39 +119,26 @@ fn ne_u32(bytes: &[u8], at: usize) -> Option<u32> {
 /// error when the request was refused or the bytes do not hold together. Offsets in errors are
 /// from the start of the datagram.
 pub(crate) fn parse_reply(datagram: &[u8], seq: u32) -> Result<Option<u32>, GenerationError> {
-    let mut offset = 0;
-    while offset < datagram.len() {
-        let rest = &datagram[offset..];
-        let (Some(len), Some(kind), Some(message_seq)) = (ne_u32(rest, 0), ne_u16(rest, 4), ne_u32(rest, 8))
-        else {
-            return Err(malformed("truncated message header", offset));
-        };
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len < NLMSG_HDR_LEN || len > rest.len() {
-            return Err(malformed("message length out of bounds", offset));
-        }
-        let payload = &rest[NLMSG_HDR_LEN..len];
-        let payload_offset = offset + NLMSG_HDR_LEN;
-        if message_seq == seq {
-            match kind {
-                NLMSG_NOOP | NLMSG_DONE => {}
-                NLMSG_ERROR => {
-                    let code = ne_u32(payload, 0)
-                        .map(|code| i32::from_ne_bytes(code.to_ne_bytes()))
-                        .ok_or_else(|| malformed("truncated error code", payload_offset))?;
-                    if code == 0 {
-                        return Err(malformed("acknowledgement without a generation", payload_offset));
-                    }
-                    return Err(GenerationError::Refused { errno: Errno::from_raw(code.saturating_neg()) });
+    let messages = crate::netlink::messages(datagram).map_err(|(what, offset)| malformed(what, offset))?;
+    for message in messages.into_iter().filter(|m| m.seq == seq) {
+        let (payload, payload_offset) = (message.payload, message.payload_offset);
+        match message.kind {
+            NLMSG_NOOP | NLMSG_DONE => {}
+            NLMSG_ERROR => {
+                let code = ne_u32(payload, 0)
+                    .map(|code| i32::from_ne_bytes(code.to_ne_bytes()))
+                    .ok_or_else(|| malformed("truncated error code", payload_offset))?;
+                if code == 0 {
+                    return Err(malformed("acknowledgement without a generation", payload_offset));
                 }
-                NLMSG_OVERRUN => return Err(malformed("overrun", offset)),
-                kind if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN => {
-                    return parse_newgen(payload, payload_offset).map(Some);
-                }
-                _ => return Err(malformed("unexpected message type", offset + 4)),
+                return Err(GenerationError::Refused { errno: Errno::from_raw(code.saturating_neg()) });
             }
+            NLMSG_OVERRUN => return Err(malformed("overrun", payload_offset - NLMSG_HDR_LEN)),
+            kind if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN => {
+                return parse_newgen(payload, payload_offset).map(Some);
+            }
+            _ => return Err(malformed("unexpected message type", payload_offset - NLMSG_HDR_LEN + 4)),
         }
-        offset = offset.saturating_add(align(len)).min(datagram.len());
     }
     Ok(None)
 }

@@ -162,40 +162,27 @@ pub(crate) fn parse_datagram(
     seq: u32,
     sizes: &mut BTreeMap<String, usize>,
 ) -> Result<Dump, SizesError> {
-    let mut offset = 0;
-    while offset < datagram.len() {
-        let rest = &datagram[offset..];
-        let (Some(len), Some(kind), Some(message_seq)) = (ne_u32(rest, 0), ne_u16(rest, 4), ne_u32(rest, 8))
-        else {
-            return Err(malformed("truncated message header", offset));
-        };
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len < NLMSG_HDR_LEN || len > rest.len() {
-            return Err(malformed("message length out of bounds", offset));
-        }
-        let payload = &rest[NLMSG_HDR_LEN..len];
-        let payload_offset = offset + NLMSG_HDR_LEN;
-        if message_seq == seq {
-            match kind {
-                NLMSG_NOOP => {}
-                NLMSG_DONE => return Ok(Dump::Done),
-                NLMSG_ERROR => {
-                    let code = ne_u32(payload, 0)
-                        .map(|code| i32::from_ne_bytes(code.to_ne_bytes()))
-                        .ok_or_else(|| malformed("truncated error code", payload_offset))?;
-                    if code == 0 {
-                        return Ok(Dump::Done);
-                    }
-                    return Err(SizesError::Refused { errno: Errno::from_raw(code.saturating_neg()) });
+    let messages = crate::netlink::messages(datagram).map_err(|(what, offset)| malformed(what, offset))?;
+    for message in messages.into_iter().filter(|m| m.seq == seq) {
+        let (payload, payload_offset) = (message.payload, message.payload_offset);
+        match message.kind {
+            NLMSG_NOOP => {}
+            NLMSG_DONE => return Ok(Dump::Done),
+            NLMSG_ERROR => {
+                let code = ne_u32(payload, 0)
+                    .map(|code| i32::from_ne_bytes(code.to_ne_bytes()))
+                    .ok_or_else(|| malformed("truncated error code", payload_offset))?;
+                if code == 0 {
+                    return Ok(Dump::Done);
                 }
-                NLMSG_OVERRUN => return Err(malformed("overrun", offset)),
-                kind if kind == (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST => {
-                    parse_set(payload, payload_offset, sizes)?;
-                }
-                _ => return Err(malformed("unexpected message type", offset + 4)),
+                return Err(SizesError::Refused { errno: Errno::from_raw(code.saturating_neg()) });
             }
+            NLMSG_OVERRUN => return Err(malformed("overrun", payload_offset - NLMSG_HDR_LEN)),
+            kind if kind == (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST => {
+                parse_set(payload, payload_offset, sizes)?;
+            }
+            _ => return Err(malformed("unexpected message type", payload_offset - NLMSG_HDR_LEN + 4)),
         }
-        offset = offset.saturating_add(align(len)).min(datagram.len());
     }
     Ok(Dump::More)
 }
