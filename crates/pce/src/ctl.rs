@@ -237,8 +237,9 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             let path = format!("events?{}", query.join("&"));
             match format {
                 EventFormat::Cef | EventFormat::Leef => {
+                    // LEEF separates its attributes with tabs: those stay, fields are made safe.
                     for line in client.get_text(&path)?.lines() {
-                        out!("{}", printable(line));
+                        out!("{}", line.split('\t').map(printable).collect::<Vec<_>>().join("\t"));
                     }
                 }
                 EventFormat::Json => out!("{:#}", client.get(&path)?),

@@ -7,6 +7,36 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// Why a data directory is unsafe: another local user could change what the PCE reads or make it
+/// write elsewhere (it holds the CA key, the admin key and every agent's credentials).
+pub fn check_private(root: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let root = fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    for (depth, dir) in root.ancestors().enumerate() {
+        let meta = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mode = meta.mode();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(format!("{} is owned by user {}, not by this one ({me})", dir.display(), meta.uid()));
+        }
+        if depth == 0 && mode & 0o022 != 0 {
+            return Err(format!(
+                "{} is writable by group or others (mode {:o}): chmod go-w it",
+                dir.display(),
+                mode & 0o7777
+            ));
+        }
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(format!(
+                "{} is writable by everyone (mode {:o}): chmod o-w it",
+                dir.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `.NAME.tmp-RANDOM` beside `path`.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -121,6 +151,22 @@ mod tests {
         assert!(leftovers.is_empty(), "no temp file is left behind");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_data_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch_dir("fsutil-private");
+        let data = dir.join("data");
+        fs::create_dir(&data).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        check_private(&data).expect("0700 under a sticky /tmp is fine");
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(check_private(&data).unwrap_err().contains("chmod go-w"));
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(&*dir, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_private(&data).unwrap_err().contains("writable by everyone"));
+        fs::set_permissions(&*dir, fs::Permissions::from_mode(0o700)).unwrap();
     }
 
     #[test]

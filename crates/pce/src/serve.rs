@@ -59,6 +59,9 @@ pub struct Config {
 pub enum ServeError {
     #[error("creating the data directory {path}: {source}")]
     DataDir { path: PathBuf, source: io::Error },
+    /// Another local user could change what the PCE reads or make it write elsewhere.
+    #[error("refusing to use the data directory: {0}")]
+    UnsafeDataDir(String),
     #[error("reading {path}: {source}")]
     ReadKey { path: PathBuf, source: io::Error },
     #[error("writing {path}: {source}")]
@@ -152,6 +155,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         .mode(0o700)
         .create(dir)
         .map_err(|source| ServeError::DataDir { path: dir.clone(), source })?;
+    crate::fsutil::check_private(dir).map_err(ServeError::UnsafeDataDir)?;
     let pki = tls::ensure(dir, &tls::server_names(config.listen, &config.sans), clock::now())?;
     let acceptor = TlsAcceptor::from(pki.server_config()?);
     let admin_key = admin_key(dir)?;
