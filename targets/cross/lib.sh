@@ -209,8 +209,8 @@ cross_install_musl() {
     local dir=$RUSTLIB/$triple/lib/self-contained
     local musl_lib=/usr/lib/$MUSL_TRIPLET gcc_lib
     gcc_lib=$(dirname "$("$GCC_PREFIX-gcc" -print-libgcc-file-name)")
-    local stamp=$dir/ven-cross-sources want
-    want="$(cross_installed_version "musl-dev:$DEB_ARCH") $("$GCC_PREFIX-gcc" -dumpfullversion)"
+    local stamp=$dir/ven-cross-sources want shim=$CROSS_ROOT/targets/cross/dl_find_object.c
+    want="$(cross_installed_version "musl-dev:$DEB_ARCH") $("$GCC_PREFIX-gcc" -dumpfullversion) $(sha256sum <"$shim" | cut -c1-16)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -224,6 +224,13 @@ cross_install_musl() {
         cp "$gcc_lib/$f" "$dir/$f"
     done
     cp "$gcc_lib/libgcc_eh.a" "$dir/libunwind.a"
+    # gcc 12's libgcc_eh calls glibc's _dl_find_object; musl has none (see the file).
+    local obj
+    obj=$(mktemp --suffix=.o)
+    "$MUSL_TRIPLET-gcc" -O2 -fPIC -c "$shim" -o "$obj"
+    "$GCC_PREFIX-ar" rs "$dir/libunwind.a" "$obj" 2>/dev/null
+    "$GCC_PREFIX-ar" t "$dir/libunwind.a" | grep -q "$(basename "$obj")" || cross_die "could not add _dl_find_object to $dir/libunwind.a"
+    rm -f "$obj"
     # libc.a and libgcc_eh.a are C compiled by gcc: on armv7 they call libgcc's helpers.
     cp "$gcc_lib/libgcc.a" "$dir/libgcc.a"
     echo "$want" >"$stamp"
