@@ -150,8 +150,10 @@ cross_install() {
         cross_apt_install --allow-downgrades "${todo[@]}"
     fi
 
-    # 3. C cross compilers (linkers, and ring's C code), qemu-user, and what the smoke test uses.
-    local tools=(gcc binutils libc6-dev file qemu-user-static iptables iproute2 ca-certificates)
+    # 3. C cross compilers (linkers, and ring's C code), qemu-user, and what .ci/arm's smoke run
+    #    uses: the agent's kernel tools (iptables, ipset, conntrack), ip netns, python3 for JSON.
+    local tools=(gcc binutils libc6-dev file qemu-user-static ca-certificates
+        iptables ipset conntrack iproute2 python3)
     if [ "$need_arm" -eq 1 ]; then
         tools+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
     fi
@@ -187,6 +189,7 @@ cross_install_libstd() {
     tmp=$(mktemp -d)
     # apt-get download writes into the current directory; _apt cannot read a root-only mktemp dir.
     chmod 755 "$tmp"
+    chown _apt "$tmp" 2>/dev/null || true
     (cd "$tmp" && apt-get download -q "libstd-rust-web-dev:$arch=$version" </dev/null >/dev/null 2>&1) \
         || { cross_apt_update; (cd "$tmp" && apt-get download -q "libstd-rust-web-dev:$arch=$version" </dev/null); }
     dpkg-deb -x "$tmp"/libstd-rust-web-dev_*_"$arch".deb "$tmp/root"
@@ -240,7 +243,7 @@ cross_install_musl() {
 # sets CARGO_ARGS (extra cargo arguments: -Zbuild-std for musl). Uses Debian's rustc and cargo.
 # VEN_STD_FEATURES: -Zbuild-std-features for the musl builds (see ARCHITECTURE.md, "Cross builds
 # and size"); empty builds std as shipped.
-VEN_STD_FEATURES=${VEN_STD_FEATURES-panic_immediate_abort}
+VEN_STD_FEATURES=${VEN_STD_FEATURES-optimize_for_size}
 cross_env() {
     local triple=$1 up
     cross_facts "$triple"
