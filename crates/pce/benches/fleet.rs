@@ -9,7 +9,8 @@
 //!
 //! Other knobs (environment): FLEET_HEARTBEAT_S (PCE `--heartbeat-interval`, default 30),
 //! FLEET_WINDOW_S (steady window, default one heartbeat interval), FLEET_APPS (default 100),
-//! FLEET_ACTIVATE_PARALLEL (activations in flight, default 64).
+//! FLEET_ACTIVATE_PARALLEL (activations in flight, default 16: the PCE pairs one at a time, and
+//! more in flight only make each wait longer, past the VEN's 15 s request timeout at 5,000).
 //!
 //! The policy is realistic: FLEET_APPS apps, each with a `web` and a `db` role; one pairing
 //! profile per (app, role) carries the two labels, so every agent is labelled at pairing; one
@@ -158,7 +159,7 @@ impl Settings {
             heartbeat_s,
             window: Duration::from_secs(env_number("FLEET_WINDOW_S", u64::from(heartbeat_s))),
             apps: env_number("FLEET_APPS", 100) as usize,
-            activate_parallel: env_number("FLEET_ACTIVATE_PARALLEL", 64) as usize,
+            activate_parallel: env_number("FLEET_ACTIVATE_PARALLEL", 16) as usize,
         }
     }
 }
@@ -1119,9 +1120,23 @@ async fn drive(
         tasks.push(ex.spawn(agent_life(shared.clone(), agent.clone(), pairing.clone())));
     }
     let failed = || shared.errors.failed_activations.load(Ordering::Relaxed) as usize;
-    let activated =
-        wait_until(ACTIVATION_DEADLINE, || shared.activated.load(Ordering::Relaxed) + failed() >= n).await;
-    let activation = activated.unwrap_or(started.elapsed());
+    // Progress every tenth of the fleet: how the pairing rate moves as the PCE fills up.
+    let mut rates = Vec::new();
+    let mut last = (0usize, Duration::ZERO);
+    for tenth in 1..=10 {
+        let target = n * tenth / 10;
+        let left = ACTIVATION_DEADLINE.saturating_sub(started.elapsed());
+        if wait_until(left, || shared.activated.load(Ordering::Relaxed) + failed() >= target).await.is_none()
+        {
+            break;
+        }
+        let (done, at) = (shared.activated.load(Ordering::Relaxed), started.elapsed());
+        let rate = (done - last.0) as f64 / (at - last.1).as_secs_f64().max(1e-3);
+        rates.push(format!("{done} at {:.0} s ({rate:.0}/s)", at.as_secs_f64()));
+        last = (done, at);
+    }
+    println!("activation progress: {}", rates.join(", "));
+    let activation = started.elapsed();
     let (_, activation_p99, activation_max) = percentiles(&lock(&shared.activation_us));
     let after_activation = sample(pce.pid());
     println!(
