@@ -57,7 +57,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts per activation and per policy fetch before the agent gives up on it.
 const ATTEMPTS: u32 = 20;
 /// Bounds of each phase.
-const ACTIVATION_DEADLINE: Duration = Duration::from_secs(1800);
+const ACTIVATION_DEADLINE: Duration = Duration::from_secs(3600);
 const SESSIONS_DEADLINE: Duration = Duration::from_secs(120);
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(180);
 /// Event-session reconnections per agent (the VEN backs off 1 s .. 60 s; we stay at 1-2 s).

@@ -90,8 +90,13 @@ impl Head {
         if lengths.any(|other| other != first) {
             return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
         }
-        let length: u64 =
-            first.parse().map_err(|_| HttpError::Malformed(format!("bad Content-Length {first:?}")))?;
+        // RFC 9110: 1*DIGIT. Rust's parse would also take "+5".
+        let digits = !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit());
+        let length: u64 = first
+            .parse()
+            .ok()
+            .filter(|_| digits)
+            .ok_or_else(|| HttpError::Malformed(format!("bad Content-Length {first:?}")))?;
         if length > ven_proto::MAX_BODY_BYTES {
             return Err(HttpError::BodyTooLarge(length));
         }
@@ -400,6 +405,10 @@ mod tests {
             length("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
             Err(HttpError::Malformed(_))
         ));
+        for bad in ["+5", "5 5", "0x5", ""] {
+            let text = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(matches!(length(&text), Err(HttpError::Malformed(_))), "{bad:?}");
+        }
         assert!(matches!(
             length("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             Err(HttpError::Malformed(_))
