@@ -8,6 +8,7 @@
 //!   FLEET_SIZES=2000 cargo bench -p pce --bench fleet        # any sizes, comma-separated
 //!
 //! Other knobs (environment): FLEET_HEARTBEAT_S (PCE `--heartbeat-interval`, default 30),
+//! FLEET_PCE (the `pce` binary to run instead of this build's, to compare builds on equal terms),
 //! FLEET_WINDOW_S (steady window, default one heartbeat interval), FLEET_APPS (default 100),
 //! FLEET_ACTIVATE_PARALLEL (activations in flight, default 16: the PCE pairs one at a time, and
 //! more in flight only make each wait longer, past the VEN's 15 s request timeout at 5,000).
@@ -50,7 +51,10 @@ use ven_proto::{
     PolicyState, path,
 };
 
-const PCE: &str = env!("CARGO_BIN_EXE_pce");
+/// The `pce` binary under test: this build's, or FLEET_PCE (to compare builds on equal terms).
+fn pce_binary() -> String {
+    std::env::var("FLEET_PCE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pce").to_string())
+}
 const STARTUP: Duration = Duration::from_secs(30);
 /// One VEN API exchange (connect, TLS, request, answer) gives up after this.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,11 +95,12 @@ fn main() {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "fleet bench: sizes {sizes:?}, heartbeat {} s +-10 %, steady window {} s, {} apps, {} activations in flight; \
-         pce {PCE}; load average at start {}",
+         pce {}; load average at start {}",
         settings.heartbeat_s,
         settings.window.as_secs(),
         settings.apps,
         settings.activate_parallel,
+        pce_binary(),
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     let mut rows = Vec::new();
@@ -180,7 +185,8 @@ impl Pce {
         let _ = std::fs::remove_dir_all(&dir);
         let log = std::fs::File::create(std::env::temp_dir().join(format!("pce-fleet-{n}.log")))
             .map_err(|e| format!("PCE log file: {e}"))?;
-        let mut child = Command::new(PCE)
+        let pce = pce_binary();
+        let mut child = Command::new(&pce)
             .args(["serve", "--data-dir"])
             .arg(&dir)
             .args(["--listen", "127.0.0.1", "--api-port", "0", "--event-port", "0"])
@@ -188,7 +194,7 @@ impl Pce {
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("spawning {PCE}: {e}"))?;
+            .map_err(|e| format!("spawning {pce}: {e}"))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -633,6 +639,7 @@ async fn activate(shared: &Shared, agent: &Agent) -> Result<ActivateResponse, Si
     timed(EXCHANGE_TIMEOUT, async {
         let mut stream = connect(shared, shared.api).await?;
         let (status, body) = request(&mut stream, "POST", path::ACTIVATE, &[], &body, false).await?;
+        drain(&mut stream).await;
         expect_ok(status)?;
         ven_proto::decode(&body).map_err(|e| SimError::Malformed(e.to_string()))
     })
@@ -681,7 +688,10 @@ async fn heartbeat_cycle(shared: &Shared, agent: &Agent) -> Result<(), SimError>
         let mut stream = connect(shared, shared.api).await?;
         let sent = Instant::now();
         let headers = [("authorization", authorization.as_str())];
-        let (status, body) = request(&mut stream, "POST", path::HEARTBEAT, &headers, &beat, true).await?;
+        // The last request of a connection says `close`, so the PCE closes first and the
+        // TIME_WAIT sockets sit on its side: 10,000 agents sharing one loopback address would
+        // otherwise run the simulator out of ephemeral ports (a real fleet has an address each).
+        let (status, body) = request(&mut stream, "POST", path::HEARTBEAT, &headers, &beat, upload).await?;
         expect_ok(status)?;
         if shared.recording.load(Ordering::Relaxed) {
             lock(&shared.heartbeat_exchange_us).push(started.elapsed().as_micros() as u32);
@@ -690,20 +700,34 @@ async fn heartbeat_cycle(shared: &Shared, agent: &Agent) -> Result<(), SimError>
         let answer: HeartbeatResponse =
             ven_proto::decode(&body).map_err(|e| SimError::Malformed(e.to_string()))?;
         if answer.policy_version != agent.policy_version.load(Ordering::Relaxed) {
-            fetch_policy(shared, agent, &mut stream, true).await?;
+            if upload {
+                fetch_policy(shared, agent, &mut stream, true).await?;
+            } else {
+                let mut fresh = connect(shared, shared.api).await?;
+                fetch_policy(shared, agent, &mut fresh, false).await?;
+                drain(&mut fresh).await;
+            }
         }
         if upload {
             let uploaded = Instant::now();
             let batch = ven_proto::encode(&flow_batch(agent));
-            let (status, body) = request(&mut stream, "POST", path::FLOWS, &headers, &batch, true).await?;
+            let (status, body) = request(&mut stream, "POST", path::FLOWS, &headers, &batch, false).await?;
             expect_ok(status)?;
             let _: FlowAck = ven_proto::decode(&body).map_err(|e| SimError::Malformed(e.to_string()))?;
             agent.uploaded.store(true, Ordering::Relaxed);
             lock(&shared.upload_us).push(uploaded.elapsed().as_micros() as u32);
         }
+        drain(&mut stream).await;
         Ok(())
     })
     .await
+}
+
+/// Reads until the PCE closes the connection (after a `connection: close` answer), so that the
+/// PCE is the side that closes first. Bounded by the caller's exchange timeout.
+async fn drain<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut sink = [0u8; 512];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
 }
 
 fn flow_batch(agent: &Agent) -> FlowBatch {
@@ -872,7 +896,9 @@ async fn fetch_after_bolt(shared: &Shared, agent: &Agent) {
     for attempt in 0..ATTEMPTS {
         let fetched = timed(EXCHANGE_TIMEOUT, async {
             let mut stream = connect(shared, shared.api).await?;
-            fetch_policy(shared, agent, &mut stream, false).await
+            fetch_policy(shared, agent, &mut stream, false).await?;
+            drain(&mut stream).await;
+            Ok(())
         })
         .await;
         match fetched {
