@@ -15,7 +15,7 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use ven_proto::PROTOCOL_VERSION;
 use ven_proto::frame::{self, Event, FrameError, PceFrame, VenFrame};
@@ -172,22 +172,43 @@ enum Wake {
     Ping,
 }
 
+/// The agent's current policy version if `agent_token` is its token, else `Err(())`. Runs on
+/// the blocking pool: the store's lock may be held for a while (a provision recomputes every
+/// policy), and an executor thread waiting for it would stall every connection it serves.
+async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Result<Option<u64>, ()> {
+    let app = app.clone();
+    crate::http::blocking(move || {
+        let store = app.store();
+        if store.authenticate(agent_id, &agent_token) {
+            Ok(store.policy(agent_id).map(|policy| policy.version))
+        } else {
+            Err(())
+        }
+    })
+    .await
+}
+
 /// Runs one event session until either side ends it.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, app: &App) -> Result<(), EventError> {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    app: &Arc<App>,
+) -> Result<(), EventError> {
     let mut reader = FrameReader::default();
     let hello = timed(Instant::now() + HELLO_TIMEOUT, reader.next::<VenFrame, _>(&mut stream)).await?;
-    let (agent_id, refusal) = match hello {
+    let (agent_id, current, refusal) = match hello {
         VenFrame::Hello { protocol_version, .. } if protocol_version != PROTOCOL_VERSION => (
             0,
+            None,
             Some(format!(
                 "protocol version {protocol_version} is not supported (this PCE speaks {PROTOCOL_VERSION})"
             )),
         ),
-        VenFrame::Hello { agent_id, agent_token, .. } if app.store().authenticate(agent_id, &agent_token) => {
-            (agent_id, None)
-        }
-        VenFrame::Hello { agent_id, .. } => (agent_id, Some("unknown agent or wrong token".to_string())),
-        VenFrame::Pong { .. } => (0, Some("expected Hello".to_string())),
+        VenFrame::Hello { agent_id, agent_token, .. } => match authenticate(app, agent_id, agent_token).await
+        {
+            Ok(current) => (agent_id, current, None),
+            Err(()) => (agent_id, None, Some("unknown agent or wrong token".to_string())),
+        },
+        VenFrame::Pong { .. } => (0, None, Some("expected Hello".to_string())),
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
@@ -203,7 +224,6 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, app: &App) 
     let _registration = Registration { sessions: &app.sessions, agent_id, serial };
     log::debug!("agent {agent_id} connected to the event service ({} sessions)", app.sessions.len());
     send(&mut stream, &PceFrame::Ack { ping_interval_s: PING_INTERVAL.as_secs() as u32 }).await?;
-    let current = app.store().policy(agent_id).map(|policy| policy.version);
     if let Some(version) = current {
         send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?;
     }

@@ -4,10 +4,13 @@
 //! [`ven_proto::MAX_BODY_BYTES`] and must come with Content-Length (chunked is refused with 411,
 //! other transfer codings with 501); a request must arrive in full within [`REQUEST_TIMEOUT`] of the
 //! previous answer, and an answer must be taken within [`WRITE_TIMEOUT`]. Keep-alive and
-//! pipelining are supported. Handlers are synchronous and run on the blocking thread pool.
+//! pipelining are supported. Handlers are synchronous and run on the blocking thread pool, at most
+//! [`MAX_CONCURRENT_HANDLERS`] at once: they mostly serialise on the store's lock anyway, and a
+//! request waiting for a turn costs a parked future instead of a parked thread.
 
 use smol::Timer;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::lock::Semaphore;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -19,6 +22,11 @@ pub const MAX_HEADERS: usize = 64;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 16 * 1024;
+/// Handlers running at once, across all connections. Without a bound, a store lock held for a
+/// while (a provision, an activation's recomputation, a flush) parked one blocking-pool thread per
+/// waiting request: 500 threads (the pool's own cap) and 80 MiB of RSS with 5,000 VENs.
+pub const MAX_CONCURRENT_HANDLERS: usize = 16;
+static HANDLER_TURNS: Semaphore = Semaphore::new(MAX_CONCURRENT_HANDLERS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -82,8 +90,13 @@ impl Head {
         if lengths.any(|other| other != first) {
             return Err(HttpError::Malformed("conflicting Content-Length headers".into()));
         }
-        let length: u64 =
-            first.parse().map_err(|_| HttpError::Malformed(format!("bad Content-Length {first:?}")))?;
+        // RFC 9110: 1*DIGIT. Rust's parse would also take "+5".
+        let digits = !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit());
+        let length: u64 = first
+            .parse()
+            .ok()
+            .filter(|_| digits)
+            .ok_or_else(|| HttpError::Malformed(format!("bad Content-Length {first:?}")))?;
         if length > ven_proto::MAX_BODY_BYTES {
             return Err(HttpError::BodyTooLarge(length));
         }
@@ -256,7 +269,7 @@ where
         let body = std::mem::replace(&mut buf, rest);
         let keep_alive = head.keep_alive;
         let handler_ = handler.clone();
-        let response = smol::unblock(move || {
+        let response = blocking(move || {
             // A handler bug must cost one answer, not an executor thread.
             let handled = std::panic::AssertUnwindSafe(move || handler_.handle(Request { head, body }));
             std::panic::catch_unwind(handled)
@@ -270,6 +283,13 @@ where
             return Ok(());
         }
     }
+}
+
+/// Runs `work` (which may wait for the store's lock) on the blocking pool once one of the
+/// [`MAX_CONCURRENT_HANDLERS`] turns is free.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let _turn = HANDLER_TURNS.acquire().await;
+    smol::unblock(work).await
 }
 
 /// Answers a refused request (when the client can hear it), closes, and reports the error.
@@ -385,6 +405,10 @@ mod tests {
             length("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
             Err(HttpError::Malformed(_))
         ));
+        for bad in ["+5", "5 5", "0x5", ""] {
+            let text = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(matches!(length(&text), Err(HttpError::Malformed(_))), "{bad:?}");
+        }
         assert!(matches!(
             length("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             Err(HttpError::Malformed(_))

@@ -3,7 +3,9 @@
 //!
 //! Threads: the main thread blocks both signals before any other thread exists (all inherit the
 //! mask) and waits for them with sigwait; a few named executor threads run the connections; the
-//! synchronous request handlers run on smol's blocking pool. Connections per listener are capped.
+//! synchronous request handlers run on smol's blocking pool. The soft open-files limit is raised to
+//! the hard one at start and each listener's connection cap is sized from it; past a cap, new
+//! connections wait in the listen backlog.
 
 use crate::events::{self, Sessions};
 use crate::flows::{FlowError, FlowStore};
@@ -14,6 +16,7 @@ use crate::{api, clock, venapi};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use nix::sys::signal::{SigSet, Signal};
+use smol::lock::{Semaphore, SemaphoreGuardArc};
 use smol::net::{TcpListener, TcpStream};
 use smol::{Executor, Timer};
 use std::future::Future;
@@ -21,21 +24,32 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ven_proto::{ErrorKind, PROTOCOL_HEADER};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/pce";
 pub const ADMIN_KEY_FILE: &str = "admin.key";
-/// Concurrent connections to the VEN/admin API.
-pub const MAX_API_CONNECTIONS: usize = 1024;
-/// Concurrent connections to the event service: every registered agent plus some in handshake.
+/// Most concurrent connections to the VEN/admin API, whatever the open-files limit. A VEN opens
+/// one per heartbeat and one per bolt, so a provision that touches the whole fleet brings a
+/// burst of about one per agent; past the cap, connections wait in the listen backlog.
+pub const MAX_API_CONNECTIONS: usize = 8192;
+/// The API's cap never goes below this (unless the open-files limit itself is smaller).
+const MIN_API_CONNECTIONS: usize = 256;
+/// Most concurrent connections to the event service: every registered agent plus some in handshake.
 pub const MAX_EVENT_CONNECTIONS: usize = events::MAX_EVENT_SESSIONS + 256;
+/// Open files kept for what is not a connection: listeners, state, flow and log files.
+const RESERVED_FILES: u64 = 64;
+/// The soft open-files limit is raised to the hard one, but no higher than this (a hard limit
+/// of "unlimited" cannot be set as a soft one).
+const MAX_OPEN_FILES: u64 = 1 << 20;
 const MAX_EXECUTOR_THREADS: usize = 4;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often heartbeat bookkeeping is written and silent workloads are looked for.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+/// Housekeeping that holds the store this long is logged (requests wait meanwhile).
+const SLOW_HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// A workload silent for this many heartbeat intervals goes offline (the spec: 12 x 5 min = 1 h).
 pub const DEFAULT_OFFLINE_AFTER_HEARTBEATS: u32 = 12;
 /// Missed heartbeats after which the PCE raises an event (the spec: three).
@@ -127,17 +141,31 @@ impl App {
 
     fn housekeeping(&self, started_at: u64) {
         let quiet_for = u64::from(self.offline_after_heartbeats) * u64::from(self.heartbeat_interval_s);
+        let waited = Instant::now();
         let mut store = self.store();
+        let held = Instant::now();
         let warn_after = u64::from(MISSED_HEARTBEATS_WARNING) * u64::from(self.heartbeat_interval_s);
         let changes =
             store.sweep_offline(clock::now(), warn_after, quiet_for, started_at).unwrap_or_else(|e| {
                 log::error!("marking silent workloads offline: {e}");
                 Vec::new()
             });
+        let swept = held.elapsed();
         if let Err(e) = store.flush() {
             log::error!("{e}");
         }
         drop(store);
+        // Every request waits while this holds the store: say so when it is long.
+        let (wait, hold) = (held.duration_since(waited), held.elapsed());
+        if hold >= SLOW_HOUSEKEEPING {
+            log::info!(
+                "housekeeping held the store for {} ms (sweep {} ms, flush {} ms) after waiting {} ms for it",
+                hold.as_millis(),
+                swept.as_millis(),
+                (hold - swept).as_millis(),
+                wait.as_millis()
+            );
+        }
         self.publish(&changes);
     }
 }
@@ -170,6 +198,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         writeln!(stdout, "CA fingerprint (SHA-256): {}", pki.ca_fingerprint).map_err(ServeError::Stdout)?;
         writeln!(stdout, "admin API key: {admin_key}").map_err(ServeError::Stdout)?;
     }
+    let caps = ConnectionCaps::from_open_files(raise_open_files_limit());
+    log::info!("connection caps: {} API, {} event service", caps.api, caps.event);
     let api = bind("VEN and admin API", SocketAddr::new(config.listen, config.api_port))?;
     let event = bind("event service", SocketAddr::new(config.listen, config.event_port))?;
     let api_addr = api.local_addr().map_err(ServeError::Stdout)?;
@@ -197,36 +227,24 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     });
     let ex = Arc::new(Executor::new());
     let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));
-    ex.spawn(accept_loop(
-        api,
-        acceptor.clone(),
-        Limit::new("API", MAX_API_CONNECTIONS),
-        ex.clone(),
-        move |stream| {
-            let handler = handler.clone();
-            async move {
-                if let Err(e) = http::serve(stream, handler).await {
-                    log::debug!("API connection: {e}");
-                }
+    ex.spawn(accept_loop(api, acceptor.clone(), Limit::new("API", caps.api), ex.clone(), move |stream| {
+        let handler = handler.clone();
+        async move {
+            if let Err(e) = http::serve(stream, handler).await {
+                log::debug!("API connection: {e}");
             }
-        },
-    ))
+        }
+    }))
     .detach();
     let sessions_app = app.clone();
-    ex.spawn(accept_loop(
-        event,
-        acceptor,
-        Limit::new("event", MAX_EVENT_CONNECTIONS),
-        ex.clone(),
-        move |stream| {
-            let app = sessions_app.clone();
-            async move {
-                if let Err(e) = events::serve(stream, &app).await {
-                    log::debug!("event session: {e}");
-                }
+    ex.spawn(accept_loop(event, acceptor, Limit::new("event", caps.event), ex.clone(), move |stream| {
+        let app = sessions_app.clone();
+        async move {
+            if let Err(e) = events::serve(stream, &app).await {
+                log::debug!("event session: {e}");
             }
-        },
-    ))
+        }
+    }))
     .detach();
     let started_at = clock::now();
     let housekeeping_app = app.clone();
@@ -277,9 +295,61 @@ fn admin_key(dir: &Path) -> Result<String, ServeError> {
     }
 }
 
+/// Raises the soft open-files limit to the hard one (every connection is a file descriptor) and
+/// returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            log::warn!("reading the open-files limit: {e}; assuming 1024");
+            return 1024;
+        }
+    };
+    let wanted = hard.min(MAX_OPEN_FILES);
+    if soft >= wanted {
+        log::info!("open files: limit {soft}");
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => {
+            log::info!("open files: soft limit raised from {soft} to {wanted}");
+            wanted
+        }
+        Err(e) => {
+            log::warn!("open files: raising the soft limit {soft} to {wanted}: {e}; staying at {soft}");
+            soft
+        }
+    }
+}
+
+/// How many connections each listener holds at once, sized from the open-files limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConnectionCaps {
+    api: usize,
+    event: usize,
+}
+
+impl ConnectionCaps {
+    /// A quarter of the usable descriptors for the API (its connections are short-lived), the
+    /// rest for the event service (one long-lived session per agent), each within its own cap.
+    fn from_open_files(open_files: u64) -> Self {
+        let usable = usize::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX).max(2);
+        let api = (usable / 4).max(MIN_API_CONNECTIONS.min(usable / 2)).min(MAX_API_CONNECTIONS);
+        let event = (usable - api).min(MAX_EVENT_CONNECTIONS);
+        ConnectionCaps { api, event }
+    }
+}
+
+/// Binds `addr` with the longest listen backlog the kernel allows (it caps the request at
+/// `net.core.somaxconn`): a bolt to the whole fleet brings a burst of connections, and std's
+/// backlog of 128 dropped SYNs that the VENs then resent only after a second.
 fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
     let bind_error = |source| ServeError::Bind { what, addr, source };
     let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    // Linux takes a second listen() on a listening socket as a new backlog.
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE)
+        .map_err(|errno| bind_error(io::Error::from(errno)))?;
     TcpListener::try_from(listener).map_err(bind_error)
 }
 
@@ -287,29 +357,29 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError>
 struct Limit {
     name: &'static str,
     max: usize,
-    open: AtomicUsize,
+    slots: Arc<Semaphore>,
     /// Unix time of the last "full" warning, to log it at most every few seconds.
     last_warning: AtomicU64,
 }
 
-struct Slot(Arc<Limit>);
+type Slot = SemaphoreGuardArc;
 
 impl Limit {
     fn new(name: &'static str, max: usize) -> Arc<Self> {
-        Arc::new(Limit { name, max, open: AtomicUsize::new(0), last_warning: AtomicU64::new(0) })
+        Arc::new(Limit { name, max, slots: Arc::new(Semaphore::new(max)), last_warning: AtomicU64::new(0) })
     }
 
-    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
-        let acquired = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < self.max).then_some(open + 1));
-        match acquired {
-            Ok(_) => Some(Slot(self.clone())),
-            Err(_) => {
-                self.warn(&format!("{} connections at their limit of {}; refusing", self.name, self.max));
-                None
-            }
+    /// A free slot; when there is none, waits for one, leaving new connections in the listen
+    /// backlog (a burst of VENs is served late rather than refused and retried).
+    async fn acquire(&self) -> Slot {
+        if let Some(slot) = self.slots.try_acquire_arc() {
+            return slot;
         }
+        self.warn(&format!(
+            "{} connections at their limit of {}; new ones wait in the listen backlog",
+            self.name, self.max
+        ));
+        self.slots.acquire_arc().await
     }
 
     /// Logs a warning unless one went out in the last 10 seconds (remote peers can trigger these).
@@ -321,12 +391,6 @@ impl Limit {
         {
             log::warn!("{message}");
         }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -344,16 +408,17 @@ async fn accept_loop<F, Fut>(
 {
     let serve = Arc::new(serve);
     loop {
+        let slot = limit.acquire().await;
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
                 limit.warn(&format!("accepting {} connections: {e}", limit.name));
+                drop(slot);
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Some(slot) = limit.try_acquire() else { continue };
         let _ = tcp.set_nodelay(true);
         let (acceptor, serve) = (acceptor.clone(), serve.clone());
         ex.spawn(async move {
@@ -397,5 +462,26 @@ impl http::Handler for Api {
             _ => Response::with_body(status, "text/plain", format!("{message}\n").into_bytes()),
         };
         response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_fit_the_open_files_limit() {
+        // Debian's default soft limit: both listeners within it.
+        let small = ConnectionCaps::from_open_files(1024);
+        assert_eq!(small, ConnectionCaps { api: 256, event: 704 });
+        // A 20,000 limit holds 10,000 agents' sessions and a burst of API connections.
+        let fleet = ConnectionCaps::from_open_files(20_000);
+        assert_eq!(fleet, ConnectionCaps { api: 4984, event: 14_952 });
+        // A large limit: each listener at its own cap.
+        let large = ConnectionCaps::from_open_files(1 << 20);
+        assert_eq!(large, ConnectionCaps { api: MAX_API_CONNECTIONS, event: MAX_EVENT_CONNECTIONS });
+        // Absurdly small limits still leave a connection to each.
+        let tiny = ConnectionCaps::from_open_files(10);
+        assert!(tiny.api >= 1 && tiny.event >= 1);
     }
 }

@@ -14,6 +14,7 @@ use crate::serve::App;
 use crate::store::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::time::Instant;
 use ven_proto::{
     ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, FlowAck, FlowBatch, Goodbye,
     HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_HEADER,
@@ -75,12 +76,22 @@ fn activate(app: &App, request: &Request) -> Answer {
     let activation: ActivateRequest = decode(request)?;
     check_host(&activation.host)?;
     let hostname = activation.host.hostname.clone();
-    let activated = app.store().activate(&activation.activation_code, activation.host, clock::now());
+    let waited = Instant::now();
+    let mut store = app.store();
+    let held = Instant::now();
+    let activated = store.activate(&activation.activation_code, activation.host, clock::now());
+    drop(store);
     let activated = activated.map_err(|e| match e {
         StoreError::Activation(why) => error(401, ErrorKind::BadActivationCode, why),
         other => store_error(other),
     })?;
-    log::info!("activated workload {} ({hostname})", activated.agent_id);
+    // The store's time tells how pairing scales with the fleet (it recomputes and writes).
+    log::info!(
+        "activated workload {} ({hostname}): {} ms in the store after {} ms waiting for it",
+        activated.agent_id,
+        held.elapsed().as_millis(),
+        held.duration_since(waited).as_millis()
+    );
     app.publish(&activated.changes);
     Ok(message_response(
         200,
