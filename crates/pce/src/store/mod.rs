@@ -1255,6 +1255,20 @@ mod tests {
     }
 
     #[test]
+    fn the_same_rule_cannot_be_added_twice() {
+        let dir = scratch_dir("store-same-rule");
+        let (mut store, _, _) = populated(&dir);
+        let set_id = store.state().draft.rule_sets.keys().next().copied().unwrap();
+        let rule = store.state().draft.rule_sets[&set_id].rules[0].clone();
+        let again = store.create_sec_rule(set_id, rule.clone());
+        assert!(matches!(again, Err(StoreError::Rejected(m)) if m.contains("the same rule")), "a duplicate");
+        assert_eq!(store.state().draft.rule_sets[&set_id].rules.len(), 1, "nothing stored");
+        let mut other = rule;
+        other.unscoped_consumers = true;
+        store.create_sec_rule(set_id, other).expect("a rule that differs is fine");
+    }
+
+    #[test]
     fn bad_input_is_rejected() {
         let dir = scratch_dir("store-rejects");
         let (mut store, web, _) = populated(&dir);

@@ -247,8 +247,23 @@ impl Store {
         Ok(())
     }
 
-    /// Every label, workload, IP list and service the rule set names exists (in the draft).
+    /// Every label, workload, IP list and service the rule set names exists (in the draft), and no
+    /// rule repeats another (same actors, services and scoping).
     fn check_rule_set(&self, set: &RuleSet) -> Result<(), StoreError> {
+        let same = |a: &SecRule, b: &SecRule| {
+            a.providers == b.providers
+                && a.consumers == b.consumers
+                && a.services == b.services
+                && a.unscoped_consumers == b.unscoped_consumers
+        };
+        for (index, rule) in set.rules.iter().enumerate() {
+            if let Some(earlier) = set.rules[..index].iter().position(|other| same(other, rule)) {
+                return Err(StoreError::Rejected(format!(
+                    "rules[{index}]: the same rule as rules[{earlier}] (id {})",
+                    set.rules[earlier].id
+                )));
+            }
+        }
         for (index, scope) in set.scopes.iter().enumerate() {
             self.check_labels(scope).map_err(|e| StoreError::Rejected(format!("scopes[{index}]: {e}")))?;
         }
