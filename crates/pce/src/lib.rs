@@ -2,12 +2,15 @@
 //! event service); the other commands administer a running one through its admin API. The binary
 //! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
 //!
-//! Map: `cli` (arguments), `serve` (process, listeners), `http` (HTTP/1.1 server), `tls` (CA,
-//! certificates, crypto helpers), `venapi` and `api` (the VEN API; the admin API, one module per resource), `events` (event service),
-//! `store` (state and persistence), `orgevents` (organisation events: ring, CEF and LEEF),
-//! `flows` (uploaded flow summaries: checks, de-duplication, bounded store, append-only log),
-//! `traffic` (the traffic query: parameters, filter, JSON), `policy` (computation), `ctl` (admin
-//! client), `clock`.
+//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share), `http`
+//! (HTTP/1.1 server), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
+//! data directory checks), `venapi` (the VEN API), `api/` (the admin API in Illumio's shapes, one
+//! module per resource, async jobs), `events` (event service), `store/` (the state: records in
+//! redb behind a `Backend` interface, policy objects and provisioning, pairing profiles and keys),
+//! `policy/` (the policy objects' model and the per-workload computation, pure), `orgevents`
+//! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
+//! de-duplication, bounded store, append-only log), `traffic` (the traffic query: parameters,
+//! filter, JSON), `ctl` (admin client), `clock`. Dependencies point api -> store -> policy.
 #![forbid(unsafe_code)]
 
 mod api;
