@@ -23,7 +23,7 @@ pub fn route(app: &App, method: &str, version: Version, rest: &[&str], request: 
                 .objects(store.state())
                 .ip_lists
                 .values()
-                .filter(|list| name.is_none_or(|name| super::name_matches(&list.name, name)))
+                .filter(|list| name.as_deref().is_none_or(|name| super::name_matches(&list.name, name)))
                 .map(|list| json(version, list))
                 .collect();
             Ok(collection(lists, request))

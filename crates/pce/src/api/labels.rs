@@ -45,8 +45,8 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
                 .state()
                 .labels
                 .iter()
-                .filter(|label| key.is_none_or(|key| label.key == key))
-                .filter(|label| value.is_none_or(|value| label.value == value))
+                .filter(|label| key.as_deref().is_none_or(|key| label.key == key))
+                .filter(|label| value.as_deref().is_none_or(|value| label.value == value))
                 .map(json)
                 .collect();
             Ok(collection(labels, request))

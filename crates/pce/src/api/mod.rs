@@ -165,12 +165,15 @@ fn collection(items: Vec<Value>, request: &Request) -> Response {
 /// The `max_results` query parameter: a whole number, without sign or leading zeros.
 fn max_results(query: &str) -> Result<Option<usize>, Response> {
     let Some(value) = query_value(query, "max_results") else { return Ok(None) };
-    parse_id(value).map(Some).ok_or_else(|| invalid_field("max_results", "must be a whole number"))
+    parse_id(&value).map(Some).ok_or_else(|| invalid_field("max_results", "must be a whole number"))
 }
 
-/// The value of `key` in a query string (the first, undecoded).
-fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+/// The value of `key` in a query string (the first), decoded as a form value: `+` is a space and
+/// `%XX` a byte, as requests (illumio-py, pylo) encode them. A malformed escape leaves the value
+/// as given.
+fn query_value(query: &str, key: &str) -> Option<String> {
+    let raw = query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key)?.1;
+    Some(crate::traffic::percent_decode(&raw.replace('+', " ")).unwrap_or_else(|_| raw.to_string()))
 }
 
 /// A decimal id as it appears in paths and hrefs: digits only, no sign, no leading zero.
@@ -261,35 +264,7 @@ fn check_text(field: &str, text: String) -> Result<String, Response> {
 
 /// The `name` filter of collections: a case-insensitive substring, as Illumio matches it.
 fn name_matches(name: &str, wanted: &str) -> bool {
-    let wanted = percent_decode(wanted);
     name.to_lowercase().contains(&wanted.to_lowercase())
-}
-
-/// `%XX` and `+` of a query value; a malformed escape is kept as it is.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 3)
-            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
-        match (bytes[i], escaped) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn org_href(kind: &str, id: impl std::fmt::Display) -> String {
@@ -357,10 +332,11 @@ mod tests {
 
     #[test]
     fn query_values_are_percent_decoded() {
-        assert_eq!(percent_decode("Any+%280.0.0.0%2F0%29"), "Any (0.0.0.0/0)");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert!(name_matches("All Services", "all+serv"));
+        let name = |query: &str| query_value(query, "name").unwrap();
+        assert_eq!(name("name=Any+%280.0.0.0%2F0%29"), "Any (0.0.0.0/0)");
+        assert_eq!(name("name=100%"), "100%");
+        assert_eq!(name("name=%zz%4"), "%zz%4");
+        assert!(name_matches("All Services", &name("max_results=3&name=all+serv")));
     }
 
     #[test]

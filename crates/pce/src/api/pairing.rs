@@ -23,7 +23,7 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
                 .state()
                 .pairing_profiles
                 .iter()
-                .filter(|p| name.is_none_or(|name| super::name_matches(&p.name, name)))
+                .filter(|p| name.as_deref().is_none_or(|name| super::name_matches(&p.name, name)))
                 .map(profile_json)
                 .collect();
             Ok(collection(profiles, request))

@@ -25,7 +25,7 @@ pub fn route(app: &App, method: &str, version: Version, rest: &[&str], request: 
                 .objects(store.state())
                 .rule_sets
                 .values()
-                .filter(|set| name.is_none_or(|name| super::name_matches(&set.name, name)))
+                .filter(|set| name.as_deref().is_none_or(|name| super::name_matches(&set.name, name)))
                 .map(|set| json(version, set))
                 .collect();
             Ok(collection(sets, request))

@@ -22,7 +22,7 @@ pub fn route(app: &App, method: &str, version: Version, rest: &[&str], request: 
                 .objects(store.state())
                 .services
                 .values()
-                .filter(|service| name.is_none_or(|name| super::name_matches(&service.name, name)))
+                .filter(|service| name.as_deref().is_none_or(|name| super::name_matches(&service.name, name)))
                 .map(|service| json(version, service))
                 .collect();
             Ok(collection(services, request))

@@ -559,8 +559,13 @@ impl Store {
         }
         let message = "VEN unpaired: workload removed".to_string();
         self.record(now, EventType::AgentDeactivated, Some(agent_id), message, json!({}));
-        self.state.workloads.remove(&agent_id);
-        self.policies.remove(&agent_id);
+        self.forget(agent_id)
+    }
+
+    /// Removes a workload and its policy, and recomputes its peers'.
+    fn forget(&mut self, id: u64) -> Result<Changes, StoreError> {
+        self.state.workloads.remove(&id);
+        self.policies.remove(&id);
         self.commit()
     }
 
@@ -850,9 +855,7 @@ impl Store {
                 "workload {id} is managed: unpair it with `ven deactivate` on the host"
             )));
         }
-        self.state.workloads.remove(&id);
-        self.policies.remove(&id);
-        self.commit()
+        self.forget(id)
     }
 
     /// Replaces a workload's labels and/or policy state.
