@@ -172,6 +172,9 @@ pub enum AgentEventKind {
     /// The firewall differed from the applied policy (`summary` says how); `repaired` tells
     /// whether the VEN put it back.
     Tampering { summary: String, repaired: bool },
+    /// A worker thread of the agent (`component`: flows, uploader, evsync, ...) ended and is
+    /// being started again; `restarts` counts them since the agent started.
+    ComponentRestarted { component: String, restarts: u64, cause: String },
 }
 
 /// Sent when the operator suspends (`suspended: true`) or unsuspends the VEN.
