@@ -145,6 +145,8 @@ impl Manager {
 
     pub fn run(mut self, inputs: Receiver<Input>) {
         let mut supervisor = super::notify::Supervisor::from_env();
+        // An announcement that no stopping agent consumed is stale.
+        let _ = std::fs::remove_file(self.data.restarting_path());
         self.set_conntrack_timeout();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
@@ -734,7 +736,12 @@ impl Manager {
         self.stop_events();
         if let Some(pairing) = self.pairing.take() {
             if !self.suspended {
-                match pairing.client.goodbye("agent stopped") {
+                // A restart is not a goodbye: the PCE keeps the workload in its peers' policies
+                // for a grace period.
+                let restarting = crate::cli::service::restart_announced(&self.data);
+                let reason = if restarting { ven_proto::GOODBYE_RESTART } else { "agent stopped" };
+                match pairing.client.goodbye(reason) {
+                    Ok(()) if restarting => log::info!("told the PCE this agent restarts"),
                     Ok(()) => log::info!("said goodbye to the PCE"),
                     Err(e) => log::warn!("could not say goodbye: {e}"),
                 }

@@ -326,7 +326,9 @@ impl Fault {
                 n => match n.parse::<u32>() {
                     Ok(times) if (1..=100).contains(&times) => fault.times = times,
                     _ => {
-                        return Err(format!("test_fault is THREAD[:panic][:TIMES (1 to 100)], not {value:?}"));
+                        return Err(format!(
+                            "test_fault is THREAD[:panic][:TIMES (1 to 100)], not {value:?}"
+                        ));
                     }
                 },
             }
