@@ -124,6 +124,9 @@ pub struct Config {
     /// Keys this version does not know, ignored: `key (line N)`, the first
     /// [`MAX_UNKNOWN_KEYS_KEPT`].
     pub unknown_keys: Vec<String>,
+    /// Test-only fault switch (`test_fault`): makes a named thread fail at its start, to test
+    /// the agent's supervision ([`crate::agent::monitor`]). Off unless set.
+    pub test_fault: Option<crate::agent::monitor::Fault>,
 }
 
 /// Unknown keys remembered for the warning (all of them are ignored).
@@ -177,6 +180,7 @@ impl Default for Config {
             flows: FlowSettings::default(),
             logs: crate::logdir::LogCaps::default(),
             unknown_keys: Vec::new(),
+            test_fault: None,
         }
     }
 }
@@ -296,6 +300,7 @@ impl Config {
                 let min = crate::flows::store::MIN_FILE_BYTES * crate::logdir::MAX_FILES;
                 self.logs.total_max_bytes = number(key, value, min, 1 << 40)?
             }
+            "test_fault" => self.test_fault = Some(crate::agent::monitor::Fault::parse(value)?),
             _ if key.starts_with("board.") => {}
             _ => return Ok(false),
         }

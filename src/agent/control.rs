@@ -118,22 +118,34 @@ impl ControlServer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(listener, &thread_stop, &status, &live, &inputs))
-            .map_err(socket_error)?;
+        let thread =
+            super::monitor::spawn("control", move || serve(listener, &thread_stop, &status, &live, &inputs))
+                .map_err(socket_error)?;
         Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
 
     /// Stops serving, joins the thread and removes the socket.
     pub fn stop(mut self) {
+        self.stop_joined();
+    }
+
+    /// [`Self::stop`]; `Some(message)` when the thread had panicked.
+    fn stop_joined(&mut self) -> Option<String> {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept.
         let _ = UnixStream::connect(&self.path);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let panicked = self.thread.take().and_then(super::monitor::join);
         let _ = std::fs::remove_file(&self.path);
+        panicked
+    }
+}
+
+impl super::monitor::Worker for ControlServer {
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+    fn stop(mut self: Box<Self>) -> Option<String> {
+        self.stop_joined()
     }
 }
 

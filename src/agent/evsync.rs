@@ -54,13 +54,12 @@ impl EventSync {
             stop: stop.clone(),
             socket: socket.clone(),
         };
-        let thread =
-            std::thread::Builder::new().name("evsync".into()).spawn(move || session.run(&sleeper))?;
+        let thread = super::monitor::spawn("evsync", move || session.run(&sleeper))?;
         Ok(Self { stop, wake, socket, thread: Some(thread) })
     }
 
-    /// Closes the connection and joins the thread.
-    pub fn stop(mut self) {
+    /// Closes the connection and joins the thread; `Some(message)` when it had panicked.
+    fn stop_joined(&mut self) -> Option<String> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.try_send(());
         if let Ok(slot) = self.socket.lock() {
@@ -68,9 +67,16 @@ impl EventSync {
                 let _ = socket.shutdown(Shutdown::Both);
             }
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.thread.take().and_then(super::monitor::join)
+    }
+}
+
+impl super::monitor::Worker for EventSync {
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+    fn stop(mut self: Box<Self>) -> Option<String> {
+        self.stop_joined()
     }
 }
 

@@ -20,6 +20,7 @@ use ven_proto::{
 use super::control::{ControlRequest, ControlResponse};
 use super::evsync::EventSync;
 use super::lifecycle::{self, FirewallAfter};
+use super::monitor::{Monitor, Worker};
 use super::pce_client::{ClientError, PceClient};
 use super::status::{Connectivity, HeartbeatTracker, StatusReport};
 use super::{Input, host, jitter};
@@ -50,7 +51,6 @@ struct Pairing {
     identity: Identity,
     client: PceClient,
     safeguards: Safeguards,
-    events: Option<EventSync>,
 }
 
 pub struct Manager {
@@ -83,6 +83,8 @@ pub struct Manager {
     /// The flow pipeline's counters, when it runs.
     flow_stats: Option<Arc<crate::flows::FlowStats>>,
     upload_stats: Option<Arc<super::uploader::UploadStats>>,
+    /// The supervised worker threads (`evsync` is added while paired); stopped last.
+    monitor: Monitor,
 }
 
 impl Manager {
@@ -120,6 +122,7 @@ impl Manager {
             last_tamper: None,
             flow_stats: None,
             upload_stats: None,
+            monitor: Monitor::default(),
         }
     }
 
@@ -134,8 +137,16 @@ impl Manager {
         self
     }
 
+    /// Supervises `monitor`'s workers (and stops them when the manager stops).
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
     pub fn run(mut self, inputs: Receiver<Input>) {
         let mut supervisor = super::notify::Supervisor::from_env();
+        // An announcement that no stopping agent consumed is stale.
+        let _ = std::fs::remove_file(self.data.restarting_path());
         self.set_conntrack_timeout();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
@@ -150,7 +161,8 @@ impl Manager {
         supervisor.ready(&self.state_line());
         loop {
             let now = Instant::now();
-            let wait = self.next_deadline().map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
+            let due = [self.next_deadline(), self.monitor.next_deadline()].into_iter().flatten().min();
+            let wait = due.map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
             // INVARIANT: the init system's watchdog is fed from this loop, never from a thread
             // of its own, so a manager stuck in one operation gets restarted.
             let wait = supervisor.until_next_ping(now).map_or(wait, |ping| wait.min(ping));
@@ -161,8 +173,11 @@ impl Manager {
                     let response = self.on_control(request);
                     let _ = reply.try_send(response);
                 }
+                // The check below collects it.
+                Ok(Input::WorkerEnded(_)) => {}
                 Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
+            self.supervise();
             self.publish_status();
             supervisor.ping_if_due(Instant::now());
             supervisor.status(&self.state_line());
@@ -258,24 +273,36 @@ impl Manager {
         self.stop_events();
         let client = lifecycle::client(&identity);
         let safeguards = lifecycle::safeguards(&identity);
-        let events = match EventSync::start(&identity, self.inputs.clone()) {
-            Ok(events) => Some(events),
-            Err(e) => {
-                log::error!("cannot start the event thread: {e}; policy arrives with heartbeats only");
-                None
-            }
-        };
+        // Without it, policy still arrives with the heartbeats.
+        let (events_identity, events_inputs) = (identity.clone(), self.inputs.clone());
+        self.monitor.start(
+            "evsync",
+            Box::new(move || {
+                let events = EventSync::start(&events_identity, events_inputs.clone())?;
+                Ok(Box::new(events) as Box<dyn Worker>)
+            }),
+        );
         log::info!("paired as agent {} with PCE {}", identity.agent_id, identity.management_server);
         self.heartbeat_interval =
             Duration::from_secs(u64::from(identity.heartbeat_interval_s)).max(MIN_HEARTBEAT);
-        self.pairing = Some(Pairing { identity, client, safeguards, events });
+        self.pairing = Some(Pairing { identity, client, safeguards });
         self.heartbeats = HeartbeatTracker::new();
         self.next_heartbeat = Instant::now();
     }
 
     fn stop_events(&mut self) {
-        if let Some(events) = self.pairing.as_mut().and_then(|pairing| pairing.events.take()) {
-            events.stop();
+        self.monitor.remove("evsync");
+    }
+
+    /// Restarts the workers whose backoff is over and reports those that ended to the PCE.
+    fn supervise(&mut self) {
+        for ended in self.monitor.check(Instant::now()) {
+            let kind = AgentEventKind::ComponentRestarted {
+                component: ended.name.to_string(),
+                restarts: ended.restarts,
+                cause: ended.cause,
+            };
+            self.push_event(AgentEvent { at: crate::clock::now(), kind });
         }
     }
 
@@ -683,6 +710,7 @@ impl Manager {
         report.pending_events = self.pending_events.len();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
         report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
+        report.components = self.monitor.components();
     }
 
     fn save_status(&self) {
@@ -708,12 +736,18 @@ impl Manager {
         self.stop_events();
         if let Some(pairing) = self.pairing.take() {
             if !self.suspended {
-                match pairing.client.goodbye("agent stopped") {
+                // A restart is not a goodbye: the PCE keeps the workload in its peers' policies
+                // for a grace period.
+                let restarting = crate::cli::service::restart_announced(&self.data);
+                let reason = if restarting { ven_proto::GOODBYE_RESTART } else { "agent stopped" };
+                match pairing.client.goodbye(reason) {
+                    Ok(()) if restarting => log::info!("told the PCE this agent restarts"),
                     Ok(()) => log::info!("said goodbye to the PCE"),
                     Err(e) => log::warn!("could not say goodbye: {e}"),
                 }
             }
         }
+        self.monitor.stop_all();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
 }

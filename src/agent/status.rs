@@ -119,6 +119,8 @@ pub struct StatusReport {
     pub config_warnings: Vec<String>,
     /// `ven disable` was run: the boot entry points do nothing.
     pub disabled: bool,
+    /// The supervised worker threads (a running agent only).
+    pub components: Vec<super::monitor::ComponentStatus>,
 }
 
 impl StatusReport {
@@ -174,6 +176,7 @@ impl StatusReport {
             flow_uploads: None,
             config_warnings: Vec::new(),
             disabled: false,
+            components: Vec::new(),
         }
     }
 
@@ -250,6 +253,27 @@ impl StatusReport {
                 })),
             ),
             ("disabled", self.disabled.to_string()),
+            (
+                "components",
+                format!(
+                    "[{}]",
+                    self.components
+                        .iter()
+                        .map(|c| format!(
+                            "{{\"name\":{},\"state\":{},\"restarts\":{},\"last_failure\":{}}}",
+                            json_string(&c.name),
+                            json_string(c.state.as_str()),
+                            c.restarts,
+                            json_option(c.last_failure.as_ref().map(|(at, cause)| format!(
+                                "{{\"at\":{},\"cause\":{}}}",
+                                json_string(&crate::clock::rfc3339(*at)),
+                                json_string(cause)
+                            ))),
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ),
             (
                 "config_warnings",
                 format!("[{}]", self.config_warnings.iter().map(|w| json_string(w)).collect::<Vec<_>>().join(",")),
@@ -333,6 +357,19 @@ impl StatusReport {
         }
         if let Some(error) = &self.last_apply_error {
             lines.push(format!("  last apply error: {error} (the previous policy stays in force)"));
+        }
+        // Only what needs attention: a worker that ended at least once.
+        for component in self.components.iter().filter(|c| c.restarts > 0) {
+            let mut line = format!(
+                "  component:       {} {}, restarted {} times",
+                component.name,
+                component.state.as_str(),
+                component.restarts
+            );
+            if let Some((at, cause)) = &component.last_failure {
+                line.push_str(&format!(", last at {} ({cause})", crate::clock::rfc3339(*at)));
+            }
+            lines.push(line);
         }
         if self.disabled {
             lines.push("  boot:            disabled: does not start at boot (`ven enable`)".to_string());

@@ -172,6 +172,9 @@ pub enum AgentEventKind {
     /// The firewall differed from the applied policy (`summary` says how); `repaired` tells
     /// whether the VEN put it back.
     Tampering { summary: String, repaired: bool },
+    /// A worker thread of the agent (`component`: flows, uploader, evsync, ...) ended and is
+    /// being started again; `restarts` counts them since the agent started.
+    ComponentRestarted { component: String, restarts: u64, cause: String },
 }
 
 /// Sent when the operator suspends (`suspended: true`) or unsuspends the VEN.
@@ -189,11 +192,17 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_s: u32,
 }
 
-/// Sent when the agent stops, so that the PCE marks the workload offline at once.
+/// Sent when the agent stops, so that the PCE marks the workload offline at once; unless the
+/// reason is [`GOODBYE_RESTART`]: then the agent is coming back, and the PCE keeps the workload in
+/// its peers' policies for a grace period.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Goodbye {
     pub reason: String,
 }
+
+/// The [`Goodbye`] reason of an agent that stops to start again (`ven restart`, an upgrade). An
+/// older PCE takes it as any goodbye.
+pub const GOODBYE_RESTART: &str = "restart";
 
 /// The whole policy of one host, computed by the PCE.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
