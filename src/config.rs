@@ -114,6 +114,9 @@ pub struct Config {
     pub tamper_check_interval: Duration,
     /// Cheap comparison of our rules and set sizes, to catch flushes and deletions fast.
     pub canary_interval: Duration,
+    /// The full host report (interfaces and addresses) goes to the PCE at least this often,
+    /// changed or not, so that the PCE's view heals (the spec's 5 minutes); changes go at once.
+    pub interface_report_interval: Duration,
     /// `nf_conntrack_tcp_timeout_established` set at start; `None` leaves the host's value.
     pub conntrack_established_timeout: Option<u32>,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
@@ -175,6 +178,7 @@ impl Default for Config {
             caps: Caps::default(),
             tamper_check_interval: Duration::from_secs(600),
             canary_interval: Duration::from_secs(5),
+            interface_report_interval: Duration::from_secs(300),
             conntrack_established_timeout: Some(28_800),
             conntrack_cut_on_tighten: true,
             flows: FlowSettings::default(),
@@ -277,6 +281,9 @@ impl Config {
                 self.tamper_check_interval = Duration::from_secs(number(key, value, 1, 86_400)?)
             }
             "canary_interval_s" => self.canary_interval = Duration::from_secs(number(key, value, 1, 86_400)?),
+            "interface_report_interval_s" => {
+                self.interface_report_interval = Duration::from_secs(number(key, value, 10, 86_400)?)
+            }
             "conntrack_established_timeout_s" => {
                 let seconds = number(key, value, 0, u64::from(u32::MAX))? as u32;
                 self.conntrack_established_timeout = (seconds > 0).then_some(seconds);

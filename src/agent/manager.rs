@@ -71,6 +71,8 @@ pub struct Manager {
     next_full_check: Instant,
     last_heartbeat: Option<u64>,
     reported_host: Option<HostReport>,
+    /// When the full host report is due again, changed or not (`interface_report_interval`).
+    next_host_report: Instant,
     /// A version the firewall rejected is fetched again only after this instant (one heartbeat
     /// interval), so that reporting the rejection cannot turn into a fetch-and-fail loop.
     rejected: Option<(u64, Instant)>,
@@ -114,6 +116,7 @@ impl Manager {
             next_heartbeat: now,
             last_heartbeat: None,
             reported_host: None,
+            next_host_report: now,
             rejected: None,
             suspended: false,
             pending_events: VecDeque::with_capacity(PENDING_EVENTS_CAPACITY),
@@ -175,6 +178,7 @@ impl Manager {
                 }
                 // The check below collects it.
                 Ok(Input::WorkerEnded(_)) => {}
+                Ok(Input::HostChanged) => self.on_host_changed(),
                 Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
             self.supervise();
@@ -208,11 +212,21 @@ impl Manager {
             return None;
         }
         let heartbeat = match self.pairing {
-            Some(_) => self.next_heartbeat,
+            Some(_) => self.next_exchange(),
             None => Instant::now() + UNPAIRED_RECHECK,
         };
         let checks = self.enforcing().then(|| self.next_quick_check.min(self.next_full_check));
         Some(checks.map_or(heartbeat, |check| check.min(heartbeat)))
+    }
+
+    /// When the next heartbeat goes: its own schedule, or earlier when the full host report is
+    /// due; a lost agent keeps its 4-hour retry.
+    fn next_exchange(&self) -> Instant {
+        if self.heartbeats.connectivity() == Connectivity::LostAgent {
+            self.next_heartbeat
+        } else {
+            self.next_heartbeat.min(self.next_host_report)
+        }
     }
 
     /// Whether a policy of ours is in the firewall (something to check for tampering).
@@ -234,7 +248,7 @@ impl Manager {
         }
         if self.pairing.is_none() {
             self.load_identity();
-        } else if now >= self.next_heartbeat {
+        } else if now >= self.next_exchange() {
             self.heartbeat();
         }
     }
@@ -294,6 +308,20 @@ impl Manager {
         self.monitor.remove("evsync");
     }
 
+    /// `netwatch` saw interfaces or addresses change: a heartbeat carries the new report now
+    /// (the PCE recomputes the peers' policies), unless nothing the PCE sees changed.
+    fn on_host_changed(&mut self) {
+        let Some(pairing) = &self.pairing else { return };
+        if self.suspended || self.heartbeats.connectivity() == Connectivity::LostAgent {
+            return;
+        }
+        let host = host::report(&pairing.identity.hostname);
+        if self.reported_host.as_ref() != Some(&host) {
+            log::info!("interfaces changed: reporting them to the PCE");
+            self.heartbeat();
+        }
+    }
+
     /// Restarts the workers whose backoff is over and reports those that ended to the PCE.
     fn supervise(&mut self) {
         for ended in self.monitor.check(Instant::now()) {
@@ -340,7 +368,15 @@ impl Manager {
     fn heartbeat(&mut self) {
         let Some(pairing) = &self.pairing else { return };
         let host = host::report(&pairing.identity.hostname);
-        let host_changed = self.reported_host.as_ref() != Some(&host);
+        // Changed, or due again: the PCE's view heals even if it lost or mixed up a report.
+        // INVARIANT: the due time moves on whatever the answer, so a failing PCE is retried on
+        // the heartbeat's own schedule, never in a loop.
+        let now = Instant::now();
+        let report_due = now >= self.next_host_report;
+        if report_due {
+            self.next_host_report = now + self.config.interface_report_interval;
+        }
+        let host_changed = report_due || self.reported_host.as_ref() != Some(&host);
         let sent_events = self.pending_events.len().min(MAX_EVENTS_PER_HEARTBEAT);
         let request = HeartbeatRequest {
             applied_policy_version: self.applied_version(),

@@ -7,10 +7,12 @@
 //! - `signals` turns SIGTERM/SIGINT into an orderly stop;
 //! - `flows` reads the firewall's NFLOG group and `flowstore` stores its flushes
 //!   ([`crate::flows::FlowPipeline`]);
-//! - `uploader` sends the stored flows to the PCE ([`uploader`]).
+//! - `uploader` sends the stored flows to the PCE ([`uploader`]);
+//! - `netwatch` hints the manager when interfaces or addresses change ([`netwatch`]).
 //!
 //! They talk to the manager over one bounded channel of [`Input`]s ([`INPUT_QUEUE_CAPACITY`]).
-//! The manager supervises `control`, `flows`/`flowstore`, `uploader` and `evsync` ([`monitor`]):
+//! The manager supervises `control`, `flows`/`flowstore`, `uploader`, `netwatch` and `evsync`
+//! ([`monitor`]):
 //! one that ends is counted, reported and started again with backoff.
 
 pub mod control;
@@ -19,6 +21,7 @@ pub mod host;
 pub mod lifecycle;
 pub mod manager;
 pub mod monitor;
+pub mod netwatch;
 pub mod notify;
 pub mod pce_client;
 pub mod status;
@@ -53,6 +56,8 @@ pub enum Input {
     Control(ControlRequest, SyncSender<control::ControlResponse>),
     /// A supervised thread ended (its name); the manager's monitor takes it from there.
     WorkerEnded(&'static str),
+    /// The host's interfaces or addresses changed (`netwatch`): report them to the PCE now.
+    HostChanged,
     Stop,
 }
 
@@ -265,6 +270,13 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
                 Arc::clone(&uploads),
             )?;
             Ok(Box::new(uploader) as Box<dyn monitor::Worker>)
+        }),
+    );
+    let netwatch_inputs = inputs_tx.clone();
+    workers.start(
+        "netwatch",
+        Box::new(move || {
+            Ok(Box::new(netwatch::NetWatch::start(netwatch_inputs.clone())?) as Box<dyn monitor::Worker>)
         }),
     );
     let _ = live_counters.set(control::LiveCounters {

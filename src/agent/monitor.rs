@@ -1,5 +1,5 @@
 //! AgentMonitor: supervision of the agent's worker threads (`flows` with `flowstore`,
-//! `uploader`, `evsync`, `control`).
+//! `uploader`, `evsync`, `control`, `netwatch`).
 //!
 //! A worker whose thread ends while the agent runs (it returned, or panicked in a build that
 //! unwinds) is stopped whole, counted, logged, reported to the PCE as an event and started again
@@ -309,7 +309,7 @@ enum FaultKind {
 }
 
 /// Threads the fault switch can name.
-pub const FAULT_THREADS: [&str; 5] = ["flows", "flowstore", "uploader", "evsync", "control"];
+pub const FAULT_THREADS: [&str; 6] = ["flows", "flowstore", "uploader", "evsync", "control", "netwatch"];
 
 impl Fault {
     pub fn parse(value: &str) -> Result<Self, String> {
