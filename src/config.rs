@@ -117,6 +117,9 @@ pub struct Config {
     /// The full host report (interfaces and addresses) goes to the PCE at least this often,
     /// changed or not, so that the PCE's view heals (the spec's 5 minutes); changes go at once.
     pub interface_report_interval: Duration,
+    /// How often the listening services are read; they go to the PCE when they changed (the
+    /// spec's 30 seconds).
+    pub service_report_interval: Duration,
     /// `nf_conntrack_tcp_timeout_established` set at start; `None` leaves the host's value.
     pub conntrack_established_timeout: Option<u32>,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
@@ -179,6 +182,7 @@ impl Default for Config {
             tamper_check_interval: Duration::from_secs(600),
             canary_interval: Duration::from_secs(5),
             interface_report_interval: Duration::from_secs(300),
+            service_report_interval: Duration::from_secs(30),
             conntrack_established_timeout: Some(28_800),
             conntrack_cut_on_tighten: true,
             flows: FlowSettings::default(),
@@ -281,6 +285,9 @@ impl Config {
                 self.tamper_check_interval = Duration::from_secs(number(key, value, 1, 86_400)?)
             }
             "canary_interval_s" => self.canary_interval = Duration::from_secs(number(key, value, 1, 86_400)?),
+            "service_report_interval_s" => {
+                self.service_report_interval = Duration::from_secs(number(key, value, 5, 86_400)?)
+            }
             "interface_report_interval_s" => {
                 self.interface_report_interval = Duration::from_secs(number(key, value, 10, 86_400)?)
             }

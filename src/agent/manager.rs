@@ -73,6 +73,12 @@ pub struct Manager {
     reported_host: Option<HostReport>,
     /// When the full host report is due again, changed or not (`interface_report_interval`).
     next_host_report: Instant,
+    /// The listening services, read every `service_report_interval`; `None` once the PCE said
+    /// it does not take them.
+    services: Option<super::services::Scanner>,
+    next_services_scan: Instant,
+    /// The last scan's services have not reached the PCE yet.
+    services_unsent: bool,
     /// A version the firewall rejected is fetched again only after this instant (one heartbeat
     /// interval), so that reporting the rejection cannot turn into a fetch-and-fail loop.
     rejected: Option<(u64, Instant)>,
@@ -117,6 +123,9 @@ impl Manager {
             last_heartbeat: None,
             reported_host: None,
             next_host_report: now,
+            services: Some(super::services::Scanner::new("/proc", "/etc/passwd")),
+            next_services_scan: now,
+            services_unsent: false,
             rejected: None,
             suspended: false,
             pending_events: VecDeque::with_capacity(PENDING_EVENTS_CAPACITY),
@@ -216,7 +225,9 @@ impl Manager {
             None => Instant::now() + UNPAIRED_RECHECK,
         };
         let checks = self.enforcing().then(|| self.next_quick_check.min(self.next_full_check));
-        Some(checks.map_or(heartbeat, |check| check.min(heartbeat)))
+        let services = (self.pairing.is_some() && self.services.is_some()).then_some(self.next_services_scan);
+        let due = [Some(heartbeat), checks, services].into_iter().flatten().min();
+        Some(due.unwrap_or(heartbeat))
     }
 
     /// When the next heartbeat goes: its own schedule, or earlier when the full host report is
@@ -250,6 +261,9 @@ impl Manager {
             self.load_identity();
         } else if now >= self.next_exchange() {
             self.heartbeat();
+        }
+        if self.pairing.is_some() && now >= self.next_services_scan {
+            self.report_services();
         }
     }
 
@@ -306,6 +320,30 @@ impl Manager {
 
     fn stop_events(&mut self) {
         self.monitor.remove("evsync");
+    }
+
+    /// Reads the listening services and sends them when they changed (or the last send failed).
+    fn report_services(&mut self) {
+        self.next_services_scan = Instant::now() + self.config.service_report_interval;
+        let (Some(pairing), Some(scanner)) = (&self.pairing, self.services.as_mut()) else { return };
+        if scanner.scan() {
+            self.services_unsent = true;
+        }
+        if !self.services_unsent || self.heartbeats.connectivity() == Connectivity::LostAgent {
+            return;
+        }
+        let report = ven_proto::ServicesReport {
+            services: scanner.services().to_vec(),
+            omitted: u32::try_from(scanner.omitted()).unwrap_or(u32::MAX),
+        };
+        match pairing.client.report_services(&report) {
+            Ok(()) => self.services_unsent = false,
+            Err(e) if e.is_not_found() => {
+                log::info!("the PCE does not take listening services ({e}); not sending them again");
+                self.services = None;
+            }
+            Err(e) => crate::log_limited!(log::Level::Warn, "listening services not reported: {e}"),
+        }
     }
 
     /// `netwatch` saw interfaces or addresses change: a heartbeat carries the new report now

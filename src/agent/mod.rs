@@ -24,6 +24,7 @@ pub mod monitor;
 pub mod netwatch;
 pub mod notify;
 pub mod pce_client;
+pub mod services;
 pub mod status;
 pub mod tls;
 pub mod uploader;
