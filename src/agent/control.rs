@@ -65,6 +65,8 @@ pub struct LiveCounters {
     pub uploads: Option<Arc<super::uploader::UploadStats>>,
     /// Configuration keys the agent ignored (fixed for its life).
     pub config_warnings: Vec<String>,
+    /// The event channel (`ven status --all`).
+    pub events: Option<Arc<super::evsync::EventStats>>,
 }
 
 impl LiveCounters {
@@ -77,6 +79,13 @@ impl LiveCounters {
             report.flow_uploads = Some(uploads.snapshot());
         }
         report.config_warnings.clone_from(&self.config_warnings);
+        // The channel comes and goes without waking the manager: read it now (only once paired,
+        // when the manager shows a channel at all).
+        if let (Some(events), Some(detail)) = (&self.events, report.detail.as_mut()) {
+            if detail.event_channel.is_some() {
+                detail.event_channel = Some(events.snapshot());
+            }
+        }
     }
 }
 
@@ -244,6 +253,7 @@ mod tests {
             flows: Some(Arc::clone(&flows)),
             uploads: Some(uploads.clone()),
             config_warnings: warnings,
+            events: None,
         };
         assert!(live.set(counters).is_ok());
         flows.events.store(42, Ordering::Relaxed);

@@ -210,6 +210,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         firewall_config.tools.iptables_restore.display(),
         if firewall_config.options.ipv6 { "on" } else { "off" }
     );
+    let backend = firewall_config.tools.backend.as_str();
     let firewall = Firewall::new(firewall_config);
     // The flow pipeline is best effort: without it the firewall still enforces.
     let flow_settings = crate::flows::PipelineSettings::from_config(&config);
@@ -232,13 +233,16 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     };
     let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
     let upload_stats = uploader.as_ref().map(uploader::Uploader::stats);
+    let event_stats = Arc::new(evsync::EventStats::default());
     let _ = live_counters.set(control::LiveCounters {
         flows: flow_stats.clone(),
         uploads: upload_stats.clone(),
         config_warnings: config.unknown_keys.clone(),
+        events: Some(Arc::clone(&event_stats)),
     });
     manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(flow_stats, upload_stats)
+        .with_status_all(event_stats, backend)
         .run(inputs_rx);
     if let Some(uploader) = uploader {
         uploader.stop();

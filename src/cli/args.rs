@@ -64,6 +64,10 @@ pub struct RawStatus {
     /// print one JSON object
     #[argh(switch)]
     pub json: bool,
+    /// everything: components and their state, connectivity, policy sync, tampering checks,
+    /// flows, uploads and the last errors
+    #[argh(switch, short = 'a')]
+    pub all: bool,
 }
 
 /// Unpair from the PCE and give the host its firewall back.

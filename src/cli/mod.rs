@@ -21,7 +21,7 @@ use crate::state::DataDir;
 pub enum Command {
     Activate { server: String, activation_code: String, trust: Trust, hostname: String },
     Agent,
-    Status { json: bool },
+    Status { json: bool, all: bool },
     Deactivate { after: FirewallAfter },
     Suspend,
     Unsuspend,
@@ -68,7 +68,7 @@ impl Command {
                 }
             }
             args::RawCommand::Agent(_) => Command::Agent,
-            args::RawCommand::Status(s) => Command::Status { json: s.json },
+            args::RawCommand::Status(s) => Command::Status { json: s.json, all: s.all },
             args::RawCommand::Deactivate(d) => match d.firewall.as_str() {
                 "open" => Command::Deactivate { after: FirewallAfter::Open },
                 "saved" => Command::Deactivate { after: FirewallAfter::Saved },
@@ -213,22 +213,13 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 Err(e) => eprintln!("ven: the pairing is stored, but the agent was not told: {e}"),
             }
         }
-        Command::Status { json } => {
-            let mut report =
-                match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT)
-                {
-                    Ok(ControlResponse::Status(report)) => *report,
-                    Ok(_) | Err(ControlError::NotRunning(_)) => StatusReport::from_data_dir(data)?,
-                    Err(e) => {
-                        log::warn!("{e}; showing the saved status");
-                        StatusReport::from_data_dir(data)?
-                    }
-                };
-            report.disabled = service::is_disabled(data);
-            if json {
-                out!("{}", report.to_json());
-            } else {
-                out!("{}", report.to_human(crate::clock::now()));
+        Command::Status { json, all } => {
+            let report = status_report(data)?;
+            match (json, all) {
+                (true, false) => out!("{}", report.to_json()),
+                (true, true) => out!("{}", report.to_json_all()),
+                (false, false) => out!("{}", report.to_human(crate::clock::now())),
+                (false, true) => out!("{}", report.to_human_all(crate::clock::now())),
             }
         }
         Command::Deactivate { after } => {
@@ -318,6 +309,21 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// The running agent's status, or the saved one when none runs.
+pub(crate) fn status_report(data: &DataDir) -> Result<StatusReport, AgentError> {
+    let mut report =
+        match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT) {
+            Ok(ControlResponse::Status(report)) => *report,
+            Ok(_) | Err(ControlError::NotRunning(_)) => StatusReport::from_data_dir(data)?,
+            Err(e) => {
+                log::warn!("{e}; showing the saved status");
+                StatusReport::from_data_dir(data)?
+            }
+        };
+    report.disabled = service::is_disabled(data);
+    Ok(report)
 }
 
 /// Hands `request` to the running agent; `None` when no agent runs (the caller then does the
