@@ -59,6 +59,8 @@ pub enum AgentError {
     #[error("some checks failed; see the hints above")]
     ChecksFailed,
     #[error(transparent)]
+    SupportReport(#[from] crate::cli::supportreport::SupportError),
+    #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
     Tls(#[from] TlsError),

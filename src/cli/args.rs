@@ -29,6 +29,7 @@ pub enum RawCommand {
     Enable(RawEnable),
     Disable(RawDisable),
     Version(RawVersion),
+    GenSupportReport(RawGenSupportReport),
 }
 
 /// Pair this host with a PCE (data directory: $VEN_DATA_DIR, default /var/lib/ven).
@@ -195,3 +196,13 @@ pub struct RawDisable {}
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
 pub struct RawVersion {}
+
+/// Write one bounded tar file for support: status, history, configuration (secrets redacted),
+/// log tails, ven's chains and sets, check-env, versions. Never a token, key or activation code.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "gen-supportreport")]
+pub struct RawGenSupportReport {
+    /// where to write it (default: ven-supportreport-HOST-TIME.tar in $TMPDIR or /tmp)
+    #[argh(option)]
+    pub output: Option<String>,
+}

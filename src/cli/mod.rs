@@ -5,6 +5,8 @@ mod args;
 mod check_env;
 pub mod flows;
 pub mod service;
+pub mod supportreport;
+mod tar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +34,7 @@ pub enum Command {
     Service { action: service::Action, direct: bool },
     SetEnabled(bool),
     Version,
+    GenSupportReport { output: Option<PathBuf> },
 }
 
 impl Command {
@@ -115,6 +118,9 @@ impl Command {
             args::RawCommand::Enable(_) => Command::SetEnabled(true),
             args::RawCommand::Disable(_) => Command::SetEnabled(false),
             args::RawCommand::Version(_) => Command::Version,
+            args::RawCommand::GenSupportReport(a) => {
+                Command::GenSupportReport { output: a.output.map(PathBuf::from) }
+            }
         })
     }
 }
@@ -176,6 +182,18 @@ fn config() -> Result<Config, AgentError> {
 fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
     match command {
         Command::Version => out!("ven {} ({TARGET})", env!("CARGO_PKG_VERSION")),
+        Command::GenSupportReport { output } => {
+            let now = crate::clock::now();
+            let path = output.unwrap_or_else(|| supportreport::default_path(now));
+            let written = supportreport::generate(data, &path, now)?;
+            out!(
+                "Support report written to {} ({} bytes, {} files, {} cut to their caps; mode 0600).",
+                written.path.display(),
+                written.bytes,
+                written.parts,
+                written.cut
+            );
+        }
         Command::CheckEnv => {
             let config = config()?;
             let checks = check_env::run(data, &config);
