@@ -30,6 +30,7 @@ pub enum RawCommand {
     Disable(RawDisable),
     Version(RawVersion),
     GenSupportReport(RawGenSupportReport),
+    ConnectivityTest(RawConnectivityTest),
 }
 
 /// Pair this host with a PCE (data directory: $VEN_DATA_DIR, default /var/lib/ven).
@@ -205,4 +206,15 @@ pub struct RawGenSupportReport {
     /// where to write it (default: ven-supportreport-HOST-TIME.tar in $TMPDIR or /tmp)
     #[argh(option)]
     pub output: Option<String>,
+}
+
+/// Test reachability of the PCE and of peers (PEER[:PORT[/PROTO]], PROTO tcp or udp) from this
+/// host, and say which rule of the applied policy allows or drops each (exit status 1 when one
+/// fails).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "connectivity-test")]
+pub struct RawConnectivityTest {
+    /// peers to test: an address or name, optionally :PORT and /tcp or /udp
+    #[argh(positional)]
+    pub peers: Vec<String>,
 }

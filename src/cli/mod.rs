@@ -3,6 +3,7 @@
 
 mod args;
 mod check_env;
+mod connectivity;
 pub mod flows;
 pub mod service;
 pub mod supportreport;
@@ -35,6 +36,7 @@ pub enum Command {
     SetEnabled(bool),
     Version,
     GenSupportReport { output: Option<PathBuf> },
+    ConnectivityTest { peers: Vec<connectivity::Target> },
 }
 
 impl Command {
@@ -121,6 +123,9 @@ impl Command {
             args::RawCommand::GenSupportReport(a) => {
                 Command::GenSupportReport { output: a.output.map(PathBuf::from) }
             }
+            args::RawCommand::ConnectivityTest(a) => Command::ConnectivityTest {
+                peers: a.peers.iter().map(|p| connectivity::Target::parse(p)).collect::<Result<_, _>>()?,
+            },
         })
     }
 }
@@ -193,6 +198,17 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 written.parts,
                 written.cut
             );
+        }
+        Command::ConnectivityTest { peers } => {
+            let config = Config::load().unwrap_or_else(|e| {
+                eprintln!("ven: {e}; the fail-safe services are the defaults");
+                Config::default()
+            });
+            let results = connectivity::run(data, &config, &peers);
+            out_raw!("{}", connectivity::render(&results));
+            if results.iter().any(|r| r.verdict == check_env::Verdict::Fail) {
+                return Err(AgentError::ChecksFailed);
+            }
         }
         Command::CheckEnv => {
             let config = config()?;
