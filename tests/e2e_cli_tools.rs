@@ -74,8 +74,10 @@ fn connectivity_test_status_all_and_support_report_on_an_enforced_workload() {
     }
     assert!(all.stdout.contains("in sync with the PCE"), "{}", all.stdout);
     assert!(all.stdout.contains("event channel:   up since"), "{}", all.stdout);
+    assert!(all.stdout.contains("rows waiting for the PCE"), "the flow store's figures: {}", all.stdout);
     let json = lab.ven(Host::Web, &["status", "--all", "--json"]).expect("status --all --json");
     assert!(json.stdout.contains(r#""policy_in_sync":true"#), "{}", json.stdout);
+    assert!(json.stdout.contains(r#""flow_store":{"bytes":"#), "{}", json.stdout);
     assert!(
         json.stdout.contains(r#""name":"VtapServer","thread":"flows","state":"running""#),
         "{}",

@@ -65,8 +65,9 @@ pub struct LiveCounters {
     pub uploads: Option<Arc<super::uploader::UploadStats>>,
     /// Configuration keys the agent ignored (fixed for its life).
     pub config_warnings: Vec<String>,
-    /// The event channel (`ven status --all`).
+    /// The event channel and the flow store (`ven status --all`).
     pub events: Option<Arc<super::evsync::EventStats>>,
+    pub store: Option<Arc<crate::flows::store::FlowStore>>,
 }
 
 impl LiveCounters {
@@ -85,6 +86,9 @@ impl LiveCounters {
             if detail.event_channel.is_some() {
                 detail.event_channel = Some(events.snapshot());
             }
+        }
+        if let (Some(store), Some(detail)) = (&self.store, report.detail.as_mut()) {
+            detail.flow_store = Some(store.usage().into());
         }
     }
 }
@@ -254,6 +258,7 @@ mod tests {
             uploads: Some(uploads.clone()),
             config_warnings: warnings,
             events: None,
+            store: None,
         };
         assert!(live.set(counters).is_ok());
         flows.events.store(42, Ordering::Relaxed);

@@ -734,6 +734,7 @@ impl Manager {
             last_tamper_check_error: self.all.last_tamper_check_error.clone(),
             events_dropped: self.dropped_events,
             event_channel: self.pairing.as_ref().map(|_| self.all.event_stats.snapshot()),
+            flow_store: None,
         });
     }
 

@@ -226,6 +226,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
             None
         }
     };
+    let status_store = Arc::clone(&store);
     let uploader = match uploader::Uploader::start(data.clone(), store, config.flows.upload_interval) {
         Ok(uploader) => Some(uploader),
         Err(e) => {
@@ -241,6 +242,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         uploads: upload_stats.clone(),
         config_warnings: config.unknown_keys.clone(),
         events: Some(Arc::clone(&event_stats)),
+        store: Some(status_store),
     });
     manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(flow_stats, upload_stats)

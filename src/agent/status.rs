@@ -400,6 +400,38 @@ pub struct AgentDetail {
     pub events_dropped: u64,
     /// The event channel; `None` until the agent is paired.
     pub event_channel: Option<EventChannel>,
+    /// The flow stores in log/ (read when the status is asked for).
+    pub flow_store: Option<FlowStoreFigures>,
+}
+
+/// The flow stores as the running agent's store last saw them (`FlowStore::usage`; no database
+/// is opened for it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowStoreFigures {
+    /// flow.db, flowsum.db, their backups and corrupt copies.
+    pub bytes: u64,
+    /// No store file passes this.
+    pub file_cap_bytes: u64,
+    pub rows_appended: u64,
+    pub rotations: u64,
+    /// Rows rotated away before the PCE acknowledged them.
+    pub dropped_unacknowledged: u64,
+    /// Rows written and not yet acknowledged by the PCE (as this agent last saw the store: 0
+    /// until it writes or uploads once).
+    pub pending_upload: u64,
+}
+
+impl From<crate::flows::store::StoreUsage> for FlowStoreFigures {
+    fn from(usage: crate::flows::store::StoreUsage) -> Self {
+        Self {
+            bytes: usage.total_bytes,
+            file_cap_bytes: usage.file_cap_bytes,
+            rows_appended: usage.rows_appended,
+            rotations: usage.rotations,
+            dropped_unacknowledged: usage.dropped_unacknowledged,
+            pending_upload: usage.last_seq.saturating_sub(usage.acknowledged),
+        }
+    }
 }
 
 /// The event service connection (EventSync), read when the status is asked for.
@@ -607,7 +639,7 @@ impl StatusReport {
                  \"heartbeat_misses\":{},\"last_heartbeat_error\":{},\"pce_policy_version\":{},\
                  \"policy_in_sync\":{},\"policy_applied_at\":{},\"tamper_checks\":{},\
                  \"last_tamper_check\":{},\"last_tamper_check_error\":{},\"events_dropped\":{},\
-                 \"event_channel\":{}}}",
+                 \"event_channel\":{},\"flow_store\":{}}}",
                 d.pid,
                 json_string(&time(d.started_at)),
                 json_string(&d.firewall_backend),
@@ -624,6 +656,16 @@ impl StatusReport {
                 json_option(d.last_tamper_check_error.as_deref().map(json_string)),
                 d.events_dropped,
                 json_option(channel),
+                json_option(d.flow_store.as_ref().map(|f| format!(
+                    "{{\"bytes\":{},\"file_cap_bytes\":{},\"rows_appended\":{},\"rotations\":{},\
+                     \"dropped_unacknowledged\":{},\"pending_upload\":{}}}",
+                    f.bytes,
+                    f.file_cap_bytes,
+                    f.rows_appended,
+                    f.rotations,
+                    f.dropped_unacknowledged,
+                    f.pending_upload
+                ))),
             )
         });
         let errors: Vec<String> = self
@@ -697,6 +739,22 @@ impl StatusReport {
             detail.last_tamper_check.map_or_else(|| "never".to_string(), time)
         ));
         lines.push(format!("  repairs:         {} since activation", self.tamper_count));
+        if let Some(store) = &detail.flow_store {
+            lines.push(format!(
+                "flow store:        {} bytes in log/ (each file capped at {}), {} rows written since \
+                 start, {} rotations, {} rows lost unacknowledged",
+                store.bytes,
+                store.file_cap_bytes,
+                store.rows_appended,
+                store.rotations,
+                store.dropped_unacknowledged
+            ));
+            let failures = self.flow_uploads.as_ref().map_or(0, |u| u.failures);
+            lines.push(format!(
+                "uploads:           {} rows waiting for the PCE, {failures} failed rounds",
+                store.pending_upload
+            ));
+        }
         if detail.events_dropped > 0 {
             lines.push(format!("events dropped:    {} (queue full)", detail.events_dropped));
         }
