@@ -452,4 +452,24 @@ mod tests {
         assert_eq!(parse(&["unsuspend"]).unwrap(), Command::Unsuspend);
         assert_eq!(parse(&["restore"]).unwrap(), Command::Restore);
     }
+
+    #[test]
+    fn status_all_support_report_and_connectivity_test_parse() {
+        assert_eq!(parse(&["status", "-a"]).unwrap(), Command::Status { json: false, all: true });
+        assert_eq!(parse(&["status", "--all", "--json"]).unwrap(), Command::Status { json: true, all: true });
+        assert_eq!(parse(&["gen-supportreport"]).unwrap(), Command::GenSupportReport { output: None });
+        assert_eq!(
+            parse(&["gen-supportreport", "--output", "/tmp/r.tar"]).unwrap(),
+            Command::GenSupportReport { output: Some(PathBuf::from("/tmp/r.tar")) }
+        );
+        match parse(&["connectivity-test", "198.18.0.3:5432", "db:53/udp"]).unwrap() {
+            Command::ConnectivityTest { peers } => {
+                assert_eq!(peers.len(), 2);
+                assert_eq!((peers[1].port, peers[1].protocol), (Some(53), ven_proto::Protocol::Udp));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse(&["connectivity-test"]).unwrap(), Command::ConnectivityTest { peers: Vec::new() });
+        assert!(parse(&["connectivity-test", "db:0"]).unwrap_err().contains("port"));
+    }
 }
