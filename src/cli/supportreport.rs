@@ -172,7 +172,8 @@ fn assemble(
             [part.note.as_str(), said.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>();
         manifest.push_str(&format!("{:<40} {:>8} bytes  {}\n", part.name, content.len(), note.join("; ")));
     }
-    let mut manifest = manifest.into_bytes();
+    // Notes carry error messages, which may quote a configuration line.
+    let mut manifest = scrubber.scrub(redact_markers(&manifest).as_bytes());
     manifest.truncate(MANIFEST_RESERVE.min(tar.room()));
     tar.add(&format!("{dir}/MANIFEST.txt"), &manifest)?;
     Ok((tar.finish(), count + 1, cut))
@@ -276,7 +277,8 @@ fn config_path() -> PathBuf {
 fn config_part(load_note: &str) -> Part {
     let path = config_path();
     let text = match read_capped(&path, MAX_PART_BYTES) {
-        Ok((bytes, _)) => redact_config(&String::from_utf8_lossy(&bytes)).0,
+        // Lines that are not KEY = VALUE are kept as they are, so they get the log treatment.
+        Ok((bytes, _)) => redact_markers(&redact_config(&String::from_utf8_lossy(&bytes)).0),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "(no configuration file: defaults)\n".into(),
         Err(e) => format!("(cannot read it: {e})\n"),
     };
@@ -642,6 +644,8 @@ mod tests {
             redact_config("nflog_group = 7\nactivation_code = s3cret # x\nrelease_key=k\n");
         assert_eq!(config, "nflog_group = 7\nactivation_code = [redacted]\nrelease_key = [redacted]\n");
         assert_eq!(values, ["s3cret", "k"]);
+        let malformed = redact_markers(&redact_config("api_token: zz9-secret\n").0);
+        assert!(!malformed.contains("zz9-secret"), "{malformed}");
     }
 
     #[test]
