@@ -272,7 +272,21 @@ impl StatusReport {
             (Connectivity::Suspended, _, _) => {
                 "suspended: nothing of ven's is in the firewall (`ven unsuspend` restores it)".to_string()
             }
-            (_, Some(state), Some(version)) => format!("{state} (version {version})"),
+            (_, Some(state), Some(version)) => {
+                // The spec's status names the most recent policy change: when, and whether the
+                // PCE has a newer one (a running agent knows both).
+                let mut line = format!("{state} (version {version}");
+                if let Some(at) = self.detail.as_ref().and_then(|d| d.policy_applied_at) {
+                    line.push_str(&format!(", applied {}", crate::clock::rfc3339(at)));
+                }
+                line.push(')');
+                if self.policy_in_sync() == Some(false) {
+                    if let Some(newer) = self.detail.as_ref().and_then(|d| d.pce_policy_version) {
+                        line.push_str(&format!("; the PCE has version {newer}"));
+                    }
+                }
+                line
+            }
             _ => "none applied; the firewall is untouched".to_string(),
         };
         let heartbeat = match self.last_heartbeat {
@@ -856,6 +870,7 @@ mod tests {
         assert_eq!(components[3].state, ComponentState::Stopped, "no flow pipeline");
         assert_eq!(report.policy_in_sync(), Some(false));
         let text = report.to_human_all(100);
+        assert!(text.contains("policy:          enforced (version 3); the PCE has version 4"), "{text}");
         assert!(text.contains("out of sync: the PCE has version 4"), "{text}");
         assert!(text.contains("heartbeat") && text.contains("connection refused"), "{text}");
         let json = report.to_json_all();
