@@ -136,4 +136,30 @@ fn connectivity_test_status_all_and_support_report_on_an_enforced_workload() {
         assert!(secret.len() >= 8, "{what} too short to test: {secret:?}");
         assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the {what} is in the report");
     }
+
+    // With the PCE gone: the event channel goes down and says why, and connectivity-test fails on
+    // the PCE while the policy still lets the allowed peer through.
+    lab.stop_pce().expect("stop the PCE");
+    let down =
+        lab.wait_until("web's event channel reported down", std::time::Duration::from_secs(20), |lab| {
+            let json = lab.ven(Host::Web, &["status", "--all", "--json"])?;
+            Ok((!json.stdout.contains(r#""name":"EventSync","thread":"evsync","state":"degraded""#))
+                .then_some(json.stdout))
+        });
+    down.unwrap_or_else(|e| panic!("{e}"));
+    let all = lab.ven(Host::Web, &["status", "--all"]).expect("status --all");
+    assert!(all.stdout.contains("event channel:   down:"), "{}", all.stdout);
+    assert!(
+        all.stdout.lines().any(|l| l.trim_start().starts_with("event channel ")),
+        "a last error:\n{}",
+        all.stdout
+    );
+    let offline = lab.ven(Host::Web, &["connectivity-test", &allowed]).expect("connectivity-test");
+    assert_eq!(offline.status.code(), Some(1), "{}", offline.stdout);
+    assert!(offline.stdout.lines().any(|l| l.starts_with("fail  PCE API")), "{}", offline.stdout);
+    assert!(
+        offline.stdout.lines().any(|l| l.starts_with("ok") && l.contains(&allowed)),
+        "{}",
+        offline.stdout
+    );
 }
