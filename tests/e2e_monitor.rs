@@ -40,10 +40,10 @@ fn faulty_lab(prefix: &str, fault: &str, bins: Binaries) -> Lab {
 fn wait_restarted(lab: &Lab, host: Host, name: &str, restarts: u64) {
     let done = lab.wait_until(&format!("{name} restarted {restarts} times and running"), REACT, |lab| {
         let status = lab.ven_status(host)?;
-        let component = status.components.iter().find(|(n, _, _)| n == name);
+        let component = status.workers.iter().find(|(n, _, _)| n == name);
         Ok(match component {
             Some((_, state, n)) if state == "running" && *n == restarts => None,
-            _ => Some(format!("components: {:?}", status.components)),
+            _ => Some(format!("components: {:?}", status.workers)),
         })
     });
     must(done, "the monitor's restarts");
@@ -88,9 +88,9 @@ fn a_panicking_flows_thread_is_restarted_and_reported_and_the_firewall_stays() {
     });
     must(reading, "flows after the restarts");
     // The other workers never failed; the policy stayed in force throughout.
-    for (name, state, restarts) in &status.components {
+    for (name, state, restarts) in &status.workers {
         if name != "flows" {
-            assert_eq!((state.as_str(), *restarts), ("running", 0), "{name}: {:?}", status.components);
+            assert_eq!((state.as_str(), *restarts), ("running", 0), "{name}: {:?}", status.workers);
         }
     }
     assert_eq!(status.policy_state.as_deref(), Some("enforced"), "{status:?}");
@@ -100,8 +100,14 @@ fn a_panicking_flows_thread_is_restarted_and_reported_and_the_firewall_stays() {
     let blocked = must(lab.probe(Host::Pce, Host::Db, 7000), "probe pce -> db:7000");
     assert!(!blocked.connected(), "db still enforces after the restarts: {blocked}");
     let text = must(lab.ven_status_text(Host::Db), "ven status");
-    assert!(text.contains("component:       flows running, restarted 2 times"), "ven status:\n{text}");
+    assert!(text.contains("thread:          flows running, restarted 2 times"), "ven status:\n{text}");
     assert!(text.contains("panicked: test_fault"), "ven status names the cause:\n{text}");
+    let all = must(lab.ven(Host::Db, &["status", "--all"]), "ven status --all").stdout;
+    let line = all.lines().find(|l| l.trim_start().starts_with("VtapServer")).unwrap_or_default();
+    assert!(
+        line.contains("degraded") && line.contains("thread restarted 2 times"),
+        "ven status --all:\n{all}"
+    );
 }
 
 #[test]

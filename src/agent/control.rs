@@ -65,6 +65,9 @@ pub struct LiveCounters {
     pub uploads: Option<Arc<super::uploader::UploadStats>>,
     /// Configuration keys the agent ignored (fixed for its life).
     pub config_warnings: Vec<String>,
+    /// The event channel and the flow store (`ven status --all`).
+    pub events: Option<Arc<super::evsync::EventStats>>,
+    pub store: Option<Arc<crate::flows::store::FlowStore>>,
 }
 
 impl LiveCounters {
@@ -77,6 +80,16 @@ impl LiveCounters {
             report.flow_uploads = Some(uploads.snapshot());
         }
         report.config_warnings.clone_from(&self.config_warnings);
+        // The channel comes and goes without waking the manager: read it now (only once paired,
+        // when the manager shows a channel at all).
+        if let (Some(events), Some(detail)) = (&self.events, report.detail.as_mut()) {
+            if detail.event_channel.is_some() {
+                detail.event_channel = Some(events.snapshot());
+            }
+        }
+        if let (Some(store), Some(detail)) = (&self.store, report.detail.as_mut()) {
+            detail.flow_store = Some(store.usage().into());
+        }
     }
 }
 
@@ -256,6 +269,8 @@ mod tests {
             flows: Some(Arc::clone(&flows)),
             uploads: Some(uploads.clone()),
             config_warnings: warnings,
+            events: None,
+            store: None,
         };
         assert!(live.set(counters).is_ok());
         flows.events.store(42, Ordering::Relaxed);

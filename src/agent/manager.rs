@@ -93,6 +93,22 @@ pub struct Manager {
     upload_stats: Option<Arc<super::uploader::UploadStats>>,
     /// The supervised worker threads (`evsync` is added while paired); stopped last.
     monitor: Monitor,
+    /// What `ven status --all` adds (issue 16).
+    all: AllFigures,
+}
+
+/// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
+#[derive(Default)]
+struct AllFigures {
+    started_at: u64,
+    firewall_backend: &'static str,
+    event_stats: Arc<super::evsync::EventStats>,
+    last_heartbeat_error: Option<(u64, String)>,
+    pce_policy_version: Option<u64>,
+    policy_applied_at: Option<u64>,
+    tamper_checks: u64,
+    last_tamper_check: Option<u64>,
+    last_tamper_check_error: Option<String>,
 }
 
 impl Manager {
@@ -135,7 +151,16 @@ impl Manager {
             flow_stats: None,
             upload_stats: None,
             monitor: Monitor::default(),
+            all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
         }
+    }
+
+    /// For `ven status --all`: the event channel's figures (shared with the control socket)
+    /// and the iptables backend in use.
+    pub fn with_status_all(mut self, events: Arc<super::evsync::EventStats>, backend: &'static str) -> Self {
+        self.all.event_stats = events;
+        self.all.firewall_backend = backend;
+        self
     }
 
     /// Shows the flow pipeline's counters in the status.
@@ -303,10 +328,12 @@ impl Manager {
         let safeguards = lifecycle::safeguards(&identity);
         // Without it, policy still arrives with the heartbeats.
         let (events_identity, events_inputs) = (identity.clone(), self.inputs.clone());
+        let event_stats = Arc::clone(&self.all.event_stats);
         self.monitor.start(
             "evsync",
             Box::new(move || {
-                let events = EventSync::start(&events_identity, events_inputs.clone())?;
+                let events =
+                    EventSync::start(&events_identity, events_inputs.clone(), Arc::clone(&event_stats))?;
                 Ok(Box::new(events) as Box<dyn Worker>)
             }),
         );
@@ -431,6 +458,7 @@ impl Manager {
                 self.pending_events.drain(..sent_events);
                 self.heartbeats.success();
                 self.last_heartbeat = Some(crate::clock::now());
+                self.all.pce_policy_version = Some(response.policy_version);
                 self.reported_host = Some(host);
                 self.heartbeat_interval = Duration::from_secs(u64::from(response.heartbeat_interval_s))
                     .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
@@ -448,11 +476,13 @@ impl Manager {
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
+                self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
                 self.heartbeats.unauthorized();
                 self.next_heartbeat = Instant::now() + LOST_AGENT_RETRY;
             }
             Err(e) => {
                 self.heartbeats.miss();
+                self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
                 let misses = self.heartbeats.misses_in_a_row();
                 let retry =
                     FIRST_HEARTBEAT_RETRY.saturating_mul(1 << misses.min(8)).min(self.heartbeat_interval);
@@ -473,6 +503,7 @@ impl Manager {
         match event {
             // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
+                self.all.pce_policy_version = Some(version);
                 if self.heartbeats.connectivity() == Connectivity::Diminished {
                     log::info!("ignoring policy event for version {version} while diminished");
                 } else if version != self.applied_version() && !self.recently_rejected(version) {
@@ -539,6 +570,7 @@ impl Manager {
                 self.applied = Some(policy);
                 self.apply_error = None;
                 self.rejected = None;
+                self.all.policy_applied_at = Some(crate::clock::now());
                 self.next_quick_check = Instant::now() + self.config.canary_interval;
                 self.save_status();
             }
@@ -598,6 +630,12 @@ impl Manager {
         let started = Instant::now();
         let result = self.firewall.check_and_repair(depth);
         let now = Instant::now();
+        self.all.tamper_checks += 1;
+        self.all.last_tamper_check = Some(crate::clock::now());
+        self.all.last_tamper_check_error = match &result {
+            Err(e) if !matches!(e, FirewallError::NothingApplied) => Some(e.to_string()),
+            _ => None,
+        };
         // Spaced by the cost of a clean check; after a repair the next check comes at the
         // configured interval, to see that the repair held.
         let spacing = match &result {
@@ -784,7 +822,23 @@ impl Manager {
         report.pending_events = self.pending_events.len();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
         report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
-        report.components = self.monitor.components();
+        report.workers = self.monitor.components();
+        report.detail = Some(super::status::AgentDetail {
+            pid: std::process::id(),
+            started_at: self.all.started_at,
+            firewall_backend: self.all.firewall_backend.to_string(),
+            heartbeat_interval_s: self.heartbeat_interval.as_secs(),
+            heartbeat_misses: self.heartbeats.misses_in_a_row(),
+            last_heartbeat_error: self.all.last_heartbeat_error.clone(),
+            pce_policy_version: self.all.pce_policy_version,
+            policy_applied_at: self.all.policy_applied_at,
+            tamper_checks: self.all.tamper_checks,
+            last_tamper_check: self.all.last_tamper_check,
+            last_tamper_check_error: self.all.last_tamper_check_error.clone(),
+            events_dropped: self.dropped_events,
+            event_channel: self.pairing.as_ref().map(|_| self.all.event_stats.snapshot()),
+            flow_store: None,
+        });
     }
 
     fn save_status(&self) {

@@ -72,6 +72,8 @@ pub enum AgentError {
     #[error("some checks failed; see the hints above")]
     ChecksFailed,
     #[error(transparent)]
+    SupportReport(#[from] crate::cli::supportreport::SupportError),
+    #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -240,6 +242,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         firewall_config.tools.iptables_restore.display(),
         if firewall_config.options.ipv6 { "on" } else { "off" }
     );
+    let backend = firewall_config.tools.backend.as_str();
     let firewall = Firewall::new(firewall_config);
     // The flow pipeline is best effort: without it the firewall still enforces.
     let flow_settings = crate::flows::PipelineSettings::from_config(&config);
@@ -259,6 +262,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
             Ok(Box::new(pipeline) as Box<dyn monitor::Worker>)
         }),
     );
+    let status_store = Arc::clone(&store);
     let (upload_data, upload_interval, uploads) =
         (data.clone(), config.flows.upload_interval, Arc::clone(&upload_stats));
     workers.start(
@@ -280,15 +284,19 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
             Ok(Box::new(netwatch::NetWatch::start(netwatch_inputs.clone())?) as Box<dyn monitor::Worker>)
         }),
     );
+    let event_stats = Arc::new(evsync::EventStats::default());
     let _ = live_counters.set(control::LiveCounters {
         flows: Some(Arc::clone(&flow_stats)),
         uploads: Some(Arc::clone(&upload_stats)),
         config_warnings: config.unknown_keys.clone(),
+        events: Some(Arc::clone(&event_stats)),
+        store: Some(status_store),
     });
     // The manager stops the workers when it stops.
     manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(Some(flow_stats), Some(upload_stats))
         .with_monitor(workers)
+        .with_status_all(event_stats, backend)
         .run(inputs_rx);
     monitor::set_wake(None);
     if !signals.is_finished() {

@@ -1052,7 +1052,7 @@ mod tests {
             flow_records_stored: None,
             flow_records_uploaded: None,
             flow_upload_error: None,
-            components: Vec::new(),
+            workers: Vec::new(),
         }
     }
 

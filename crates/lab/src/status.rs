@@ -76,7 +76,7 @@ pub struct VenStatus {
     pub flow_records_uploaded: Option<u64>,
     pub flow_upload_error: Option<String>,
     /// The running agent's supervised threads: (name, state, restarts); empty from older agents.
-    pub components: Vec<(String, String, u64)>,
+    pub workers: Vec<(String, String, u64)>,
 }
 
 impl VenStatus {
@@ -109,8 +109,8 @@ impl VenStatus {
                         .to_string(),
                 ),
             },
-            components: value
-                .get("components")
+            workers: value
+                .get("workers")
                 .and_then(Value::as_array)
                 .map(|list| {
                     list.iter()
