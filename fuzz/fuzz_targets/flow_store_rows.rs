@@ -14,7 +14,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(undecodable <= 1);
     for (index, (seq, record)) in rows.iter().enumerate() {
         assert_eq!(*seq, first + index as u64);
-        assert_eq!(decode_stored_summary(&ven_proto::encode(record)), Some(*record));
+        // Rows of either encoding (tagged, or version 3's bare postcard) read back in this
+        // version's: written again they are tagged and read the same.
+        let mut row = Vec::new();
+        ven_proto::flow_row::encode_into(record, &mut row);
+        assert_eq!(decode_stored_summary(&row), Some(*record));
     }
     let _ = decode_stored_summary(data);
 

@@ -218,7 +218,7 @@ impl StatusReport {
                         "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{},\"tracked\":{},\
                          \"folded\":{},\"sampling\":{},\"sampling_scale\":{},\"sampling_episodes\":{},\
                          \"flushes\":{},\"records_stored\":{},\"records_dropped\":{},\"store_failures\":{},\
-                         \"last_store_error\":{}}}",
+                         \"last_store_error\":{},\"connections\":{}}}",
                         f.reading,
                         f.events,
                         f.lost,
@@ -233,6 +233,7 @@ impl StatusReport {
                         f.records_dropped,
                         f.store_failures,
                         json_option(f.last_store_error.as_deref().map(json_string)),
+                        connections_json(f),
                     )
                 })),
             ),
@@ -308,6 +309,7 @@ impl StatusReport {
                 "                   {} flows this interval, {} packets folded into overflow; {sampling}",
                 flows.tracked, flows.folded
             ));
+            lines.push(connections_line(flows));
             let mut store = format!(
                 "                   {} flow records stored in {} flushes, {} dropped",
                 flows.records_stored, flows.flushes, flows.records_dropped
@@ -369,6 +371,41 @@ pub(crate) fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+// Issue 13: the connection table's figures (kept together; `status --all` is elsewhere).
+
+/// `ven status --json`'s `flows.connections`: `counted` = `new` + `overflow` (each an
+/// admitted logged packet that counted a connection), `again` the packets of connections
+/// counted already, so `new + again + overflow` is every admitted packet.
+fn connections_json(f: &crate::flows::FlowCounters) -> String {
+    format!(
+        "{{\"counted\":{},\"new\":{},\"again\":{},\"overflow\":{},\"tracked\":{},\"capacity\":{},\
+         \"expired\":{},\"table_bytes\":{}}}",
+        f.connections_new.saturating_add(f.connections_overflow),
+        f.connections_new,
+        f.connections_again,
+        f.connections_overflow,
+        f.connections_tracked,
+        f.connections_capacity,
+        f.connections_expired,
+        f.connections_table_bytes,
+    )
+}
+
+/// The text form of [`connections_json`].
+fn connections_line(f: &crate::flows::FlowCounters) -> String {
+    format!(
+        "                   {} connections counted ({} tracked + {} overflow, table full), {} repeated packets; \
+         {} of {} tuples tracked ({} KiB)",
+        f.connections_new.saturating_add(f.connections_overflow),
+        f.connections_new,
+        f.connections_overflow,
+        f.connections_again,
+        f.connections_tracked,
+        f.connections_capacity,
+        f.connections_table_bytes / 1024,
+    )
 }
 
 #[cfg(test)]
