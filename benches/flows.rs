@@ -21,7 +21,11 @@
 //!   ulogd2 is measured at its best, not at the disk's fsync rate. It binds the group only after
 //!   ven's reader closed it (one binder per group).
 //! - Memory: a child process (this binary re-executed) builds `Aggregator::new(100_000)`, records
-//!   100k distinct keys, flushes them once, and reports VmRSS/VmHWM at each stage.
+//!   100k distinct keys, flushes them once, and reports VmRSS/VmHWM at each stage; then the
+//!   connection table (issue 13) with 100k tracked tuples: its bytes and VmRSS beside.
+//! - Issue 13: ven's reader thread passes every event through the connection table
+//!   (`Connections::observe`) before the aggregator, as the agent's pipeline does, so the ingest
+//!   figures include it.
 //!
 //! Figures are printed, never asserted. Every load loop is bounded in packets and time; a Ctrl-C
 //! or SIGTERM stops the run, and the drop guards delete the namespaces (rules with them), stop
@@ -40,7 +44,9 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 use ven::config::FlowSettings;
 use ven::firewall::LogVerdict;
-use ven::flows::{AggregateCounters, Aggregator, FlowKey, LossCounters, NflogReader};
+use ven::flows::{
+    AggregateCounters, Aggregator, Connections, Event, FlowKey, LossCounters, NflogReader, Timeouts,
+};
 use ven_lab::netns::{self, Netns};
 use ven_lab::process::{Daemon, tail};
 
@@ -298,19 +304,45 @@ fn rss_child() {
     aggregator.flush_into(&mut out);
     let (rss_flushed, hwm_flushed) = rss("self");
     let counters = aggregator.counters();
+    let summaries = out.len();
+    let bytes_per_flow = aggregator.bytes_per_flow();
+    drop(out);
+    drop(aggregator);
+    // The connection table at 100k tracked tuples (one source address each).
+    let (rss_before_tuples, _) = rss("self");
+    let mut table = Connections::new(RSS_FLOWS as usize, Timeouts::default());
+    for n in 0..RSS_FLOWS {
+        let key = rss_key(n);
+        let packet = ven::flows::Packet {
+            src: key.src,
+            dst: key.dst,
+            protocol: key.protocol,
+            transport: ven::flows::Transport::Ports { src: 40_000, dst: key.port },
+            length: 60,
+        };
+        table.observe(&key, &packet, 0);
+    }
+    let (rss_tuples, hwm_tuples) = rss("self");
     println!(
         "rss idle={} empty={} full={} full_hwm={} flushed={} flushed_hwm={} bytes_per_flow={} tracked={} \
-         folded={} summaries={}",
+         folded={} summaries={} tuples={} tuple_table_bytes={} bytes_per_tuple={} tuples_rss_before={} \
+         tuples_rss={} tuples_hwm={}",
         rss_idle.unwrap_or(0),
         rss_empty.unwrap_or(0),
         rss_full.unwrap_or(0),
         hwm_full.unwrap_or(0),
         rss_flushed.unwrap_or(0),
         hwm_flushed.unwrap_or(0),
-        aggregator.bytes_per_flow(),
+        bytes_per_flow,
         counters.high_water,
         counters.folded,
-        out.len(),
+        summaries,
+        table.counters().tracked,
+        table.table_bytes(),
+        table.bytes_per_tuple(),
+        rss_before_tuples.unwrap_or(0),
+        rss_tuples.unwrap_or(0),
+        hwm_tuples.unwrap_or(0),
     );
 }
 
@@ -327,6 +359,12 @@ struct Memory {
     tracked: u64,
     folded: u64,
     summaries: u64,
+    tuples: u64,
+    tuple_table_bytes: u64,
+    bytes_per_tuple: u64,
+    tuples_rss_before: u64,
+    tuples_rss: u64,
+    tuples_hwm: u64,
 }
 
 fn memory() -> BenchResult<Memory> {
@@ -356,6 +394,12 @@ fn memory() -> BenchResult<Memory> {
             "tracked" => &mut memory.tracked,
             "folded" => &mut memory.folded,
             "summaries" => &mut memory.summaries,
+            "tuples" => &mut memory.tuples,
+            "tuple_table_bytes" => &mut memory.tuple_table_bytes,
+            "bytes_per_tuple" => &mut memory.bytes_per_tuple,
+            "tuples_rss_before" => &mut memory.tuples_rss_before,
+            "tuples_rss" => &mut memory.tuples_rss,
+            "tuples_hwm" => &mut memory.tuples_hwm,
             _ => continue,
         };
         *field = value;
@@ -598,13 +642,23 @@ impl VenIngest {
                         std::fs::read_link("/proc/thread-self").ok().map(|p| Path::new("/proc").join(p));
                     let _ = task_tx.send(task);
                     let mut aggregator = Aggregator::new(capacity);
+                    let mut connections = Connections::new(capacity, Timeouts::default());
+                    let started = Instant::now();
                     let mut out = Vec::with_capacity(aggregator.capacity() + 4);
                     let mut error = None;
                     while !stop.load(Ordering::Relaxed) {
                         let now = unix_now();
+                        let mono = u32::try_from(started.elapsed().as_secs()).unwrap_or(u32::MAX);
                         let batch = reader.read_batch(|event| {
                             let secs = event.message.timestamp.map_or(now, |t| t.sec);
-                            aggregator.record(&event.key, secs);
+                            let seen = connections.observe(&event.key, &event.packet, mono);
+                            let counted = Event {
+                                unix_secs: secs,
+                                scale: 1,
+                                connection: seen.is_connection(),
+                                length: event.packet.length,
+                            };
+                            aggregator.record_event(&event.key, &counted);
                         });
                         match batch {
                             Ok(batch) if batch.events > 0 => {
@@ -620,6 +674,7 @@ impl VenIngest {
                         if shared.flush.swap(false, Ordering::AcqRel) {
                             out.clear();
                             aggregator.flush_into(&mut out);
+                            connections.sweep(mono);
                             shared.summaries.store(out.len() as u64, Ordering::Relaxed);
                             shared.flushes.fetch_add(1, Ordering::Release);
                         }
@@ -1259,6 +1314,20 @@ fn run(scale: &Scale) -> BenchResult<()> {
         memory.bytes_per_flow,
         (memory.full.saturating_sub(memory.idle) * 1024) / u64::from(RSS_FLOWS)
     );
+    println!(
+        "           Connections::new({}) with {} tuples tracked: table {} ({} B per tuple at the cap),",
+        count(u64::from(RSS_FLOWS)),
+        count(memory.tuples),
+        mib(memory.tuple_table_bytes / 1024),
+        memory.bytes_per_tuple
+    );
+    println!(
+        "           VmRSS {} -> {} (+{}), VmHWM {}",
+        mib(memory.tuples_rss_before),
+        mib(memory.tuples_rss),
+        mib(memory.tuples_rss.saturating_sub(memory.tuples_rss_before)),
+        mib(memory.tuples_hwm)
+    );
     println!();
 
     let ulogd_steps = ulogd.as_ref().map(|(_, (steps, _))| steps.as_slice());
@@ -1317,6 +1386,17 @@ fn run(scale: &Scale) -> BenchResult<()> {
             ),
             "- (no flow table)".into(),
             "<= 128 B".into(),
+        ],
+        [
+            "connection table at 100k tracked tuples (issue 13)".into(),
+            format!(
+                "{} ({} B/tuple), RSS +{}",
+                mib(memory.tuple_table_bytes / 1024),
+                memory.bytes_per_tuple,
+                mib(memory.tuples_rss.saturating_sub(memory.tuples_rss_before))
+            ),
+            "- (no connection state)".into(),
+            "capped, in the budget".into(),
         ],
         [
             "peak RSS, 100k flows (ven) / whole run (ulogd2)".into(),
