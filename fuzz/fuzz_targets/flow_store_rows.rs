@@ -1,7 +1,9 @@
 //! Rows read back from the flow stores (flow.db's chunks of raw rows, flowsum.db's aggregates)
 //! after a torn write, a damaged flash page or tampering: what does not decode is skipped and
 //! counted, never misread as another sequence number or panicked on, and an upload batch built
-//! from such chunks keeps its promises (after the cursor, consecutive, bounded).
+//! from such chunks keeps its promises (after the cursor, consecutive, bounded). Rows of both
+//! encodings (tagged, and version 3's bare postcard) are seeded in fuzz/seeds/flow_store_rows:
+//! `cargo fuzz run flow_store_rows fuzz/seeds/flow_store_rows`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

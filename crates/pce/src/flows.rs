@@ -1053,4 +1053,37 @@ pub(crate) mod tests {
         assert_eq!((flows[3].record.packets, flows[3].record.bytes), (9, Some(540)));
         assert_eq!((flows[0].record.packets, flows[0].record.bytes), (4, None));
     }
+
+    /// The seeds of the `flow_batches` fuzz target (fuzz/seeds/flow_batches/): a batch of this
+    /// version, and a flow log whose entries are of this version. Built here and compared with
+    /// the files; `VEN_WRITE_FUZZ_SEEDS=1 cargo test -p pce --lib fuzz_seeds` writes them again.
+    #[test]
+    fn fuzz_seeds_of_batches_and_logs_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/flow_batches");
+        let mut records = batch(1, 2);
+        records.records[0].bytes = Some(240);
+        records.records[0].packets = 4;
+        let batch_bytes = ven_proto::encode(&records);
+        let mut log = MAGIC.to_vec();
+        log.extend_from_slice(&frame(&Entry::Batch {
+            workload_id: 1,
+            hostname: "web".into(),
+            received_at: 50,
+            through: 2,
+            missed: 0,
+            records: records.records.clone(),
+        }));
+        // The fuzz target reads a log without its magic.
+        let seeds = [("batch-v4", batch_bytes), ("log-v4", log[MAGIC.len()..].to_vec())];
+        for (name, bytes) in &seeds {
+            let path = dir.join(name);
+            if std::env::var_os("VEN_WRITE_FUZZ_SEEDS").is_some() {
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(&path, bytes).unwrap();
+            }
+            assert_eq!(&fs::read(&path).unwrap(), bytes, "{} is stale", path.display());
+            fuzz_flow_batch(bytes);
+            fuzz_flow_log(bytes);
+        }
+    }
 }

@@ -513,3 +513,34 @@ fn a_store_written_before_packets_and_bytes_stays_readable() {
     let batch = store.pending(10).unwrap().expect("three rows to upload");
     assert_eq!((batch.first, batch.records.len(), batch.records[0].packets), (1, 3, 3));
 }
+
+/// The seeds of the `flow_store_rows` fuzz target (fuzz/seeds/flow_store_rows/, run with
+/// `cargo fuzz run flow_store_rows fuzz/seeds/flow_store_rows`): a chunk of rows of this
+/// version, one mixing version 3's untagged rows with tagged ones, and one aggregate. They are
+/// built here and must match the files; `VEN_WRITE_FUZZ_SEEDS=1 cargo test -p ven --lib
+/// fuzz_seeds` writes them again.
+#[test]
+fn fuzz_seeds_of_stored_rows_are_current() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/flow_store_rows");
+    let a = FlowRecord {
+        packets: 4,
+        bytes: Some(240),
+        ..record("198.18.0.1", "198.18.0.2", 443, FlowVerdict::Dropped)
+    };
+    let b = record("2001:2::1", "2001:2::2", 53, FlowVerdict::Allowed);
+    let old = ven_proto::encode(&ven_proto::FlowRecordV3::from(b));
+    let tagged: Vec<u8> = [a, b].iter().flat_map(row).collect();
+    let mixed: Vec<u8> = [row(&a), old.clone(), row(&b)].concat();
+    let seeds = [("chunk-v4", tagged.clone()), ("chunk-v3-and-v4", mixed.clone()), ("summary-v4", row(&a))];
+    for (name, bytes) in &seeds {
+        let path = dir.join(name);
+        if std::env::var_os("VEN_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        }
+        assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{} is stale", path.display());
+    }
+    let (rows, undecodable) = decode_stored_chunk(1, &mixed);
+    assert_eq!((rows.len(), undecodable), (3, 0));
+    assert_eq!(rows[1].1, FlowRecord { packets: 1, bytes: None, ..b });
+}
