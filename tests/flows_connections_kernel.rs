@@ -312,3 +312,32 @@ fn a_flood_of_new_tuples_stays_within_the_cap_and_adds_up() {
     );
     assert_eq!(counters.connections_new + counters.connections_overflow, connections);
 }
+
+/// Test mode: nothing is dropped, and what enforcement would drop is logged while conntrack
+/// keeps it NEW, so unanswered datagrams of one socket reach the would-drop log rule each time.
+/// They are one connection, as dropped ones are.
+#[test]
+fn would_drop_datagrams_of_one_socket_are_one_connection() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fck-test");
+    let dir = ven_lab::workdir::scratch("fck-test");
+    lab.apply(&policy_with_udp(1, PolicyState::Test, &[A, A6])).expect("apply");
+    let (rows, counters) = run_pipeline(&lab, dir.path(), settings(Timeouts::default()), || {
+        lab.c
+            .run(|| {
+                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                for _ in 0..5 {
+                    socket.send_to(b"issue 13", common::addr(B, UNLISTED)).expect("send");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .expect("enter c");
+    });
+    let would = find(&rows, C, B, UDP, UNLISTED);
+    assert_eq!(would.verdict, FlowVerdict::WouldDrop, "{would:?}");
+    assert_eq!((would.count, would.packets), (1, 5), "{would:?}");
+    assert_eq!(would.bytes, None, "passed traffic: its bytes are conntrack's to tell");
+    assert_adds_up(&rows, &counters);
+}

@@ -460,4 +460,33 @@ mod tests {
         assert!(json.contains(r#""last_apply_error":"line1\nline2""#), "{json}");
         assert!(json.contains(r#""management_server":null"#), "{json}");
     }
+
+    /// Issue 13: the connection table's figures, in JSON and text, add up.
+    #[test]
+    fn connection_figures_show_counted_as_new_plus_overflow() {
+        let mut report = StatusReport::unpaired();
+        report.flows = Some(crate::flows::FlowCounters {
+            events: 12,
+            connections_new: 5,
+            connections_again: 4,
+            connections_overflow: 3,
+            connections_tracked: 5,
+            connections_capacity: 100,
+            connections_table_bytes: 4608,
+            ..Default::default()
+        });
+        let json = report.to_json();
+        assert!(
+            json.contains(
+                r#""connections":{"counted":8,"new":5,"again":4,"overflow":3,"tracked":5,"capacity":100,"expired":0,"table_bytes":4608}"#
+            ),
+            "{json}"
+        );
+        let line = connections_line(report.flows.as_ref().unwrap());
+        assert!(
+            line.contains("8 connections counted (5 tracked + 3 overflow, table full), 4 repeated packets"),
+            "{line}"
+        );
+        assert!(line.contains("5 of 100 tuples tracked (4 KiB)"), "{line}");
+    }
 }
