@@ -57,6 +57,17 @@ fn run_pipeline(
     settings: PipelineSettings,
     traffic: impl FnOnce(),
 ) -> (Vec<FlowRecord>, FlowCounters) {
+    run_pipeline_then(lab, dir, settings, traffic, |_| {})
+}
+
+/// [`run_pipeline`], calling `settle` with the running pipeline's counters before it stops.
+fn run_pipeline_then(
+    lab: &Lab,
+    dir: &std::path::Path,
+    settings: PipelineSettings,
+    traffic: impl FnOnce(),
+    settle: impl FnOnce(&ven::flows::FlowStats),
+) -> (Vec<FlowRecord>, FlowCounters) {
     let store = Arc::new(FlowStore::new(dir, LogCaps::default()));
     let pipeline =
         lab.b.run(move || FlowPipeline::start(settings, Box::new(store))).expect("enter b").expect("start");
@@ -68,6 +79,7 @@ fn run_pipeline(
     traffic();
     std::thread::sleep(QUIET);
     let stats = pipeline.stats();
+    settle(&stats);
     pipeline.stop();
     let counters = stats.snapshot();
     assert_eq!((counters.lost, counters.skipped, counters.records_dropped), (0, 0, 0), "{counters:?}");
@@ -340,4 +352,56 @@ fn would_drop_datagrams_of_one_socket_are_one_connection() {
     assert_eq!((would.count, would.packets), (1, 5), "{would:?}");
     assert_eq!(would.bytes, None, "passed traffic: its bytes are conntrack's to tell");
     assert_adds_up(&rows, &counters);
+}
+
+/// After a burst, an idle agent gives the connection table's memory back: once every tuple's
+/// timeout passed, one sweep (no traffic, no flush due) empties the table and shrinks it to its
+/// first size.
+#[test]
+fn an_idle_agent_sweeps_expired_tuples_and_shrinks_the_table() {
+    if !common::require_kernel() {
+        return;
+    }
+    const TUPLES: u16 = 500;
+    let lab = Lab::new("fck-idle");
+    let dir = ven_lab::workdir::scratch("fck-idle");
+    lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
+    let second = Duration::from_secs(1);
+    let timeouts = Timeouts { tcp: second, udp: second, icmp: second };
+    let first_size = ven::flows::Connections::new(1000, timeouts).table_bytes() as u64;
+    let mut grown = 0;
+    let (rows, _) = run_pipeline_then(
+        &lab,
+        dir.path(),
+        settings(timeouts),
+        || {
+            lab.c
+                .run(|| {
+                    for n in 0..TUPLES {
+                        let socket = UdpSocket::bind(("0.0.0.0", 30_000 + n)).expect("bind");
+                        socket.send_to(b"burst", common::addr(B, UDP_PORT)).expect("send");
+                    }
+                })
+                .expect("enter c");
+        },
+        |stats| {
+            grown = stats.connections_table_bytes.load(Ordering::Relaxed);
+            let started = Instant::now();
+            // Bounded: the timeout is 1 s, the sweep comes 1 s after the last flush's tuples
+            // would have expired.
+            while stats.connections_tracked.load(Ordering::Relaxed) > 0 {
+                assert!(started.elapsed() < Duration::from_secs(10), "never swept: {:?}", stats.snapshot());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(
+                stats.connections_table_bytes.load(Ordering::Relaxed),
+                first_size,
+                "{:?}",
+                stats.snapshot()
+            );
+            assert_eq!(stats.connections_expired.load(Ordering::Relaxed), u64::from(TUPLES));
+        },
+    );
+    assert!(grown > first_size, "{TUPLES} tuples grew the table: {grown} bytes");
+    assert_eq!(find(&rows, C, B, UDP, UDP_PORT).count, u32::from(TUPLES));
 }

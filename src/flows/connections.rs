@@ -16,8 +16,9 @@
 //!   [`INITIAL_SLOTS`]; it doubles when a new tuple would load it past 2/3. A slot is 48 bytes:
 //!   72 bytes per tuple at the cap ([`Connections::bytes_per_tuple`]).
 //! - **Expired tuples are swept, never polled for**: [`Connections::sweep`] runs on the
-//!   pipeline's flush timer (no wake-up of its own), and when a new tuple finds the table full,
-//!   at most once a second. A sweep rebuilds the table at the size the live tuples need, so
+//!   pipeline's flush timer, once more when every tuple left will have expired (so an idle
+//!   agent gives the memory back), and when a new tuple finds the table full, at most once a
+//!   second. A sweep rebuilds the table at the size the live tuples need, so
 //!   memory shrinks back after a flood.
 //! - **Overflow never undercounts.** With the table full of live tuples, a new tuple counts as
 //!   a new connection (each of its packets does) and is counted in
@@ -60,6 +61,11 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    /// The longest of the three: after it, every tuple not seen again has expired.
+    pub fn longest(&self) -> Duration {
+        self.tcp.max(self.udp).max(self.icmp)
+    }
+
     fn seconds(&self, protocol: u8) -> u32 {
         let timeout = match protocol {
             PROTO_TCP => self.tcp,

@@ -3,7 +3,8 @@
 //!
 //! `flows` sleeps in `poll` on the NFLOG socket and a stop pipe. It wakes only for packets, for
 //! the flush that follows the first packet of an interval, and once a second while sampling
-//! decides, so an idle host costs no wake-ups. Each logged packet goes through the [`Sampler`]
+//! decides, so an idle host costs no wake-ups (after traffic, one more: the connection table's
+//! last sweep, once its tuples have expired). Each logged packet goes through the [`Sampler`]
 //! into the [`Aggregator`]; every `flush_interval` the aggregator is drained into one batch of
 //! [`FlowRecord`]s handed to `flowstore` over a channel of [`FLUSH_QUEUE_CAPACITY`] batches.
 //! Storage never blocks reading: when `flowstore` is still busy with the previous flush, the
@@ -242,6 +243,9 @@ struct Reader {
     sampler: Sampler,
     /// When the current interval is flushed (`None`: nothing counted yet).
     flush_at: Option<Instant>,
+    /// When the connection table is swept with no flush due (`None`: it is empty), so that an
+    /// idle agent gives back what a burst grew it by: one wake-up after the last tuple expired.
+    sweep_at: Option<Instant>,
     flush_tx: SyncSender<Vec<FlowRecord>>,
     /// A flush `flowstore` had no room for yet.
     held: Option<Vec<FlowRecord>>,
@@ -258,6 +262,7 @@ impl Reader {
             sampler: Sampler::new(settings.sampling_threshold, 0),
             settings,
             flush_at: None,
+            sweep_at: None,
             flush_tx,
             held: None,
             stats,
@@ -407,10 +412,11 @@ impl Reader {
         }
     }
 
-    /// How long `poll` may sleep: until the flush, or the next sampling window while sampling
-    /// decides; `None` when nothing is due.
+    /// How long `poll` may sleep: until the flush or the connection table's sweep, or the next
+    /// sampling window while sampling decides; `None` when nothing is due.
     fn timeout(&self, now: Instant) -> Option<Duration> {
-        let flush = self.flush_at.map(|at| at.saturating_duration_since(now));
+        let flush = [self.flush_at, self.sweep_at].into_iter().flatten().min();
+        let flush = flush.map(|at| at.saturating_duration_since(now));
         let window = self.sampler.needs_ticks().then_some(super::sampling::WINDOW);
         match (flush, window) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -440,6 +446,18 @@ impl Reader {
         if self.flush_at.is_some_and(|at| at <= Instant::now()) {
             self.flush();
         }
+        if self.sweep_at.is_some_and(|at| at <= Instant::now()) {
+            self.sweep_connections();
+        }
+    }
+
+    /// Forgets expired tuples and, while some are left, sets the next sweep to when they all
+    /// will have expired unless seen again.
+    fn sweep_connections(&mut self) {
+        self.connections.sweep(self.now_mono_secs());
+        self.publish_connections();
+        self.sweep_at = (self.connections.counters().tracked > 0)
+            .then(|| Instant::now() + self.settings.connection_timeouts.longest() + Duration::from_secs(1));
     }
 
     /// The interval's flows as records, converted one by one (the only copy beside the table).
@@ -454,9 +472,8 @@ impl Reader {
         self.flush_at = None;
         let mut records = self.drain_records();
         self.stats.tracked.store(0, Ordering::Relaxed);
-        // The flush timer is the sweep's: no wake-up of its own.
-        self.connections.sweep(self.now_mono_secs());
-        self.publish_connections();
+        // The flush timer sweeps too; after the last flush, one more wake-up at most.
+        self.sweep_connections();
         if let Some(held) = self.held.take() {
             match self.flush_tx.try_send(held) {
                 Ok(()) => {}
