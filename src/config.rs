@@ -144,7 +144,8 @@ pub struct FlowSettings {
     pub sampling_threshold: u32,
     /// Most 5-tuples the connection table tracks (72 bytes of RAM each at the cap); beyond it,
     /// packets of new tuples each count as a connection, counted as overflow in `ven status`.
-    pub tracked_connections: usize,
+    /// `None`: as many as `tracked_flows`, so a board's flow cap bounds both tables.
+    pub tracked_connections: Option<usize>,
     /// How long a tuple not seen again stays one connection: the kernel's unreplied timeouts
     /// (`flow_connection_timeout_{tcp,udp,icmp}_s`; other protocols use the UDP one).
     pub connection_timeouts: crate::flows::Timeouts,
@@ -157,7 +158,7 @@ impl Default for FlowSettings {
             flush_interval: Duration::from_secs(60),
             upload_interval: Duration::from_secs(600),
             sampling_threshold: 100_000,
-            tracked_connections: 100_000,
+            tracked_connections: None,
             connection_timeouts: crate::flows::Timeouts::default(),
         }
     }
@@ -297,7 +298,7 @@ impl Config {
                 self.flows.sampling_threshold = number(key, value, 0, 10_000_000)? as u32
             }
             "flow_tracked_connections" => {
-                self.flows.tracked_connections = number(key, value, 16, 1_000_000)? as usize
+                self.flows.tracked_connections = Some(number(key, value, 16, 1_000_000)? as usize)
             }
             "flow_connection_timeout_tcp_s" => {
                 self.flows.connection_timeouts.tcp = Duration::from_secs(number(key, value, 1, 86_400)?)
@@ -396,7 +397,7 @@ mod tests {
                 flush_interval: Duration::from_secs(2),
                 upload_interval: Duration::from_secs(30),
                 sampling_threshold: 0,
-                tracked_connections: 5000,
+                tracked_connections: Some(5000),
                 connection_timeouts: crate::flows::Timeouts {
                     tcp: Duration::from_secs(10),
                     udp: Duration::from_secs(3),

@@ -59,7 +59,7 @@ impl PipelineSettings {
             tracked_flows: config.flows.tracked_flows,
             flush_interval: config.flows.flush_interval,
             sampling_threshold: config.flows.sampling_threshold,
-            tracked_connections: config.flows.tracked_connections,
+            tracked_connections: config.flows.tracked_connections.unwrap_or(config.flows.tracked_flows),
             connection_timeouts: config.flows.connection_timeouts,
         }
     }
