@@ -132,7 +132,7 @@ pub const MAX_UNKNOWN_KEYS_KEPT: usize = 16;
 /// The flow pipeline's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowSettings {
-    /// Most flows counted between two flushes (about 84 bytes of RAM each); beyond it, new flows
+    /// Most flows counted between two flushes (about 108 bytes of RAM each); beyond it, new flows
     /// fold into one overflow record per verdict.
     pub tracked_flows: usize,
     /// How often the counted flows are written to flow.db and flowsum.db; a crash loses at most

@@ -10,9 +10,10 @@
 //!   protocols by number), and the [`FlowKey`] a flow is counted by (addresses, protocol,
 //!   destination port or ICMP type, verdict and rule id from the prefix).
 //! - [`aggregate`]: counts flow keys between two flushes in a table that grows by doubling with
-//!   the flows tracked, up to the configured number of flows (84 bytes per tracked flow at that
+//!   the flows tracked, up to the configured number of flows (108 bytes per tracked flow at that
 //!   cap, nothing allocated per event beyond the amortised growth, the grown table given back
-//!   at each flush) into [`Summary`] records (count, first and last seen, sampling scale); when
+//!   at each flush) into [`Summary`] records (connections, packets, bytes, first and last seen, sampling
+//!   scale); when
 //!   full, new keys fold into one counted "other" bucket per verdict.
 //!
 //! - [`connections`]: which logged packets are new connections: a bounded table of recent
