@@ -55,6 +55,8 @@ fn records(count: usize, salt: u64) -> Vec<FlowRecord> {
                 last_seen: now + (i / 100) as u32 + (n % 10) as u32,
                 sampling_scale: 1,
                 overflow: false,
+                packets: 1,
+                bytes: None,
             }
         })
         .collect()

@@ -21,7 +21,11 @@
 //!   ulogd2 is measured at its best, not at the disk's fsync rate. It binds the group only after
 //!   ven's reader closed it (one binder per group).
 //! - Memory: a child process (this binary re-executed) builds `Aggregator::new(100_000)`, records
-//!   100k distinct keys, flushes them once, and reports VmRSS/VmHWM at each stage.
+//!   100k distinct keys, flushes them once, and reports VmRSS/VmHWM at each stage; then the
+//!   connection table (issue 13) with 100k tracked tuples: its bytes and VmRSS beside.
+//! - Issue 13: ven's reader thread passes every event through the connection table
+//!   (`Connections::observe`) before the aggregator, as the agent's pipeline does, so the ingest
+//!   figures include it.
 //!
 //! Figures are printed, never asserted. Every load loop is bounded in packets and time; a Ctrl-C
 //! or SIGTERM stops the run, and the drop guards delete the namespaces (rules with them), stop
@@ -40,7 +44,9 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 use ven::config::FlowSettings;
 use ven::firewall::LogVerdict;
-use ven::flows::{AggregateCounters, Aggregator, FlowKey, LossCounters, NflogReader};
+use ven::flows::{
+    AggregateCounters, Aggregator, Connections, Event, FlowKey, LossCounters, NflogReader, Timeouts,
+};
 use ven_lab::netns::{self, Netns};
 use ven_lab::process::{Daemon, tail};
 
@@ -82,6 +88,8 @@ const MAX_ULOGD_DRAIN: Duration = Duration::from_secs(60);
 const BIND_WAIT: Duration = Duration::from_secs(10);
 /// Flows of the memory measurement.
 const RSS_FLOWS: u32 = 100_000;
+/// Packets timed through the full connection table, per case.
+const TABLE_LOOKUPS: u32 = 1_000_000;
 /// The argument that makes this binary the memory measurement's child.
 const RSS_CHILD: &str = "--flows-rss-child";
 /// The ulogd2 table: the packet columns the sqlite3 output resolves against BASE, IFINDEX and
@@ -298,19 +306,81 @@ fn rss_child() {
     aggregator.flush_into(&mut out);
     let (rss_flushed, hwm_flushed) = rss("self");
     let counters = aggregator.counters();
+    let summaries = out.len();
+    let bytes_per_flow = aggregator.bytes_per_flow();
+    drop(out);
+    drop(aggregator);
+    // The connection table at 100k tracked tuples (one source address each), measured as the
+    // agent runs it: its main.rs fixes glibc's mmap threshold, so the halves the doublings free
+    // go back to the kernel (without it glibc raises the threshold to the aggregator's freed
+    // table and keeps them: +13.6 MiB measured for a 6.9 MiB table).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's parameters, with glibc's initial value; this child
+    // process has no other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+    let (rss_before_tuples, _) = rss("self");
+    let mut table = Connections::new(RSS_FLOWS as usize, Timeouts::default());
+    for n in 0..RSS_FLOWS {
+        let key = rss_key(n);
+        let packet = ven::flows::Packet {
+            src: key.src,
+            dst: key.dst,
+            protocol: key.protocol,
+            transport: ven::flows::Transport::Ports { src: 40_000, dst: key.port },
+            length: 60,
+        };
+        table.observe(&key, &packet, 0);
+    }
+    let (rss_tuples, hwm_tuples) = rss("self");
+    // The table's own cost per packet, this thread's CPU time: packets of tracked tuples (the
+    // common case: retransmissions, datagrams of one socket), then of new tuples past the cap.
+    let task = Path::new("/proc/thread-self");
+    let cpu = || task_cpu(task).unwrap_or_default();
+    let packet_of = |n: u32| {
+        let key = rss_key(n % RSS_FLOWS);
+        let transport = ven::flows::Transport::Ports { src: 40_000, dst: key.port };
+        (
+            key,
+            ven::flows::Packet { src: key.src, dst: key.dst, protocol: key.protocol, transport, length: 60 },
+        )
+    };
+    let before = cpu();
+    for n in 0..TABLE_LOOKUPS {
+        let (key, packet) = packet_of(n.wrapping_mul(7919));
+        std::hint::black_box(table.observe(&key, &packet, 1));
+    }
+    let again_ns = (cpu() - before).as_nanos() as u64 / u64::from(TABLE_LOOKUPS);
+    let before = cpu();
+    for n in 0..TABLE_LOOKUPS {
+        let (key, mut packet) = packet_of(n);
+        packet.transport = ven::flows::Transport::Ports { src: 1 + (n % 30_000) as u16, dst: key.port };
+        std::hint::black_box(table.observe(&key, &packet, 1));
+    }
+    let overflow_ns = (cpu() - before).as_nanos() as u64 / u64::from(TABLE_LOOKUPS);
     println!(
         "rss idle={} empty={} full={} full_hwm={} flushed={} flushed_hwm={} bytes_per_flow={} tracked={} \
-         folded={} summaries={}",
+         folded={} summaries={} tuples={} tuple_table_bytes={} bytes_per_tuple={} tuples_rss_before={} \
+         tuples_rss={} tuples_hwm={} again_ns={} overflow_ns={}",
         rss_idle.unwrap_or(0),
         rss_empty.unwrap_or(0),
         rss_full.unwrap_or(0),
         hwm_full.unwrap_or(0),
         rss_flushed.unwrap_or(0),
         hwm_flushed.unwrap_or(0),
-        aggregator.bytes_per_flow(),
+        bytes_per_flow,
         counters.high_water,
         counters.folded,
-        out.len(),
+        summaries,
+        table.counters().tracked,
+        table.table_bytes(),
+        table.bytes_per_tuple(),
+        rss_before_tuples.unwrap_or(0),
+        rss_tuples.unwrap_or(0),
+        hwm_tuples.unwrap_or(0),
+        again_ns,
+        overflow_ns,
     );
 }
 
@@ -327,6 +397,14 @@ struct Memory {
     tracked: u64,
     folded: u64,
     summaries: u64,
+    tuples: u64,
+    tuple_table_bytes: u64,
+    bytes_per_tuple: u64,
+    tuples_rss_before: u64,
+    tuples_rss: u64,
+    tuples_hwm: u64,
+    again_ns: u64,
+    overflow_ns: u64,
 }
 
 fn memory() -> BenchResult<Memory> {
@@ -356,6 +434,14 @@ fn memory() -> BenchResult<Memory> {
             "tracked" => &mut memory.tracked,
             "folded" => &mut memory.folded,
             "summaries" => &mut memory.summaries,
+            "tuples" => &mut memory.tuples,
+            "tuple_table_bytes" => &mut memory.tuple_table_bytes,
+            "bytes_per_tuple" => &mut memory.bytes_per_tuple,
+            "tuples_rss_before" => &mut memory.tuples_rss_before,
+            "tuples_rss" => &mut memory.tuples_rss,
+            "tuples_hwm" => &mut memory.tuples_hwm,
+            "again_ns" => &mut memory.again_ns,
+            "overflow_ns" => &mut memory.overflow_ns,
             _ => continue,
         };
         *field = value;
@@ -579,7 +665,7 @@ struct VenIngest {
 
 impl VenIngest {
     /// Opens the reader inside B and starts reading on a thread named `ven-bench-nflog`.
-    fn start(lab: &Lab, capacity: usize) -> BenchResult<VenIngest> {
+    fn start(lab: &Lab, capacity: usize, with_connections: bool) -> BenchResult<VenIngest> {
         let mut reader = lab
             .b
             .run(|| NflogReader::open(GROUP))
@@ -598,13 +684,20 @@ impl VenIngest {
                         std::fs::read_link("/proc/thread-self").ok().map(|p| Path::new("/proc").join(p));
                     let _ = task_tx.send(task);
                     let mut aggregator = Aggregator::new(capacity);
+                    let mut connections = Connections::new(capacity, Timeouts::default());
+                    let started = Instant::now();
                     let mut out = Vec::with_capacity(aggregator.capacity() + 4);
                     let mut error = None;
                     while !stop.load(Ordering::Relaxed) {
                         let now = unix_now();
+                        let mono = u32::try_from(started.elapsed().as_secs()).unwrap_or(u32::MAX);
                         let batch = reader.read_batch(|event| {
                             let secs = event.message.timestamp.map_or(now, |t| t.sec);
-                            aggregator.record(&event.key, secs);
+                            let connection = !with_connections
+                                || connections.observe(&event.key, &event.packet, mono).is_connection();
+                            let counted =
+                                Event { unix_secs: secs, scale: 1, connection, length: event.packet.length };
+                            aggregator.record_event(&event.key, &counted);
                         });
                         match batch {
                             Ok(batch) if batch.events > 0 => {
@@ -620,6 +713,7 @@ impl VenIngest {
                         if shared.flush.swap(false, Ordering::AcqRel) {
                             out.clear();
                             aggregator.flush_into(&mut out);
+                            connections.sweep(mono);
                             shared.summaries.store(out.len() as u64, Ordering::Relaxed);
                             shared.flushes.fetch_add(1, Ordering::Release);
                         }
@@ -685,9 +779,16 @@ impl Drop for VenIngest {
     }
 }
 
-fn ven_steps(lab: &Lab, scale: &Scale) -> BenchResult<(Vec<Step>, ReaderEnd, (usize, bool))> {
+/// ven's steps, `label` in the table; `with_connections`: each event goes through the
+/// connection table first, as in the agent (else issue 4's path: the aggregator alone).
+fn ven_steps(
+    lab: &Lab,
+    scale: &Scale,
+    with_connections: bool,
+    label: &str,
+) -> BenchResult<(Vec<Step>, ReaderEnd, (usize, bool))> {
     let capacity = FlowSettings::default().tracked_flows;
-    let ingest = VenIngest::start(lab, capacity)?;
+    let ingest = VenIngest::start(lab, capacity, with_connections)?;
     if ingest.task.is_none() {
         println!("  (the reader thread's /proc entry was not found: no CPU figures)");
     }
@@ -711,7 +812,7 @@ fn ven_steps(lab: &Lab, scale: &Scale) -> BenchResult<(Vec<Step>, ReaderEnd, (us
             cpu: ingest.cpu().zip(cpu).map(|(after, before)| after.saturating_sub(before)),
             summaries: ingest.flush(),
         };
-        print_step("ven", &step);
+        print_step(label, &step);
         steps.push(step);
     }
     let socket_buffer = ingest.socket_buffer;
@@ -1171,7 +1272,8 @@ fn run(scale: &Scale) -> BenchResult<()> {
     );
     println!("  sequence gaps + ENOBUFS; ulogd2: its ENOBUFS notices, one per failed receive); us/event:");
     println!("  the reader's CPU (ven: its thread; ulogd2: its process) per kept event; ev/CPU-s: 1/that;");
-    println!("  flows: summaries the aggregator flushed after the step.");
+    println!("  flows: summaries the aggregator flushed after the step. ven: reader, connection table");
+    println!("  and aggregator as in the agent (issue 13); ven-nc: the same without the connection table.");
     println!();
 
     let load_before = load();
@@ -1196,7 +1298,9 @@ fn run(scale: &Scale) -> BenchResult<()> {
     println!();
 
     print_step_header("kept");
-    let (ven, ven_end, socket_buffer) = ven_steps(&lab, scale)?;
+    let (ven, ven_end, socket_buffer) = ven_steps(&lab, scale, true, "ven")?;
+    lab.wait_group(false)?;
+    let (ven_plain, _, _) = ven_steps(&lab, scale, false, "ven-nc")?;
     lab.wait_group(false)?;
 
     let ulogd = match ensure_ulogd() {
@@ -1259,6 +1363,24 @@ fn run(scale: &Scale) -> BenchResult<()> {
         memory.bytes_per_flow,
         (memory.full.saturating_sub(memory.idle) * 1024) / u64::from(RSS_FLOWS)
     );
+    println!(
+        "           Connections::new({}) with {} tuples tracked: table {} ({} B per tuple at the cap),",
+        count(u64::from(RSS_FLOWS)),
+        count(memory.tuples),
+        mib(memory.tuple_table_bytes / 1024),
+        memory.bytes_per_tuple
+    );
+    println!(
+        "           VmRSS {} -> {} (+{}), VmHWM {}",
+        mib(memory.tuples_rss_before),
+        mib(memory.tuples_rss),
+        mib(memory.tuples_rss.saturating_sub(memory.tuples_rss_before)),
+        mib(memory.tuples_hwm)
+    );
+    println!(
+        "           observe(): {} ns per packet of a tracked tuple, {} ns per new tuple past the cap",
+        memory.again_ns, memory.overflow_ns
+    );
     println!();
 
     let ulogd_steps = ulogd.as_ref().map(|(_, (steps, _))| steps.as_slice());
@@ -1275,6 +1397,12 @@ fn run(scale: &Scale) -> BenchResult<()> {
             per_core(cpu_per_event(&ven)),
             ulogd_steps.map_or_else(skipped, |s| per_core(cpu_per_event(s))),
             ">= 500,000/s".into(),
+        ],
+        [
+            "  the same without the connection table (issue 4)".into(),
+            per_core(cpu_per_event(&ven_plain)),
+            "-".into(),
+            "-".into(),
         ],
         [
             "CPU per event (reader)".into(),
@@ -1317,6 +1445,17 @@ fn run(scale: &Scale) -> BenchResult<()> {
             ),
             "- (no flow table)".into(),
             "<= 128 B".into(),
+        ],
+        [
+            "connection table at 100k tracked tuples (issue 13)".into(),
+            format!(
+                "{} ({} B/tuple), RSS +{}",
+                mib(memory.tuple_table_bytes / 1024),
+                memory.bytes_per_tuple,
+                mib(memory.tuples_rss.saturating_sub(memory.tuples_rss_before))
+            ),
+            "- (no connection state)".into(),
+            "capped, in the budget".into(),
         ],
         [
             "peak RSS, 100k flows (ven) / whole run (ulogd2)".into(),

@@ -78,6 +78,8 @@ fn write(root: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
                 last_seen: 1_780_000_060 + n,
                 sampling_scale: 1,
                 overflow: false,
+                packets: 1,
+                bytes: None,
             }
         })
         .collect();

@@ -141,7 +141,7 @@ pub const MAX_UNKNOWN_KEYS_KEPT: usize = 16;
 /// The flow pipeline's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowSettings {
-    /// Most flows counted between two flushes (about 84 bytes of RAM each); beyond it, new flows
+    /// Most flows counted between two flushes (about 108 bytes of RAM each); beyond it, new flows
     /// fold into one overflow record per verdict.
     pub tracked_flows: usize,
     /// How often the counted flows are written to flow.db and flowsum.db; a crash loses at most
@@ -151,6 +151,13 @@ pub struct FlowSettings {
     pub upload_interval: Duration,
     /// Logged packets per second above which, sustained, the pipeline samples (0: never).
     pub sampling_threshold: u32,
+    /// Most 5-tuples the connection table tracks (72 bytes of RAM each at the cap); beyond it,
+    /// packets of new tuples each count as a connection, counted as overflow in `ven status`.
+    /// `None`: as many as `tracked_flows`, so a board's flow cap bounds both tables.
+    pub tracked_connections: Option<usize>,
+    /// How long a tuple not seen again stays one connection: the kernel's unreplied timeouts
+    /// (`flow_connection_timeout_{tcp,udp,icmp}_s`; other protocols use the UDP one).
+    pub connection_timeouts: crate::flows::Timeouts,
 }
 
 impl Default for FlowSettings {
@@ -160,6 +167,8 @@ impl Default for FlowSettings {
             flush_interval: Duration::from_secs(60),
             upload_interval: Duration::from_secs(600),
             sampling_threshold: 100_000,
+            tracked_connections: None,
+            connection_timeouts: crate::flows::Timeouts::default(),
         }
     }
 }
@@ -306,6 +315,18 @@ impl Config {
             "flow_sampling_threshold" => {
                 self.flows.sampling_threshold = number(key, value, 0, 10_000_000)? as u32
             }
+            "flow_tracked_connections" => {
+                self.flows.tracked_connections = Some(number(key, value, 16, 1_000_000)? as usize)
+            }
+            "flow_connection_timeout_tcp_s" => {
+                self.flows.connection_timeouts.tcp = Duration::from_secs(number(key, value, 1, 86_400)?)
+            }
+            "flow_connection_timeout_udp_s" => {
+                self.flows.connection_timeouts.udp = Duration::from_secs(number(key, value, 1, 86_400)?)
+            }
+            "flow_connection_timeout_icmp_s" => {
+                self.flows.connection_timeouts.icmp = Duration::from_secs(number(key, value, 1, 86_400)?)
+            }
             // A flow store needs MIN_FILE_BYTES to live in, and log/ may hold MAX_FILES files.
             "log_file_max_bytes" => {
                 self.logs.file_max_bytes = number(key, value, crate::flows::store::MIN_FILE_BYTES, 1 << 32)?
@@ -370,7 +391,9 @@ mod tests {
              tamper_check_interval_s = 2\ncanary_interval_s = 1\n\
              conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n\
              flow_tracked_max = 1000\nflow_flush_interval_s = 2\nflow_upload_interval_s = 30\n\
-             flow_sampling_threshold = 0\nlog_file_max_bytes = 2000000\nlog_total_max_bytes = 40000000\n",
+             flow_sampling_threshold = 0\nlog_file_max_bytes = 2000000\nlog_total_max_bytes = 40000000\n\
+             flow_tracked_connections = 5000\nflow_connection_timeout_tcp_s = 10\n\
+             flow_connection_timeout_udp_s = 3\nflow_connection_timeout_icmp_s = 4\n",
         )
         .unwrap();
         assert_eq!(config.firewall_backend, BackendChoice::Legacy);
@@ -393,6 +416,12 @@ mod tests {
                 flush_interval: Duration::from_secs(2),
                 upload_interval: Duration::from_secs(30),
                 sampling_threshold: 0,
+                tracked_connections: Some(5000),
+                connection_timeouts: crate::flows::Timeouts {
+                    tcp: Duration::from_secs(10),
+                    udp: Duration::from_secs(3),
+                    icmp: Duration::from_secs(4),
+                },
             }
         );
         assert_eq!(

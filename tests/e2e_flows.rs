@@ -124,8 +124,12 @@ fn real_traffic_is_recorded_queried_and_uploaded() {
     let dropped = flows(&lab, Host::Db, &["--dropped", "--port", "7000", "--proto", "tcp"]);
     assert_eq!(dropped.len(), 1, "{dropped:#?}");
     assert_eq!((dropped[0]["verdict"].as_str(), dropped[0]["src"].as_str()), ("dropped", "198.18.0.1"));
-    // Each dropped probe's SYN (and retries) was counted.
-    assert!(count(&dropped[0]) >= connections, "{dropped:#?}");
+    // Each dropped probe counts one connection, however often its SYN was sent (issue 13),
+    // and its packets beside.
+    assert_eq!(count(&dropped[0]), connections, "{dropped:#?}");
+    let packets: u64 = dropped[0]["packets"].parse().expect("packets");
+    assert!(packets >= connections, "{dropped:#?}");
+    assert!(!dropped[0]["bytes"].is_empty(), "a drop's bytes are known: {dropped:#?}");
     // The raw views: one row per flow and flush interval, numbered.
     let raw = flows(&lab, Host::Db, &["--raw", "--src", "198.18.0.2/32"]);
     assert!(
@@ -139,6 +143,11 @@ fn real_traffic_is_recorded_queried_and_uploaded() {
         Ok(if flows > 0 && out.contains("dropped") { None } else { Some(out) })
     });
     must(uploaded, "flows on the PCE");
+    let (_, out) = must(
+        pce_flows(&lab, &["--src", "198.18.0.1", "--dst", "198.18.0.3", "--port", "7000"]),
+        "pce traffic",
+    );
+    assert!(out.contains("\"packets\"") && out.contains("\"bytes\""), "packets and bytes on the PCE: {out}");
     let status = must(lab.ven_status(Host::Db), "ven status");
     assert!(status.flow_records_uploaded.unwrap_or(0) > 0, "{status:?}");
 

@@ -35,6 +35,8 @@ fn flow(n: u32, verdict: FlowVerdict) -> FlowRecord {
         last_seen: 1_780_000_000 + n,
         sampling_scale: 1,
         overflow: false,
+        packets: 1,
+        bytes: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! `FlowBatch` go through the PCE's checks and into its store (in memory; a re-send must store
 //! nothing), as a flow log they replay up to the first damaged entry and survive a compaction, as
 //! a traffic query string they parse or fail cleanly. Never a panic, never more than the bound.
+//! Seeds of this version's encoding: `cargo fuzz run flow_batches fuzz/seeds/flow_batches`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

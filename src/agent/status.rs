@@ -224,7 +224,7 @@ impl StatusReport {
                         "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{},\"tracked\":{},\
                          \"folded\":{},\"sampling\":{},\"sampling_scale\":{},\"sampling_episodes\":{},\
                          \"flushes\":{},\"records_stored\":{},\"records_dropped\":{},\"store_failures\":{},\
-                         \"last_store_error\":{}}}",
+                         \"last_store_error\":{},\"connections\":{}}}",
                         f.reading,
                         f.events,
                         f.lost,
@@ -239,6 +239,7 @@ impl StatusReport {
                         f.records_dropped,
                         f.store_failures,
                         json_option(f.last_store_error.as_deref().map(json_string)),
+                        connections_json(f),
                     )
                 })),
             ),
@@ -349,6 +350,7 @@ impl StatusReport {
                 "                   {} flows this interval, {} packets folded into overflow; {sampling}",
                 flows.tracked, flows.folded
             ));
+            lines.push(connections_line(flows));
             let mut store = format!(
                 "                   {} flow records stored in {} flushes, {} dropped",
                 flows.records_stored, flows.flushes, flows.records_dropped
@@ -835,6 +837,41 @@ impl StatusReport {
     }
 }
 
+// Issue 13: the connection table's figures (kept together; `status --all` is elsewhere).
+
+/// `ven status --json`'s `flows.connections`: `counted` = `new` + `overflow` (each an
+/// admitted logged packet that counted a connection), `again` the packets of connections
+/// counted already, so `new + again + overflow` is every admitted packet.
+fn connections_json(f: &crate::flows::FlowCounters) -> String {
+    format!(
+        "{{\"counted\":{},\"new\":{},\"again\":{},\"overflow\":{},\"tracked\":{},\"capacity\":{},\
+         \"expired\":{},\"table_bytes\":{}}}",
+        f.connections_new.saturating_add(f.connections_overflow),
+        f.connections_new,
+        f.connections_again,
+        f.connections_overflow,
+        f.connections_tracked,
+        f.connections_capacity,
+        f.connections_expired,
+        f.connections_table_bytes,
+    )
+}
+
+/// The text form of [`connections_json`].
+fn connections_line(f: &crate::flows::FlowCounters) -> String {
+    format!(
+        "                   {} connections counted ({} tracked + {} overflow, table full), {} repeated packets; \
+         {} of {} tuples tracked ({} KiB)",
+        f.connections_new.saturating_add(f.connections_overflow),
+        f.connections_new,
+        f.connections_overflow,
+        f.connections_again,
+        f.connections_tracked,
+        f.connections_capacity,
+        f.connections_table_bytes / 1024,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,5 +969,34 @@ mod tests {
         assert!(json.contains(r#""policy_in_sync":false"#), "{json}");
         assert!(json.contains(r#""what":"event channel","error":"event service down""#), "{json}");
         assert!(json.ends_with("]}") && json.starts_with('{'), "{json}");
+    }
+
+    /// Issue 13: the connection table's figures, in JSON and text, add up.
+    #[test]
+    fn connection_figures_show_counted_as_new_plus_overflow() {
+        let mut report = StatusReport::unpaired();
+        report.flows = Some(crate::flows::FlowCounters {
+            events: 12,
+            connections_new: 5,
+            connections_again: 4,
+            connections_overflow: 3,
+            connections_tracked: 5,
+            connections_capacity: 100,
+            connections_table_bytes: 4608,
+            ..Default::default()
+        });
+        let json = report.to_json();
+        assert!(
+            json.contains(
+                r#""connections":{"counted":8,"new":5,"again":4,"overflow":3,"tracked":5,"capacity":100,"expired":0,"table_bytes":4608}"#
+            ),
+            "{json}"
+        );
+        let line = connections_line(report.flows.as_ref().unwrap());
+        assert!(
+            line.contains("8 connections counted (5 tracked + 3 overflow, table full), 4 repeated packets"),
+            "{line}"
+        );
+        assert!(line.contains("5 of 100 tuples tracked (4 KiB)"), "{line}");
     }
 }

@@ -113,11 +113,25 @@ pub fn protocol_name(protocol: u8) -> String {
     }
 }
 
-const COLUMNS: [&str; 11] =
-    ["seq", "first_seen", "last_seen", "src", "dst", "proto", "port", "verdict", "rule", "count", "sampling"];
+const COLUMNS: [&str; 13] = [
+    "seq",
+    "first_seen",
+    "last_seen",
+    "src",
+    "dst",
+    "proto",
+    "port",
+    "verdict",
+    "rule",
+    "count",
+    "packets",
+    "bytes",
+    "sampling",
+];
 
-/// The cells of one row, in [`COLUMNS`] order (`seq` is empty in the aggregated views).
-fn cells(row: &StoredFlow) -> [String; 11] {
+/// The cells of one row, in [`COLUMNS`] order (`seq` is empty in the aggregated views, `bytes`
+/// when unknown). `count` is connections, `packets` and `bytes` beside it.
+fn cells(row: &StoredFlow) -> [String; 13] {
     let r: &FlowRecord = &row.record;
     let (src, dst) = if r.overflow {
         ("(overflow)".to_string(), "(overflow)".to_string())
@@ -135,6 +149,8 @@ fn cells(row: &StoredFlow) -> [String; 11] {
         r.verdict.as_str().to_string(),
         r.rule.to_string(),
         r.count.to_string(),
+        r.packets.to_string(),
+        r.bytes.map(|b| b.to_string()).unwrap_or_default(),
         if r.sampling_scale > 1 { format!("1/{}", r.sampling_scale) } else { String::new() },
     ]
 }
@@ -160,7 +176,7 @@ pub fn render(result: &QueryResult, view: View, format: Format) -> String {
             }
         }
         Format::Table => {
-            let rows: Vec<[String; 11]> = result.rows.iter().map(cells).collect();
+            let rows: Vec<[String; 13]> = result.rows.iter().map(cells).collect();
             let widths: Vec<usize> = columns
                 .iter()
                 .map(|&i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(COLUMNS[i].len()))
@@ -192,7 +208,7 @@ fn json_row(row: &StoredFlow) -> String {
     format!(
         "{{\"seq\":{},\"first_seen\":{},\"last_seen\":{},\"first_seen_time\":\"{}\",\"last_seen_time\":\"{}\",\
          \"src\":{},\"dst\":{},\"protocol\":{},\"proto\":\"{}\",\"port\":{},\"verdict\":\"{}\",\"rule\":{},\
-         \"count\":{},\"sampling_scale\":{},\"overflow\":{}}}",
+         \"count\":{},\"packets\":{},\"bytes\":{},\"sampling_scale\":{},\"overflow\":{}}}",
         row.seq.map_or("null".to_string(), |s| s.to_string()),
         r.first_seen,
         r.last_seen,
@@ -206,6 +222,8 @@ fn json_row(row: &StoredFlow) -> String {
         r.verdict.as_str(),
         r.rule,
         r.count,
+        r.packets,
+        r.bytes.map_or("null".to_string(), |b| b.to_string()),
         r.sampling_scale,
         r.overflow
     )
@@ -231,6 +249,8 @@ mod tests {
                 last_seen: 1_800_000_060,
                 sampling_scale: if overflow { 1 } else { 4 },
                 overflow,
+                packets: 30,
+                bytes: if overflow { None } else { Some(1_800) },
             },
         }
     }
@@ -295,11 +315,15 @@ mod tests {
         assert!(table.contains("(overflow)") && table.contains("3 more rows"), "{table}");
         let csv = render(&result, View::Aggregated, Format::Csv);
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines[0], "first_seen,last_seen,src,dst,proto,port,verdict,rule,count,sampling");
+        assert_eq!(
+            lines[0],
+            "first_seen,last_seen,src,dst,proto,port,verdict,rule,count,packets,bytes,sampling"
+        );
         assert_eq!(
             lines[1],
-            "2027-01-15T08:00:00Z,2027-01-15T08:01:00Z,198.18.0.1,198.18.0.2,tcp,5432,dropped,3,12,1/4"
+            "2027-01-15T08:00:00Z,2027-01-15T08:01:00Z,198.18.0.1,198.18.0.2,tcp,5432,dropped,3,12,30,1800,1/4"
         );
+        assert!(lines[2].ends_with(",allowed,3,12,30,,"), "bytes unknown: an empty cell: {}", lines[2]);
         assert_eq!(lines.len(), 3);
         let json = render(&result, View::Raw, Format::Json);
         assert!(
@@ -307,5 +331,7 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"verdict\":\"dropped\"") && json.contains("\"proto\":\"tcp\""), "{json}");
+        assert!(json.contains("\"count\":12,\"packets\":30,\"bytes\":1800,"), "{json}");
+        assert!(json.contains("\"packets\":30,\"bytes\":null,"), "{json}");
     }
 }

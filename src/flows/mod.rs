@@ -10,11 +10,16 @@
 //!   protocols by number), and the [`FlowKey`] a flow is counted by (addresses, protocol,
 //!   destination port or ICMP type, verdict and rule id from the prefix).
 //! - [`aggregate`]: counts flow keys between two flushes in a table that grows by doubling with
-//!   the flows tracked, up to the configured number of flows (84 bytes per tracked flow at that
+//!   the flows tracked, up to the configured number of flows (108 bytes per tracked flow at that
 //!   cap, nothing allocated per event beyond the amortised growth, the grown table given back
-//!   at each flush) into [`Summary`] records (count, first and last seen, sampling scale); when
+//!   at each flush) into [`Summary`] records (connections, packets, bytes, first and last seen, sampling
+//!   scale); when
 //!   full, new keys fold into one counted "other" bucket per verdict.
 //!
+//! - [`connections`]: which logged packets are new connections: a bounded table of recent
+//!   5-tuples (ICMP: type, code, echo id) with the kernel's unreplied timeouts, so that a
+//!   retransmitted SYN or a repeated datagram counts a packet, not a connection; when full, new
+//!   tuples count as connections and as counted overflow.
 //! - [`pipeline`]: the agent's `flows` thread: binds the group, sleeps in `poll` (no wake-ups
 //!   on an idle host, an immediate stop), counts events, loss and skipped messages into shared
 //!   counters that `ven status` shows, and binds again with backoff when it cannot.
@@ -25,13 +30,15 @@
 //! the agent counts logged packets but records no flows.
 
 pub mod aggregate;
+pub mod connections;
 pub mod nflog;
 pub mod packet;
 pub mod pipeline;
 pub mod sampling;
 pub mod store;
 
-pub use aggregate::{Aggregator, Counters as AggregateCounters, Summary, SummaryKey};
+pub use aggregate::{Aggregator, Counters as AggregateCounters, Event, Summary, SummaryKey};
+pub use connections::{ConnectionCounters, Connections, Seen, Timeouts};
 pub use nflog::{Batch, DecodeState, LossCounters, NflogError, NflogEvent, NflogReader};
 pub use packet::{FlowKey, NflogMessage, Packet, PacketError, Timestamp, Transport};
 pub use pipeline::{FlowCounters, FlowPipeline, FlowSink, FlowStats, PipelineSettings};

@@ -129,8 +129,9 @@ pub struct NflogMessage<'a> {
 pub enum Transport {
     /// TCP or UDP.
     Ports { src: u16, dst: u16 },
-    /// ICMP or ICMPv6.
-    Icmp { kind: u8, code: u8 },
+    /// ICMP or ICMPv6; `id` is the echo identifier of echo requests and replies (what
+    /// conntrack tells pings apart by), else 0.
+    Icmp { kind: u8, code: u8, id: u16 },
     /// A non-first fragment: no transport header in it.
     Fragment,
     /// Another protocol, kept by number only.
@@ -145,6 +146,9 @@ pub struct Packet {
     /// The upper-layer protocol (after IPv6 extension headers).
     pub protocol: u8,
     pub transport: Transport,
+    /// Bytes of the whole packet from its IP header (IPv4 total length, IPv6 payload length
+    /// plus 40), as the header says: the payload NFLOG copies is cut to the copy range.
+    pub length: u32,
 }
 
 /// What a flow is counted by: addresses, protocol, destination port (ICMP type for ICMP and
@@ -311,13 +315,14 @@ fn parse_ipv4(payload: &[u8]) -> Result<Packet, PacketError> {
     let fragment_offset = u16::from_be_bytes([header[6], header[7]]) & 0x1fff;
     let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
     let dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+    let length = u32::from(u16::from_be_bytes([header[2], header[3]]));
     let transport = if fragment_offset != 0 {
         Transport::Fragment
     } else {
         let upper = payload.get(header_len..).ok_or(PacketError::TruncatedIp)?;
         parse_transport(upper, protocol, PROTO_ICMP)?
     };
-    Ok(Packet { src: src.into(), dst: dst.into(), protocol, transport })
+    Ok(Packet { src: src.into(), dst: dst.into(), protocol, transport, length })
 }
 
 fn parse_ipv6(payload: &[u8]) -> Result<Packet, PacketError> {
@@ -329,6 +334,8 @@ fn parse_ipv6(payload: &[u8]) -> Result<Packet, PacketError> {
         Ipv6Addr::from(octets)
     };
     let (src, dst) = (address(8), address(24));
+    // A jumbogram's payload length is 0 (its length is in a hop-by-hop option): 40 is a floor.
+    let length = u32::from(u16::from_be_bytes([header[4], header[5]])) + IPV6_HEADER as u32;
     let mut next = header[6];
     let mut offset = IPV6_HEADER;
     let mut fragment = false;
@@ -367,7 +374,7 @@ fn parse_ipv6(payload: &[u8]) -> Result<Packet, PacketError> {
         let upper = payload.get(offset..).ok_or(PacketError::TruncatedIp)?;
         parse_transport(upper, next, PROTO_ICMPV6)?
     };
-    Ok(Packet { src: src.into(), dst: dst.into(), protocol: next, transport })
+    Ok(Packet { src: src.into(), dst: dst.into(), protocol: next, transport, length })
 }
 
 fn parse_transport(upper: &[u8], protocol: u8, icmp: u8) -> Result<Transport, PacketError> {
@@ -377,7 +384,15 @@ fn parse_transport(upper: &[u8], protocol: u8, icmp: u8) -> Result<Transport, Pa
             _ => Err(PacketError::TruncatedTransport),
         },
         p if p == icmp => match upper {
-            [kind, code, ..] => Ok(Transport::Icmp { kind: *kind, code: *code }),
+            [kind, code, rest @ ..] => {
+                // Echo request and reply: ICMP 8 and 0, ICMPv6 128 and 129.
+                let echo = matches!((icmp, *kind), (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129));
+                let id = match rest {
+                    [_, _, a, b, ..] if echo => u16::from_be_bytes([*a, *b]),
+                    _ => 0,
+                };
+                Ok(Transport::Icmp { kind: *kind, code: *code, id })
+            }
             _ => Err(PacketError::TruncatedTransport),
         },
         _ => Ok(Transport::Other),

@@ -3,7 +3,8 @@
 //!
 //! `flows` sleeps in `poll` on the NFLOG socket and a stop pipe. It wakes only for packets, for
 //! the flush that follows the first packet of an interval, and once a second while sampling
-//! decides, so an idle host costs no wake-ups. Each logged packet goes through the [`Sampler`]
+//! decides, so an idle host costs no wake-ups (after traffic, one more: the connection table's
+//! last sweep, once its tuples have expired). Each logged packet goes through the [`Sampler`]
 //! into the [`Aggregator`]; every `flush_interval` the aggregator is drained into one batch of
 //! [`FlowRecord`]s handed to `flowstore` over a channel of [`FLUSH_QUEUE_CAPACITY`] batches.
 //! Storage never blocks reading: when `flowstore` is still busy with the previous flush, the
@@ -26,7 +27,8 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use ven_proto::{FlowRecord, FlowVerdict};
 
-use super::aggregate::{Aggregator, Summary, SummaryKey};
+use super::aggregate::{Aggregator, Event, Summary, SummaryKey};
+use super::connections::{Connections, Timeouts};
 use super::nflog::NflogReader;
 use super::sampling::{Sampler, Transition};
 use crate::firewall::LogVerdict;
@@ -45,6 +47,9 @@ pub struct PipelineSettings {
     pub flush_interval: Duration,
     /// Logged packets per second above which, sustained, packets are sampled (0: never).
     pub sampling_threshold: u32,
+    /// Most tuples the connection table tracks, and how long a tuple stays one connection.
+    pub tracked_connections: usize,
+    pub connection_timeouts: Timeouts,
 }
 
 impl PipelineSettings {
@@ -54,6 +59,8 @@ impl PipelineSettings {
             tracked_flows: config.flows.tracked_flows,
             flush_interval: config.flows.flush_interval,
             sampling_threshold: config.flows.sampling_threshold,
+            tracked_connections: config.flows.tracked_connections.unwrap_or(config.flows.tracked_flows),
+            connection_timeouts: config.flows.connection_timeouts,
         }
     }
 }
@@ -104,6 +111,17 @@ pub struct FlowStats {
     /// the table was full.
     pub tracked: AtomicU64,
     pub folded: AtomicU64,
+    /// The connection table (issue 13): packets that started a tracked connection, packets of
+    /// tracked connections, packets of tuples the full table could not track (each counted as a
+    /// connection), tuples tracked now, tuples expired, and the table's capacity and bytes.
+    /// Connections counted = `connections_new + connections_overflow`.
+    pub connections_new: AtomicU64,
+    pub connections_again: AtomicU64,
+    pub connections_overflow: AtomicU64,
+    pub connections_tracked: AtomicU64,
+    pub connections_expired: AtomicU64,
+    pub connections_capacity: AtomicU64,
+    pub connections_table_bytes: AtomicU64,
     /// 1 while every packet is counted, N while 1 in N is.
     pub sampling_scale: AtomicU32,
     /// Times sampling started.
@@ -126,6 +144,13 @@ pub struct FlowCounters {
     pub reading: bool,
     pub tracked: u64,
     pub folded: u64,
+    pub connections_new: u64,
+    pub connections_again: u64,
+    pub connections_overflow: u64,
+    pub connections_tracked: u64,
+    pub connections_expired: u64,
+    pub connections_capacity: u64,
+    pub connections_table_bytes: u64,
     pub sampling_scale: u32,
     pub sampling_episodes: u64,
     pub flushes: u64,
@@ -149,6 +174,13 @@ impl FlowStats {
             reading: self.reading.load(Ordering::Relaxed),
             tracked: load(&self.tracked),
             folded: load(&self.folded),
+            connections_new: load(&self.connections_new),
+            connections_again: load(&self.connections_again),
+            connections_overflow: load(&self.connections_overflow),
+            connections_tracked: load(&self.connections_tracked),
+            connections_expired: load(&self.connections_expired),
+            connections_capacity: load(&self.connections_capacity),
+            connections_table_bytes: load(&self.connections_table_bytes),
             sampling_scale: self.sampling_scale.load(Ordering::Relaxed),
             sampling_episodes: load(&self.sampling_episodes),
             flushes: load(&self.flushes),
@@ -230,9 +262,13 @@ impl FlowPipeline {
 struct Reader {
     settings: PipelineSettings,
     aggregator: Aggregator,
+    connections: Connections,
     sampler: Sampler,
     /// When the current interval is flushed (`None`: nothing counted yet).
     flush_at: Option<Instant>,
+    /// When the connection table is swept with no flush due (`None`: it is empty), so that an
+    /// idle agent gives back what a burst grew it by: one wake-up after the last tuple expired.
+    sweep_at: Option<Instant>,
     flush_tx: SyncSender<Vec<FlowRecord>>,
     /// A flush `flowstore` had no room for yet.
     held: Option<Vec<FlowRecord>>,
@@ -245,9 +281,11 @@ impl Reader {
         let started = Instant::now();
         Self {
             aggregator: Aggregator::new(settings.tracked_flows),
+            connections: Connections::new(settings.tracked_connections, settings.connection_timeouts),
             sampler: Sampler::new(settings.sampling_threshold, 0),
             settings,
             flush_at: None,
+            sweep_at: None,
             flush_tx,
             held: None,
             stats,
@@ -257,6 +295,25 @@ impl Reader {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Monotonic seconds since the thread started: the connection table's clock (a wall clock
+    /// step must not end or prolong connections).
+    fn now_mono_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// Publishes the connection table's counters for `ven status`.
+    fn publish_connections(&self) {
+        let counters = self.connections.counters();
+        let stats = &self.stats;
+        stats.connections_new.store(counters.new, Ordering::Relaxed);
+        stats.connections_again.store(counters.again, Ordering::Relaxed);
+        stats.connections_overflow.store(counters.overflow, Ordering::Relaxed);
+        stats.connections_tracked.store(counters.tracked as u64, Ordering::Relaxed);
+        stats.connections_expired.store(counters.expired, Ordering::Relaxed);
+        stats.connections_capacity.store(self.connections.capacity() as u64, Ordering::Relaxed);
+        stats.connections_table_bytes.store(self.connections.table_bytes() as u64, Ordering::Relaxed);
     }
 
     fn run(mut self, stop: &OwnedFd) {
@@ -332,12 +389,21 @@ impl Reader {
             }
             if fds[0].revents().is_some_and(|events| !events.is_empty()) {
                 let now_secs = crate::clock::now();
-                let (aggregator, sampler) = (&mut self.aggregator, &mut self.sampler);
+                let mono = self.now_mono_secs();
+                let (aggregator, connections, sampler) =
+                    (&mut self.aggregator, &mut self.connections, &mut self.sampler);
                 let mut events = 0u64;
                 let result = reader.read_batch(|event| {
                     events += 1;
                     if let Some(scale) = sampler.admit() {
-                        aggregator.record_sampled(&event.key, now_secs, scale);
+                        let seen = connections.observe(&event.key, &event.packet, mono);
+                        let counted = Event {
+                            unix_secs: now_secs,
+                            scale,
+                            connection: seen.is_connection(),
+                            length: event.packet.length,
+                        };
+                        aggregator.record_event(&event.key, &counted);
                     }
                 });
                 FlowStats::count(&self.stats.events, events);
@@ -363,15 +429,17 @@ impl Reader {
                 let counters = self.aggregator.counters();
                 self.stats.tracked.store(counters.tracked as u64, Ordering::Relaxed);
                 self.stats.folded.store(counters.folded, Ordering::Relaxed);
+                self.publish_connections();
             }
             self.on_timers();
         }
     }
 
-    /// How long `poll` may sleep: until the flush, or the next sampling window while sampling
-    /// decides; `None` when nothing is due.
+    /// How long `poll` may sleep: until the flush or the connection table's sweep, or the next
+    /// sampling window while sampling decides; `None` when nothing is due.
     fn timeout(&self, now: Instant) -> Option<Duration> {
-        let flush = self.flush_at.map(|at| at.saturating_duration_since(now));
+        let flush = [self.flush_at, self.sweep_at].into_iter().flatten().min();
+        let flush = flush.map(|at| at.saturating_duration_since(now));
         let window = self.sampler.needs_ticks().then_some(super::sampling::WINDOW);
         match (flush, window) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -401,6 +469,18 @@ impl Reader {
         if self.flush_at.is_some_and(|at| at <= Instant::now()) {
             self.flush();
         }
+        if self.sweep_at.is_some_and(|at| at <= Instant::now()) {
+            self.sweep_connections();
+        }
+    }
+
+    /// Forgets expired tuples and, while some are left, sets the next sweep to when they all
+    /// will have expired unless seen again.
+    fn sweep_connections(&mut self) {
+        self.connections.sweep(self.now_mono_secs());
+        self.publish_connections();
+        self.sweep_at = (self.connections.counters().tracked > 0)
+            .then(|| Instant::now() + self.settings.connection_timeouts.longest() + Duration::from_secs(1));
     }
 
     /// The interval's flows as records, converted one by one (the only copy beside the table).
@@ -415,6 +495,8 @@ impl Reader {
         self.flush_at = None;
         let mut records = self.drain_records();
         self.stats.tracked.store(0, Ordering::Relaxed);
+        // The flush timer sweeps too; after the last flush, one more wake-up at most.
+        self.sweep_connections();
         if let Some(held) = self.held.take() {
             match self.flush_tx.try_send(held) {
                 Ok(()) => {}
@@ -513,6 +595,10 @@ pub fn record_of(summary: &Summary) -> FlowRecord {
         last_seen: summary.last_seen,
         sampling_scale: summary.scale,
         overflow,
+        packets: u64::from(summary.packets),
+        // Dropped traffic: every packet is logged, so the bytes are the flow's. Accepted
+        // traffic is logged while NEW only: its bytes are conntrack's to tell.
+        bytes: (verdict == LogVerdict::Dropped).then_some(summary.bytes),
     }
 }
 
@@ -562,6 +648,8 @@ mod tests {
             last_seen: 2,
             sampling_scale: 1,
             overflow: false,
+            packets: 1,
+            bytes: None,
         }]
     }
 

@@ -746,6 +746,8 @@ fn flow_batch(agent: &Agent) -> FlowBatch {
             last_seen: now,
             sampling_scale: 1,
             overflow: false,
+            packets: 1,
+            bytes: None,
         })
         .collect();
     FlowBatch { first: 1, records }

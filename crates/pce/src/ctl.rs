@@ -267,7 +267,19 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 out!("{answer:#}");
             } else {
                 print_table(
-                    &["LAST SEEN", "WORKLOAD", "SRC", "DST", "PROTO", "PORT", "VERDICT", "RULE", "COUNT"],
+                    &[
+                        "LAST SEEN",
+                        "WORKLOAD",
+                        "SRC",
+                        "DST",
+                        "PROTO",
+                        "PORT",
+                        "VERDICT",
+                        "RULE",
+                        "COUNT",
+                        "PACKETS",
+                        "BYTES",
+                    ],
                     items(&answer["flows"]).map(flow_row).collect(),
                 );
                 if answer["more"] == true {
@@ -415,6 +427,8 @@ fn flow_row(flow: &Value) -> Vec<String> {
         text(&flow["verdict"]),
         text(&flow["rule"]),
         count,
+        text(&flow["packets"]),
+        text(&flow["bytes"]),
     ]
 }
 

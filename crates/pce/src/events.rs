@@ -196,7 +196,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut reader = FrameReader::default();
     let hello = timed(Instant::now() + HELLO_TIMEOUT, reader.next::<VenFrame, _>(&mut stream)).await?;
     let (agent_id, current, refusal) = match hello {
-        VenFrame::Hello { protocol_version, .. } if protocol_version != PROTOCOL_VERSION => (
+        VenFrame::Hello { protocol_version, .. } if !ven_proto::protocol_supported(protocol_version) => (
             0,
             None,
             Some(format!(

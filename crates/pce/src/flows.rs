@@ -33,7 +33,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use ven_proto::{FlowBatch, FlowRecord, MAX_FLOWS_PER_BATCH};
+use ven_proto::{FlowBatch, FlowRecord, FlowRecordV3, MAX_FLOWS_PER_BATCH};
 
 pub const FLOWS_FILE: &str = "flows.log";
 /// Flows the PCE keeps, all workloads together (about 100 bytes each in memory, at most 70 in
@@ -43,8 +43,8 @@ pub const MAX_STORED_FLOWS: usize = 1_000_000;
 pub const COMPACT_MIN_DEAD_RECORDS: u64 = 200_000;
 /// Start of the log file; the last byte is the format.
 pub const MAGIC: &[u8; 8] = b"PCEFLOG1";
-/// Largest log entry: a full batch of the largest records (63 bytes each) and a hostname fit
-/// three times over.
+/// Largest log entry: a full batch of the largest records (84 bytes each) and a hostname fit
+/// twice over.
 const MAX_ENTRY_BYTES: usize = 4 * 1024 * 1024;
 /// Cursors per log entry of a compacted log (at most 20 bytes each).
 const CURSORS_PER_ENTRY: usize = 10_000;
@@ -116,13 +116,28 @@ pub struct FlowStats {
     pub workloads: usize,
 }
 
-/// One log entry. Replaying the entries in order rebuilds the store exactly.
+/// One log entry. Replaying the entries in order rebuilds the store exactly. Postcard encodes
+/// the variant by index: new variants only ever go at the end, so logs written by older
+/// versions stay readable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 enum Entry {
     /// First in a compacted log: the counters; no cursors yet.
     Header { dropped: u64, gaps: u64, missed: u64 },
     /// Cursors of a compacted log: (workload, highest sequence number stored).
     Cursors(Vec<(u64, u64)>),
+    /// [`Entry::Batch`] as written before records carried packets and bytes (read only).
+    BatchV3 {
+        workload_id: u64,
+        hostname: String,
+        received_at: u64,
+        through: u64,
+        missed: u64,
+        records: Vec<FlowRecordV3>,
+    },
+    /// [`Entry::Kept`] as written before records carried packets and bytes (read only).
+    KeptV3 { workload_id: u64, hostname: String, received_at: u64, records: Vec<FlowRecordV3> },
+    /// The workload unpaired: its cursor goes (its flows stay).
+    Forget { workload_id: u64 },
     /// The records one upload added; moves the workload's cursor to `through`.
     Batch {
         workload_id: u64,
@@ -134,15 +149,34 @@ enum Entry {
     },
     /// Flows of one upload, copied by a compaction (cursors untouched).
     Kept { workload_id: u64, hostname: String, received_at: u64, records: Vec<FlowRecord> },
-    /// The workload unpaired: its cursor goes (its flows stay).
-    Forget { workload_id: u64 },
 }
 
 impl Entry {
     fn records(&self) -> u64 {
         match self {
             Entry::Batch { records, .. } | Entry::Kept { records, .. } => records.len() as u64,
+            Entry::BatchV3 { records, .. } | Entry::KeptV3 { records, .. } => records.len() as u64,
             Entry::Header { .. } | Entry::Cursors(_) | Entry::Forget { .. } => 0,
+        }
+    }
+
+    /// The entry in this version's form: an old batch's records read with `packets = count`
+    /// and bytes unknown.
+    fn upgraded(self) -> Entry {
+        let upgrade = |records: Vec<FlowRecordV3>| records.into_iter().map(FlowRecord::from).collect();
+        match self {
+            Entry::BatchV3 { workload_id, hostname, received_at, through, missed, records } => Entry::Batch {
+                workload_id,
+                hostname,
+                received_at,
+                through,
+                missed,
+                records: upgrade(records),
+            },
+            Entry::KeptV3 { workload_id, hostname, received_at, records } => {
+                Entry::Kept { workload_id, hostname, received_at, records: upgrade(records) }
+            }
+            entry => entry,
         }
     }
 }
@@ -357,6 +391,7 @@ impl FlowStore {
             Entry::Forget { workload_id } => {
                 self.cursors.remove(&workload_id);
             }
+            old @ (Entry::BatchV3 { .. } | Entry::KeptV3 { .. }) => self.apply(old.upgraded()),
         }
     }
 
@@ -654,6 +689,8 @@ pub(crate) mod tests {
             last_seen: at + 5,
             sampling_scale: 1,
             overflow: false,
+            packets: 1,
+            bytes: None,
         }
     }
 
@@ -952,5 +989,101 @@ pub(crate) mod tests {
         fuzz_flow_log(&log[MAGIC.len()..]);
         fuzz_flow_log(&log[MAGIC.len()..log.len() - 1]);
         fuzz_flow_log(b"");
+    }
+
+    /// A log written before records carried packets and bytes (protocol version 3): its
+    /// entries are encoded here exactly as that version's enum encoded them (variant 2 a batch
+    /// of `FlowRecordV3`s). It replays with packets = count and bytes unknown, new uploads append
+    /// beside it.
+    #[test]
+    fn a_log_written_before_packets_and_bytes_replays() {
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum OldEntry {
+            Header {
+                dropped: u64,
+                gaps: u64,
+                missed: u64,
+            },
+            Cursors(Vec<(u64, u64)>),
+            Batch {
+                workload_id: u64,
+                hostname: String,
+                received_at: u64,
+                through: u64,
+                missed: u64,
+                records: Vec<FlowRecordV3>,
+            },
+        }
+        let dir = scratch_dir("flows-v3");
+        let old: Vec<FlowRecordV3> = batch(1, 3)
+            .records
+            .into_iter()
+            .map(|r| FlowRecordV3::from(FlowRecord { count: 4, ..r }))
+            .collect();
+        let entry = OldEntry::Batch {
+            workload_id: 1,
+            hostname: "web".into(),
+            received_at: 50,
+            through: 3,
+            missed: 0,
+            records: old,
+        };
+        let mut log = MAGIC.to_vec();
+        log.extend_from_slice(&frame_payload(&ven_proto::encode(&entry)));
+        fs::write(dir.join(FLOWS_FILE), &log).unwrap();
+
+        let mut store = FlowStore::open_with(&dir, 100, 2).unwrap();
+        assert_eq!(store.cursor(1), 3);
+        assert_eq!(store.flows().len(), 3);
+        assert!(
+            store.flows().iter().all(|f| (f.record.count, f.record.packets, f.record.bytes) == (4, 4, None))
+        );
+        let newer = FlowBatch {
+            first: 4,
+            records: vec![FlowRecord { packets: 9, bytes: Some(540), ..batch(4, 1).records[0] }],
+        };
+        store.ingest(1, "web", newer, 60).unwrap();
+        store.forget(1).unwrap();
+        store.ingest(1, "web", batch(1, 6), 61).unwrap();
+        drop(store);
+        let store = FlowStore::open_with(&dir, 100, 2).unwrap();
+        let flows = store.flows();
+        assert_eq!(flows.len(), 4 + 6, "the old batch, the new one and the re-upload");
+        assert_eq!((flows[3].record.packets, flows[3].record.bytes), (9, Some(540)));
+        assert_eq!((flows[0].record.packets, flows[0].record.bytes), (4, None));
+    }
+
+    /// The seeds of the `flow_batches` fuzz target (fuzz/seeds/flow_batches/): a batch of this
+    /// version, and a flow log whose entries are of this version. Built here and compared with
+    /// the files; `VEN_WRITE_FUZZ_SEEDS=1 cargo test -p pce --lib fuzz_seeds` writes them again.
+    #[test]
+    fn fuzz_seeds_of_batches_and_logs_are_current() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/flow_batches");
+        let mut records = batch(1, 2);
+        records.records[0].bytes = Some(240);
+        records.records[0].packets = 4;
+        let batch_bytes = ven_proto::encode(&records);
+        let mut log = MAGIC.to_vec();
+        log.extend_from_slice(&frame(&Entry::Batch {
+            workload_id: 1,
+            hostname: "web".into(),
+            received_at: 50,
+            through: 2,
+            missed: 0,
+            records: records.records.clone(),
+        }));
+        // The fuzz target reads a log without its magic.
+        let seeds = [("batch-v4", batch_bytes), ("log-v4", log[MAGIC.len()..].to_vec())];
+        for (name, bytes) in &seeds {
+            let path = dir.join(name);
+            if std::env::var_os("VEN_WRITE_FUZZ_SEEDS").is_some() {
+                fs::create_dir_all(&dir).unwrap();
+                fs::write(&path, bytes).unwrap();
+            }
+            assert_eq!(&fs::read(&path).unwrap(), bytes, "{} is stale", path.display());
+            fuzz_flow_batch(bytes);
+            fuzz_flow_log(bytes);
+        }
     }
 }

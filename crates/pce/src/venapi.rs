@@ -31,13 +31,17 @@ const MAX_EVENT_TEXT_BYTES: usize = 1024;
 
 pub fn handle(app: &App, request: &Request) -> Response {
     let version = request.header(PROTOCOL_HEADER);
-    if version != Some(PROTOCOL_VERSION.to_string().as_str()) {
+    // Version 3 (before packets and bytes in flow records) differs only in the flow batch.
+    let Some(version) =
+        version.and_then(|v| v.parse::<u16>().ok()).filter(|&v| ven_proto::protocol_supported(v))
+    else {
         let message = format!(
-            "this PCE speaks VEN protocol {PROTOCOL_VERSION}; the request names {}",
+            "this PCE speaks VEN protocol {}..={PROTOCOL_VERSION}; the request names {}",
+            ven_proto::OLDEST_PROTOCOL_VERSION,
             version.map_or("none".to_string(), |v| format!("{v:?}"))
         );
         return error(409, ErrorKind::ProtocolMismatch, message);
-    }
+    };
     let result = match (request.head.method.as_str(), request.head.path.as_str()) {
         ("POST", path::ACTIVATE) => activate(app, request),
         ("POST", path::HEARTBEAT) => heartbeat(app, request),
@@ -45,7 +49,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::GOODBYE) => goodbye(app, request),
         ("POST", path::DEACTIVATE) => deactivate(app, request),
         ("POST", path::SUSPEND) => suspend(app, request),
-        ("POST", path::FLOWS) => upload_flows(app, request),
+        ("POST", path::FLOWS) => upload_flows(app, request, version),
         (
             method,
             known @ (path::ACTIVATE
@@ -192,9 +196,13 @@ fn suspend(app: &App, request: &Request) -> Answer {
 }
 
 /// Stores the records above the workload's cursor and acknowledges the cursor (see `flows`).
-fn upload_flows(app: &App, request: &Request) -> Answer {
+fn upload_flows(app: &App, request: &Request, version: u16) -> Answer {
     let agent_id = authenticate(app, request)?;
-    let batch: FlowBatch = decode(request)?;
+    let batch: FlowBatch = if version < PROTOCOL_VERSION {
+        FlowBatch::from(decode::<ven_proto::FlowBatchV3>(request)?)
+    } else {
+        decode(request)?
+    };
     let hostname = app.store().state().workloads.get(&agent_id).map(|workload| workload.hostname.clone());
     let Some(hostname) = hostname else {
         return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));

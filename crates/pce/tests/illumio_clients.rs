@@ -145,6 +145,8 @@ fn flow(
         last_seen: now - 30,
         sampling_scale: 1,
         overflow: false,
+        packets: 1,
+        bytes: None,
     }
 }
 

@@ -365,6 +365,8 @@ fn flow(src: &str, dst: &str, protocol: u8, port: u16, verdict: FlowVerdict, at:
         last_seen: at + 5,
         sampling_scale: 1,
         overflow: false,
+        packets: 1,
+        bytes: None,
     }
 }
 
@@ -491,7 +493,19 @@ fn flow_uploads_are_stored_once_queried_and_kept_across_a_restart() {
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         cells,
-        ["2026-11-27T12:06:45Z", "web", "198.18.0.2", "198.18.1.4", "tcp", "22", "would-drop", "0", "2"]
+        [
+            "2026-11-27T12:06:45Z",
+            "web",
+            "198.18.0.2",
+            "198.18.1.4",
+            "tcp",
+            "22",
+            "would-drop",
+            "0",
+            "2",
+            "1",
+            "-"
+        ]
     );
     let json: serde_json::Value =
         serde_json::from_str(&cli_ok(d, api, &["traffic", "--json", "--limit", "1"])).expect("JSON");
@@ -565,5 +579,37 @@ fn flow_uploads_are_stored_once_queried_and_kept_across_a_restart() {
     assert_eq!(status, 204);
     assert_eq!(upload(&ven, &db_auth, &ask).0, 401);
     assert_eq!(traffic(&ven, d, "workload=db"), (vec![9000], 1));
+
+    // A VEN of protocol version 3 (records without packets and bytes) still uploads; its
+    // records read with packets = count and bytes unknown. Version 2 is refused.
+    let old = ven_proto::FlowBatchV3 {
+        first: 13,
+        records: vec![ven_proto::FlowRecordV3::from(FlowRecord {
+            count: 3,
+            ..flow("198.18.0.2", "198.18.0.3", 6, 6543, Allowed, T + 800)
+        })],
+    };
+    let (status, body) = ven.call(
+        "POST",
+        path::FLOWS,
+        Some(&web_auth),
+        &[(ven_proto::PROTOCOL_HEADER, "3")],
+        ven_proto::encode(&old),
+    );
+    assert_eq!((status, decode::<FlowAck>(&body)), (200, FlowAck { through: 13 }));
+    let (_, _, stored) = ven.admin_get(d, "traffic_flows?port=6543");
+    let stored = &stored["flows"][0];
+    assert_eq!(
+        (&stored["count"], &stored["packets"], &stored["bytes"]),
+        (&3.into(), &3.into(), &serde_json::Value::Null)
+    );
+    let (status, _) = ven.call(
+        "POST",
+        path::FLOWS,
+        Some(&web_auth),
+        &[(ven_proto::PROTOCOL_HEADER, "2")],
+        ven_proto::encode(&old),
+    );
+    assert_eq!(status, 409);
     server.stop();
 }

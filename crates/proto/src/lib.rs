@@ -22,8 +22,16 @@ use serde::{Deserialize, Serialize};
 /// Version of the messages in this crate. A PCE answers a request carrying another version with
 /// `409 Conflict` and an [`ErrorBody`] of kind [`ErrorKind::ProtocolMismatch`].
 // History: 1 = walking skeleton; 2 = custom rules in policies, agent events in heartbeats,
-// suspend notices; 3 = flow uploads.
-pub const PROTOCOL_VERSION: u16 = 3;
+// suspend notices; 3 = flow uploads; 4 = flow records carry packets and bytes (a PCE still takes
+// version 3 requests: only the flow batch changed, see [`FlowBatchV3`]).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// Oldest version a PCE still answers: version 3 differs only in [`FlowRecordV3`].
+pub const OLDEST_PROTOCOL_VERSION: u16 = 3;
+
+/// Whether a PCE of this version answers a request naming `version`.
+pub fn protocol_supported(version: u16) -> bool {
+    (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 /// HTTP header carrying [`PROTOCOL_VERSION`] on every VEN API request and response.
 pub const PROTOCOL_HEADER: &str = "x-ven-protocol";
 /// Content type of postcard bodies on the VEN API.
@@ -418,6 +426,11 @@ impl std::str::FromStr for FlowVerdict {
 
 /// One flow summary: the traffic of one (source, destination, protocol, destination port,
 /// verdict) seen during one flush interval of the VEN.
+///
+/// `count` is connections: a packet whose 5-tuple (ICMP: type, code, echo id) the VEN saw within
+/// the protocol's unreplied timeout counts a packet, not a connection. `packets` and `bytes`
+/// are what the log rules saw (every packet of dropped traffic, the first packets of accepted
+/// connections), or conntrack's accounting of accepted connections when the host enables it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FlowRecord {
     /// Unspecified (0.0.0.0) in an overflow record.
@@ -430,7 +443,7 @@ pub struct FlowRecord {
     pub verdict: FlowVerdict,
     /// Policy rule that allowed it (0: none).
     pub rule: u32,
-    /// Connections (allowed, observed, would-drop) or dropped packets, scaled when sampled.
+    /// Connections, scaled when sampled.
     pub count: u32,
     /// Unix seconds of the first and last packet seen.
     pub first_seen: u32,
@@ -440,9 +453,142 @@ pub struct FlowRecord {
     /// The VEN's table of flows was full: this record folds every flow it could not track,
     /// with this verdict, into one (addresses unspecified, port and protocol 0).
     pub overflow: bool,
+    /// Packets, scaled when sampled (at least `count` for records of this version; a record
+    /// of protocol version 3 reads with `packets = count`).
+    pub packets: u64,
+    /// Bytes of those packets (IP length), `None` when unknown: accepted traffic without
+    /// conntrack accounting, and records of protocol version 3.
+    pub bytes: Option<u64>,
 }
 
-/// Most records in one [`FlowBatch`] (about 40 bytes each on the wire).
+/// [`FlowRecord`] as protocol version 3 and the stores written by it encode it: no packets or
+/// bytes, `count` being connections or dropped packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FlowRecordV3 {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+    pub verdict: FlowVerdict,
+    pub rule: u32,
+    pub count: u32,
+    pub first_seen: u32,
+    pub last_seen: u32,
+    pub sampling_scale: u16,
+    pub overflow: bool,
+}
+
+impl From<FlowRecordV3> for FlowRecord {
+    fn from(old: FlowRecordV3) -> Self {
+        let FlowRecordV3 {
+            src,
+            dst,
+            protocol,
+            port,
+            verdict,
+            rule,
+            count,
+            first_seen,
+            last_seen,
+            sampling_scale,
+            overflow,
+        } = old;
+        Self {
+            src,
+            dst,
+            protocol,
+            port,
+            verdict,
+            rule,
+            count,
+            first_seen,
+            last_seen,
+            sampling_scale,
+            overflow,
+            packets: u64::from(count),
+            bytes: None,
+        }
+    }
+}
+
+impl From<FlowRecord> for FlowRecordV3 {
+    fn from(record: FlowRecord) -> Self {
+        let FlowRecord {
+            src,
+            dst,
+            protocol,
+            port,
+            verdict,
+            rule,
+            count,
+            first_seen,
+            last_seen,
+            sampling_scale,
+            overflow,
+            ..
+        } = record;
+        Self {
+            src,
+            dst,
+            protocol,
+            port,
+            verdict,
+            rule,
+            count,
+            first_seen,
+            last_seen,
+            sampling_scale,
+            overflow,
+        }
+    }
+}
+
+/// Stored flow records (the VEN's flow stores, the PCE's flow log) are tagged so that records of
+/// older versions stay readable: a stored record of this version is [`FLOW_ROW_TAG`] followed by
+/// its postcard encoding; one of version 3 is the bare postcard [`FlowRecordV3`], whose first
+/// byte (the source address's variant, 0 or 1) is never the tag.
+pub mod flow_row {
+    use super::{DecodeError, FlowRecord, FlowRecordV3};
+
+    /// First byte of a stored record carrying packets and bytes.
+    pub const FLOW_ROW_TAG: u8 = 0x02;
+    /// Largest stored record: the tag, two IPv6 addresses (17 bytes each) and every varint at
+    /// its widest (tested).
+    pub const MAX_ROW_BYTES: usize = 85;
+
+    /// Encodes `record` as a stored row into `buffer` (empty only if it did not fit, which
+    /// [`MAX_ROW_BYTES`] rules out).
+    pub fn encode<'b>(record: &FlowRecord, buffer: &'b mut [u8; MAX_ROW_BYTES]) -> &'b [u8] {
+        let (tag, rest) = buffer.split_at_mut(1);
+        tag[0] = FLOW_ROW_TAG;
+        match postcard::to_slice(record, rest) {
+            Ok(body) => {
+                let len = body.len() + 1;
+                &buffer[..len]
+            }
+            Err(_) => &[],
+        }
+    }
+
+    /// Encodes `record` as a stored row at the end of `out`.
+    pub fn encode_into(record: &FlowRecord, out: &mut Vec<u8>) {
+        let mut buffer = [0; MAX_ROW_BYTES];
+        out.extend_from_slice(encode(record, &mut buffer));
+    }
+
+    /// Decodes the stored row at the start of `bytes` (this version's or version 3's) and
+    /// returns it with the bytes after it. Never panics.
+    pub fn take(bytes: &[u8]) -> Result<(FlowRecord, &[u8]), DecodeError> {
+        match bytes.split_first() {
+            Some((&FLOW_ROW_TAG, rest)) => postcard::take_from_bytes::<FlowRecord>(rest).map_err(DecodeError),
+            _ => postcard::take_from_bytes::<FlowRecordV3>(bytes)
+                .map(|(old, rest)| (FlowRecord::from(old), rest))
+                .map_err(DecodeError),
+        }
+    }
+}
+
+/// Most records in one [`FlowBatch`] (about 45 bytes each on the wire).
 pub const MAX_FLOWS_PER_BATCH: usize = 20_000;
 
 /// A run of the VEN's flow records, numbered by the VEN: `records[i]` has sequence number
@@ -451,6 +597,20 @@ pub const MAX_FLOWS_PER_BATCH: usize = 20_000;
 pub struct FlowBatch {
     pub first: u64,
     pub records: Vec<FlowRecord>,
+}
+
+/// [`FlowBatch`] as a VEN of protocol version 3 uploads it; the PCE reads it with
+/// `packets = count` and bytes unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowBatchV3 {
+    pub first: u64,
+    pub records: Vec<FlowRecordV3>,
+}
+
+impl From<FlowBatchV3> for FlowBatch {
+    fn from(old: FlowBatchV3) -> Self {
+        Self { first: old.first, records: old.records.into_iter().map(FlowRecord::from).collect() }
+    }
 }
 
 /// The PCE stored every record up to and including sequence number `through`.
@@ -528,6 +688,76 @@ mod tests {
         let bytes = encode(&policy);
         assert_eq!(decode::<Policy>(&bytes).unwrap(), policy);
         assert!(decode::<Policy>(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    fn record(src: &str, dst: &str) -> FlowRecord {
+        FlowRecord {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: 6,
+            port: 5432,
+            verdict: FlowVerdict::Dropped,
+            rule: 0,
+            count: 1,
+            first_seen: 1_700_000_000,
+            last_seen: 1_700_000_004,
+            sampling_scale: 1,
+            overflow: false,
+            packets: 4,
+            bytes: Some(240),
+        }
+    }
+
+    #[test]
+    fn flow_rows_of_both_versions_decode() {
+        let new = record("198.18.0.2", "198.18.0.3");
+        let old = FlowRecordV3::from(record("2001:2::2", "2001:2::3"));
+        let mut bytes = Vec::new();
+        flow_row::encode_into(&new, &mut bytes);
+        assert_eq!(bytes[0], flow_row::FLOW_ROW_TAG);
+        bytes.extend_from_slice(&encode(&old));
+        let (first, rest) = flow_row::take(&bytes).unwrap();
+        assert_eq!(first, new);
+        let (second, rest) = flow_row::take(rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!((second.count, second.packets, second.bytes), (1, 1, None), "old rows: packets = count");
+        assert_eq!(FlowRecordV3::from(second), old);
+        assert!(flow_row::take(&[flow_row::FLOW_ROW_TAG]).is_err());
+        assert!(flow_row::take(&[7, 1, 2]).is_err());
+        assert!(flow_row::take(&[]).is_err());
+    }
+
+    #[test]
+    fn the_widest_flow_row_fits_its_buffer() {
+        let widest = FlowRecord {
+            src: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+            dst: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+            protocol: u8::MAX,
+            port: u16::MAX,
+            verdict: FlowVerdict::Dropped,
+            rule: u32::MAX,
+            count: u32::MAX,
+            first_seen: u32::MAX,
+            last_seen: u32::MAX,
+            sampling_scale: u16::MAX,
+            overflow: true,
+            packets: u64::MAX,
+            bytes: Some(u64::MAX),
+        };
+        let mut buffer = [0; flow_row::MAX_ROW_BYTES];
+        let row = flow_row::encode(&widest, &mut buffer);
+        assert_eq!(row.len(), flow_row::MAX_ROW_BYTES);
+        assert_eq!(flow_row::take(row).unwrap().0, widest);
+    }
+
+    #[test]
+    fn a_version_3_batch_reads_as_this_version() {
+        let old =
+            FlowBatchV3 { first: 7, records: vec![FlowRecordV3::from(record("198.18.0.2", "198.18.0.3"))] };
+        let batch = FlowBatch::from(decode::<FlowBatchV3>(&encode(&old)).unwrap());
+        assert_eq!((batch.first, batch.records[0].packets, batch.records[0].bytes), (7, 1, None));
+        assert!(protocol_supported(3) && protocol_supported(PROTOCOL_VERSION));
+        assert!(!protocol_supported(2) && !protocol_supported(PROTOCOL_VERSION + 1));
     }
 
     #[test]

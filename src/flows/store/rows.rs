@@ -3,7 +3,8 @@
 //! next upload batch. No I/O here; everything is unit tested in `super::tests`.
 //!
 //! Raw rows are stored in chunks: one value of flow.db's "flows" table holds consecutive rows
-//! (postcard records back to back, at most [`CHUNK_BYTES`]) under the sequence number of its
+//! (tagged postcard records back to back, [`ven_proto::flow_row`], at most [`CHUNK_BYTES`])
+//! under the sequence number of its
 //! first row. redb splits a full leaf page in the middle, so rows stored one per key leave
 //! sequential appends' leaves half full (measured: 107 bytes a row on disk); a chunk fills a
 //! leaf on its own, and the last chunk is continued by the next flush.
@@ -18,15 +19,16 @@ use super::{FlowQuery, VerdictFilter};
 /// then protocol, port (big-endian, so keys sort by port) and verdict.
 pub(super) const SUMMARY_KEY_BYTES: usize = 2 * 17 + 1 + 2 + 1;
 
-/// Largest encoded row: two IPv6 addresses (17 bytes each) and every varint at its widest
-/// make 63 bytes (tested).
-pub(super) const ROW_BUFFER_BYTES: usize = 64;
+/// Largest encoded row: the tag, two IPv6 addresses (17 bytes each) and every varint at its
+/// widest make 85 bytes (tested in ven_proto).
+pub(super) const ROW_BUFFER_BYTES: usize = ven_proto::flow_row::MAX_ROW_BYTES;
 
-/// Encodes one flow record as a stored row (postcard, as on the wire) into `buffer`.
+/// Encodes one flow record as a stored row (the tag, then postcard as on the wire) into
+/// `buffer`. Rows written before packets and bytes (protocol version 3, no tag) still decode.
 pub(super) fn encode_row<'b>(record: &FlowRecord, buffer: &'b mut [u8; ROW_BUFFER_BYTES]) -> &'b [u8] {
     // INVARIANT: every record fits the buffer, so this never yields the empty row (which would
     // be stored as an undecodable one rather than panic).
-    postcard::to_slice(record, buffer).map(|bytes| &*bytes).unwrap_or_default()
+    ven_proto::flow_row::encode(record, buffer)
 }
 
 /// Most bytes of rows in one chunk: alone it fills a redb leaf page (4096 bytes, less 4 of
@@ -40,7 +42,7 @@ pub(super) fn decode_chunk(first: u64, chunk: &[u8], mut each: impl FnMut(u64, O
     let mut rest = chunk;
     let mut seq = first;
     while !rest.is_empty() {
-        match postcard::take_from_bytes::<FlowRecord>(rest) {
+        match ven_proto::flow_row::take(rest) {
             Ok((record, tail)) => {
                 if !each(seq, Some(record)) {
                     return;
@@ -71,7 +73,7 @@ pub(super) fn whole_chunk_rows(chunk: &[u8]) -> Option<u64> {
 /// Decodes a stored aggregate; `None` when the bytes are not exactly one record (garbage,
 /// truncated, trailing bytes). Never panics.
 pub fn decode_row(bytes: &[u8]) -> Option<FlowRecord> {
-    match postcard::take_from_bytes::<FlowRecord>(bytes) {
+    match ven_proto::flow_row::take(bytes) {
         Ok((record, [])) => Some(record),
         _ => None,
     }
@@ -107,12 +109,18 @@ fn verdict_byte(verdict: FlowVerdict) -> u8 {
     }
 }
 
-/// Folds `newer` into the aggregate `stored` of the same key: counts add (saturating), the
-/// earliest first and latest last sighting, the largest sampling scale, overflow if either was,
-/// and the rule of `newer` (the latest appended).
+/// Folds `newer` into the aggregate `stored` of the same key: counts, packets and bytes add
+/// (saturating; bytes stay unknown once either is), the earliest first and latest last
+/// sighting, the largest sampling scale, overflow if either was, and the rule of `newer` (the
+/// latest appended).
 pub(super) fn merge(stored: &FlowRecord, newer: &FlowRecord) -> FlowRecord {
     FlowRecord {
         count: stored.count.saturating_add(newer.count),
+        packets: stored.packets.saturating_add(newer.packets),
+        bytes: match (stored.bytes, newer.bytes) {
+            (Some(a), Some(b)) => Some(a.saturating_add(b)),
+            _ => None,
+        },
         first_seen: stored.first_seen.min(newer.first_seen),
         last_seen: stored.last_seen.max(newer.last_seen),
         sampling_scale: stored.sampling_scale.max(newer.sampling_scale),

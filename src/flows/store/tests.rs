@@ -23,6 +23,8 @@ fn record(src: &str, dst: &str, port: u16, verdict: FlowVerdict) -> FlowRecord {
         last_seen: 1_000,
         sampling_scale: 1,
         overflow: false,
+        packets: 1,
+        bytes: None,
     }
 }
 
@@ -58,11 +60,12 @@ fn the_widest_record_fits_the_row_buffer() {
         last_seen: u32::MAX,
         sampling_scale: u16::MAX,
         overflow: true,
+        packets: u64::MAX,
+        bytes: Some(u64::MAX),
     };
-    let encoded = ven_proto::encode(&widest);
-    assert_eq!(encoded.len(), 63);
-    assert!(encoded.len() <= ROW_BUFFER_BYTES);
-    assert_eq!(row(&widest), encoded);
+    let encoded = row(&widest);
+    assert_eq!(encoded.len(), 85, "the tag and the widest postcard record");
+    assert_eq!(&encoded[1..], ven_proto::encode(&widest));
     assert_eq!(rows::decode_row(&encoded), Some(widest));
 }
 
@@ -165,6 +168,8 @@ fn summary_keys_tell_apart_what_aggregation_must_and_nothing_else() {
         last_seen: 2,
         sampling_scale: 8,
         overflow: true,
+        packets: 1,
+        bytes: None,
         ..base
     };
     assert_eq!(rows::summary_key(&same), key);
@@ -456,4 +461,86 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// A store written before records carried packets and bytes: rows are bare postcard
+/// `FlowRecordV3`s (no tag). Built by writing a store, then putting back every value as the old
+/// version encoded it (byte for byte what `ven_proto::encode(&FlowRecordV3)` gives, which is
+/// what that version stored). It reads with `packets = count`, bytes unknown; new flushes
+/// continue the old chunk and merge into the old aggregates.
+#[test]
+fn a_store_written_before_packets_and_bytes_stays_readable() {
+    use ven_proto::FlowRecordV3;
+    let dir = TempDir::new("v3");
+    let store = FlowStore::new(&dir.path, LogCaps::default());
+    let a = FlowRecord { count: 3, ..record("198.18.0.1", "198.18.0.2", 443, FlowVerdict::Dropped) };
+    let b = FlowRecord { count: 2, ..record("2001:2::1", "2001:2::2", 53, FlowVerdict::Allowed) };
+    store.append(&[a, b]).unwrap();
+    let v3 = |record: &FlowRecord| ven_proto::encode(&FlowRecordV3::from(*record));
+    {
+        let db = redb::Database::open(dir.path.join("flow.db")).unwrap();
+        let write = db.begin_write().unwrap();
+        {
+            let mut table = write.open_table(FLOWS).unwrap();
+            let chunk: Vec<u8> = [a, b].iter().flat_map(v3).collect();
+            table.insert(1, &chunk[..]).unwrap();
+        }
+        write.commit().unwrap();
+        let db = redb::Database::open(dir.path.join("flowsum.db")).unwrap();
+        let write = db.begin_write().unwrap();
+        {
+            let mut table = write.open_table(SUMMARIES).unwrap();
+            for record in [a, b] {
+                table.insert(&rows::summary_key(&record)[..], &v3(&record)[..]).unwrap();
+            }
+        }
+        write.commit().unwrap();
+    }
+    let old = |record: FlowRecord| FlowRecord { packets: u64::from(record.count), bytes: None, ..record };
+    let raw = store.query(&FlowQuery { view: View::Raw, ..query(VerdictFilter::Any) }).unwrap();
+    assert_eq!(raw.rows.iter().map(|row| row.record).collect::<Vec<_>>(), [old(a), old(b)]);
+    assert_eq!(store.usage().undecodable_rows, 0);
+
+    // New rows beside old ones: both read, aggregates merge (bytes stay unknown once unknown).
+    let newer = FlowRecord { count: 1, packets: 4, bytes: Some(240), ..a };
+    store.append(&[newer]).unwrap();
+    let raw = store.query(&FlowQuery { view: View::Raw, ..query(VerdictFilter::Any) }).unwrap();
+    assert_eq!(raw.rows.iter().map(|row| row.record).collect::<Vec<_>>(), [old(a), old(b), newer]);
+    let summary =
+        store.query(&FlowQuery { view: View::Aggregated, ..query(VerdictFilter::Unallowed) }).unwrap();
+    let merged = summary.rows[0].record;
+    assert_eq!((merged.count, merged.packets, merged.bytes), (4, 7, None));
+    let batch = store.pending(10).unwrap().expect("three rows to upload");
+    assert_eq!((batch.first, batch.records.len(), batch.records[0].packets), (1, 3, 3));
+}
+
+/// The seeds of the `flow_store_rows` fuzz target (fuzz/seeds/flow_store_rows/, run with
+/// `cargo fuzz run flow_store_rows fuzz/seeds/flow_store_rows`): a chunk of rows of this
+/// version, one mixing version 3's untagged rows with tagged ones, and one aggregate. They are
+/// built here and must match the files; `VEN_WRITE_FUZZ_SEEDS=1 cargo test -p ven --lib
+/// fuzz_seeds` writes them again.
+#[test]
+fn fuzz_seeds_of_stored_rows_are_current() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/flow_store_rows");
+    let a = FlowRecord {
+        packets: 4,
+        bytes: Some(240),
+        ..record("198.18.0.1", "198.18.0.2", 443, FlowVerdict::Dropped)
+    };
+    let b = record("2001:2::1", "2001:2::2", 53, FlowVerdict::Allowed);
+    let old = ven_proto::encode(&ven_proto::FlowRecordV3::from(b));
+    let tagged: Vec<u8> = [a, b].iter().flat_map(row).collect();
+    let mixed: Vec<u8> = [row(&a), old.clone(), row(&b)].concat();
+    let seeds = [("chunk-v4", tagged.clone()), ("chunk-v3-and-v4", mixed.clone()), ("summary-v4", row(&a))];
+    for (name, bytes) in &seeds {
+        let path = dir.join(name);
+        if std::env::var_os("VEN_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        }
+        assert_eq!(&std::fs::read(&path).unwrap(), bytes, "{} is stale", path.display());
+    }
+    let (rows, undecodable) = decode_stored_chunk(1, &mixed);
+    assert_eq!((rows.len(), undecodable), (3, 0));
+    assert_eq!(rows[1].1, FlowRecord { packets: 1, bytes: None, ..b });
 }

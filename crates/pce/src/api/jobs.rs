@@ -414,6 +414,11 @@ fn traffic_query(app: &App, request: &Request) -> Answer {
                 "dst": resolver.endpoint(record.dst),
                 "service": { "port": record.port, "proto": record.protocol },
                 "num_connections": record.count,
+                // Illumio's bytes into the destination (from the logged packets, src -> dst);
+                // packets and bytes as the VEN counted them (null: unknown).
+                "dst_bi": record.bytes,
+                "packets": record.packets,
+                "bytes": record.bytes,
                 "policy_decision": decision(record.verdict),
                 "flow_direction": if reporter_is_dst { "inbound" } else { "outbound" },
                 "timestamp_range": {
