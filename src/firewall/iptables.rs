@@ -402,6 +402,45 @@ fn split_words(spec: &str) -> Vec<String> {
     words
 }
 
+/// Fuzzing (the `iptables_save` target): `text` as the `iptables-save` output a tamper check or
+/// a snapshot reads (a foreign tool may have written any rule). Never a panic; what parses gives
+/// our chains, the drift from them and well-formed restore, rollback and removal inputs; and the
+/// host's firewall without ours (the snapshot) holds none of our chains by the parser's reading.
+#[doc(hidden)]
+pub fn fuzz_save(text: &str) {
+    let snapshot = without_ours(text);
+    if let Ok(host) = parse_save(&snapshot) {
+        assert!(host.chains.iter().all(|name| !name.starts_with(CHAIN_PREFIX)), "{snapshot:?}");
+        assert!(host.rules.iter().all(|rule| !rule.chain.starts_with(CHAIN_PREFIX)), "{snapshot:?}");
+    }
+    let Ok(state) = parse_save(text) else { return };
+    let chains = ours(&state);
+    for chain in &chains {
+        assert!(chain.name.starts_with(CHAIN_PREFIX));
+        let head = format!("-A {} ", chain.name);
+        assert!(chain.rules.iter().all(|rule| rule.starts_with(&head)));
+        if let Some(hook) = &chain.hook {
+            let fixes = jump_fixes(&state, hook, &chain.name);
+            if let Some(last) = fixes.last() {
+                assert_eq!(*last, format!("-I {hook} 1 {}", jump_spec(&chain.name)));
+            }
+        }
+    }
+    let _ = drift(&chains, &state);
+    let none = FilterState::default();
+    for input in [restore_input(&chains, &state), restore_input(&chains, &none)] {
+        assert!(input.starts_with("*filter\n") && input.ends_with("COMMIT\n"));
+    }
+    let _ = rollback_input(&state, &none);
+    let _ = rollback_input(&none, &state);
+    if let Some(input) = removal_input(&state) {
+        assert!(input.starts_with("*filter\n") && input.ends_with("COMMIT\n"));
+    }
+    for rule in &state.rules {
+        let _ = (rule.target(), hash_of(&rule.spec));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::render::OurChain;

@@ -333,7 +333,7 @@ impl NflogReader {
 }
 
 /// The error code of the acknowledgement of request `seq` in `datagram` (0: accepted), if there.
-pub(super) fn acknowledgement(datagram: &[u8], seq: u32) -> Option<i32> {
+pub(crate) fn acknowledgement(datagram: &[u8], seq: u32) -> Option<i32> {
     let mut offset = 0;
     while offset < datagram.len() {
         let rest = &datagram[offset..];
