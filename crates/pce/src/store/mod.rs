@@ -353,6 +353,10 @@ impl Store {
         if state.format != FORMAT {
             return Err(StoreError::Format { path: dir.join(redb_backend::STORE_FILE), found: state.format });
         }
+        // INVARIANT: what the backend holds is taken before the upgrade, so that the save below
+        // writes what the upgrade added (issue 17: it was taken after, and the default IP list
+        // and service an upgrade adds were never stored, their ids moving at each start).
+        let stored = (origin == Origin::Stored).then(|| state.clone());
         let upgraded = sec_policy::upgrade(&mut state);
         let mut store = Store {
             backend,
@@ -363,8 +367,8 @@ impl Store {
             dirty: true,
             events,
         };
-        if origin == Origin::Stored {
-            store.persisted = store.state.clone();
+        if let Some(stored) = stored {
+            store.persisted = stored;
             store.persisted_events = EventsMark::of(&store.events);
             store.dirty = false;
         }
@@ -1294,6 +1298,34 @@ mod tests {
         store.update_workload(db.agent_id, Some(vec![db_label.id]), None).unwrap();
         add_rule(&mut store, vec![web_label.id], vec![db_label.id], PG).unwrap();
         (store, web, db)
+    }
+
+    /// Issue 17 (found by the `pce_store_records` fuzz target, regression file in
+    /// fuzz/regressions/pce_store_records/): records without the default IP list and service
+    /// (an older store) were upgraded in memory at each start but never written, so their ids
+    /// moved whenever other objects were created in between.
+    #[test]
+    fn what_an_upgrade_adds_at_open_is_stored() {
+        let seed = fuzz_seed_records().unwrap();
+        let text = String::from_utf8(seed).unwrap();
+        let older: String = text
+            .lines()
+            .filter(|line| !line.contains("_ip_lists\t") && !line.contains("_services\t"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let records = fuzz_records_of(older.as_bytes());
+        assert!(
+            !records.keys().any(|(table, _)| matches!(table, backend::Table::Active(model::Kind::IpLists)))
+        );
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(records));
+        let (store, _) = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared.clone()))).unwrap();
+        assert!(!store.state.active.ip_lists.is_empty(), "the upgrade adds the default IP list");
+        let (reread, _) = backend::assemble(FuzzMemory(shared).load().unwrap()).unwrap().unwrap();
+        assert_eq!(reread.active.ip_lists, store.state.active.ip_lists);
+        assert_eq!(reread.draft.services, store.state.draft.services);
+        assert_eq!(reread.last_ip_list_id, store.state.last_ip_list_id);
+        // The fuzz target's own check, on the same input.
+        fuzz_store_records(older.as_bytes());
     }
 
     #[test]
