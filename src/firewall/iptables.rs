@@ -351,9 +351,11 @@ pub(crate) fn removal_input(current: &FilterState) -> Option<String> {
 pub(crate) fn without_ours(text: &str) -> String {
     let mut out = String::new();
     for line in text.lines() {
-        let ours = if let Some(declaration) = line.strip_prefix(':') {
+        // Read as parse_save reads it (trimmed), so the two never disagree on what is ours.
+        let trimmed = line.trim();
+        let ours = if let Some(declaration) = trimmed.strip_prefix(':') {
             declaration.starts_with(CHAIN_PREFIX)
-        } else if let Some(rule) = line.strip_prefix("-A ") {
+        } else if let Some(rule) = trimmed.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
             let saved = SavedRule { chain: chain.to_string(), spec: spec.to_string() };
             chain.starts_with(CHAIN_PREFIX) || saved.jumps_to_ours() || spec.contains(JUMP_COMMENT)
@@ -585,6 +587,12 @@ mod tests {
         assert!(host.contains(":DOCKER-LIKE - [0:0]\n-A INPUT -s 198.18.0.99/32 -j DOCKER-LIKE\n"), "{host}");
         assert!(host.contains("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"));
         assert!(!host.contains("VEN-") && !host.contains("ven:"), "{host}");
+        // Indented lines are ours as parse_save reads them (issue 17, the iptables_save target's
+        // invariant: the snapshot holds none of our chains by the parser's reading).
+        let indented =
+            "*filter\n :VEN-INPUT - [0:0]\n\t-A VEN-INPUT -j ACCEPT\n -A INPUT -j FOREIGN\nCOMMIT\n";
+        assert_eq!(without_ours(indented), "*filter\n -A INPUT -j FOREIGN\nCOMMIT\n");
+        fuzz_save(indented);
     }
 
     #[test]
