@@ -70,6 +70,8 @@ pub enum StoreError {
     Database { path: PathBuf, cause: String },
     #[error("the store's {table} record {key:?} is damaged: {source}")]
     Record { table: &'static str, key: String, source: serde_json::Error },
+    #[error("the store's {table} record {key:?} holds id {id:?}: it is damaged")]
+    MisKeyed { table: &'static str, key: String, id: String },
     #[error("the store has records but no meta/state record: it is damaged")]
     MissingMeta,
     #[error("writing {path}: {source}")]
@@ -1326,6 +1328,20 @@ mod tests {
         assert_eq!(reread.last_ip_list_id, store.state.last_ip_list_id);
         // The fuzz target's own check, on the same input.
         fuzz_store_records(older.as_bytes());
+    }
+
+    /// Issue 17 (found by the `pce_store_records` fuzz target, regression file in
+    /// fuzz/regressions/pce_store_records/crash-5706...): a record under a key that is not its id
+    /// was read as the object of that id, and a stale copy could replace the current one.
+    #[test]
+    fn a_record_under_another_key_is_damage() {
+        let seed = String::from_utf8(fuzz_seed_records().unwrap()).unwrap();
+        let moved = seed.replacen("workloads\t2\t", "workloads\t:\t", 1);
+        assert_ne!(moved, seed);
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(fuzz_records_of(moved.as_bytes())));
+        let error = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared))).err().unwrap();
+        assert_eq!(error.to_string(), "the store's workloads record \":\" holds id \"2\": it is damaged");
+        fuzz_store_records(moved.as_bytes());
     }
 
     #[test]
