@@ -354,7 +354,8 @@ pub(crate) fn without_ours(text: &str) -> String {
         // Read as parse_save reads it (trimmed), so the two never disagree on what is ours.
         let trimmed = line.trim();
         let ours = if let Some(declaration) = trimmed.strip_prefix(':') {
-            declaration.starts_with(CHAIN_PREFIX)
+            // The name is the first word, whatever whitespace comes before it.
+            declaration.split_whitespace().next().is_some_and(|name| name.starts_with(CHAIN_PREFIX))
         } else if let Some(rule) = trimmed.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
             let saved = SavedRule { chain: chain.to_string(), spec: spec.to_string() };
@@ -593,6 +594,11 @@ mod tests {
             "*filter\n :VEN-INPUT - [0:0]\n\t-A VEN-INPUT -j ACCEPT\n -A INPUT -j FOREIGN\nCOMMIT\n";
         assert_eq!(without_ours(indented), "*filter\n -A INPUT -j FOREIGN\nCOMMIT\n");
         fuzz_save(indented);
+        // Whitespace between the colon and the name (fuzz/regressions/iptables_save and
+        // policy_restore): `iptables-restore` and parse_save both skip it.
+        let spaced = "*filter\n: VEN-INPUT - [0:0]\n:\u{b}VEN-OUTPUT - [0:0]\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+        assert_eq!(without_ours(spaced), "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n");
+        fuzz_save(spaced);
     }
 
     #[test]
