@@ -13,6 +13,9 @@ pub mod config;
 pub mod conntrack;
 pub mod firewall;
 pub mod flows;
+/// Entry points of the fuzz targets and of their corpus replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod logdir;
 pub mod logging;

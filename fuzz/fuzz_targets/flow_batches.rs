@@ -2,13 +2,7 @@
 //! `FlowBatch` go through the PCE's checks and into its store (in memory; a re-send must store
 //! nothing), as a flow log they replay up to the first damaged entry and survive a compaction, as
 //! a traffic query string they parse or fail cleanly. Never a panic, never more than the bound.
-//! Seeds of this version's encoding: `cargo fuzz run flow_batches fuzz/seeds/flow_batches`.
+//! The body is `pce::fuzzing::flow_batches`, replayed by crates/pce/tests/fuzz_corpus_store.rs.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    pce::fuzzing::flow_batch(data);
-    pce::fuzzing::flow_log(data);
-    pce::fuzzing::traffic_query(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pce::fuzzing::flow_batches(data));

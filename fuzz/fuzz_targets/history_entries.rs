@@ -1,11 +1,6 @@
 //! History files read back after a crash, a torn write or tampering: corrupt input is reported,
 //! never misread or panicked on, and what decodes renders without panicking.
+//! The body is `ven::fuzzing::history_entries`, which tests/fuzz_corpus.rs replays on the corpus.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    if let Ok(entry) = ven::history::decode_entry(data) {
-        let _ = ven::history::render_entry(&entry);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ven::fuzzing::history_entries(data));

@@ -1,10 +1,6 @@
 //! The kernel's answer to NFT_MSG_GETGEN, read on every quick tamper check: truncated or
 //! garbled datagrams are errors, never panics.
+//! The body is `ven::fuzzing::nft_generation`, which tests/fuzz_corpus.rs replays on the corpus.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let seq = data.first().copied().map_or(0, u32::from);
-    let _ = ven::firewall::parse_generation_reply(data, seq);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ven::fuzzing::nft_generation(data));

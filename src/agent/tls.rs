@@ -58,10 +58,19 @@ pub fn parse_fingerprint(text: &str) -> Result<String, TlsError> {
 pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, TlsError> {
     let bytes = std::fs::read(path)
         .map_err(|e| TlsError::ReadCa { path: path.display().to_string(), cause: e.to_string() })?;
+    parse_ca(bytes).map_err(|error| match error {
+        TlsError::ReadCa { cause, .. } => TlsError::ReadCa { path: path.display().to_string(), cause },
+        other => other,
+    })
+}
+
+/// The CA certificate (DER) in the bytes of a CA file: the first CERTIFICATE block of PEM, or DER;
+/// it must be usable as a trust anchor. Errors name no path (the caller adds it).
+pub fn parse_ca(bytes: Vec<u8>) -> Result<Vec<u8>, TlsError> {
     let der = match CertificateDer::from_pem_slice(&bytes) {
         Ok(cert) => cert.to_vec(),
         Err(_) if bytes.first() == Some(&0x30) => bytes,
-        Err(e) => return Err(TlsError::ReadCa { path: path.display().to_string(), cause: e.to_string() }),
+        Err(e) => return Err(TlsError::ReadCa { path: String::new(), cause: e.to_string() }),
     };
     roots(&der)?;
     Ok(der)

@@ -356,6 +356,44 @@ fn member_text(family: Family, member: &IpNet) -> String {
     if member.prefix() == family.host_prefix() { member.addr().to_string() } else { member.to_string() }
 }
 
+/// Fuzzing (the `ipset_save` target): `text` as the `ipset save` output a full tamper check, an
+/// apply or a snapshot reads. Never a panic; only our sets come out, plans against them render,
+/// the snapshot text without ours parses to no set of ours, and a snapshot restored over the
+/// same sets finds none created since.
+#[doc(hidden)]
+pub fn fuzz_save(text: &str) {
+    if let Ok(sets) = parse_save(text) {
+        assert!(sets.keys().all(|name| name.starts_with(SET_PREFIX)));
+        for family in Family::ALL {
+            for set in sets.values() {
+                let _ = (same_type(&set.header, family), maxelem_of(&set.header));
+            }
+            let _ = plan(family, &sets, &DesiredSets::new(), 0).render();
+            let kept: DesiredSets = sets
+                .iter()
+                .filter(|(name, _)| family.owns_set(name))
+                .map(|(name, set)| (name.clone(), set.members.clone()))
+                .collect();
+            let update = plan(family, &sets, &kept, 1024);
+            assert_eq!((update.added(), update.removed()), (0, 0));
+            let _ = update.render();
+        }
+    }
+    let snapshot = without_ours(text);
+    assert!(parse_save(&snapshot).is_ok_and(|sets| sets.is_empty()), "{snapshot:?}");
+    assert!(snapshot_plan(&snapshot, &snapshot).created_since.is_empty());
+    let _ = snapshot_plan(text, "");
+}
+
+/// Fuzzing (the `ipset_list` target): `text` as `ipset list -t` (or `ipset list`) output, read on
+/// every quick tamper check where the kernel lacks IPSET_ATTR_ELEMENTS. Only our sets come out.
+#[doc(hidden)]
+pub fn fuzz_list(text: &str) {
+    let sizes = parse_terse(text);
+    assert!(sizes.keys().all(|name| name.starts_with(SET_PREFIX)));
+    assert!(sizes.len() <= text.matches("Number of entries:").count());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

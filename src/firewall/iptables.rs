@@ -351,9 +351,12 @@ pub(crate) fn removal_input(current: &FilterState) -> Option<String> {
 pub(crate) fn without_ours(text: &str) -> String {
     let mut out = String::new();
     for line in text.lines() {
-        let ours = if let Some(declaration) = line.strip_prefix(':') {
-            declaration.starts_with(CHAIN_PREFIX)
-        } else if let Some(rule) = line.strip_prefix("-A ") {
+        // Read as parse_save reads it (trimmed), so the two never disagree on what is ours.
+        let trimmed = line.trim();
+        let ours = if let Some(declaration) = trimmed.strip_prefix(':') {
+            // The name is the first word, whatever whitespace comes before it.
+            declaration.split_whitespace().next().is_some_and(|name| name.starts_with(CHAIN_PREFIX))
+        } else if let Some(rule) = trimmed.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
             let saved = SavedRule { chain: chain.to_string(), spec: spec.to_string() };
             chain.starts_with(CHAIN_PREFIX) || saved.jumps_to_ours() || spec.contains(JUMP_COMMENT)
@@ -400,6 +403,45 @@ fn split_words(spec: &str) -> Vec<String> {
         words.push(word);
     }
     words
+}
+
+/// Fuzzing (the `iptables_save` target): `text` as the `iptables-save` output a tamper check or
+/// a snapshot reads (a foreign tool may have written any rule). Never a panic; what parses gives
+/// our chains, the drift from them and well-formed restore, rollback and removal inputs; and the
+/// host's firewall without ours (the snapshot) holds none of our chains by the parser's reading.
+#[doc(hidden)]
+pub fn fuzz_save(text: &str) {
+    let snapshot = without_ours(text);
+    if let Ok(host) = parse_save(&snapshot) {
+        assert!(host.chains.iter().all(|name| !name.starts_with(CHAIN_PREFIX)), "{snapshot:?}");
+        assert!(host.rules.iter().all(|rule| !rule.chain.starts_with(CHAIN_PREFIX)), "{snapshot:?}");
+    }
+    let Ok(state) = parse_save(text) else { return };
+    let chains = ours(&state);
+    for chain in &chains {
+        assert!(chain.name.starts_with(CHAIN_PREFIX));
+        let head = format!("-A {} ", chain.name);
+        assert!(chain.rules.iter().all(|rule| rule.starts_with(&head)));
+        if let Some(hook) = &chain.hook {
+            let fixes = jump_fixes(&state, hook, &chain.name);
+            if let Some(last) = fixes.last() {
+                assert_eq!(*last, format!("-I {hook} 1 {}", jump_spec(&chain.name)));
+            }
+        }
+    }
+    let _ = drift(&chains, &state);
+    let none = FilterState::default();
+    for input in [restore_input(&chains, &state), restore_input(&chains, &none)] {
+        assert!(input.starts_with("*filter\n") && input.ends_with("COMMIT\n"));
+    }
+    let _ = rollback_input(&state, &none);
+    let _ = rollback_input(&none, &state);
+    if let Some(input) = removal_input(&state) {
+        assert!(input.starts_with("*filter\n") && input.ends_with("COMMIT\n"));
+    }
+    for rule in &state.rules {
+        let _ = (rule.target(), hash_of(&rule.spec));
+    }
 }
 
 #[cfg(test)]
@@ -546,6 +588,17 @@ mod tests {
         assert!(host.contains(":DOCKER-LIKE - [0:0]\n-A INPUT -s 198.18.0.99/32 -j DOCKER-LIKE\n"), "{host}");
         assert!(host.contains("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"));
         assert!(!host.contains("VEN-") && !host.contains("ven:"), "{host}");
+        // Indented lines are ours as parse_save reads them (issue 17, the iptables_save target's
+        // invariant: the snapshot holds none of our chains by the parser's reading).
+        let indented =
+            "*filter\n :VEN-INPUT - [0:0]\n\t-A VEN-INPUT -j ACCEPT\n -A INPUT -j FOREIGN\nCOMMIT\n";
+        assert_eq!(without_ours(indented), "*filter\n -A INPUT -j FOREIGN\nCOMMIT\n");
+        fuzz_save(indented);
+        // Whitespace between the colon and the name (fuzz/regressions/iptables_save and
+        // policy_restore): `iptables-restore` and parse_save both skip it.
+        let spaced = "*filter\n: VEN-INPUT - [0:0]\n:\u{b}VEN-OUTPUT - [0:0]\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+        assert_eq!(without_ours(spaced), "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n");
+        fuzz_save(spaced);
     }
 
     #[test]

@@ -631,19 +631,7 @@ impl Firewall {
     /// our sets with their member counts (what `ven history` keeps and prints).
     pub fn applied_text(&self) -> String {
         let applied = self.lock();
-        let mut text = String::new();
-        let Some(applied) = applied.as_ref() else { return text };
-        for (family, ruleset) in &applied.rulesets {
-            let _ = writeln!(text, "# {}", family.name());
-            text.push_str(&iptables::restore_input(&ruleset.chains, &iptables::FilterState::default()));
-        }
-        text.push_str("# sets\n");
-        for (family, ruleset) in &applied.rulesets {
-            for (name, members) in &ruleset.sets {
-                let _ = writeln!(text, "{name} hash:net {} {} members", family.ipset_family(), members.len());
-            }
-        }
-        text
+        applied.as_ref().map_or_else(String::new, |applied| ruleset_text(&applied.rulesets))
     }
 
     /// Takes the host's firewall as it is, without our objects (for `deactivate --firewall saved`).
@@ -898,6 +886,51 @@ pub fn parse_set_sizes_datagram(
 pub fn parse_generation_reply(datagram: &[u8], seq: u32) -> Result<Option<u32>, String> {
     generation::parse_reply(datagram, seq).map_err(|e| e.to_string())
 }
+
+/// Rulesets as text: our chains per family in iptables-restore syntax, then our sets with their
+/// member counts (what `ven history` keeps, and [`crate::history::diff_summary`] reads).
+fn ruleset_text(rulesets: &[(Family, render::Ruleset)]) -> String {
+    let mut text = String::new();
+    for (family, ruleset) in rulesets {
+        let _ = writeln!(text, "# {}", family.name());
+        text.push_str(&iptables::restore_input(&ruleset.chains, &iptables::FilterState::default()));
+    }
+    text.push_str("# sets\n");
+    for (family, ruleset) in rulesets {
+        for (name, members) in &ruleset.sets {
+            let _ = writeln!(text, "{name} hash:net {} {} members", family.ipset_family(), members.len());
+        }
+    }
+    text
+}
+
+/// For the `policy_restore` fuzz target: what restoring `policy` as the last-known-good policy
+/// programs, before the kernel is touched: validated against the default caps, rendered for both
+/// families, as the text the history records (see [`Firewall::applied_text`]), with the number
+/// of rules in it (hook jumps included).
+#[doc(hidden)]
+pub fn restored_text(policy: &Policy) -> Result<(String, usize), PolicyError> {
+    let options = Options::default();
+    validate(policy, &options.caps)?;
+    let safeguards = Safeguards { management: vec![std::net::SocketAddr::from(([198, 18, 0, 1], 8443))] };
+    let rulesets: Vec<(Family, render::Ruleset)> = Family::ALL
+        .iter()
+        .map(|family| (*family, render::render(*family, policy, &safeguards, &options)))
+        .collect();
+    // Each hooked chain adds its jump (`-I <hook> 1 ...`) to the rules.
+    let rules = rulesets
+        .iter()
+        .map(|(_, ruleset)| ruleset.rule_count() + ruleset.chains.iter().filter(|c| c.hook.is_some()).count())
+        .sum();
+    Ok((ruleset_text(&rulesets), rules))
+}
+
+/// For the `iptables_save`, `ipset_save` and `ipset_list` fuzz targets: the parsers of the
+/// tools' output that every tamper check reads.
+#[doc(hidden)]
+pub use ipset::{fuzz_list as fuzz_ipset_list, fuzz_save as fuzz_ipset_save};
+#[doc(hidden)]
+pub use iptables::fuzz_save as fuzz_iptables_save;
 
 /// For the `policy_rendering` fuzz target: validates `policy` against the default caps and, when
 /// it passes, renders it for both families and checks the invariant that makes custom rule text

@@ -172,7 +172,7 @@ impl DecodeState {
                     }
                 }
                 // Acknowledgements (code 0) of our configuration are expected once.
-                NLMSG_ERROR if read_u32(rest, NLMSG_HDR_LEN) == Some(0) => {}
+                NLMSG_ERROR if read_u32(&rest[..len], NLMSG_HDR_LEN) == Some(0) => {}
                 NLMSG_OVERRUN => self.loss.overruns = self.loss.overruns.saturating_add(1),
                 _ => self.loss.unexpected = self.loss.unexpected.saturating_add(1),
             }
@@ -333,7 +333,7 @@ impl NflogReader {
 }
 
 /// The error code of the acknowledgement of request `seq` in `datagram` (0: accepted), if there.
-pub(super) fn acknowledgement(datagram: &[u8], seq: u32) -> Option<i32> {
+pub(crate) fn acknowledgement(datagram: &[u8], seq: u32) -> Option<i32> {
     let mut offset = 0;
     while offset < datagram.len() {
         let rest = &datagram[offset..];
@@ -342,7 +342,10 @@ pub(super) fn acknowledgement(datagram: &[u8], seq: u32) -> Option<i32> {
             return None;
         }
         if read_u16(rest, 4) == Some(NLMSG_ERROR) && read_u32(rest, 8) == Some(seq) {
-            return read_u32(rest, NLMSG_HDR_LEN).map(|code| i32::from_ne_bytes(code.to_ne_bytes()));
+            // The code inside this message only: a truncated one has none (issue 17: it was read
+            // from the padding or the next message).
+            let message = rest.get(..len)?;
+            return read_u32(message, NLMSG_HDR_LEN).map(|code| i32::from_ne_bytes(code.to_ne_bytes()));
         }
         offset = offset.saturating_add(align(len));
     }

@@ -241,6 +241,25 @@ fn other_netlink_messages_are_acks_noise_or_loss() {
     assert_eq!((loss.unexpected, loss.overruns, loss.malformed), (1, 1, 0));
 }
 
+/// Issue 17 (found by the `netlink_acks` fuzz target, regression file in
+/// fuzz/regressions/netlink_acks/): the error code of an acknowledgement shorter than its code
+/// was read past the message's end, from the next message or the padding.
+#[test]
+fn a_truncated_acknowledgement_has_no_code() {
+    let mut truncated = Vec::new();
+    truncated.extend_from_slice(&17u32.to_ne_bytes());
+    truncated.extend_from_slice(&2u16.to_ne_bytes());
+    truncated.extend_from_slice(&0u16.to_ne_bytes());
+    truncated.extend_from_slice(&2u32.to_ne_bytes());
+    truncated.extend_from_slice(&0u32.to_ne_bytes());
+    // One byte of the code, then padding: read past the end, the code was 255.
+    truncated.extend_from_slice(&[0xff, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(acknowledgement(&truncated, 2), None);
+    let (keys, loss) = decode(&truncated);
+    assert!(keys.is_empty());
+    assert_eq!(loss.unexpected, 1, "not taken for an acceptance");
+}
+
 /// The IPv6 echo request of the capture with extension headers put in front of ICMPv6.
 fn with_extensions(headers: &[(u8, &[u8])]) -> Vec<u8> {
     let messages = captured();

@@ -10,7 +10,9 @@
 //!   as the fewest rules whose move explains the new order (kept rules minus the longest run of them
 //!   still in the same relative order), so one rule moved is "1 rule moved", not "+1 -1 rules";
 //! - sets are compared by name (created or destroyed) and by member count (the ruleset text carries
-//!   counts, not members).
+//!   counts, not members). Counts are read as any u64 (the text is read back from a file, so it
+//!   may hold anything) and summed as u128, which no number of u64 counts a text can hold
+//!   overflows: the total is exact, never a wrapped or a panicking sum.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -140,8 +142,9 @@ impl Parsed {
         parsed
     }
 
-    fn members(&self) -> u64 {
-        self.sets.values().sum()
+    /// The exact total: at most `usize::MAX` lines of `u64::MAX` each fit in a u128.
+    fn members(&self) -> u128 {
+        self.sets.values().fold(0u128, |total, &count| total.saturating_add(u128::from(count)))
     }
 
     fn describe(&self) -> String {
@@ -338,6 +341,25 @@ mod tests {
         );
         let cut = format!("{before}{TRUNCATION_PREFIX} 3 more lines left out\n");
         assert_eq!(diff_summary(Some(&before), &cut), "no change (partial: a ruleset was cut at 512 KiB)");
+    }
+
+    /// Issue 17: member counts near u64::MAX overflowed the sum (a panic with overflow checks on,
+    /// a wrapped total in release). The regression input of the `history_diff` fuzz target is
+    /// fuzz/regressions/history_diff/member-count-overflow.
+    #[test]
+    fn huge_member_counts_sum_exactly() {
+        let text = "#sets\nt 18446744073709551615 member\nv 1 member\n";
+        assert_eq!(diff_summary(None, text), "first entry: 0 rules, 2 sets (18446744073709551616 members)");
+        let before = ruleset(&[LO], &["ven-1 hash:net inet 18446744073709551615 members"]);
+        let after = ruleset(
+            &[LO],
+            &["ven-1 hash:net inet 18446744073709551615 members", "ven-2 hash:net inet 1 members"],
+        );
+        assert_eq!(
+            diff_summary(Some(&before), &after),
+            "sets: +ven-2, members 18446744073709551615 -> 18446744073709551616"
+        );
+        assert_eq!(diff_summary(Some(&after), &after), "no change");
     }
 
     #[test]

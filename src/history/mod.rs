@@ -339,12 +339,19 @@ fn read_entry(path: &Path, seq: u64) -> Result<HistoryEntry, ReadFailure> {
 
 fn encode_entry(entry: &HistoryEntry) -> Result<Vec<u8>, String> {
     let payload = postcard::to_allocvec(entry).map_err(|e| format!("cannot encode history entry: {e}"))?;
+    frame_entry(&payload)
+}
+
+/// The bytes of a history file holding `payload` (a postcard [`HistoryEntry`]): header, payload,
+/// checksum. Public for the fuzz target that reaches the entry decoder past the checksum.
+#[doc(hidden)]
+pub fn frame_entry(payload: &[u8]) -> Result<Vec<u8>, String> {
     let len = u32::try_from(payload.len()).map_err(|_| "history entry too large".to_string())?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len() + CHECKSUM_BYTES);
     bytes.extend_from_slice(MAGIC);
     bytes.push(FORMAT_VERSION);
     bytes.extend_from_slice(&len.to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let checksum = checksum(&bytes);
     bytes.extend_from_slice(&checksum);
     Ok(bytes)

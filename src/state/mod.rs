@@ -175,16 +175,24 @@ pub fn write_record<T: Serialize>(
         path: path.to_path_buf(),
         cause: io::Error::new(io::ErrorKind::InvalidData, e),
     })?;
+    write_atomically(path, &frame_record(kind, &payload), mode)
+        .map_err(|cause| StateError::Write { path: path.to_path_buf(), cause })
+}
+
+/// The bytes of a record file holding `payload` (postcard) of `kind`: header, payload, checksum.
+/// Public for the fuzz targets that reach the payload decoders past the checksum.
+#[doc(hidden)]
+pub fn frame_record(kind: RecordKind, payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len() + CHECKSUM_BYTES);
     bytes.extend_from_slice(MAGIC);
     bytes.push(FORMAT_VERSION);
     bytes.push(kind as u8);
+    // A payload over 4 GiB gets a wrong length, which decode_record reports as a mismatch.
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let checksum = checksum(&bytes);
     bytes.extend_from_slice(&checksum);
-    write_atomically(path, &bytes, mode)
-        .map_err(|cause| StateError::Write { path: path.to_path_buf(), cause })
+    bytes
 }
 
 /// Reads a record; `Ok(None)` when the file does not exist.

@@ -60,6 +60,17 @@ pub fn main() -> ExitCode {
 /// Entry points for the fuzz targets (`fuzz/fuzz_targets/flow_batches.rs`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
+    // The PCE's own files (crates/pce/tests/fuzz_corpus_store.rs replays their corpora).
+    pub use crate::orgevents::fuzz_events as org_events;
+    pub use crate::store::{fuzz_seed_records as seed_store_records, fuzz_store_records as store_records};
+    pub use crate::tls::fuzz_pem as pem_files;
+    /// The `flow_batches` target: `data` as a flow batch, a flow log and a traffic query.
+    pub fn flow_batches(data: &[u8]) {
+        flow_batch(data);
+        flow_log(data);
+        traffic_query(data);
+    }
+
     /// An upload of `data` as a flow batch (see `flows::fuzz_flow_batch`), then a query over it.
     pub fn flow_batch(data: &[u8]) {
         if let Some(store) = crate::flows::fuzz_flow_batch(data) {

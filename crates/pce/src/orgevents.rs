@@ -276,6 +276,34 @@ fn leef_value(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
+/// Fuzzing (the `pce_org_events` target): `data` as one stored event record (JSON, as the store
+/// keeps it) and as a list of them. What decodes renders as one CEF and one LEEF line whatever its
+/// hostname and message hold (a VEN chooses its hostname), and the ring keeps its bound.
+#[doc(hidden)]
+pub fn fuzz_events(data: &[u8]) {
+    let version = std::str::from_utf8(data.get(..8).unwrap_or_default()).unwrap_or("18.1");
+    let mut events = Vec::new();
+    if let Ok(event) = serde_json::from_slice::<OrgEvent>(data) {
+        events.push(event);
+    }
+    if let Ok(list) = serde_json::from_slice::<Vec<OrgEvent>>(data) {
+        events.extend(list);
+    }
+    for event in &events {
+        let cef = cef(event, version);
+        assert!(!cef.contains(['\n', '\r']), "{cef:?}");
+        let leef = leef(event, version);
+        assert!(!leef.contains(['\n', '\r']), "{leef:?}");
+        let fields = 5 + usize::from(event.hostname.is_some()) + usize::from(event.workload_id.is_some()) + 1;
+        assert_eq!(leef.matches('\t').count(), fields - 1, "{leef:?}");
+        let _ = serde_json::to_vec(event);
+    }
+    let count = events.len();
+    let log = EventLog::from_parts(0, 0, events);
+    assert_eq!(log.iter().count(), count.min(MAX_ORG_EVENTS));
+    assert!(log.iter().zip(log.iter().skip(1)).all(|(a, b)| a.id <= b.id));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

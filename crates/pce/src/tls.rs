@@ -237,6 +237,30 @@ fn pem_error(path: &Path, what: &'static str) -> TlsError {
     TlsError::Pem { path: path.to_path_buf(), what }
 }
 
+/// Fuzzing (the `pce_pem_files` target): `data` as each file of the PCE's PKI read at start
+/// (`ca.key`, `ca.pem`, `server.pem`, `server.key`, `server.json`): a damaged file is an error,
+/// never a panic; a CA key that parses issues a CA certificate, and a certificate and key that
+/// parse make a server configuration or an error.
+#[doc(hidden)]
+pub fn fuzz_pem(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(key) = KeyPair::from_pem(&text) {
+        let _ = ca_params(1_700_000_000).self_signed(&key);
+    }
+    let cert = CertificateDer::from_pem_slice(data);
+    if let Ok(cert) = &cert {
+        assert_eq!(sha256_hex(cert).len(), 64);
+    }
+    let key = PrivateKeyDer::from_pem_slice(data);
+    if let (Ok(cert), Ok(key)) = (cert, key) {
+        let pki = Pki { ca_fingerprint: String::new(), chain: vec![cert.clone(), cert], key };
+        let _ = pki.server_config();
+    }
+    if let Ok(meta) = serde_json::from_slice::<ServerMeta>(data) {
+        let _ = (meta.names.len(), meta.not_after > 0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -309,6 +309,18 @@ fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<
     })
 }
 
+/// `value`, the record under `key` of `table`, when `key` is the id it holds (as [`diff`] writes
+/// it). Anything else is damage: kept, a stale record under another key could replace the
+/// current one of the same id when the records are read back (issue 17).
+fn keyed<T>(table: Table, key: &str, id: impl ToString, value: T) -> Result<T, StoreError> {
+    let id = id.to_string();
+    if id == key {
+        Ok(value)
+    } else {
+        Err(StoreError::MisKeyed { table: table.name(), key: key.to_string(), id })
+    }
+}
+
 /// The state and events the records hold; `None` for a store with no records.
 pub fn assemble(records: Records) -> Result<Option<(State, EventLog)>, StoreError> {
     if records.is_empty() {
@@ -324,33 +336,48 @@ pub fn assemble(records: Records) -> Result<Option<(State, EventLog)>, StoreErro
             Table::Meta if key == META_STATE => meta = Some(decode(table, key, bytes)?),
             Table::Meta if key == META_EVENTS => event_counters = decode(table, key, bytes)?,
             Table::Meta => log::warn!("store: unknown meta record {key:?} ignored"),
-            Table::Labels => state.labels.push(decode(table, key, bytes)?),
+            Table::Labels => {
+                let label: crate::policy::Label = decode(table, key, bytes)?;
+                state.labels.push(keyed(table, key, label.id, label)?);
+            }
             Table::Workloads => {
                 let workload: super::Workload = decode(table, key, bytes)?;
-                state.workloads.insert(workload.id, workload);
+                state.workloads.insert(workload.id, keyed(table, key, workload.id, workload)?);
             }
-            Table::PairingProfiles => state.pairing_profiles.push(decode(table, key, bytes)?),
-            Table::ApiKeys => state.api_keys.push(decode(table, key, bytes)?),
+            Table::PairingProfiles => {
+                let profile: super::PairingProfile = decode(table, key, bytes)?;
+                state.pairing_profiles.push(keyed(table, key, profile.id, profile)?);
+            }
+            Table::ApiKeys => {
+                let api_key: super::ApiKey = decode(table, key, bytes)?;
+                state.api_keys.push(keyed(table, key, api_key.key_id.clone(), api_key)?);
+            }
             Table::Draft(kind) | Table::Active(kind) => {
                 let objects =
                     if matches!(table, Table::Draft(_)) { &mut state.draft } else { &mut state.active };
                 match kind {
                     Kind::IpLists => {
                         let list: crate::policy::model::IpList = decode(table, key, bytes)?;
-                        objects.ip_lists.insert(list.id, list);
+                        objects.ip_lists.insert(list.id, keyed(table, key, list.id, list)?);
                     }
                     Kind::Services => {
                         let service: crate::policy::model::ServiceDef = decode(table, key, bytes)?;
-                        objects.services.insert(service.id, service);
+                        objects.services.insert(service.id, keyed(table, key, service.id, service)?);
                     }
                     Kind::RuleSets => {
                         let set: crate::policy::model::RuleSet = decode(table, key, bytes)?;
-                        objects.rule_sets.insert(set.id, set);
+                        objects.rule_sets.insert(set.id, keyed(table, key, set.id, set)?);
                     }
                 }
             }
-            Table::PolicyVersions => state.policy_versions.push(decode(table, key, bytes)?),
-            Table::Events => events.push(decode(table, key, bytes)?),
+            Table::PolicyVersions => {
+                let version: super::PolicyVersion = decode(table, key, bytes)?;
+                state.policy_versions.push(keyed(table, key, version.version, version)?);
+            }
+            Table::Events => {
+                let event: OrgEvent = decode(table, key, bytes)?;
+                events.push(keyed(table, key, event.id, event)?);
+            }
         }
     }
     let meta = meta.ok_or(StoreError::MissingMeta)?;

@@ -70,6 +70,8 @@ pub enum StoreError {
     Database { path: PathBuf, cause: String },
     #[error("the store's {table} record {key:?} is damaged: {source}")]
     Record { table: &'static str, key: String, source: serde_json::Error },
+    #[error("the store's {table} record {key:?} holds id {id:?}: it is damaged")]
+    MisKeyed { table: &'static str, key: String, id: String },
     #[error("the store has records but no meta/state record: it is damaged")]
     MissingMeta,
     #[error("writing {path}: {source}")]
@@ -353,6 +355,10 @@ impl Store {
         if state.format != FORMAT {
             return Err(StoreError::Format { path: dir.join(redb_backend::STORE_FILE), found: state.format });
         }
+        // INVARIANT: what the backend holds is taken before the upgrade, so that the save below
+        // writes what the upgrade added (issue 17: it was taken after, and the default IP list
+        // and service an upgrade adds were never stored, their ids moving at each start).
+        let stored = (origin == Origin::Stored).then(|| state.clone());
         let upgraded = sec_policy::upgrade(&mut state);
         let mut store = Store {
             backend,
@@ -363,8 +369,8 @@ impl Store {
             dirty: true,
             events,
         };
-        if origin == Origin::Stored {
-            store.persisted = store.state.clone();
+        if let Some(stored) = stored {
+            store.persisted = stored;
             store.persisted_events = EventsMark::of(&store.events);
             store.dirty = false;
         }
@@ -1078,6 +1084,150 @@ fn initial_state() -> Result<State, StoreError> {
     })
 }
 
+/// Records by table and key, as a database holds them (for the fuzz entry points).
+type FuzzRecords = std::collections::BTreeMap<(backend::Table, String), Vec<u8>>;
+
+/// A backend in memory, for the fuzz entry points: the records stay readable after the store
+/// that wrote them is gone.
+struct FuzzMemory(std::sync::Arc<std::sync::Mutex<FuzzRecords>>);
+
+impl Backend for FuzzMemory {
+    fn load(&self) -> Result<backend::Records, StoreError> {
+        let records = self.0.lock().map_err(|_| StoreError::MissingMeta)?;
+        Ok(records.iter().map(|((table, key), value)| (*table, key.clone(), value.clone())).collect())
+    }
+
+    fn commit(&mut self, changes: &backend::ChangeSet) -> Result<(), StoreError> {
+        let mut records = self.0.lock().map_err(|_| StoreError::MissingMeta)?;
+        for (table, key, value) in &changes.puts {
+            records.insert((*table, key.clone()), value.clone());
+        }
+        for (table, key) in &changes.deletes {
+            records.remove(&(*table, key.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// A directory no JSON files are read from: the fuzzed stores are never empty.
+const FUZZ_DIR: &str = "/nonexistent/pce-fuzz";
+
+/// The records of a store as the `pce_store_records` fuzz target reads them: one per line,
+/// `table TAB key TAB value` (the value is the JSON the record holds); lines that do not name a
+/// table are skipped, a later record under the same table and key replaces an earlier one (as
+/// in the database).
+fn fuzz_records_of(data: &[u8]) -> FuzzRecords {
+    let mut records = FuzzRecords::new();
+    for line in data.split(|&b| b == b'\n') {
+        let mut fields = line.splitn(3, |&b| b == b'\t');
+        let (Some(table), Some(key), Some(value)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some(table) = backend::Table::ALL.into_iter().find(|t| t.name().as_bytes() == table) else {
+            continue;
+        };
+        records.insert((table, String::from_utf8_lossy(key).into_owned()), value.to_vec());
+    }
+    records
+}
+
+/// Fuzzing (the `pce_store_records` target): the store's records as read back at start after a
+/// crash, a damaged disk or tampering (`data` in the format of [`fuzz_records_of`]), and `data` as
+/// an older PCE's `state.json` and `events.json`. A bad record is an error, never a panic; a
+/// store that opens commits what its start changed, and what it committed reads back as the
+/// state it holds.
+#[doc(hidden)]
+pub fn fuzz_store_records(data: &[u8]) {
+    let _ = serde_json::from_slice::<State>(data);
+    if let Ok(file) = serde_json::from_slice::<EventsFile>(data) {
+        let _ = EventLog::from_parts(file.log.last_id, file.log.dropped, file.log.iter().cloned().collect());
+    }
+    let records = fuzz_records_of(data);
+    if records.is_empty() {
+        return;
+    }
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(records));
+    let Ok((store, created)) = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared.clone())))
+    else {
+        return;
+    };
+    assert!(!created);
+    let reread = FuzzMemory(shared).load().expect("in memory");
+    let (state, events) = backend::assemble(reread).expect("what was committed reads back").expect("records");
+    assert!(state == store.state, "the committed records read back as another state");
+    assert_eq!(events.last_id, store.events.last_id);
+    assert_eq!(events.iter().count(), store.events.iter().count());
+}
+
+/// The seed of the `pce_store_records` corpus: the records a store holds after the product's own
+/// calls (two workloads paired, labelled, one enforced with a rule set provisioned, a tampering
+/// report, a suspension), in the format of [`fuzz_records_of`].
+#[doc(hidden)]
+pub fn fuzz_seed_records() -> Result<Vec<u8>, StoreError> {
+    use crate::policy::model::{Actor, RuleSet, SecRule, ServicePort, ServiceRef};
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(FuzzRecords::new()));
+    let (mut store, _) = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared.clone())))?;
+    let code = store.state.pairing_profiles.first().map(|p| p.activation_code.clone()).unwrap_or_default();
+    let host = |name: &str, address: &str| HostReport {
+        hostname: name.to_string(),
+        os: "Linux 6.1 x86_64".to_string(),
+        agent_version: "0.1.0".to_string(),
+        interfaces: vec![Interface {
+            name: "eth0".to_string(),
+            addresses: address.parse().into_iter().collect(),
+        }],
+    };
+    let web_label = store.create_label("role", "web")?;
+    let db_label = store.create_label("role", "db")?;
+    let web = store.activate(&code, host("web", "198.18.0.2/24"), 100)?;
+    let db = store.activate(&code, host("db", "198.18.0.3/24"), 100)?;
+    store.update_workload(web.agent_id, Some(vec![web_label.id]), Some(PolicyState::Enforced))?;
+    store.update_workload(db.agent_id, Some(vec![db_label.id]), None)?;
+    let rule = SecRule {
+        id: 0,
+        enabled: true,
+        description: String::new(),
+        providers: vec![Actor::Label(db_label.id)],
+        consumers: vec![Actor::Label(web_label.id)],
+        services: vec![ServiceRef::Port(ServicePort {
+            protocol: ven_proto::Protocol::Tcp,
+            ports: Some(ven_proto::PortRange { first: 5432, last: 5432 }),
+        })],
+        unscoped_consumers: false,
+    };
+    let set = RuleSet {
+        id: 0,
+        name: "web to db".to_string(),
+        description: String::new(),
+        enabled: true,
+        scopes: vec![vec![]],
+        rules: vec![rule],
+    };
+    store.create_rule_set(set)?;
+    store.provision(None, "seed", 200)?;
+    let report = HeartbeatRequest {
+        applied_policy_version: 1,
+        applied_state: PolicyState::Enforced,
+        apply_error: None,
+        host: None,
+        events: vec![ven_proto::AgentEvent {
+            at: 250,
+            kind: AgentEventKind::Tampering { summary: "+0 -1 rules".to_string(), repaired: true },
+        }],
+    };
+    store.heartbeat(web.agent_id, report, 250)?;
+    store.suspend(db.agent_id, true, Some(PolicyState::Idle), 300)?;
+    store.save()?;
+    let records = shared.lock().map_err(|_| StoreError::MissingMeta)?;
+    let mut out = Vec::new();
+    for ((table, key), value) in records.iter() {
+        out.extend_from_slice(format!("{}\t{key}\t", table.name()).as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1160,6 +1310,48 @@ mod tests {
         store.update_workload(db.agent_id, Some(vec![db_label.id]), None).unwrap();
         add_rule(&mut store, vec![web_label.id], vec![db_label.id], PG).unwrap();
         (store, web, db)
+    }
+
+    /// Issue 17 (found by the `pce_store_records` fuzz target, regression file in
+    /// fuzz/regressions/pce_store_records/): records without the default IP list and service
+    /// (an older store) were upgraded in memory at each start but never written, so their ids
+    /// moved whenever other objects were created in between.
+    #[test]
+    fn what_an_upgrade_adds_at_open_is_stored() {
+        let seed = fuzz_seed_records().unwrap();
+        let text = String::from_utf8(seed).unwrap();
+        let older: String = text
+            .lines()
+            .filter(|line| !line.contains("_ip_lists\t") && !line.contains("_services\t"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let records = fuzz_records_of(older.as_bytes());
+        assert!(
+            !records.keys().any(|(table, _)| matches!(table, backend::Table::Active(model::Kind::IpLists)))
+        );
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(records));
+        let (store, _) = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared.clone()))).unwrap();
+        assert!(!store.state.active.ip_lists.is_empty(), "the upgrade adds the default IP list");
+        let (reread, _) = backend::assemble(FuzzMemory(shared).load().unwrap()).unwrap().unwrap();
+        assert_eq!(reread.active.ip_lists, store.state.active.ip_lists);
+        assert_eq!(reread.draft.services, store.state.draft.services);
+        assert_eq!(reread.last_ip_list_id, store.state.last_ip_list_id);
+        // The fuzz target's own check, on the same input.
+        fuzz_store_records(older.as_bytes());
+    }
+
+    /// Issue 17 (found by the `pce_store_records` fuzz target, regression file in
+    /// fuzz/regressions/pce_store_records/crash-5706...): a record under a key that is not its id
+    /// was read as the object of that id, and a stale copy could replace the current one.
+    #[test]
+    fn a_record_under_another_key_is_damage() {
+        let seed = String::from_utf8(fuzz_seed_records().unwrap()).unwrap();
+        let moved = seed.replacen("workloads\t2\t", "workloads\t:\t", 1);
+        assert_ne!(moved, seed);
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(fuzz_records_of(moved.as_bytes())));
+        let error = Store::open_with(Path::new(FUZZ_DIR), Box::new(FuzzMemory(shared))).err().unwrap();
+        assert_eq!(error.to_string(), "the store's workloads record \":\" holds id \"2\": it is damaged");
+        fuzz_store_records(moved.as_bytes());
     }
 
     #[test]
