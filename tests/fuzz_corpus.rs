@@ -276,6 +276,8 @@ fn write_encoded_seeds() {
         verdict,
         rule: 1,
         count: 3,
+        packets: 5,
+        bytes: Some(300),
         first_seen: 1_764_000_000,
         last_seen: 1_764_000_030,
         sampling_scale: 1,
@@ -283,10 +285,14 @@ fn write_encoded_seeds() {
     };
     let tcp = flow("198.18.0.2", "198.18.0.1", 6, 22, FlowVerdict::Allowed);
     let udp = flow("2001:2::1", "2001:2::2", 17, 53, FlowVerdict::Dropped);
-    let mut chunk = encode(&tcp);
-    chunk.extend(encode(&udp));
+    // Stored rows are tagged (ven_proto::flow_row); version 3's bare rows are seeded too.
+    let mut chunk = Vec::new();
+    ven_proto::flow_row::encode_into(&tcp, &mut chunk);
+    ven_proto::flow_row::encode_into(&udp, &mut chunk);
     write("flow_store_rows", "chunk-tcp4-udp6", &chunk);
-    write("flow_store_rows", "summary-tcp4", &encode(&tcp));
+    let mut summary = Vec::new();
+    ven_proto::flow_row::encode_into(&tcp, &mut summary);
+    write("flow_store_rows", "summary-tcp4", &summary);
     write("flow_batches", "batch-two", &encode(&FlowBatch { first: 1, records: vec![tcp, udp] }));
     write("flow_batches", "query", b"src=198.18.0.0/24&port=22&proto=tcp&limit=10");
 }
