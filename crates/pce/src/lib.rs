@@ -13,6 +13,7 @@
 //! filter, JSON), `ctl` (admin client), `clock`. Dependencies point api -> store -> policy.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
 mod cli;
 use ven_proto::clock;
@@ -69,6 +70,23 @@ pub mod fuzzing {
     }
     pub use crate::flows::fuzz_flow_log as flow_log;
     pub use crate::traffic::fuzz_query as traffic_query;
+
+    /// What an unauthenticated client sends first on the API port: `data` as one connection's
+    /// bytes through the request head parser, the body framing and the serve loop.
+    pub use crate::http::fuzz_connection as http_connection;
+
+    /// What an unauthenticated client sends first on the event port: `data` as the start of a
+    /// session, delivered in two reads split where its first byte says; a Hello alone or an error.
+    pub fn event_hello(data: &[u8]) {
+        let split = data.first().map_or(0, |b| usize::from(*b));
+        if let Ok(Some(hello)) = crate::events::fuzz_hello(data, split) {
+            assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
+        }
+    }
+
+    /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
+    /// `api::fuzz_admin_input`).
+    pub use crate::api::fuzz_admin_input as admin_input;
 }
 
 /// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.
