@@ -75,11 +75,12 @@ pub mod fuzzing {
     /// bytes through the request head parser, the body framing and the serve loop.
     pub use crate::http::fuzz_connection as http_connection;
 
-    /// What an unauthenticated client sends first on the event port: `data` as the start of a
-    /// session, delivered in two reads split where its first byte says; a Hello alone or an error.
+    /// What an unauthenticated client sends first on the event port: `data` after its first
+    /// byte as the start of a session, delivered in two reads split where that byte says; a
+    /// Hello alone or an error.
     pub fn event_hello(data: &[u8]) {
-        let split = data.first().map_or(0, |b| usize::from(*b));
-        if let Ok(Some(hello)) = crate::events::fuzz_hello(data, split) {
+        let Some((split, session)) = data.split_first() else { return };
+        if let Ok(Some(hello)) = crate::events::fuzz_hello(session, usize::from(*split)) {
             assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
         }
     }
