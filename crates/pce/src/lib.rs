@@ -2,8 +2,9 @@
 //! event service); the other commands administer a running one through its admin API. The binary
 //! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
 //!
-//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share), `http`
-//! (HTTP/1.1 server), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
+//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share),
+//! `admission` (who may hold a connection slot, and how long before authenticating), `http`
+//! (HTTP/1.1 server: credentials checked on the head, bounded bodies), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
 //! data directory checks), `venapi` (the VEN API), `api/` (the admin API in Illumio's shapes, one
 //! module per resource, async jobs), `events` (event service), `store/` (the state: records in
 //! redb behind a `Backend` interface, policy objects and provisioning, pairing profiles and keys),
