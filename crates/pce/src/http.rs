@@ -308,7 +308,13 @@ where
         // INVARIANT: no byte of the body is read before the head is admitted.
         let (admission, head) = {
             let handler = handler.clone();
-            blocking(move || (handler.admit(&head), head)).await
+            blocking(move || {
+                let admitted =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.admit(&head)));
+                let internal = || Response::with_body(500, "text/plain", b"internal error\n".to_vec());
+                (admitted.unwrap_or_else(|_| Admission::Refused(internal())), head)
+            })
+            .await
         };
         let anonymous = match admission {
             Admission::Refused(response) => {
@@ -722,6 +728,27 @@ mod tests {
         let (result, output) = exchange(&format!("{head}abc"));
         assert!(result.is_ok());
         assert!(output.ends_with("\r\n\r\nabc"), "{output}");
+    }
+
+    struct Panicky;
+    impl Handler for Panicky {
+        fn admit(&self, _: &Head) -> Admission {
+            panic!("a bug in admission")
+        }
+        fn handle(&self, _: Request) -> Response {
+            unreachable!("never admitted")
+        }
+        fn reject(&self, _: Option<&str>, _: &HttpError) -> Response {
+            Response::empty(400)
+        }
+    }
+
+    #[test]
+    fn a_panicking_admission_costs_one_answer() {
+        let mut wire = Wire { input: b"GET / HTTP/1.1\r\n\r\n", output: Vec::new() };
+        let result = smol::block_on(serve(&mut wire, Arc::new(Panicky), &mut Ticket::detached()));
+        assert!(result.is_ok());
+        assert!(wire.output.starts_with(b"HTTP/1.1 500 "));
     }
 
     #[test]
