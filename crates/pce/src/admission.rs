@@ -6,16 +6,21 @@
 //! - pending connections hold at most `total - total / RESERVED_DIVISOR` slots: the rest is kept
 //!   for connections that authenticated (admins, VENs);
 //! - one source (an IPv4 address, an IPv6 /64) holds at most [`MAX_PENDING_PER_SOURCE`] pending
-//!   connections (never more than half the pending slots), so one client cannot take them all;
+//!   connections (never more than half the pending slots): past it, a new connection from that
+//!   source is closed at once, without a TLS handshake;
+//! - when the pending slots are all taken (many sources), a new connection evicts the oldest
+//!   pending connection of the source that holds the most: an attacker must open connections
+//!   faster than a legitimate client authenticates (milliseconds) to keep one out;
 //! - a pending connection must complete TLS and authenticate within [`PENDING_DEADLINE`] of
-//!   accept (a connection that stays anonymous, VEN activation, gets that long per request);
-//! - a connection over a pending limit is closed at once, without a TLS handshake; the refusals
-//!   are counted and logged at most every 10 seconds.
+//!   accept (a connection that stays anonymous, VEN activation, gets that long per request).
+//!
+//! Refusals and evictions are counted and logged at most every 10 seconds.
 //!
 //! Past `total`, new connections wait in the listen backlog, as before.
 
+use smol::channel::{Receiver, Sender};
 use smol::lock::{Semaphore, SemaphoreGuardArc};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -60,8 +65,6 @@ impl Source {
 pub enum Refusal {
     #[error("its source already holds {0} connections that have not authenticated")]
     SourceFull(usize),
-    #[error("{0} connections that have not authenticated already hold every slot they may")]
-    PendingFull(usize),
 }
 
 /// The admission state of one listener.
@@ -71,10 +74,10 @@ pub struct Gate {
     pending_max: usize,
     per_source_max: usize,
     slots: Arc<Semaphore>,
-    /// Bounded by construction: one entry per source with a pending connection, so at most
-    /// `pending_max` entries.
+    /// Bounded by construction: at most `pending_max` connections, in at most as many sources.
     pending: Mutex<Pending>,
     refused: AtomicU64,
+    evicted: AtomicU64,
     /// Unix time of the last warning.
     last_warning: AtomicU64,
 }
@@ -82,7 +85,15 @@ pub struct Gate {
 #[derive(Default)]
 struct Pending {
     total: usize,
-    by_source: HashMap<Source, usize>,
+    /// Per source, its pending connections, oldest first.
+    by_source: HashMap<Source, VecDeque<Waiter>>,
+    next_serial: u64,
+}
+
+/// A pending connection as the gate knows it: dropping `evict` (or sending on it) ends it.
+struct Waiter {
+    serial: u64,
+    evict: Sender<()>,
 }
 
 impl Gate {
@@ -98,6 +109,7 @@ impl Gate {
             slots: Arc::new(Semaphore::new(total)),
             pending: Mutex::new(Pending::default()),
             refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             last_warning: AtomicU64::new(0),
         })
     }
@@ -124,48 +136,74 @@ impl Gate {
         self.slots.acquire_arc().await
     }
 
-    /// Admits a connection accepted from `peer` into `slot` as pending, or refuses it.
+    /// Admits a connection accepted from `peer` into `slot` as pending (evicting the oldest
+    /// pending connection of the largest source when every pending slot is taken), or refuses it.
     pub fn admit(self: &Arc<Self>, slot: SemaphoreGuardArc, peer: IpAddr) -> Result<Ticket, Refusal> {
         let source = Source::of(peer);
-        let refusal = {
+        let (evict, receiver) = smol::channel::bounded(1);
+        let admitted = {
             let mut pending = self.lock();
-            let from_source = pending.by_source.get(&source).copied().unwrap_or(0);
+            let from_source = pending.by_source.get(&source).map_or(0, VecDeque::len);
             if from_source >= self.per_source_max {
-                Some(Refusal::SourceFull(from_source))
-            } else if pending.total >= self.pending_max {
-                Some(Refusal::PendingFull(pending.total))
+                Err(Refusal::SourceFull(from_source))
             } else {
+                let evicted =
+                    if pending.total >= self.pending_max { pending.evict_oldest_of_largest() } else { None };
                 pending.total += 1;
-                *pending.by_source.entry(source).or_insert(0) += 1;
-                None
+                pending.next_serial += 1;
+                let serial = pending.next_serial;
+                pending.by_source.entry(source).or_default().push_back(Waiter { serial, evict });
+                Ok((serial, evicted))
             }
         };
-        if let Some(refusal) = refusal {
-            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let (serial, evicted) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                self.warn(&format!(
+                    "{} connection from {peer} closed: {refusal} ({refused} refused so far)",
+                    self.name
+                ));
+                return Err(refusal);
+            }
+        };
+        if let Some(victim) = evicted {
+            let _ = victim.evict.try_send(());
+            let evicted = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
             self.warn(&format!(
-                "{} connection from {peer} closed: {refusal} ({refused} refused so far)",
+                "{} connections not yet authenticated hold every slot they may: the oldest of the \
+                 largest source closed for a new one from {peer} ({evicted} so far)",
                 self.name
             ));
-            return Err(refusal);
         }
         Ok(Ticket {
             gate: Some(self.clone()),
             source,
+            serial,
             pending: true,
             deadline: Instant::now() + PENDING_DEADLINE,
+            evicted: Some(receiver),
             _slot: Some(slot),
         })
     }
 
-    fn release(&self, source: Source) {
+    /// Forgets the pending connection `serial` of `source`, unless it was evicted (and so
+    /// forgotten) already.
+    fn release(&self, source: Source, serial: u64) {
         let mut pending = self.lock();
-        pending.total = pending.total.saturating_sub(1);
-        if let Some(count) = pending.by_source.get_mut(&source) {
-            *count -= 1;
-            if *count == 0 {
-                pending.by_source.remove(&source);
-            }
+        let Some(waiters) = pending.by_source.get_mut(&source) else { return };
+        let Some(at) = waiters.iter().position(|waiter| waiter.serial == serial) else { return };
+        waiters.remove(at);
+        if waiters.is_empty() {
+            pending.by_source.remove(&source);
         }
+        pending.total = pending.total.saturating_sub(1);
+    }
+
+    /// How many connections were refused and evicted so far.
+    #[cfg(test)]
+    fn counts(&self) -> (u64, u64) {
+        (self.refused.load(Ordering::Relaxed), self.evicted.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -184,12 +222,32 @@ impl Gate {
     }
 }
 
+impl Pending {
+    /// Takes the oldest pending connection of the source holding the most (the caller evicts it).
+    fn evict_oldest_of_largest(&mut self) -> Option<Waiter> {
+        let largest =
+            self.by_source.iter().max_by_key(|(_, waiters)| waiters.len()).map(|(source, _)| *source)?;
+        let waiters = self.by_source.get_mut(&largest)?;
+        let oldest = waiters.pop_front();
+        if waiters.is_empty() {
+            self.by_source.remove(&largest);
+        }
+        if oldest.is_some() {
+            self.total = self.total.saturating_sub(1);
+        }
+        oldest
+    }
+}
+
 /// One admitted connection: its slot, and whether it still has to authenticate.
 pub struct Ticket {
     gate: Option<Arc<Gate>>,
     source: Source,
+    serial: u64,
     pending: bool,
     deadline: Instant,
+    /// Fires when the gate evicts this connection (while pending).
+    evicted: Option<Receiver<()>>,
     _slot: Option<SemaphoreGuardArc>,
 }
 
@@ -199,8 +257,10 @@ impl Ticket {
         Ticket {
             gate: None,
             source: Source::V4([0; 4]),
+            serial: 0,
             pending: false,
             deadline: Instant::now(),
+            evicted: None,
             _slot: None,
         }
     }
@@ -209,6 +269,19 @@ impl Ticket {
     /// have sent it whole).
     pub fn pending_deadline(&self) -> Option<Instant> {
         self.pending.then_some(self.deadline)
+    }
+
+    /// Completes when the gate evicts this connection; never once it authenticated (run the
+    /// connection's work against it).
+    pub fn eviction(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let receiver = self.evicted.clone();
+        async move {
+            match receiver {
+                Some(receiver) if receiver.recv().await.is_ok() => {}
+                // Authenticated or closed: the gate forgot the connection, no eviction comes.
+                _ => std::future::pending::<()>().await,
+            }
+        }
     }
 
     /// An anonymous request was answered: the next one gets a deadline of its own.
@@ -223,7 +296,7 @@ impl Ticket {
         if self.pending {
             self.pending = false;
             if let Some(gate) = &self.gate {
-                gate.release(self.source);
+                gate.release(self.source, self.serial);
             }
         }
     }
@@ -268,15 +341,39 @@ mod tests {
     }
 
     #[test]
-    fn pending_connections_leave_the_reserved_quarter() {
+    fn a_full_pending_share_evicts_the_oldest_of_the_largest_source() {
         let gate = Gate::new("test", 8);
-        let (total, pending_max, per_source) = gate.caps();
-        assert_eq!((total, pending_max, per_source), (8, 6, 3));
-        let sources = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
-        let held: Vec<Ticket> =
-            (0..6).map(|i| gate.admit(slot(&gate), ip(sources[i % 3])).unwrap()).collect();
-        assert_eq!(gate.admit(slot(&gate), ip("10.0.0.4")).err(), Some(Refusal::PendingFull(6)));
-        assert_eq!(held.len(), 6);
+        assert_eq!(gate.caps(), (8, 6, 3));
+        // Two attackers fill the pending share (3 + 2), a client makes it 6.
+        let mut big: Vec<Ticket> = (0..3).map(|_| gate.admit(slot(&gate), ip("10.0.0.1")).unwrap()).collect();
+        let small: Vec<Ticket> = (0..2).map(|_| gate.admit(slot(&gate), ip("10.0.0.2")).unwrap()).collect();
+        let client = gate.admit(slot(&gate), ip("10.0.0.3")).unwrap();
+        assert_eq!(gate.lock().total, 6);
+        // The next one evicts the oldest of 10.0.0.1, not the client.
+        let newcomer = gate.admit(slot(&gate), ip("10.0.0.4")).unwrap();
+        assert_eq!(gate.counts(), (0, 1));
+        assert_eq!(gate.lock().total, 6);
+        let fired = |ticket: &Ticket| {
+            smol::block_on(smol::future::or(
+                async {
+                    ticket.eviction().await;
+                    true
+                },
+                async { false },
+            ))
+        };
+        assert!(fired(&big[0]));
+        assert!(!fired(&big[1]) && !fired(&small[0]) && !fired(&client) && !fired(&newcomer));
+        // An evicted ticket's drop forgets nothing else; an authenticated one is never evicted.
+        drop(big.remove(0));
+        assert_eq!(gate.lock().total, 6);
+        let mut client = client;
+        client.authenticated();
+        assert!(!fired(&client));
+        assert_eq!(gate.lock().total, 5);
+        drop((big, small, newcomer, client));
+        assert_eq!(gate.lock().total, 0);
+        assert!(gate.lock().by_source.is_empty());
     }
 
     #[test]

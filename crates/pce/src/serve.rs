@@ -398,7 +398,8 @@ async fn accept_loop<F, Fut>(
         let Ok(ticket) = gate.admit(slot, peer.ip()) else { continue };
         let _ = tcp.set_nodelay(true);
         let (acceptor, serve) = (acceptor.clone(), serve.clone());
-        ex.spawn(async move {
+        let evicted = ticket.eviction();
+        let connection = async move {
             let deadline = ticket.pending_deadline().unwrap_or_else(Instant::now);
             let handshake =
                 smol::future::or(async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) }, async {
@@ -409,7 +410,12 @@ async fn accept_loop<F, Fut>(
                 Ok(stream) => serve(stream, ticket).await,
                 Err(e) => log::debug!("TLS handshake with {peer}: {e}"),
             }
-        })
+        };
+        // An eviction (only while not authenticated) drops the connection, closing it.
+        ex.spawn(smol::future::or(connection, async move {
+            evicted.await;
+            log::debug!("connection from {peer} evicted before it authenticated");
+        }))
         .detach();
     }
 }

@@ -491,3 +491,63 @@ fn hostile_names_are_refused_duplicates_flagged_and_trailing_hello_bytes_refused
     }
     server.stop();
 }
+
+/// Whether the server still holds a plain TCP connection open (no byte, no EOF, no reset yet).
+fn still_open(mut tcp: &TcpStream) -> bool {
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0u8; 1];
+    let open = matches!(tcp.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    tcp.set_nonblocking(false).expect("blocking");
+    open
+}
+
+/// Many sources (127.0.0.2-5, 256 idle connections each, 1,024 in all) against 256 API slots:
+/// each source is held to 96 pending connections, the 192 pending slots are shared by evicting the
+/// oldest connection of the largest source, and an admin and a VEN from 127.0.0.1 are still
+/// served within 1 s.
+#[test]
+fn idle_connections_from_many_sources_evict_each_other_not_admins() {
+    const SOURCES: u8 = 4;
+    const PER_SOURCE: usize = 256;
+    let dir = data_dir("many");
+    let d = dir.0.as_path();
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start_with_nofile(d, api, events, 1024, &["--heartbeat-interval", "7"]);
+    let config = tls_config(d);
+    let (_, auth) = pair(&Ven::new(d, api), &server, "web-1");
+
+    let started = Instant::now();
+    let mut idle = Vec::new();
+    for round in 0..PER_SOURCE {
+        for source in 0..SOURCES {
+            let attacker = Ipv4Addr::new(127, 0, 0, 2 + source);
+            if let Ok(tcp) = connect_from(attacker, api) {
+                idle.push(tcp);
+            }
+        }
+        // Pace the attack a little, so that the server sees it as it comes.
+        if round % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let opened = started.elapsed();
+    let (admin_status, admin_time) = timed_admin_get(d, &config, api);
+    let beat_started = Instant::now();
+    let (beat_status, _) = Ven::new(d, api).heartbeat(&auth, 0);
+    let beat_time = beat_started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let open = idle.iter().filter(|tcp| still_open(tcp)).count();
+    eprintln!(
+        "many sources: {} connects in {} ms, {open} still open; admin {} ms, heartbeat {} ms",
+        idle.len(),
+        opened.as_millis(),
+        admin_time.as_millis(),
+        beat_time.as_millis()
+    );
+    assert_eq!((admin_status, beat_status), (200, 200));
+    assert!(admin_time < Duration::from_secs(1), "admin waited {admin_time:?}");
+    assert!(beat_time < Duration::from_secs(1), "heartbeat waited {beat_time:?}");
+    // 192 pending slots (3/4 of 256), whatever the attackers opened.
+    assert!(open <= 192, "{open} idle connections held");
+    server.stop();
+}
