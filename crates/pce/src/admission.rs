@@ -28,8 +28,11 @@ use std::time::{Duration, Instant};
 
 /// Time from accept to an authenticated request (TLS handshake, first request head) or Hello.
 pub const PENDING_DEADLINE: Duration = Duration::from_secs(10);
-/// Pending connections one source may hold at once (VENs behind one NAT address share it).
-pub const MAX_PENDING_PER_SOURCE: usize = 128;
+/// Pending connections one source may hold at once (never more than half the pending share).
+/// Eviction already keeps one source from locking others out; this bounds what one source costs
+/// (TLS handshakes) while leaving room for VENs behind one NAT address that connect at once (a
+/// policy bolt to all of them).
+pub const MAX_PENDING_PER_SOURCE: usize = 1024;
 /// One slot in this many is kept for authenticated connections.
 pub const RESERVED_DIVISOR: usize = 4;
 /// Warnings about refusals go out at most this often (remote peers trigger them).
