@@ -5,6 +5,8 @@
 //!
 //! The seeds are encoded values written by `seeds()` below; after changing it, rewrite them with
 //!   cargo test -p pce --test fuzz_corpus -- --ignored write_seed_corpora
+//! `fuzz/corpus` is git-ignored, so that what a campaign adds stays local: seeds and crash inputs
+//! (`regression_*`, kept after the fix) are committed with `git add -f`.
 
 use std::path::{Path, PathBuf};
 use ven_proto::PROTOCOL_VERSION;
