@@ -50,6 +50,12 @@ pub const MAX_ANONYMOUS_BODY_BYTES: usize = 1024 * 1024;
 pub const BUSY_RETRY_AFTER_S: u32 = 2;
 static BODY_BUDGET: Budget = Budget::new(MAX_BUFFERED_BODY_BYTES);
 static ANONYMOUS_BODY_BUDGET: Budget = Budget::new(MAX_ANONYMOUS_BUFFERED_BYTES);
+/// After a refusal, what the client may already have sent is read and dropped, at most this
+/// much for at most [`LINGER_TIMEOUT`], before the connection closes: closing with bytes unread
+/// makes the kernel send a reset, which can destroy the answer (a VEN would see an I/O error
+/// instead of the 401 that tells it it is a lost agent).
+pub const MAX_LINGER_BYTES: usize = 64 * 1024;
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bodies from this size on are allocated as a mapping glibc always returns (see [`body_buffer`]).
 const LARGE_BODY_BYTES: usize = 128 * 1024;
 /// Above glibc's largest dynamic mmap threshold (32 MiB on 64-bit, less on 32-bit).
@@ -321,6 +327,7 @@ where
                 let deadline = Instant::now() + WRITE_TIMEOUT;
                 within(deadline, stream.write_all(&response.serialize(false))).await?;
                 within(deadline, stream.flush()).await?;
+                linger(&mut stream).await;
                 return Ok(());
             }
             Admission::Authenticated => {
@@ -478,7 +485,7 @@ async fn refuse<S>(
     error: HttpError,
 ) -> Result<(), HttpError>
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Some(status) = error.status() {
         let mut response = handler.reject(path, &error);
@@ -489,8 +496,27 @@ where
         let deadline = Instant::now() + WRITE_TIMEOUT;
         within(deadline, stream.write_all(&response.serialize(false))).await?;
         within(deadline, stream.flush()).await?;
+        linger(stream).await;
     }
     Err(error)
+}
+
+/// Ends the answer (TLS close_notify and FIN), then reads and drops what the client still sends,
+/// at most [`MAX_LINGER_BYTES`] within [`LINGER_TIMEOUT`], so that closing does not reset the
+/// connection under the answer. Nothing is kept: the bytes go through one stack chunk.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    if within(deadline, stream.close()).await.is_err() {
+        return;
+    }
+    let mut chunk = [0u8; 4096];
+    let mut drained = 0;
+    while drained < MAX_LINGER_BYTES {
+        match within(deadline, stream.read(&mut chunk)).await {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
 }
 
 async fn read_more<S: AsyncRead + Unpin>(
@@ -720,8 +746,8 @@ mod tests {
         assert!(output.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{output}");
         assert!(!output.contains("100 Continue"), "{output}");
         assert!(output.contains("connection: close"));
-        // Only what came with the head's first read; never the rest of the body.
-        assert!(read <= READ_CHUNK as u64, "{read} bytes read");
+        // What came with the head's first read and the bounded linger; never the rest of the body.
+        assert!(read <= (READ_CHUNK + MAX_LINGER_BYTES) as u64, "{read} bytes read");
 
         let head =
             "POST /a HTTP/1.1\r\nAuthorization: good\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
