@@ -12,6 +12,28 @@ pub fn system_hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// Whether the PCE will take `name` as this host's name: RFC 1123, as the PCE checks it
+/// (`crates/pce/src/venapi.rs`, `check_hostname`): dot-separated labels of ASCII letters, digits
+/// and hyphens, each of 1 to 63 bytes and neither starting nor ending with a hyphen; 253 bytes
+/// at most. The error says what is wrong.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("a host name has 1 to 253 bytes (RFC 1123)".to_string());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("each dot-separated label has 1 to 63 bytes (RFC 1123)".to_string());
+        }
+        if let Some(c) = label.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+            return Err(format!("{c:?} is not a letter, digit, hyphen or dot (RFC 1123)"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label neither starts nor ends with a hyphen (RFC 1123)".to_string());
+        }
+    }
+    Ok(())
+}
+
 pub fn report(hostname: &str) -> HostReport {
     HostReport {
         hostname: hostname.to_string(),
@@ -92,6 +114,18 @@ mod tests {
         assert!(!reportable("fe80::1".parse().unwrap()));
         assert!(reportable("198.18.0.2".parse().unwrap()));
         assert!(reportable("2001:db8::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn hostnames_the_pce_refuses_are_named_with_the_reason() {
+        for good in ["web", "web-01.example.com", "1host"] {
+            assert_eq!(check_hostname(good), Ok(()), "{good:?}");
+        }
+        let why = check_hostname("web_01").unwrap_err();
+        assert!(why.contains("'_'") && why.contains("RFC 1123"), "{why}");
+        for bad in ["", "web\x1b[31m", "a\nb", "x\u{202e}y", "-web", "a..b", &"a".repeat(64)] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -61,9 +61,13 @@ impl Command {
                 if a.activation_code.trim().is_empty() {
                     return Err("the activation code is empty".into());
                 }
+                let given = a.hostname.is_some();
                 let hostname = a.hostname.unwrap_or_else(agent::host::system_hostname);
-                if hostname.is_empty() || hostname.len() > 253 || hostname.chars().any(char::is_whitespace) {
-                    return Err(format!("{hostname:?} is not a usable host name"));
+                if let Err(why) = agent::host::check_hostname(&hostname) {
+                    let whose = if given { "--hostname" } else { "this host's name" };
+                    return Err(format!(
+                        "{whose} {hostname:?} is not one the PCE accepts: {why}; give one with --hostname"
+                    ));
                 }
                 Command::Activate {
                     server: a.management_server,
@@ -425,6 +429,19 @@ mod tests {
         let short =
             ["activate", "--management-server", "pce:1", "--activation-code", "a", "--ca-fingerprint", "ab"];
         assert!(parse(&short).unwrap_err().contains("fingerprint"));
+        let escape = [
+            "activate",
+            "--management-server",
+            "pce:1",
+            "--activation-code",
+            "a",
+            "--ca-fingerprint",
+            &fp,
+            "--hostname",
+            "web\x1b[31m",
+        ];
+        let why = parse(&escape).unwrap_err();
+        assert!(why.starts_with("--hostname \"web\\u{1b}[31m\" is not one the PCE accepts"), "{why}");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The event service (TLS, default port 8444): one long-lived session per VEN that carries
 //! "lightning bolts" (policy changed) and application-level pings.
 //!
-//! A session starts with the VEN's `Hello`, answered with `Ack` (then at once an event naming the
+//! A session starts with the VEN's `Hello` (alone: bytes after it, before the answer, refuse the
+//! session; it must come within the admission deadline of accept, `crate::admission`), answered
+//! with `Ack` (then at once an event naming the
 //! current policy version) or `Nack` and close. The PCE pings every [`PING_INTERVAL`] and drops a
 //! session that answered none of the last [`MISSED_PINGS`]. At most [`MAX_EVENT_SESSIONS`] agents
 //! are registered; a new session of an agent replaces its old one. Events are hints: when a
 //! session's queue is full the event is dropped (and counted), the heartbeat repeats the version.
 
+use crate::admission::Ticket;
 use crate::serve::App;
 use serde::de::DeserializeOwned;
 use smol::Timer;
@@ -23,7 +26,6 @@ use ven_proto::frame::{self, Event, FrameError, PceFrame, VenFrame};
 pub const MAX_EVENT_SESSIONS: usize = 16_384;
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const MISSED_PINGS: u32 = 3;
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pending events per session; versions only grow, so a short queue loses nothing that matters.
 const SESSION_QUEUE: usize = 4;
@@ -40,6 +42,10 @@ pub enum EventError {
     Refused(String),
     #[error("no pong for {0:?}")]
     DeadPeer(Duration),
+    #[error("{0} bytes followed the Hello before it was answered")]
+    TrailingBytes(usize),
+    #[error("expected Hello")]
+    NotHello,
     #[error("the VEN sent a second Hello")]
     UnexpectedHello,
     #[error("the VEN was too slow")]
@@ -148,6 +154,39 @@ impl FrameReader {
         decoded.map(Some)
     }
 
+    /// The session's first frame, which must be a Hello and must come alone (a VEN sends nothing
+    /// else before the answer). `Ok(None)` while incomplete.
+    pub fn take_hello(&mut self) -> Result<Option<Hello>, EventError> {
+        match self.take::<VenFrame>()? {
+            None => Ok(None),
+            Some(_) if !self.buf.is_empty() => Err(EventError::TrailingBytes(self.buf.len())),
+            Some(VenFrame::Hello { protocol_version, agent_id, agent_token }) => {
+                Ok(Some(Hello { protocol_version, agent_id, agent_token }))
+            }
+            Some(VenFrame::Pong { .. }) => Err(EventError::NotHello),
+        }
+    }
+
+    /// Reads until the first frame is complete: see [`FrameReader::take_hello`].
+    pub async fn hello<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<Hello, EventError> {
+        loop {
+            if let Some(hello) = self.take_hello()? {
+                return Ok(hello);
+            }
+            self.fill(stream).await?;
+        }
+    }
+
+    async fn fill<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<(), EventError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let n = stream.read(&mut chunk).await.map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(EventError::Closed);
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
     pub async fn next<T: DeserializeOwned, S: AsyncRead + Unpin>(
         &mut self,
         stream: &mut S,
@@ -156,14 +195,30 @@ impl FrameReader {
             if let Some(frame) = self.take()? {
                 return Ok(frame);
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let n = stream.read(&mut chunk).await.map_err(FrameError::Io)?;
-            if n == 0 {
-                return Err(EventError::Closed);
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.fill(stream).await?;
         }
     }
+}
+
+/// The fields of a VEN's Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub agent_id: u64,
+    pub agent_token: String,
+}
+
+/// Reads `data` as the start of a session, in two reads split at `split` (for the fuzz target):
+/// a Hello alone, incomplete, or an error; never a panic.
+pub fn fuzz_hello(data: &[u8], split: usize) -> Result<Option<Hello>, EventError> {
+    let split = split.min(data.len());
+    let mut reader = FrameReader { buf: data[..split].to_vec() };
+    // A complete Hello with more bytes in a later read is served: those were not there yet.
+    if let Some(hello) = reader.take_hello()? {
+        return Ok(Some(hello));
+    }
+    reader.buf.extend_from_slice(&data[split..]);
+    reader.take_hello()
 }
 
 enum Wake {
@@ -189,26 +244,33 @@ async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Res
 }
 
 /// Runs one event session until either side ends it.
+/// `ticket` is the connection's admission: the Hello must arrive by its deadline, and a good one
+/// marks the connection authenticated.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     app: &Arc<App>,
+    ticket: &mut Ticket,
 ) -> Result<(), EventError> {
     let mut reader = FrameReader::default();
-    let hello = timed(Instant::now() + HELLO_TIMEOUT, reader.next::<VenFrame, _>(&mut stream)).await?;
+    let deadline = ticket.pending_deadline().unwrap_or_else(|| Instant::now() + PING_INTERVAL);
+    let hello = match timed(deadline, reader.hello(&mut stream)).await {
+        Ok(hello) => Ok(hello),
+        Err(e @ (EventError::TrailingBytes(_) | EventError::NotHello)) => Err(e),
+        Err(other) => return Err(other),
+    };
     let (agent_id, current, refusal) = match hello {
-        VenFrame::Hello { protocol_version, .. } if !ven_proto::protocol_supported(protocol_version) => (
+        Err(e) => (0, None, Some(e.to_string())),
+        Ok(Hello { protocol_version, .. }) if !ven_proto::protocol_supported(protocol_version) => (
             0,
             None,
             Some(format!(
                 "protocol version {protocol_version} is not supported (this PCE speaks {PROTOCOL_VERSION})"
             )),
         ),
-        VenFrame::Hello { agent_id, agent_token, .. } => match authenticate(app, agent_id, agent_token).await
-        {
+        Ok(Hello { agent_id, agent_token, .. }) => match authenticate(app, agent_id, agent_token).await {
             Ok(current) => (agent_id, current, None),
             Err(()) => (agent_id, None, Some("unknown agent or wrong token".to_string())),
         },
-        VenFrame::Pong { .. } => (0, None, Some("expected Hello".to_string())),
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
@@ -222,6 +284,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let _registration = Registration { sessions: &app.sessions, agent_id, serial };
+    ticket.authenticated();
     log::debug!("agent {agent_id} connected to the event service ({} sessions)", app.sessions.len());
     send(&mut stream, &PceFrame::Ack { ping_interval_s: PING_INTERVAL.as_secs() as u32 }).await?;
     if let Some(version) = current {
@@ -299,6 +362,25 @@ mod tests {
         reader.buf.push(wire[wire.len() - 1]);
         assert_eq!(reader.take::<VenFrame>().unwrap(), Some(VenFrame::Pong { nonce: 3 }));
         assert!(reader.buf.is_empty());
+    }
+
+    #[test]
+    fn a_hello_must_come_alone() {
+        let hello = VenFrame::Hello { protocol_version: 1, agent_id: 7, agent_token: "t".into() };
+        let wire = frame::encode_frame(&hello);
+        let expected = Hello { protocol_version: 1, agent_id: 7, agent_token: "t".into() };
+        for split in 0..=wire.len() {
+            assert_eq!(fuzz_hello(&wire, split).unwrap(), Some(expected.clone()), "split at {split}");
+        }
+        assert_eq!(fuzz_hello(&wire[..wire.len() - 1], 3).unwrap(), None);
+        let mut trailing = wire.clone();
+        trailing.push(0);
+        assert!(matches!(fuzz_hello(&trailing, trailing.len()), Err(EventError::TrailingBytes(1))));
+        let mut two = wire.clone();
+        two.extend(frame::encode_frame(&VenFrame::Pong { nonce: 1 }));
+        assert!(matches!(fuzz_hello(&two, two.len()), Err(EventError::TrailingBytes(_))));
+        let pong = frame::encode_frame(&VenFrame::Pong { nonce: 1 });
+        assert!(matches!(fuzz_hello(&pong, pong.len()), Err(EventError::NotHello)));
     }
 
     #[test]

@@ -2,23 +2,35 @@
 //!
 //! Guarantees towards a hostile client: the header block is capped at [`MAX_HEAD_BYTES`], bodies at
 //! [`ven_proto::MAX_BODY_BYTES`] and must come with Content-Length (chunked is refused with 411,
-//! other transfer codings with 501); a request must arrive in full within [`REQUEST_TIMEOUT`] of the
-//! previous answer, and an answer must be taken within [`WRITE_TIMEOUT`]. Keep-alive and
-//! pipelining are supported. Handlers are synchronous and run on the blocking thread pool, at most
+//! other transfer codings with 501). Credentials are checked on the request head
+//! ([`Handler::admit`]) before any byte of the body is read: a refused request is answered at once
+//! (401) and the connection closed, body unread; `100 Continue` goes out only after that.
+//! Requests without credentials (VEN activation) get bodies of at most
+//! [`MAX_ANONYMOUS_BODY_BYTES`]. The bytes of bodies buffered across all connections are bounded by
+//! [`MAX_BUFFERED_BODY_BYTES`] (anonymous ones by [`MAX_ANONYMOUS_BUFFERED_BYTES`]): past it a request
+//! is answered 503 with `Retry-After` and its body is not read. A body is one allocation of its
+//! announced length, freed when its handler returns (see [`body_buffer`]).
+//!
+//! Time: a connection that has not authenticated must send each request whole by its ticket's
+//! deadline ([`crate::admission`]); an authenticated one within [`REQUEST_TIMEOUT`] of the previous
+//! answer; an answer must be taken within [`WRITE_TIMEOUT`]. Keep-alive and pipelining are
+//! supported. Handlers are synchronous and run on the blocking thread pool, at most
 //! [`MAX_CONCURRENT_HANDLERS`] at once: they mostly serialise on the store's lock anyway, and a
 //! request waiting for a turn costs a parked future instead of a parked thread.
 
+use crate::admission::Ticket;
 use smol::Timer;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::lock::Semaphore;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
-/// Time for a whole request to arrive, counted from the previous answer (or the connection).
+/// Time for a whole request to arrive, counted from the previous answer (authenticated connections).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 16 * 1024;
@@ -27,6 +39,27 @@ const READ_CHUNK: usize = 16 * 1024;
 /// waiting request: 500 threads (the pool's own cap) and 80 MiB of RSS with 5,000 VENs.
 pub const MAX_CONCURRENT_HANDLERS: usize = 16;
 static HANDLER_TURNS: Semaphore = Semaphore::new(MAX_CONCURRENT_HANDLERS);
+/// Request bodies buffered at once, across all connections (four maximal bodies).
+pub const MAX_BUFFERED_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Of those, bodies of requests without credentials (VEN activations).
+pub const MAX_ANONYMOUS_BUFFERED_BYTES: usize = 8 * 1024 * 1024;
+/// Largest body of a request without credentials: an activation's host report (256 interfaces
+/// of 64 addresses at most) fits with room to spare.
+pub const MAX_ANONYMOUS_BODY_BYTES: usize = 1024 * 1024;
+/// What a 503 for a full body budget asks the client to wait, in seconds.
+pub const BUSY_RETRY_AFTER_S: u32 = 2;
+static BODY_BUDGET: Budget = Budget::new(MAX_BUFFERED_BODY_BYTES);
+static ANONYMOUS_BODY_BUDGET: Budget = Budget::new(MAX_ANONYMOUS_BUFFERED_BYTES);
+/// After a refusal, what the client may already have sent is read and dropped, at most this
+/// much for at most [`LINGER_TIMEOUT`], before the connection closes: closing with bytes unread
+/// makes the kernel send a reset, which can destroy the answer (a VEN would see an I/O error
+/// instead of the 401 that tells it it is a lost agent).
+pub const MAX_LINGER_BYTES: usize = 64 * 1024;
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bodies from this size on are allocated as a mapping glibc always returns (see [`body_buffer`]).
+const LARGE_BODY_BYTES: usize = 128 * 1024;
+/// Above glibc's largest dynamic mmap threshold (32 MiB on 64-bit, less on 32-bit).
+const ALWAYS_MAPPED_BYTES: usize = 32 * 1024 * 1024 + 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -36,6 +69,12 @@ pub enum HttpError {
     HeadTooLarge,
     #[error("a request body of {0} bytes exceeds the limit of {max} bytes", max = ven_proto::MAX_BODY_BYTES)]
     BodyTooLarge(u64),
+    #[error(
+        "a request body of {0} bytes without credentials exceeds the limit of {MAX_ANONYMOUS_BODY_BYTES} bytes"
+    )]
+    AnonymousBodyTooLarge(usize),
+    #[error("the server is buffering as many request bodies as it may; retry in {BUSY_RETRY_AFTER_S} s")]
+    Busy,
     #[error("chunked request bodies are not supported; send Content-Length")]
     Chunked,
     #[error("transfer coding {0:?} is not supported")]
@@ -52,7 +91,8 @@ impl HttpError {
         match self {
             Self::Malformed(_) => Some(400),
             Self::HeadTooLarge => Some(431),
-            Self::BodyTooLarge(_) => Some(413),
+            Self::BodyTooLarge(_) | Self::AnonymousBodyTooLarge(_) => Some(413),
+            Self::Busy => Some(503),
             Self::Chunked => Some(411),
             Self::TransferCoding(_) => Some(501),
             Self::Io(_) | Self::Timeout => None,
@@ -222,21 +262,36 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// What a handler decides on a request head, before its body is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Good credentials: the connection counts as authenticated from now on.
+    Authenticated,
+    /// A request that needs none (VEN activation: the code is in the body); its body is limited
+    /// to [`MAX_ANONYMOUS_BODY_BYTES`].
+    Anonymous,
+    /// Answered with this at once; the body is not read and the connection is closed.
+    Refused(Response),
+}
+
 /// What answers the requests of a connection.
 pub trait Handler: Send + Sync + 'static {
+    /// Checks the request's credentials on its head alone (runs on the blocking pool).
+    fn admit(&self, head: &Head) -> Admission;
     fn handle(&self, request: Request) -> Response;
     /// The answer to a request this server refused before the handler saw it; `path` when known.
     fn reject(&self, path: Option<&str>, error: &HttpError) -> Response;
 }
 
 /// Serves requests on `stream` until the client closes it, stops keeping it alive, or misbehaves.
-pub async fn serve<S>(mut stream: S, handler: Arc<dyn Handler>) -> Result<(), HttpError>
+/// `ticket` says whether the connection has authenticated yet, and is told when it does.
+pub async fn serve<S>(mut stream: S, handler: Arc<dyn Handler>, ticket: &mut Ticket) -> Result<(), HttpError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let deadline = ticket.pending_deadline().unwrap_or_else(|| Instant::now() + REQUEST_TIMEOUT);
         let (head, used) = loop {
             match parse_head(&buf) {
                 Ok(Some(parsed)) => break parsed,
@@ -256,17 +311,43 @@ where
             Ok(length) => length,
             Err(error) => return refuse(&mut stream, handler.as_ref(), Some(&head.path), error).await,
         };
-        if length > buf.len() && head.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
-        {
-            within(deadline, stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")).await?;
-        }
-        while buf.len() < length {
-            if read_more(&mut stream, &mut buf, deadline).await? == 0 {
-                return Err(HttpError::Malformed("truncated body".into()));
+        // INVARIANT: no byte of the body is read before the head is admitted.
+        let (admission, head) = {
+            let handler = handler.clone();
+            blocking(move || {
+                let admitted =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.admit(&head)));
+                let internal = || Response::with_body(500, "text/plain", b"internal error\n".to_vec());
+                (admitted.unwrap_or_else(|_| Admission::Refused(internal())), head)
+            })
+            .await
+        };
+        let anonymous = match admission {
+            Admission::Refused(response) => {
+                let deadline = Instant::now() + WRITE_TIMEOUT;
+                within(deadline, stream.write_all(&response.serialize(false))).await?;
+                within(deadline, stream.flush()).await?;
+                linger(&mut stream).await;
+                return Ok(());
             }
+            Admission::Authenticated => {
+                ticket.authenticated();
+                false
+            }
+            Admission::Anonymous => true,
+        };
+        if anonymous && length > MAX_ANONYMOUS_BODY_BYTES {
+            let error = HttpError::AnonymousBodyTooLarge(length);
+            return refuse(&mut stream, handler.as_ref(), Some(&head.path), error).await;
         }
-        let rest = buf.split_off(length);
-        let body = std::mem::replace(&mut buf, rest);
+        let Some(reservation) = Reservation::take(length, anonymous) else {
+            return refuse(&mut stream, handler.as_ref(), Some(&head.path), HttpError::Busy).await;
+        };
+        let deadline = ticket.pending_deadline().unwrap_or(deadline);
+        let body = read_body(&mut stream, &mut buf, &head, length, deadline).await?;
+        if buf.capacity() > 2 * READ_CHUNK && buf.len() <= READ_CHUNK {
+            buf.shrink_to(READ_CHUNK);
+        }
         let keep_alive = head.keep_alive;
         let handler_ = handler.clone();
         let response = blocking(move || {
@@ -276,11 +357,115 @@ where
                 .unwrap_or_else(|_| Response::with_body(500, "text/plain", b"internal error\n".to_vec()))
         })
         .await;
+        // The body was dropped with the request.
+        drop(reservation);
         let deadline = Instant::now() + WRITE_TIMEOUT;
         within(deadline, stream.write_all(&response.serialize(keep_alive))).await?;
         within(deadline, stream.flush()).await?;
         if !keep_alive {
             return Ok(());
+        }
+        ticket.renew();
+    }
+}
+
+/// Reads the `length` bytes of a body (after the head) into one buffer: what `buf` already holds
+/// first, then from the stream, never past the body (pipelined requests stay in the stream).
+async fn read_body<S>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+    head: &Head,
+    length: usize,
+    deadline: Instant,
+) -> Result<Vec<u8>, HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if length > buf.len() && head.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+        within(deadline, stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")).await?;
+        within(deadline, stream.flush()).await?;
+    }
+    if length <= buf.len() {
+        let rest = buf.split_off(length);
+        return Ok(std::mem::replace(buf, rest));
+    }
+    let mut body = body_buffer(length);
+    body.append(buf);
+    let mut chunk = [0u8; READ_CHUNK];
+    while body.len() < length {
+        let want = (length - body.len()).min(READ_CHUNK);
+        let n = within(deadline, stream.read(&mut chunk[..want])).await?;
+        if n == 0 {
+            return Err(HttpError::Malformed("truncated body".into()));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Ok(body)
+}
+
+/// An empty buffer for a body of `length` bytes, allocated once. glibc raises its mmap threshold
+/// to the size of every mapped block freed (up to 32 MiB on 64-bit), after which large blocks
+/// come from the arenas and stay in the process when freed: so a large body reserves more than
+/// that maximum, which glibc always maps and unmaps on free without moving the threshold. Only
+/// the pages written count in RSS; the rest is address space. (musl maps large blocks anyway.)
+pub fn body_buffer(length: usize) -> Vec<u8> {
+    if length >= LARGE_BODY_BYTES {
+        Vec::with_capacity(length.max(ALWAYS_MAPPED_BYTES))
+    } else {
+        Vec::with_capacity(length)
+    }
+}
+
+/// A byte budget shared by all connections.
+struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    const fn new(max: usize) -> Self {
+        Budget { used: AtomicUsize::new(0), max }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Bytes of the body budgets held for one request, given back on drop.
+struct Reservation {
+    bytes: usize,
+    anonymous: bool,
+}
+
+impl Reservation {
+    fn take(bytes: usize, anonymous: bool) -> Option<Self> {
+        if anonymous && !ANONYMOUS_BODY_BUDGET.take(bytes) {
+            return None;
+        }
+        if !BODY_BUDGET.take(bytes) {
+            if anonymous {
+                ANONYMOUS_BODY_BUDGET.give(bytes);
+            }
+            return None;
+        }
+        Some(Reservation { bytes, anonymous })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        BODY_BUDGET.give(self.bytes);
+        if self.anonymous {
+            ANONYMOUS_BODY_BUDGET.give(self.bytes);
         }
     }
 }
@@ -300,16 +485,38 @@ async fn refuse<S>(
     error: HttpError,
 ) -> Result<(), HttpError>
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     if let Some(status) = error.status() {
         let mut response = handler.reject(path, &error);
         response.status = status;
+        if matches!(error, HttpError::Busy) {
+            response = response.header("retry-after", BUSY_RETRY_AFTER_S.to_string());
+        }
         let deadline = Instant::now() + WRITE_TIMEOUT;
         within(deadline, stream.write_all(&response.serialize(false))).await?;
         within(deadline, stream.flush()).await?;
+        linger(stream).await;
     }
     Err(error)
+}
+
+/// Ends the answer (TLS close_notify and FIN), then reads and drops what the client still sends,
+/// at most [`MAX_LINGER_BYTES`] within [`LINGER_TIMEOUT`], so that closing does not reset the
+/// connection under the answer. Nothing is kept: the bytes go through one stack chunk.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    if within(deadline, stream.close()).await.is_err() {
+        return;
+    }
+    let mut chunk = [0u8; 4096];
+    let mut drained = 0;
+    while drained < MAX_LINGER_BYTES {
+        match within(deadline, stream.read(&mut chunk)).await {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
 }
 
 async fn read_more<S: AsyncRead + Unpin>(
@@ -330,6 +537,88 @@ pub async fn within<T>(deadline: Instant, io: impl Future<Output = io::Result<T>
         Err(HttpError::Timeout)
     })
     .await
+}
+
+/// A connection in memory: reads come from `input`, writes are collected.
+struct Wire<'a> {
+    input: &'a [u8],
+    output: Vec<u8>,
+}
+
+impl AsyncRead for Wire<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(io::Read::read(&mut self.input, buf))
+    }
+}
+
+impl AsyncWrite for Wire<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.output.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The fuzz target's handler: `Authorization: good` is authenticated, no credentials anonymous,
+/// anything else refused; answers echo the body.
+struct FuzzHandler;
+
+impl Handler for FuzzHandler {
+    fn admit(&self, head: &Head) -> Admission {
+        match head.header("authorization") {
+            Some("good") => Admission::Authenticated,
+            Some(_) => Admission::Refused(Response::with_body(401, "text/plain", b"who?".to_vec())),
+            None => Admission::Anonymous,
+        }
+    }
+    fn handle(&self, request: Request) -> Response {
+        Response::with_body(200, "application/octet-stream", request.body)
+    }
+    fn reject(&self, _path: Option<&str>, error: &HttpError) -> Response {
+        Response::with_body(400, "text/plain", error.to_string().into_bytes())
+    }
+}
+
+/// For the fuzz target `pce_http_head`: `data` as what a client sends on one connection, through
+/// the head parser and body framing, then the whole serve loop. Checks the guarantees of this
+/// module's header; a violation panics.
+pub fn fuzz_connection(data: &[u8]) {
+    if let Ok(Some((head, used))) = parse_head(data) {
+        assert!(used <= data.len() && used <= MAX_HEAD_BYTES, "head of {used} bytes");
+        assert!(head.headers.len() <= MAX_HEADERS);
+        if let Ok(length) = head.body_length() {
+            assert!(length as u64 <= ven_proto::MAX_BODY_BYTES);
+        }
+    }
+    let mut wire = Wire { input: data, output: Vec::new() };
+    let _ = smol::block_on(serve(&mut wire, Arc::new(FuzzHandler), &mut Ticket::detached()));
+    assert!(
+        wire.output.is_empty() || wire.output.starts_with(b"HTTP/1.1 "),
+        "an answer without a status line"
+    );
+    // A refused head ends the connection: nothing (no 100 Continue, no answer) after its 401.
+    if let Some(at) = wire.output.windows(12).position(|w| w == b"HTTP/1.1 401") {
+        assert!(!wire.output[at + 1..].windows(9).any(|w| w == b"HTTP/1.1 "), "an answer after a 401");
+    }
 }
 
 #[cfg(test)]
@@ -419,6 +708,13 @@ mod tests {
 
     struct Echo;
     impl Handler for Echo {
+        fn admit(&self, head: &Head) -> Admission {
+            match head.header("authorization") {
+                Some("good") => Admission::Authenticated,
+                Some(_) => Admission::Refused(Response::with_body(401, "text/plain", b"who?".to_vec())),
+                None => Admission::Anonymous,
+            }
+        }
         fn handle(&self, request: Request) -> Response {
             Response::with_body(200, "text/plain", request.body)
         }
@@ -427,47 +723,80 @@ mod tests {
         }
     }
 
-    /// A byte stream fed from a fixed input, collecting what is written.
-    struct Wire {
-        input: io::Cursor<Vec<u8>>,
-        output: Vec<u8>,
+    fn exchange(input: &str) -> (Result<(), HttpError>, String) {
+        let (result, output, _) = exchange_bytes(input.as_bytes());
+        (result, output)
     }
-    impl AsyncRead for Wire {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &mut [u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            std::task::Poll::Ready(io::Read::read(&mut self.input, buf))
-        }
+
+    /// Also returns how many input bytes the server read.
+    fn exchange_bytes(input: &[u8]) -> (Result<(), HttpError>, String, u64) {
+        let mut wire = Wire { input, output: Vec::new() };
+        let result = smol::block_on(serve(&mut wire, Arc::new(Echo), &mut Ticket::detached()));
+        let read = (input.len() - wire.input.len()) as u64;
+        (result, String::from_utf8_lossy(&wire.output).into_owned(), read)
     }
-    impl AsyncWrite for Wire {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            self.output.extend_from_slice(buf);
-            std::task::Poll::Ready(Ok(buf.len()))
+
+    #[test]
+    fn refused_heads_are_answered_before_the_body_is_read() {
+        let head = "POST /a HTTP/1.1\r\nAuthorization: bad\r\nExpect: 100-continue\r\nContent-Length: 16777216\r\n\r\n";
+        let mut input = head.as_bytes().to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 * READ_CHUNK));
+        let (result, output, read) = exchange_bytes(&input);
+        assert!(result.is_ok());
+        assert!(output.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{output}");
+        assert!(!output.contains("100 Continue"), "{output}");
+        assert!(output.contains("connection: close"));
+        // What came with the head's first read and the bounded linger; never the rest of the body.
+        assert!(read <= (READ_CHUNK + MAX_LINGER_BYTES) as u64, "{read} bytes read");
+
+        let head =
+            "POST /a HTTP/1.1\r\nAuthorization: good\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
+        let (result, output) = exchange(&format!("{head}abc"));
+        assert!(result.is_ok());
+        assert!(output.ends_with("\r\n\r\nabc"), "{output}");
+    }
+
+    struct Panicky;
+    impl Handler for Panicky {
+        fn admit(&self, _: &Head) -> Admission {
+            panic!("a bug in admission")
         }
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
+        fn handle(&self, _: Request) -> Response {
+            unreachable!("never admitted")
         }
-        fn poll_close(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
+        fn reject(&self, _: Option<&str>, _: &HttpError) -> Response {
+            Response::empty(400)
         }
     }
 
-    fn exchange(input: &str) -> (Result<(), HttpError>, String) {
-        let mut wire = Wire { input: io::Cursor::new(input.as_bytes().to_vec()), output: Vec::new() };
-        let result = smol::block_on(serve(&mut wire, Arc::new(Echo)));
-        (result, String::from_utf8_lossy(&wire.output).into_owned())
+    #[test]
+    fn a_panicking_admission_costs_one_answer() {
+        let mut wire = Wire { input: b"GET / HTTP/1.1\r\n\r\n", output: Vec::new() };
+        let result = smol::block_on(serve(&mut wire, Arc::new(Panicky), &mut Ticket::detached()));
+        assert!(result.is_ok());
+        assert!(wire.output.starts_with(b"HTTP/1.1 500 "));
+    }
+
+    #[test]
+    fn anonymous_bodies_are_small() {
+        let text = format!("POST /a HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_ANONYMOUS_BODY_BYTES + 1);
+        let (result, output) = exchange(&text);
+        assert!(matches!(result, Err(HttpError::AnonymousBodyTooLarge(_))), "{result:?}");
+        assert!(output.starts_with("HTTP/1.1 413 "), "{output}");
+    }
+
+    #[test]
+    fn budgets_refuse_what_they_cannot_hold_and_take_back_what_is_freed() {
+        let budget = Budget::new(10);
+        assert!(budget.take(6));
+        assert!(!budget.take(5));
+        assert!(budget.take(4));
+        budget.give(6);
+        assert!(budget.take(6));
+        assert!(!budget.take(usize::MAX));
+        assert_eq!(HttpError::Busy.status(), Some(503));
+        assert!(body_buffer(LARGE_BODY_BYTES).capacity() >= ALWAYS_MAPPED_BYTES);
+        assert_eq!(body_buffer(10).capacity(), 10);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! event service); the other commands administer a running one through its admin API. The binary
 //! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
 //!
-//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share), `http`
-//! (HTTP/1.1 server), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
+//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share),
+//! `admission` (who may hold a connection slot, and how long before authenticating), `http`
+//! (HTTP/1.1 server: credentials checked on the head, bounded bodies), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
 //! data directory checks), `venapi` (the VEN API), `api/` (the admin API in Illumio's shapes, one
 //! module per resource, async jobs), `events` (event service), `store/` (the state: records in
 //! redb behind a `Backend` interface, policy objects and provisioning, pairing profiles and keys),
@@ -13,6 +14,7 @@
 //! filter, JSON), `ctl` (admin client), `clock`. Dependencies point api -> store -> policy.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
 mod cli;
 use ven_proto::clock;
@@ -80,6 +82,24 @@ pub mod fuzzing {
     }
     pub use crate::flows::fuzz_flow_log as flow_log;
     pub use crate::traffic::fuzz_query as traffic_query;
+
+    /// What an unauthenticated client sends first on the API port: `data` as one connection's
+    /// bytes through the request head parser, the body framing and the serve loop.
+    pub use crate::http::fuzz_connection as http_connection;
+
+    /// What an unauthenticated client sends first on the event port: `data` after its first
+    /// byte as the start of a session, delivered in two reads split where that byte says; a
+    /// Hello alone or an error.
+    pub fn event_hello(data: &[u8]) {
+        let Some((split, session)) = data.split_first() else { return };
+        if let Ok(Some(hello)) = crate::events::fuzz_hello(session, usize::from(*split)) {
+            assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
+        }
+    }
+
+    /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
+    /// `api::fuzz_admin_input`).
+    pub use crate::api::fuzz_admin_input as admin_input;
 }
 
 /// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.

@@ -5,18 +5,19 @@
 //! mask) and waits for them with sigwait; a few named executor threads run the connections; the
 //! synchronous request handlers run on smol's blocking pool. The soft open-files limit is raised to
 //! the hard one at start and each listener's connection cap is sized from it; past a cap, new
-//! connections wait in the listen backlog.
+//! connections wait in the listen backlog. Who may hold those connections, and for how long
+//! before authenticating, is `admission`'s business.
 
+use crate::admission::{Gate, Ticket};
 use crate::events::{self, Sessions};
 use crate::flows::{FlowError, FlowStore};
-use crate::http::{self, HttpError, Request, Response};
+use crate::http::{self, Admission, Head, HttpError, Request, Response};
 use crate::store::{Changes, Store, StoreError};
 use crate::tls::{self, TlsError};
 use crate::{api, clock, venapi};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use nix::sys::signal::{SigSet, Signal};
-use smol::lock::{Semaphore, SemaphoreGuardArc};
 use smol::net::{TcpListener, TcpStream};
 use smol::{Executor, Timer};
 use std::future::Future;
@@ -24,7 +25,6 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use ven_proto::{ErrorKind, PROTOCOL_HEADER};
@@ -45,7 +45,6 @@ const RESERVED_FILES: u64 = 64;
 /// of "unlimited" cannot be set as a soft one).
 const MAX_OPEN_FILES: u64 = 1 << 20;
 const MAX_EXECUTOR_THREADS: usize = 4;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often heartbeat bookkeeping is written and silent workloads are looked for.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
 /// Housekeeping that holds the store this long is logged (requests wait meanwhile).
@@ -227,24 +226,36 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     });
     let ex = Arc::new(Executor::new());
     let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));
-    ex.spawn(accept_loop(api, acceptor.clone(), Limit::new("API", caps.api), ex.clone(), move |stream| {
-        let handler = handler.clone();
-        async move {
-            if let Err(e) = http::serve(stream, handler).await {
-                log::debug!("API connection: {e}");
+    ex.spawn(accept_loop(
+        api,
+        acceptor.clone(),
+        Gate::new("API", caps.api),
+        ex.clone(),
+        move |stream, mut ticket| {
+            let handler = handler.clone();
+            async move {
+                if let Err(e) = http::serve(stream, handler, &mut ticket).await {
+                    log::debug!("API connection: {e}");
+                }
             }
-        }
-    }))
+        },
+    ))
     .detach();
     let sessions_app = app.clone();
-    ex.spawn(accept_loop(event, acceptor, Limit::new("event", caps.event), ex.clone(), move |stream| {
-        let app = sessions_app.clone();
-        async move {
-            if let Err(e) = events::serve(stream, &app).await {
-                log::debug!("event session: {e}");
+    ex.spawn(accept_loop(
+        event,
+        acceptor,
+        Gate::new("event", caps.event),
+        ex.clone(),
+        move |stream, mut ticket| {
+            let app = sessions_app.clone();
+            async move {
+                if let Err(e) = events::serve(stream, &app, &mut ticket).await {
+                    log::debug!("event session: {e}");
+                }
             }
-        }
-    }))
+        },
+    ))
     .detach();
     let started_at = clock::now();
     let housekeeping_app = app.clone();
@@ -353,86 +364,58 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError>
     TcpListener::try_from(listener).map_err(bind_error)
 }
 
-/// Counts the open connections of one listener.
-struct Limit {
-    name: &'static str,
-    max: usize,
-    slots: Arc<Semaphore>,
-    /// Unix time of the last "full" warning, to log it at most every few seconds.
-    last_warning: AtomicU64,
-}
-
-type Slot = SemaphoreGuardArc;
-
-impl Limit {
-    fn new(name: &'static str, max: usize) -> Arc<Self> {
-        Arc::new(Limit { name, max, slots: Arc::new(Semaphore::new(max)), last_warning: AtomicU64::new(0) })
-    }
-
-    /// A free slot; when there is none, waits for one, leaving new connections in the listen
-    /// backlog (a burst of VENs is served late rather than refused and retried).
-    async fn acquire(&self) -> Slot {
-        if let Some(slot) = self.slots.try_acquire_arc() {
-            return slot;
-        }
-        self.warn(&format!(
-            "{} connections at their limit of {}; new ones wait in the listen backlog",
-            self.name, self.max
-        ));
-        self.slots.acquire_arc().await
-    }
-
-    /// Logs a warning unless one went out in the last 10 seconds (remote peers can trigger these).
-    fn warn(&self, message: &str) {
-        let now = clock::now();
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if now >= last + 10
-            && self.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            log::warn!("{message}");
-        }
-    }
-}
-
-/// Accepts connections, completes the TLS handshake (bounded in time) and hands each stream to
-/// `serve` in its own task.
+/// Accepts connections, admits them (`admission`: slots, per-source limits, the deadline to
+/// authenticate), completes the TLS handshake and hands each stream to `serve` in its own task.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    limit: Arc<Limit>,
+    gate: Arc<Gate>,
     ex: Arc<Executor<'static>>,
     serve: F,
 ) where
-    F: Fn(TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    F: Fn(TlsStream<TcpStream>, Ticket) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let (total, pending, per_source) = gate.caps();
+    log::info!(
+        "{} connections: {total} at once, {pending} of them not yet authenticated, {per_source} such from one source",
+        gate.name()
+    );
     let serve = Arc::new(serve);
     loop {
-        let slot = limit.acquire().await;
+        let slot = gate.slot().await;
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
-                limit.warn(&format!("accepting {} connections: {e}", limit.name));
+                gate.warn(&format!("accepting {} connections: {e}", gate.name()));
                 drop(slot);
                 Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        // Over a limit: closed at once, before any TLS work.
+        let Ok(ticket) = gate.admit(slot, peer.ip()) else { continue };
         let _ = tcp.set_nodelay(true);
         let (acceptor, serve) = (acceptor.clone(), serve.clone());
-        ex.spawn(async move {
-            let _slot = slot;
+        let evicted = ticket.eviction();
+        let connection = async move {
+            let deadline = ticket.pending_deadline().unwrap_or_else(Instant::now);
             let handshake =
                 smol::future::or(async { acceptor.accept(tcp).await.map_err(|e| e.to_string()) }, async {
-                    Timer::after(HANDSHAKE_TIMEOUT).await;
+                    Timer::at(deadline).await;
                     Err("timed out".to_string())
                 });
             match handshake.await {
-                Ok(stream) => serve(stream).await,
+                Ok(stream) => serve(stream, ticket).await,
                 Err(e) => log::debug!("TLS handshake with {peer}: {e}"),
             }
-        })
+        };
+        // An eviction (only while not authenticated) drops the connection, closing it.
+        ex.spawn(smol::future::or(connection, async move {
+            evicted.await;
+            log::debug!("connection from {peer} evicted before it authenticated");
+        }))
         .detach();
     }
 }
@@ -441,6 +424,23 @@ async fn accept_loop<F, Fut>(
 struct Api(Arc<App>);
 
 impl http::Handler for Api {
+    fn admit(&self, head: &Head) -> Admission {
+        let path = head.path.as_str();
+        let admission = if path.starts_with("/ven/") {
+            venapi::admit(&self.0, head)
+        } else if path.starts_with(api::PREFIX) {
+            api::admit(&self.0, head)
+        } else {
+            Admission::Refused(Response::with_body(404, "text/plain", b"not found\n".to_vec()))
+        };
+        match admission {
+            Admission::Refused(response) => {
+                Admission::Refused(response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string()))
+            }
+            admitted => admitted,
+        }
+    }
+
     fn handle(&self, request: Request) -> Response {
         let path = request.head.path.as_str();
         let response = if path.starts_with("/ven/") {
@@ -456,9 +456,15 @@ impl http::Handler for Api {
     fn reject(&self, path: Option<&str>, error: &HttpError) -> Response {
         let status = error.status().unwrap_or(400);
         let message = error.to_string();
+        let busy = matches!(error, HttpError::Busy);
+        let (kind, token) = if busy {
+            (ErrorKind::Internal, "server_busy")
+        } else {
+            (ErrorKind::BadRequest, "invalid_request")
+        };
         let response = match path {
-            Some(path) if path.starts_with("/ven/") => venapi::error(status, ErrorKind::BadRequest, message),
-            Some(path) if path.starts_with(api::PREFIX) => api::error(status, "invalid_request", &message),
+            Some(path) if path.starts_with("/ven/") => venapi::error(status, kind, message),
+            Some(path) if path.starts_with(api::PREFIX) => api::error(status, token, &message),
             _ => Response::with_body(status, "text/plain", format!("{message}\n").into_bytes()),
         };
         response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())

@@ -9,7 +9,7 @@
 
 use crate::clock;
 use crate::flows::FlowError;
-use crate::http::{Request, Response};
+use crate::http::{Admission, Head, Request, Response};
 use crate::serve::App;
 use crate::store::StoreError;
 use serde::Serialize;
@@ -28,6 +28,18 @@ const MAX_NAME_BYTES: usize = 255;
 const MAX_APPLY_ERROR_BYTES: usize = 4096;
 /// Longer texts in agent events (a tampering summary) and goodbye reasons are cut.
 const MAX_EVENT_TEXT_BYTES: usize = 1024;
+
+/// Checks a VEN API request's credentials on its head: activation needs none (its code is in the
+/// body), every other call the agent's `Bearer <agent_id>.<token>`.
+pub fn admit(app: &App, head: &Head) -> Admission {
+    if head.path == path::ACTIVATE {
+        return Admission::Anonymous;
+    }
+    match authenticate_header(app, head.header("authorization")) {
+        Ok(_) => Admission::Authenticated,
+        Err(response) => Admission::Refused(response),
+    }
+}
 
 pub fn handle(app: &App, request: &Request) -> Response {
     let version = request.header(PROTOCOL_HEADER);
@@ -78,7 +90,7 @@ type Answer = Result<Response, Response>;
 
 fn activate(app: &App, request: &Request) -> Answer {
     let activation: ActivateRequest = decode(request)?;
-    check_host(&activation.host)?;
+    check_host(&activation.host, true)?;
     let hostname = activation.host.hostname.clone();
     let waited = Instant::now();
     let mut store = app.store();
@@ -112,7 +124,10 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
     let mut report: HeartbeatRequest = decode(request)?;
     if let Some(host) = &report.host {
-        check_host(host)?;
+        // A name the PCE took before this check existed stays accepted while it is unchanged.
+        let unchanged =
+            app.store().state().workloads.get(&agent_id).is_some_and(|w| w.hostname == host.hostname);
+        check_host(host, !unchanged)?;
     }
     if let Some(message) = report.apply_error.as_mut() {
         truncate(message, MAX_APPLY_ERROR_BYTES);
@@ -225,7 +240,11 @@ fn upload_flows(app: &App, request: &Request, version: u16) -> Answer {
 }
 
 fn authenticate(app: &App, request: &Request) -> Result<u64, Response> {
-    let credentials = request.header("authorization").and_then(ven_proto::parse_bearer);
+    authenticate_header(app, request.header("authorization"))
+}
+
+fn authenticate_header(app: &App, authorization: Option<&str>) -> Result<u64, Response> {
+    let credentials = authorization.and_then(ven_proto::parse_bearer);
     match credentials {
         Some((agent_id, token)) if app.store().authenticate(agent_id, token) => Ok(agent_id),
         Some(_) => Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token")),
@@ -237,10 +256,16 @@ fn decode<T: DeserializeOwned>(request: &Request) -> Result<T, Response> {
     ven_proto::decode(&request.body).map_err(|e| error(400, ErrorKind::BadRequest, e.to_string()))
 }
 
-fn check_host(host: &HostReport) -> Result<(), Response> {
+/// Checks a host report's sizes, and its hostname when `new_name` (RFC 1123, [`check_hostname`]).
+fn check_host(host: &HostReport, new_name: bool) -> Result<(), Response> {
     let bad = |message: String| Err(error(400, ErrorKind::BadRequest, message));
-    if host.hostname.is_empty() || host.hostname.len() > MAX_NAME_BYTES {
-        return bad(format!("the hostname must have 1 to {MAX_NAME_BYTES} bytes"));
+    if host.hostname.len() > MAX_NAME_BYTES {
+        return bad(format!("host.hostname: longer than {MAX_NAME_BYTES} bytes"));
+    }
+    if new_name {
+        if let Err(problem) = check_hostname(&host.hostname) {
+            return bad(format!("host.hostname {:?} is refused: {problem}", host.hostname));
+        }
     }
     if host.os.len() > MAX_NAME_BYTES || host.agent_version.len() > MAX_NAME_BYTES {
         return bad(format!("os and agent_version are limited to {MAX_NAME_BYTES} bytes"));
@@ -254,6 +279,35 @@ fn check_host(host: &HostReport) -> Result<(), Response> {
                 "interface {:?}: names are limited to {MAX_NAME_BYTES} bytes, addresses to {MAX_ADDRESSES_PER_INTERFACE}",
                 interface.name
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Longest host name (RFC 1123, in its text form without the trailing dot).
+pub const MAX_HOSTNAME_BYTES: usize = 253;
+/// Longest label of a host name.
+pub const MAX_HOSTNAME_LABEL_BYTES: usize = 63;
+
+/// A host name as RFC 1123 has it: dot-separated labels of ASCII letters, digits and hyphens,
+/// each of 1 to 63 bytes and neither starting nor ending with a hyphen; 253 bytes at most. What
+/// an operator's terminal prints can then hold no escape sequence, newline or bidi control.
+/// The agent checks its own name the same way (`src/agent/host.rs`).
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_HOSTNAME_BYTES {
+        return Err(format!("a host name has 1 to {MAX_HOSTNAME_BYTES} bytes (RFC 1123)"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > MAX_HOSTNAME_LABEL_BYTES {
+            return Err(format!(
+                "each dot-separated label has 1 to {MAX_HOSTNAME_LABEL_BYTES} bytes (RFC 1123)"
+            ));
+        }
+        if let Some(c) = label.chars().find(|c| !c.is_ascii_alphanumeric() && *c != '-') {
+            return Err(format!("{c:?} is not a letter, digit, hyphen or dot (RFC 1123)"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label neither starts nor ends with a hyphen (RFC 1123)".to_string());
         }
     }
     Ok(())
@@ -293,6 +347,33 @@ mod tests {
         let mut short = "ok".to_string();
         truncate(&mut short, 4);
         assert_eq!(short, "ok");
+    }
+
+    #[test]
+    fn hostnames_follow_rfc_1123() {
+        let label63 = "a".repeat(63);
+        let long = [label63.as_str(); 4].join(".");
+        for good in ["web", "web-01.example.com", "1host", "A-b.C", &label63, &long[..253]] {
+            assert_eq!(check_hostname(good), Ok(()), "{good:?}");
+        }
+        let label64 = "a".repeat(64);
+        for bad in [
+            "",
+            "web\x1b[31m",
+            "web\nfake row",
+            "web\u{202e}gpj",
+            "we b",
+            "web_01",
+            "-web",
+            "web-",
+            "a..b",
+            ".web",
+            "web.",
+            &label64,
+            &long,
+        ] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use super::{Answer, collection, error, not_found, ok, parse_json, store_error};
 use crate::clock;
-use crate::http::Request;
+use crate::http::{Head, Request};
 use crate::serve::App;
 use crate::store::ApiKey;
 use base64::Engine;
@@ -45,9 +45,9 @@ pub fn credentials(authorization: Option<&str>) -> Option<Credentials<'_>> {
     Some(Credentials::ApiKey { auth_username: user.to_string(), secret: secret.to_string() })
 }
 
-/// Whether the request's credentials are good.
-pub fn authenticated(app: &App, request: &Request) -> bool {
-    match credentials(request.header("authorization")) {
+/// Whether the credentials of a request head are good.
+pub fn authenticated(app: &App, head: &Head) -> bool {
+    match credentials(head.header("authorization")) {
         Some(Credentials::AdminKey(key)) => app.is_admin_key(key),
         Some(Credentials::ApiKey { auth_username, secret }) => {
             app.store().api_key_matches(&auth_username, &secret)

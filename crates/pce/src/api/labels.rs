@@ -90,18 +90,59 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
     }
 }
 
-/// Label keys and values: 1 to 255 bytes, no control characters; keys without `=` or `,`,
-/// values without `,` (the CLI's `key=value,key=value` lists).
+/// Characters that reorder or hide text on a terminal: the bidirectional embeddings, overrides
+/// and isolates, the marks, and the zero-width ones.
+pub fn is_bidi_or_invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+}
+
+/// Label keys and values: 1 to 255 bytes, no control, bidi or zero-width characters (they would
+/// reach operators' terminals); keys without `=` or `,`, values without `,` (the CLI's
+/// `key=value,key=value` lists).
 fn check_text(field: &str, text: &str) -> Result<(), Response> {
-    if text.is_empty() || text.len() > MAX_LABEL_TEXT || text.chars().any(char::is_control) {
+    if text.is_empty() || text.len() > MAX_LABEL_TEXT {
+        return Err(invalid_field(field, &format!("must have 1 to {MAX_LABEL_TEXT} bytes")));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control() || is_bidi_or_invisible(*c)) {
         return Err(invalid_field(
             field,
-            &format!("must have 1 to {MAX_LABEL_TEXT} bytes, no control characters"),
+            &format!("{c:?} is a control, bidi or invisible character; none is allowed"),
         ));
     }
     let forbidden: &[char] = if field == "key" { &['=', ','] } else { &[','] };
     match text.chars().find(|c| forbidden.contains(c)) {
         Some(c) => Err(invalid_field(field, &format!("{text:?} must not contain {c:?}"))),
         None => Ok(()),
+    }
+}
+
+/// For the fuzz target: `request`'s body as a label, through the same checks as a POST; what
+/// passes holds no control or bidi character.
+pub fn fuzz_body(request: &Request) {
+    let Ok(body) = parse_json::<LabelBody>(request) else { return };
+    for (field, text) in [("key", body.key), ("value", body.value)] {
+        if let Some(text) = text {
+            if check_text(field, &text).is_ok() {
+                assert!(!text.chars().any(|c| c.is_control() || is_bidi_or_invisible(c)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_texts_refuse_control_and_bidi_characters() {
+        assert!(check_text("key", "role").is_ok());
+        assert!(check_text("value", "Ünïcödé web").is_ok());
+        for bad in ["", "a\x1b[2J", "a\nb", "\u{202e}gpj.exe", "a\u{200b}b", "a\u{2066}b", "a=b"] {
+            assert!(check_text("key", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_text("value", &"a".repeat(MAX_LABEL_TEXT + 1)).is_err());
+        let refused = check_text("value", "x\u{202e}y").unwrap_err();
+        let body: Value = serde_json::from_slice(&refused.body).unwrap();
+        assert!(body[0]["message"].as_str().unwrap().starts_with("value: '\\u{202e}'"), "{body}");
     }
 }

@@ -30,7 +30,7 @@ mod services;
 mod traffic;
 mod workloads;
 
-use crate::http::{Request, Response};
+use crate::http::{Admission, Head, Request, Response};
 use crate::policy::model::MAX_TEXT;
 use crate::serve::App;
 use crate::store::StoreError;
@@ -48,8 +48,18 @@ pub const PREFIX: &str = "/api/v2/";
 /// The one organisation, for paths and hrefs in Illumio's `/orgs/<org>/...` form.
 pub const ORG: &str = "1";
 
+/// Checks the credentials on the request head, before its body is read: every admin call needs
+/// them; without, 401 `authentication_failed` at once.
+pub fn admit(app: &App, head: &Head) -> Admission {
+    if auth::authenticated(app, head) {
+        Admission::Authenticated
+    } else {
+        Admission::Refused(auth::refused())
+    }
+}
+
 pub fn handle(app: &App, request: &Request) -> Response {
-    if !auth::authenticated(app, request) {
+    if !auth::authenticated(app, &request.head) {
         return auth::refused();
     }
     let path = request.head.path.strip_prefix(PREFIX).unwrap_or_default().trim_end_matches('/');
@@ -269,6 +279,46 @@ fn name_matches(name: &str, wanted: &str) -> bool {
 
 fn org_href(kind: &str, id: impl std::fmt::Display) -> String {
     format!("/orgs/{ORG}/{kind}/{id}")
+}
+
+/// For the fuzz target `pce_admin_json`: the first line of `data` as an href, id, query string
+/// and `Authorization` value, the rest as a request body, through the admin API's readers. Checks
+/// that what they accept is canonical; a violation panics.
+pub fn fuzz_admin_input(data: &[u8]) {
+    let (first, body) = match data.iter().position(|b| *b == b'\n') {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, &[][..]),
+    };
+    if let Ok(text) = std::str::from_utf8(first) {
+        for kind in ["labels", "workloads", "ip_lists", "services", "rule_sets", "pairing_profiles"] {
+            if let Some(id) = href_id(text, kind) {
+                assert!(text.ends_with(&format!("/{kind}/{id}")), "{text:?} read as {kind} {id}");
+            }
+        }
+        if let Some(id) = parse_id::<u64>(text) {
+            assert_eq!(id.to_string(), text, "a non-canonical id accepted");
+        }
+        // Query values are form-decoded first (`%37` is `7`); what is accepted is then canonical.
+        if let Ok(Some(max)) = max_results(text) {
+            assert_eq!(query_value(text, "max_results"), Some(max.to_string()), "{text:?}");
+        }
+        let _ = query_value(text, "name");
+        let _ = auth::credentials(Some(text));
+    }
+    let request = Request {
+        head: Head {
+            method: "POST".into(),
+            path: format!("{PREFIX}labels"),
+            query: String::new(),
+            headers: Vec::new(),
+            keep_alive: true,
+        },
+        body: body.to_vec(),
+    };
+    if let Err(response) = parse_json::<Value>(&request) {
+        assert_eq!(response.status, 400);
+    }
+    labels::fuzz_body(&request);
 }
 
 #[cfg(test)]

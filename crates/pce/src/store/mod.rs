@@ -461,6 +461,15 @@ impl Store {
             )));
         }
         let agent_token = tls::random_hex(AGENT_TOKEN_BYTES)?;
+        // Allowed, but flagged in the activation event (issue 17): names are no identity.
+        let same_name: Vec<u64> = self
+            .state
+            .workloads
+            .values()
+            .filter(|w| w.hostname == host.hostname)
+            .map(|w| w.id)
+            .take(16)
+            .collect();
         self.state.last_workload_id += 1;
         let agent_id = self.state.last_workload_id;
         let workload = Workload {
@@ -477,8 +486,13 @@ impl Store {
             self.state.pairing_profiles[profile_index].keys[key].uses += 1;
         }
         let profile = self.state.pairing_profiles[profile_index].id;
-        let details = json!({ "policy_state": policy_state.as_str(), "pairing_profile": profile });
-        self.record(now, EventType::AgentActivated, Some(agent_id), "VEN paired".to_string(), details);
+        let mut details = json!({ "policy_state": policy_state.as_str(), "pairing_profile": profile });
+        let mut message = "VEN paired".to_string();
+        if !same_name.is_empty() {
+            details["duplicate_hostname"] = json!(same_name);
+            message = format!("VEN paired; workloads {same_name:?} have the same hostname");
+        }
+        self.record(now, EventType::AgentActivated, Some(agent_id), message, details);
         let changes = self.commit()?;
         Ok(Activation { agent_id, agent_token, changes })
     }

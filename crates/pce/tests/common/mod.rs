@@ -39,7 +39,18 @@ impl Server {
     }
 
     pub fn start_with(dir: &Path, api: u16, events: u16, extra: &[&str]) -> Server {
-        let mut child = Command::new(PCE)
+        Server::spawn(Command::new(PCE), dir, api, events, extra)
+    }
+
+    /// Under `ulimit -n NOFILE` (soft and hard), as a unit's `LimitNOFILE` would set it.
+    pub fn start_with_nofile(dir: &Path, api: u16, events: u16, nofile: u64, extra: &[&str]) -> Server {
+        let mut command = Command::new("sh");
+        command.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""), PCE]);
+        Server::spawn(command, dir, api, events, extra)
+    }
+
+    fn spawn(mut command: Command, dir: &Path, api: u16, events: u16, extra: &[&str]) -> Server {
+        let mut child = command
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args([
