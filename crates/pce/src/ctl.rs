@@ -398,9 +398,15 @@ fn workload_row(w: &Value) -> Vec<String> {
         None => "-".to_string(),
     };
     let applied = if w["apply_error"].is_string() { format!("{applied} (error)") } else { applied };
+    // Allowed, but an operator should know (a clone, a re-imaged host).
+    let hostname = if w["duplicate_hostname"] == true {
+        format!("{} (duplicate)", text(&w["hostname"]))
+    } else {
+        text(&w["hostname"])
+    };
     vec![
         text(&w["id"]),
-        text(&w["hostname"]),
+        hostname,
         text(&w["policy_state"]),
         text(&w["agent_status"]),
         text(&w["policy_version"]),

@@ -460,6 +460,15 @@ fn hostile_names_are_refused_duplicates_flagged_and_trailing_hello_bytes_refused
     assert_eq!(flagged.len(), 1, "{events_json}");
     let flagged = flagged[0].to_string();
     assert!(flagged.contains(&format!("[{first}]")), "{flagged}");
+    // And in the workload list, on both.
+    let workloads = ven.admin_get(d, "workloads").2;
+    let duplicates: Vec<&serde_json::Value> = workloads
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .filter(|w| w["hostname"] == "web-1.example" && w["duplicate_hostname"] == true)
+        .collect();
+    assert_eq!(duplicates.len(), 2, "{workloads}");
 
     // A VEN with a wrong token hears its 401 (a lost agent), though the PCE does not read its
     // body: the refusal lingers for what the client sent instead of resetting the connection.

@@ -25,12 +25,16 @@ pub fn route(app: &App, method: &str, rest: &[&str], request: &Request) -> Answe
     match (method, rest) {
         ("GET", []) => {
             let store = app.store();
-            Ok(collection(store.state().workloads.values().map(|w| json(&store, w)).collect(), request))
+            let names = hostname_counts(&store);
+            let items =
+                store.state().workloads.values().map(|w| flagged(json(&store, w), &names, w)).collect();
+            Ok(collection(items, request))
         }
         ("GET", [id]) => {
             let store = app.store();
+            let names = hostname_counts(&store);
             let workload = parse_id(id).and_then(|id| store.state().workloads.get(&id));
-            workload.map(|w| ok(200, json(&store, w))).ok_or_else(not_found)
+            workload.map(|w| ok(200, flagged(json(&store, w), &names, w))).ok_or_else(not_found)
         }
         ("POST", []) => create_unmanaged(app, request),
         ("PUT", [id]) => update(app, id, request),
@@ -107,8 +111,11 @@ impl WorkloadBody {
     fn hostname(&self) -> Result<Option<String>, Response> {
         match self.hostname.as_ref().or(self.name.as_ref()) {
             None => Ok(None),
-            Some(name) if is_hostname(name) => Ok(Some(name.clone())),
-            Some(_) => Err(invalid_field("hostname", "must be an RFC 1123 host name")),
+            // The same rules as for the names VENs report.
+            Some(name) => match crate::venapi::check_hostname(name) {
+                Ok(()) => Ok(Some(name.clone())),
+                Err(why) => Err(invalid_field("hostname", &why)),
+            },
         }
     }
 
@@ -137,17 +144,20 @@ impl WorkloadBody {
     }
 }
 
-/// RFC 1123: dot-separated labels of 1-63 letters, digits and hyphens, not starting or ending
-/// with a hyphen, 253 bytes in all.
-pub fn is_hostname(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+/// How many workloads carry each hostname: duplicates are allowed (clones, re-imaged hosts)
+/// but flagged.
+fn hostname_counts(store: &Store) -> std::collections::HashMap<&str, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for workload in store.state().workloads.values() {
+        *counts.entry(workload.hostname.as_str()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// `value` (a workload's JSON) with `duplicate_hostname` set.
+fn flagged(mut value: Value, names: &std::collections::HashMap<&str, usize>, workload: &Workload) -> Value {
+    value["duplicate_hostname"] = json!(names.get(workload.hostname.as_str()).is_some_and(|n| *n > 1));
+    value
 }
 
 fn create_unmanaged(app: &App, request: &Request) -> Answer {
