@@ -1,4 +1,4 @@
-//! The PCE's own PKI and the few crypto primitives it needs (ring through rustls).
+//! The PCE's own PKI and its TLS server configuration (ring through rustls).
 //!
 //! On first start [`ensure`] creates a CA (`ca.pem`, `ca.key`) and a server certificate signed by it
 //! (`server.pem`, `server.key`; `server.json` records its names and expiry). The server certificate
@@ -7,6 +7,7 @@
 //! written 0600, atomically.
 
 use crate::clock;
+use crate::crypto::sha256_hex;
 use crate::fsutil::write_atomic;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -58,26 +59,6 @@ pub enum TlsError {
 /// The ring crypto provider, the only one this crate uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// `len` random bytes from the system RNG, as lowercase hex.
-pub fn random_hex(len: usize) -> Result<String, TlsError> {
-    let mut bytes = vec![0u8; len];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| TlsError::Random)?;
-    Ok(hex(&bytes))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
-
-/// Compares two secrets (or their hashes) in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The server certificate's names: every `extra` name, the listen address unless unspecified, then

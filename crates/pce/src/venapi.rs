@@ -7,10 +7,10 @@
 //! [`ErrorBody`]. Sizes in host reports and agent events are bounded before anything reaches the
 //! store; flow batches are checked whole by [`crate::flows::check_batch`] before any record is stored.
 
+use crate::app::App;
 use crate::clock;
 use crate::flows::FlowError;
 use crate::http::{Request, Response};
-use crate::serve::App;
 use crate::store::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;

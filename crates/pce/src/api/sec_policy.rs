@@ -9,10 +9,10 @@ use super::{
     Answer, ORG, collection, error, invalid_field, method_not_allowed, not_found, ok, parse_id, parse_json,
     store_error,
 };
+use crate::app::App;
 use crate::clock;
 use crate::http::{Request, Response};
 use crate::policy::model::{Kind, ObjectRef, PolicyObjects};
-use crate::serve::App;
 use crate::store::PolicyVersion;
 use serde::Deserialize;
 use serde_json::{Value, json};

@@ -16,10 +16,10 @@
 //! is committed to the new store in one transaction, then the files are renamed `*.migrated`.
 
 use crate::clock;
+use crate::crypto::{self, RandomError};
 use crate::orgevents::{EventLog, EventType};
 use crate::policy::model::{self, PolicyObjects};
 use crate::policy::{self, Label, Member, Service};
-use crate::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -75,7 +75,7 @@ pub enum StoreError {
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Random(#[from] TlsError),
+    Random(#[from] RandomError),
     /// The request contradicts the state (unknown label, duplicate, limit reached).
     #[error("{0}")]
     Rejected(String),
@@ -435,9 +435,9 @@ impl Store {
     /// Whether `token` is the agent token of workload `agent_id`.
     pub fn authenticate(&self, agent_id: u64, token: &str) -> bool {
         self.state.workloads.get(&agent_id).is_some_and(|workload| {
-            tls::constant_time_eq(
+            crypto::constant_time_eq(
                 workload.token_sha256.as_bytes(),
-                tls::sha256_hex(token.as_bytes()).as_bytes(),
+                crypto::sha256_hex(token.as_bytes()).as_bytes(),
             )
         })
     }
@@ -454,14 +454,14 @@ impl Store {
                 "the PCE holds its maximum of {MAX_WORKLOADS} workloads"
             )));
         }
-        let agent_token = tls::random_hex(AGENT_TOKEN_BYTES)?;
+        let agent_token = crypto::random_hex(AGENT_TOKEN_BYTES)?;
         self.state.last_workload_id += 1;
         let agent_id = self.state.last_workload_id;
         let workload = Workload {
             os: host.os,
             agent_version: host.agent_version,
             labels,
-            token_sha256: tls::sha256_hex(agent_token.as_bytes()),
+            token_sha256: crypto::sha256_hex(agent_token.as_bytes()),
             online: true,
             online_since: Some(now),
             ..Workload::new(agent_id, host.hostname, host.interfaces, policy_state, now, true)
@@ -757,12 +757,12 @@ impl Store {
                 "the PCE holds its maximum of {MAX_API_KEYS} API keys"
             )));
         }
-        let key_id = tls::random_hex(API_KEY_ID_BYTES)?;
-        let secret = tls::random_hex(API_KEY_SECRET_BYTES)?;
+        let key_id = crypto::random_hex(API_KEY_ID_BYTES)?;
+        let secret = crypto::random_hex(API_KEY_SECRET_BYTES)?;
         let key = ApiKey {
             auth_username: format!("api_{key_id}"),
             key_id,
-            secret_sha256: tls::sha256_hex(secret.as_bytes()),
+            secret_sha256: crypto::sha256_hex(secret.as_bytes()),
             name: name.to_string(),
             description: description.to_string(),
             created_at: now,
@@ -783,10 +783,10 @@ impl Store {
 
     /// Whether `secret` belongs to the API key named `auth_username` (compared in constant time).
     pub fn api_key_matches(&self, auth_username: &str, secret: &str) -> bool {
-        let digest = tls::sha256_hex(secret.as_bytes());
+        let digest = crypto::sha256_hex(secret.as_bytes());
         self.state.api_keys.iter().any(|key| {
             key.auth_username == auth_username
-                && tls::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
+                && crypto::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
         })
     }
 
@@ -937,7 +937,7 @@ impl Store {
         let mut changes = Vec::new();
         for (id, mut policy) in computed {
             let Some(workload) = self.state.workloads.get_mut(&id) else { continue };
-            let digest = tls::sha256_hex(&ven_proto::encode(&policy));
+            let digest = crypto::sha256_hex(&ven_proto::encode(&policy));
             if digest != workload.policy_sha256 || workload.policy_version == 0 {
                 self.state.policy_counter += 1;
                 workload.policy_version = self.state.policy_counter;
@@ -1048,7 +1048,7 @@ fn initial_state() -> Result<State, StoreError> {
             id: 1,
             name: "default".to_string(),
             policy_state: PolicyState::Idle,
-            activation_code: tls::random_hex(ACTIVATION_CODE_BYTES)?,
+            activation_code: crypto::random_hex(ACTIVATION_CODE_BYTES)?,
             description: String::new(),
             enabled: true,
             labels: Vec::new(),
