@@ -4,13 +4,17 @@
 //! [`backend::Backend`] (redb: `DIR/pce.redb`).
 //!
 //! Guarantees: every change is committed before the call returns, as one transaction holding only
-//! the records that changed ([`backend::diff`]), except heartbeat bookkeeping (and the events a
-//! heartbeat carries), which only marks the state dirty for [`Store::flush`]. A commit that fails
-//! leaves the change in memory and the state dirty, so the next flush retries it (the diff is
-//! taken against what the backend last took). Policies are recomputed after every change that can
-//! affect them; a workload's policy version moves (to the next value of one global counter) exactly
-//! when its content changes, also across restarts: the state keeps each workload's version and a
-//! digest of its content.
+//! the records that changed: for workloads, those marked dirty by the change (no comparison of the
+//! whole fleet; debug builds check every mark against a copy), for the other tables those that
+//! differ from what the backend holds ([`backend::diff`]). Heartbeat bookkeeping (and the events a
+//! heartbeat carries) only marks its workload for [`Store::flush`], or for
+//! [`Store::take_workload_flush`], which housekeeping writes after releasing the store's lock. A
+//! commit that fails leaves the change in memory and marked, so the next flush retries it.
+//! Policies are recomputed after every change that can affect them: a workload's arrival,
+//! departure or new addresses only the policies that can include it (`policy::compute_changed`),
+//! label and rule changes all of them. A workload's policy version moves (to the next value of one
+//! global counter) exactly when its content changes, also across restarts: the state keeps each
+//! workload's version and a digest of its content; its encoding is made once per version.
 //!
 //! A data directory of an older PCE (`state.json`, `events.json`) is migrated at open: its state
 //! is committed to the new store in one transaction, then the files are renamed `*.migrated`.
@@ -22,10 +26,11 @@ use crate::policy::model::{self, PolicyObjects};
 use crate::policy::{self, Label, Member, Service};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use ven_proto::{
     AgentEventKind, CustomChain, CustomRule, HeartbeatRequest, HostReport, Interface, Policy, PolicyState,
     RuleFamily,
@@ -313,16 +318,61 @@ pub struct Activation {
     pub changes: Changes,
 }
 
+/// The backend, behind a lock of its own: heartbeat bookkeeping is committed without the store's
+/// lock ([`WorkloadFlush`]), and every other commit waits for it to finish first, so that
+/// commits reach the backend in the order their contents were taken.
+type SharedBackend = Arc<smol::lock::Mutex<Box<dyn Backend>>>;
+
 pub struct Store {
-    backend: Box<dyn Backend>,
+    backend: SharedBackend,
     state: State,
-    /// What the backend holds: the diff of each commit is taken against it.
+    /// What the backend holds, except workloads: the diff of each commit is taken against it.
     persisted: State,
     persisted_events: EventsMark,
-    /// Current policy of every workload (derived, not persisted).
-    policies: HashMap<u64, Policy>,
+    /// Workloads the backend holds a record of.
+    persisted_workloads: BTreeSet<u64>,
+    /// Workloads changed (or removed) since the last commit: only their records are written.
+    dirty_workloads: BTreeSet<u64>,
+    /// Every workload is to be written (a new or migrated store).
+    all_workloads_dirty: bool,
+    /// In debug builds, the workloads as last committed: every save checks that each workload
+    /// that differs from it was marked dirty (a missed mark would be a change never persisted).
+    #[cfg(debug_assertions)]
+    shadow_workloads: BTreeMap<u64, Workload>,
+    /// Current policy of every workload and its encoding (derived, not persisted).
+    policies: HashMap<u64, CurrentPolicy>,
     dirty: bool,
     events: EventLog,
+}
+
+/// Workload records taken by [`Store::take_workload_flush`], holding the backend until written.
+pub struct WorkloadFlush {
+    backend: smol::lock::MutexGuardArc<Box<dyn Backend>>,
+    changes: backend::ChangeSet,
+    unwritten: UnwrittenFlush,
+}
+
+/// What a failed [`WorkloadFlush`] did not write; give it back with [`Store::flush_failed`].
+pub struct UnwrittenFlush {
+    ids: Vec<u64>,
+    deleted: Vec<u64>,
+}
+
+impl WorkloadFlush {
+    /// Writes the records (one transaction, durable on return); no lock of the store is needed.
+    pub fn commit(mut self) -> Result<usize, (StoreError, UnwrittenFlush)> {
+        match self.backend.commit(&self.changes) {
+            Ok(()) => Ok(self.changes.puts.len() + self.changes.deletes.len()),
+            Err(e) => Err((e, self.unwritten)),
+        }
+    }
+}
+
+/// A workload's current policy, and its encoding as `GET /ven/v1/policy` sends it: made once per
+/// version, shared with the requests that send it (no encoding under the store's lock).
+pub struct CurrentPolicy {
+    pub policy: Policy,
+    pub bytes: Arc<[u8]>,
 }
 
 /// `DIR/events.json`.
@@ -355,17 +405,28 @@ impl Store {
         }
         let upgraded = sec_policy::upgrade(&mut state);
         let mut store = Store {
-            backend,
+            backend: Arc::new(smol::lock::Mutex::new(backend)),
             state,
             persisted: State::empty(),
             persisted_events: EventsMark::default(),
+            persisted_workloads: BTreeSet::new(),
+            dirty_workloads: BTreeSet::new(),
+            all_workloads_dirty: true,
+            #[cfg(debug_assertions)]
+            shadow_workloads: BTreeMap::new(),
             policies: HashMap::new(),
             dirty: true,
             events,
         };
         if origin == Origin::Stored {
-            store.persisted = store.state.clone();
+            store.persisted = State { workloads: BTreeMap::new(), ..store.state.clone() };
             store.persisted_events = EventsMark::of(&store.events);
+            store.persisted_workloads = store.state.workloads.keys().copied().collect();
+            store.all_workloads_dirty = upgraded;
+            #[cfg(debug_assertions)]
+            {
+                store.shadow_workloads = store.state.workloads.clone();
+            }
             store.dirty = false;
         }
         let changes = store.recompute();
@@ -395,23 +456,142 @@ impl Store {
     }
 
     pub fn policy(&self, workload_id: u64) -> Option<&Policy> {
-        self.policies.get(&workload_id)
+        self.policies.get(&workload_id).map(|current| &current.policy)
     }
 
-    /// Commits what changed since the last commit, as one transaction.
+    /// The version of the workload's current policy.
+    pub fn policy_version(&self, workload_id: u64) -> Option<u64> {
+        self.policies.get(&workload_id).map(|current| current.policy.version)
+    }
+
+    /// The workload's current policy version and its encoding.
+    pub fn policy_bytes(&self, workload_id: u64) -> Option<(u64, Arc<[u8]>)> {
+        self.policies.get(&workload_id).map(|current| (current.policy.version, current.bytes.clone()))
+    }
+
+    /// Marks a workload's record for the next commit (changed, added or removed).
+    fn touch(&mut self, id: u64) {
+        self.dirty_workloads.insert(id);
+    }
+
+    /// Commits what changed since the last commit, as one transaction: the records of the other
+    /// tables that differ from what the backend holds, and the workloads marked dirty.
     pub fn save(&mut self) -> Result<(), StoreError> {
         self.dirty = true;
-        let changes = backend::diff(&self.persisted, &self.state, self.persisted_events, &self.events);
-        self.backend.commit(&changes)?;
+        let mut changes = backend::diff(&self.persisted, &self.state, self.persisted_events, &self.events);
+        let ids: Vec<u64> = if self.all_workloads_dirty {
+            self.state
+                .workloads
+                .keys()
+                .chain(&self.persisted_workloads)
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            self.dirty_workloads.iter().copied().collect()
+        };
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => changes.puts.push(backend::workload_record(workload)),
+                None if self.persisted_workloads.contains(id) => {
+                    changes.deletes.push(backend::workload_key(*id))
+                }
+                None => {}
+            }
+        }
+        #[cfg(debug_assertions)]
+        self.check_dirty_marks(&ids);
+        self.backend.lock_blocking().commit(&changes)?;
         backend::apply(&mut self.persisted, &self.state, &changes);
+        for id in ids {
+            if self.state.workloads.contains_key(&id) {
+                self.persisted_workloads.insert(id);
+            } else {
+                self.persisted_workloads.remove(&id);
+            }
+        }
+        #[cfg(debug_assertions)]
+        {
+            self.shadow_workloads = self.state.workloads.clone();
+        }
         self.persisted_events = EventsMark::of(&self.events);
+        self.dirty_workloads.clear();
+        self.all_workloads_dirty = false;
         self.dirty = false;
         Ok(())
     }
 
+    /// Debug builds: every workload that differs from what was last committed is among `ids`.
+    #[cfg(debug_assertions)]
+    fn check_dirty_marks(&self, ids: &[u64]) {
+        let written: BTreeSet<u64> = ids.iter().copied().collect();
+        for (id, workload) in &self.state.workloads {
+            assert!(
+                self.shadow_workloads.get(id) == Some(workload) || written.contains(id),
+                "workload {id} changed but was not marked dirty"
+            );
+        }
+        for id in self.shadow_workloads.keys() {
+            assert!(
+                self.state.workloads.contains_key(id) || written.contains(id),
+                "workload {id} was removed but not marked dirty"
+            );
+        }
+    }
+
+    /// When only workloads changed since the last commit (heartbeat bookkeeping), takes their
+    /// records for [`WorkloadFlush::commit`], to be called after the store's lock is released;
+    /// the store counts them as written from now on. `None` when there is nothing to write or
+    /// more than workloads changed (then [`Store::flush`] under the lock).
+    pub fn take_workload_flush(&mut self) -> Option<WorkloadFlush> {
+        let only_workloads = !self.dirty
+            && !self.all_workloads_dirty
+            && self.persisted_events == EventsMark::of(&self.events)
+            && !self.dirty_workloads.is_empty();
+        if !only_workloads {
+            return None;
+        }
+        // Waits for a flush still being written, so that this one lands after it.
+        let backend = self.backend.lock_arc_blocking();
+        let ids: Vec<u64> = std::mem::take(&mut self.dirty_workloads).into_iter().collect();
+        let (mut changes, mut deleted) = (backend::ChangeSet::default(), Vec::new());
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => {
+                    changes.puts.push(backend::workload_record(workload));
+                    self.persisted_workloads.insert(*id);
+                }
+                None if self.persisted_workloads.remove(id) => {
+                    changes.deletes.push(backend::workload_key(*id));
+                    deleted.push(*id);
+                }
+                None => {}
+            }
+        }
+        #[cfg(debug_assertions)]
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => self.shadow_workloads.insert(*id, workload.clone()),
+                None => self.shadow_workloads.remove(id),
+            };
+        }
+        Some(WorkloadFlush { backend, changes, unwritten: UnwrittenFlush { ids, deleted } })
+    }
+
+    /// A [`WorkloadFlush`] failed: its workloads are written again by the next commit.
+    pub fn flush_failed(&mut self, unwritten: UnwrittenFlush) {
+        self.dirty_workloads.extend(unwritten.ids);
+        self.persisted_workloads.extend(unwritten.deleted);
+    }
+
     /// Commits what changed since the last commit, if anything did.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.dirty || self.persisted_events != EventsMark::of(&self.events) { self.save() } else { Ok(()) }
+        let pending = self.dirty
+            || self.all_workloads_dirty
+            || !self.dirty_workloads.is_empty()
+            || self.persisted_events != EventsMark::of(&self.events);
+        if pending { self.save() } else { Ok(()) }
     }
 
     /// Records an organisation event about `workload` (its current hostname is looked up); the
@@ -467,13 +647,14 @@ impl Store {
             ..Workload::new(agent_id, host.hostname, host.interfaces, policy_state, now, true)
         };
         self.state.workloads.insert(agent_id, workload);
+        self.touch(agent_id);
         if let Some(key) = key_index {
             self.state.pairing_profiles[profile_index].keys[key].uses += 1;
         }
         let profile = self.state.pairing_profiles[profile_index].id;
         let details = json!({ "policy_state": policy_state.as_str(), "pairing_profile": profile });
         self.record(now, EventType::AgentActivated, Some(agent_id), "VEN paired".to_string(), details);
-        let changes = self.commit()?;
+        let changes = self.commit_changed(&[agent_id])?;
         Ok(Activation { agent_id, agent_token, changes })
     }
 
@@ -486,6 +667,7 @@ impl Store {
         report: HeartbeatRequest,
         now: u64,
     ) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         workload.last_heartbeat = Some(now);
         workload.applied_policy_version = report.applied_policy_version;
@@ -530,9 +712,9 @@ impl Store {
             }
         }
         if affects_policy {
-            self.commit()
+            self.commit_changed(&[agent_id])
         } else {
-            self.dirty = true;
+            // Marked (above) for the next flush: only this workload's record.
             Ok(Vec::new())
         }
     }
@@ -540,6 +722,7 @@ impl Store {
     /// The agent is stopping: the workload goes offline and, unless suspended, out of its peers'
     /// policies.
     pub fn goodbye(&mut self, agent_id: u64, reason: &str, now: u64) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         let was_peer = workload.is_peer();
         workload.online = false;
@@ -549,7 +732,7 @@ impl Store {
             let details = json!({ "reason": "goodbye", "goodbye": reason });
             self.record(now, EventType::WorkloadOffline, Some(agent_id), message, details);
         }
-        self.commit()
+        self.commit_changed(&[agent_id])
     }
 
     /// The agent unpaired (suspended or not): the workload is forgotten.
@@ -565,6 +748,7 @@ impl Store {
     /// Removes a workload and its policy, and recomputes its peers'.
     fn forget(&mut self, id: u64) -> Result<Changes, StoreError> {
         self.state.workloads.remove(&id);
+        self.touch(id);
         self.policies.remove(&id);
         self.commit()
     }
@@ -580,6 +764,7 @@ impl Store {
         previous_state: Option<PolicyState>,
         now: u64,
     ) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         if workload.suspended == suspended {
             return Ok(Vec::new());
@@ -598,7 +783,7 @@ impl Store {
             (EventType::ServerUnsuspended, message, json!({ "policy_state": state }))
         };
         self.record(now, event_type, Some(agent_id), message, details);
-        self.commit()
+        self.commit_changed(&[agent_id])
     }
 
     /// Raises a missed-heartbeats event for every online, unsuspended workload not heard from for
@@ -633,6 +818,9 @@ impl Store {
                 silent.push((workload.id, last_seen));
             }
         }
+        for id in missing.iter().chain(&silent).map(|(id, _)| *id).collect::<Vec<_>>() {
+            self.touch(id);
+        }
         for (id, last_seen) in missing {
             let message = "VEN missed three heartbeats; it goes offline if it stays silent".to_string();
             let details = json!({ "last_seen": clock::rfc3339(last_seen) });
@@ -642,12 +830,13 @@ impl Store {
         if silent.is_empty() {
             return Ok(Vec::new());
         }
+        let ids: Vec<u64> = silent.iter().map(|(id, _)| *id).collect();
         for (id, last_seen) in silent {
             let message = "VEN missed its heartbeats: removed from its peers' policies".to_string();
             let details = json!({ "reason": "missed_heartbeats", "last_seen": clock::rfc3339(last_seen) });
             self.record(now, EventType::WorkloadOffline, Some(id), message, details);
         }
-        self.commit()
+        self.commit_changed(&ids)
     }
 
     /// Adds a custom iptables rule to a workload. It takes effect at once, without provisioning:
@@ -662,6 +851,7 @@ impl Store {
         rule: &str,
     ) -> Result<(CustomRule, Changes), StoreError> {
         let rule = check_custom_rule(rule).map_err(StoreError::Rejected)?;
+        self.touch(workload_id);
         let workload =
             self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
         if workload.custom_rules.len() >= MAX_CUSTOM_RULES || workload.last_custom_rule_id == u32::MAX {
@@ -672,11 +862,12 @@ impl Store {
         workload.last_custom_rule_id += 1;
         let rule = CustomRule { id: workload.last_custom_rule_id, family, chain, rule: rule.to_string() };
         workload.custom_rules.push(rule.clone());
-        Ok((rule, self.commit()?))
+        Ok((rule, self.commit_changed(&[workload_id])?))
     }
 
     /// Removes a workload's custom rule; like adding, it takes effect at once.
     pub fn remove_custom_rule(&mut self, workload_id: u64, rule_id: u32) -> Result<Changes, StoreError> {
+        self.touch(workload_id);
         let workload =
             self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
         let before = workload.custom_rules.len();
@@ -684,7 +875,7 @@ impl Store {
         if workload.custom_rules.len() == before {
             return Err(StoreError::NoCustomRule { workload: workload_id, rule: rule_id });
         }
-        self.commit()
+        self.commit_changed(&[workload_id])
     }
 
     pub fn create_label(&mut self, key: &str, value: &str) -> Result<Label, StoreError> {
@@ -809,11 +1000,13 @@ impl Store {
         let id = self.state.last_workload_id;
         let workload = Workload::new(id, hostname.to_string(), interfaces, PolicyState::Idle, now, false);
         self.state.workloads.insert(id, workload);
+        self.touch(id);
         // Labels through the same checks as for any workload (one per key).
         match self.update_workload(id, Some(labels), None) {
             Ok(changes) => Ok((id, changes)),
             Err(e) => {
                 self.state.workloads.remove(&id);
+                self.touch(id);
                 Err(e)
             }
         }
@@ -826,6 +1019,7 @@ impl Store {
         hostname: Option<String>,
         interfaces: Option<Vec<Interface>>,
     ) -> Result<Changes, StoreError> {
+        self.touch(id);
         let workload = self.state.workloads.get_mut(&id).ok_or(StoreError::NoWorkload(id))?;
         if workload.managed && (hostname.is_some() || interfaces.is_some()) {
             return Err(StoreError::InUse(format!(
@@ -880,6 +1074,7 @@ impl Store {
                 )));
             }
         }
+        self.touch(id);
         let workload = self.state.workloads.get_mut(&id).ok_or(StoreError::NoWorkload(id))?;
         if let Some(mut labels) = labels {
             labels.sort_unstable();
@@ -910,7 +1105,25 @@ impl Store {
         Ok(changes)
     }
 
+    /// Recomputes the policies that the workloads `ids` can move (they came, went offline or
+    /// online, changed addresses or custom rules; not labels) and writes the state.
+    fn commit_changed(&mut self, ids: &[u64]) -> Result<Changes, StoreError> {
+        let changes = self.recompute_changed(ids);
+        self.save()?;
+        Ok(changes)
+    }
+
+    /// Recomputes every policy.
     fn recompute(&mut self) -> Changes {
+        self.recompute_with(None)
+    }
+
+    /// Recomputes the policies the workloads `ids` can move (see `policy::compute_changed`).
+    fn recompute_changed(&mut self, ids: &[u64]) -> Changes {
+        self.recompute_with(Some(ids))
+    }
+
+    fn recompute_with(&mut self, changed: Option<&[u64]>) -> Changes {
         let keys: HashMap<u64, &str> = self.state.labels.iter().map(|l| (l.id, l.key.as_str())).collect();
         let members: Vec<Member> = self
             .state
@@ -927,25 +1140,53 @@ impl Store {
             })
             .collect();
         let rules = model::compile(&self.state.active);
-        let computed: Vec<(u64, Policy)> = members
-            .iter()
-            .map(|m| m.id)
-            .zip(policy::compute_all(&members, &rules, &keys))
-            .filter_map(|(id, policy)| Some((id, policy?)))
-            .collect();
+        let computed: Vec<(u64, Policy)> = match changed {
+            None => members
+                .iter()
+                .map(|m| m.id)
+                .zip(policy::compute_all(&members, &rules, &keys))
+                .filter_map(|(id, policy)| Some((id, policy?)))
+                .collect(),
+            Some(ids) => {
+                // Members are in id order (the workloads' map).
+                let indices: Vec<usize> =
+                    ids.iter().filter_map(|id| members.binary_search_by_key(id, |m| m.id).ok()).collect();
+                policy::compute_changed(&members, &rules, &keys, &indices)
+                    .into_iter()
+                    .map(|(index, policy)| (members[index].id, policy))
+                    .collect()
+            }
+        };
         drop(members);
         let mut changes = Vec::new();
         for (id, mut policy) in computed {
-            let Some(workload) = self.state.workloads.get_mut(&id) else { continue };
-            let digest = crypto::sha256_hex(&ven_proto::encode(&policy));
-            if digest != workload.policy_sha256 || workload.policy_version == 0 {
-                self.state.policy_counter += 1;
-                workload.policy_version = self.state.policy_counter;
-                workload.policy_sha256 = digest;
-                changes.push((id, workload.policy_version));
+            let Some(workload) = self.state.workloads.get(&id) else { continue };
+            // The cached policy (same content, same version) when nothing moved: no encoding.
+            if let Some(current) = self.policies.get(&id) {
+                policy.version = current.policy.version;
+                if workload.policy_version != 0 && current.policy == policy {
+                    continue;
+                }
             }
-            policy.version = workload.policy_version;
-            self.policies.insert(id, policy);
+            policy.version = 0;
+            let digest = crypto::sha256_hex(&ven_proto::encode(&policy));
+            let (old_version, old_digest) = (workload.policy_version, workload.policy_sha256.clone());
+            let version = if digest != old_digest || old_version == 0 {
+                self.state.policy_counter += 1;
+                let version = self.state.policy_counter;
+                if let Some(workload) = self.state.workloads.get_mut(&id) {
+                    workload.policy_version = version;
+                    workload.policy_sha256 = digest;
+                }
+                self.touch(id);
+                changes.push((id, version));
+                version
+            } else {
+                old_version
+            };
+            policy.version = version;
+            let bytes: Arc<[u8]> = ven_proto::encode(&policy).into();
+            self.policies.insert(id, CurrentPolicy { policy, bytes });
         }
         changes
     }
