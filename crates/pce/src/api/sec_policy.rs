@@ -140,15 +140,17 @@ fn provision(app: &App, request: &Request) -> Answer {
             Some(objects)
         }
     };
-    let (version, changes) =
-        app.store().provision(subset, &body.update_description, clock::now()).map_err(store_error)?;
+    // The bolts leave as soon as the versions are known, while the store commits.
+    let (version, _changes) = app
+        .store()
+        .provision(subset, &body.update_description, clock::now(), &|changes| app.publish(changes))
+        .map_err(store_error)?;
     log::info!(
         "provisioned security policy version {} ({} objects, {} workloads affected)",
         version.version,
         version.objects.len(),
         version.workloads_affected
     );
-    app.publish(&changes);
     let counts = object_counts(&app.store().state().active);
     Ok(ok(201, version_json(&version, Some(counts))))
 }

@@ -1373,7 +1373,12 @@ mod tests {
     }
 
     fn provision_all(store: &mut Store) -> (u64, Changes) {
-        let (version, changes) = store.provision(None, "test", 1).unwrap();
+        // What is published before the commit is what the provision returns.
+        let published = std::cell::RefCell::new(None);
+        let (version, changes) = store
+            .provision(None, "test", 1, &|changes| *published.borrow_mut() = Some(changes.clone()))
+            .unwrap();
+        assert_eq!(published.into_inner().as_ref(), Some(&changes));
         (version.version, changes)
     }
 
