@@ -89,6 +89,12 @@ pub trait Backend: Send {
     fn load(&self) -> Result<Records, StoreError>;
     /// Writes `changes` atomically and durably: all of them or none, on disk when this returns.
     fn commit(&mut self, changes: &ChangeSet) -> Result<(), StoreError>;
+    /// Writes `changes` atomically, without waiting for the disk: a crash may lose them (and
+    /// every lazy commit since the last durable one), never part of one; the next durable commit
+    /// makes them durable too. For heartbeat bookkeeping, whose loss a restart tolerates.
+    fn commit_lazily(&mut self, changes: &ChangeSet) -> Result<(), StoreError> {
+        self.commit(changes)
+    }
 }
 
 const META_STATE: &str = "state";

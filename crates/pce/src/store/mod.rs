@@ -8,7 +8,9 @@
 //! whole fleet; debug builds check every mark against a copy), for the other tables those that
 //! differ from what the backend holds ([`backend::diff`]). Heartbeat bookkeeping (and the events a
 //! heartbeat carries) only marks its workload for [`Store::flush`], or for
-//! [`Store::take_workload_flush`], which housekeeping writes after releasing the store's lock. A
+//! [`Store::take_workload_flush`], which housekeeping writes after releasing the store's lock,
+//! without an fsync except every [`MAX_LAZY_FLUSHES`]-th time (any API change's commit makes it
+//! durable too): a crash loses at most a minute of bookkeeping, never an acknowledged change. A
 //! commit that fails leaves the change in memory and marked, so the next flush retries it.
 //! Policies are recomputed after every change that can affect them: a workload's arrival,
 //! departure or new addresses only the policies that can include it (`policy::compute_changed`),
@@ -59,6 +61,11 @@ pub const MAX_CUSTOM_RULES: usize = 1024;
 pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
 pub(crate) const ACTIVATION_CODE_BYTES: usize = 10;
 const AGENT_TOKEN_BYTES: usize = 32;
+
+/// Heartbeat-bookkeeping flushes (every 5 s) committed without an fsync between two durable
+/// ones: bookkeeping lost in a crash is at most a minute old, and the 5-second flush does not
+/// contend for the disk with the flow log's fsyncs (which the uploads wait for).
+pub const MAX_LAZY_FLUSHES: u32 = 11;
 
 /// Workloads whose policy changed, with their new version.
 pub type Changes = Vec<(u64, u64)>;
@@ -335,6 +342,8 @@ pub struct Store {
     dirty_workloads: BTreeSet<u64>,
     /// Every workload is to be written (a new or migrated store).
     all_workloads_dirty: bool,
+    /// Workload flushes committed lazily since the last durable commit.
+    lazy_flushes: u32,
     /// In debug builds, the workloads as last committed: every save checks that each workload
     /// that differs from it was marked dirty (a missed mark would be a change never persisted).
     #[cfg(debug_assertions)]
@@ -349,6 +358,8 @@ pub struct Store {
 pub struct WorkloadFlush {
     backend: smol::lock::MutexGuardArc<Box<dyn Backend>>,
     changes: backend::ChangeSet,
+    /// Committed durably; else lazily (no fsync: a crash may lose it).
+    durable: bool,
     unwritten: UnwrittenFlush,
 }
 
@@ -361,7 +372,12 @@ pub struct UnwrittenFlush {
 impl WorkloadFlush {
     /// Writes the records (one transaction, durable on return); no lock of the store is needed.
     pub fn commit(mut self) -> Result<usize, (StoreError, UnwrittenFlush)> {
-        match self.backend.commit(&self.changes) {
+        let written = if self.durable {
+            self.backend.commit(&self.changes)
+        } else {
+            self.backend.commit_lazily(&self.changes)
+        };
+        match written {
             Ok(()) => Ok(self.changes.puts.len() + self.changes.deletes.len()),
             Err(e) => Err((e, self.unwritten)),
         }
@@ -412,6 +428,7 @@ impl Store {
             persisted_workloads: BTreeSet::new(),
             dirty_workloads: BTreeSet::new(),
             all_workloads_dirty: true,
+            lazy_flushes: 0,
             #[cfg(debug_assertions)]
             shadow_workloads: BTreeMap::new(),
             policies: HashMap::new(),
@@ -502,7 +519,10 @@ impl Store {
         }
         #[cfg(debug_assertions)]
         self.check_dirty_marks(&ids);
-        self.backend.lock_blocking().commit(&changes)?;
+        // An empty change still commits when lazy flushes wait to be made durable (shutdown).
+        if !changes.is_empty() || self.lazy_flushes > 0 {
+            self.backend.lock_blocking().commit(&changes)?;
+        }
         backend::apply(&mut self.persisted, &self.state, &changes);
         for id in ids {
             if self.state.workloads.contains_key(&id) {
@@ -518,6 +538,7 @@ impl Store {
         self.persisted_events = EventsMark::of(&self.events);
         self.dirty_workloads.clear();
         self.all_workloads_dirty = false;
+        self.lazy_flushes = 0;
         self.dirty = false;
         Ok(())
     }
@@ -576,7 +597,13 @@ impl Store {
                 None => self.shadow_workloads.remove(id),
             };
         }
-        Some(WorkloadFlush { backend, changes, unwritten: UnwrittenFlush { ids, deleted } })
+        // Without an fsync, except every MAX_LAZY_FLUSHES-th (or sooner, with any API change).
+        self.lazy_flushes += 1;
+        let durable = self.lazy_flushes > MAX_LAZY_FLUSHES;
+        if durable {
+            self.lazy_flushes = 0;
+        }
+        Some(WorkloadFlush { backend, changes, durable, unwritten: UnwrittenFlush { ids, deleted } })
     }
 
     /// A [`WorkloadFlush`] failed: its workloads are written again by the next commit.
@@ -1626,6 +1653,48 @@ mod tests {
         store.suspend(web.agent_id, true, None, 100_100).unwrap();
         store.deactivate(web.agent_id, 100_101).unwrap();
         assert_eq!(event_types(&store).last(), Some(&EventType::AgentDeactivated));
+    }
+
+    #[test]
+    fn heartbeat_bookkeeping_is_written_without_the_store_and_made_durable() {
+        let dir = scratch_dir("store-workload-flush");
+        let (mut store, web, db) = populated(&dir);
+        assert!(store.take_workload_flush().is_none(), "nothing marked");
+        store.heartbeat(web.agent_id, heartbeat(None), 400).unwrap();
+        store.heartbeat(db.agent_id, heartbeat(None), 401).unwrap();
+        let flush = store.take_workload_flush().expect("two workloads marked");
+        assert!(!flush.durable, "the 5-second flushes skip the fsync");
+        assert_eq!(flush.commit().ok(), Some(2), "only the two records");
+        assert!(store.take_workload_flush().is_none(), "taken: nothing left");
+        // A failed flush gives its workloads back for the next commit.
+        store.heartbeat(web.agent_id, heartbeat(None), 402).unwrap();
+        let flush = store.take_workload_flush().unwrap();
+        // As after a failed commit: the backend is released, the records given back.
+        let unwritten = {
+            let flush = flush;
+            flush.unwritten
+        };
+        store.flush_failed(unwritten);
+        assert!(store.dirty_workloads.contains(&web.agent_id));
+        // The shutdown's save makes the lazy commits durable, even with nothing else to write.
+        store.save().unwrap();
+        drop(store);
+        let (store, _) = Store::open(&dir).unwrap();
+        assert_eq!(store.state().workloads[&web.agent_id].last_heartbeat, Some(402));
+        assert_eq!(store.state().workloads[&db.agent_id].last_heartbeat, Some(401));
+        // Every MAX_LAZY_FLUSHES + 1-th flush is durable.
+        let mut store = store;
+        let durable: Vec<bool> = (0..=MAX_LAZY_FLUSHES as u64)
+            .map(|i| {
+                store.heartbeat(web.agent_id, heartbeat(None), 500 + i).unwrap();
+                let flush = store.take_workload_flush().unwrap();
+                let durable = flush.durable;
+                flush.commit().ok().unwrap();
+                durable
+            })
+            .collect();
+        assert_eq!(durable.iter().filter(|d| **d).count(), 1);
+        assert_eq!(durable.last(), Some(&true));
     }
 
     #[test]
