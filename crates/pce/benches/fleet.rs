@@ -67,6 +67,8 @@ const DELIVERY_DEADLINE: Duration = Duration::from_secs(180);
 /// Event-session reconnections per agent (the VEN backs off 1 s .. 60 s; we stay at 1-2 s).
 const MAX_EVENT_RECONNECTS: u32 = 50;
 const FLOWS_PER_UPLOAD: usize = 20;
+/// TLS sessions each simulated agent keeps for resumption (rustls' default cache holds 256).
+const AGENT_TLS_SESSIONS: usize = 8;
 const FIRST_PORT: u16 = 5432;
 const SECOND_PORT: u16 = 5433;
 
@@ -430,9 +432,11 @@ impl Epoch {
 struct Shared {
     api: SocketAddr,
     events: SocketAddr,
-    connector: TlsConnector,
     server_name: ServerName<'static>,
     heartbeat_s: u32,
+    /// TLS handshakes the agents made: full, and resumed with a session ticket.
+    handshakes_full: AtomicU64,
+    handshakes_resumed: AtomicU64,
     epoch: Epoch,
     stop: AtomicBool,
     /// Heartbeats are timed only while this is set (the steady window).
@@ -507,6 +511,8 @@ impl Errors {
 /// One simulated agent's identity and what it has seen.
 struct Agent {
     index: usize,
+    /// Its own TLS client (and so its own session cache), as each VEN has.
+    connector: TlsConnector,
     code: String,
     address: Ipv4Addr,
     authorization: Mutex<String>,
@@ -548,10 +554,15 @@ async fn timed<T>(limit: Duration, work: impl Future<Output = Result<T, SimError
     .await
 }
 
-async fn connect(shared: &Shared, addr: SocketAddr) -> Result<TlsStream<TcpStream>, SimError> {
+async fn connect(shared: &Shared, agent: &Agent, addr: SocketAddr) -> Result<TlsStream<TcpStream>, SimError> {
     let tcp = TcpStream::connect(addr).await.map_err(SimError::Connect)?;
     let _ = tcp.set_nodelay(true);
-    shared.connector.connect(shared.server_name.clone(), tcp).await.map_err(SimError::Tls)
+    let stream = agent.connector.connect(shared.server_name.clone(), tcp).await.map_err(SimError::Tls)?;
+    match stream.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => shared.handshakes_resumed.fetch_add(1, Ordering::Relaxed),
+        _ => shared.handshakes_full.fetch_add(1, Ordering::Relaxed),
+    };
+    Ok(stream)
 }
 
 /// One HTTP/1.1 request on `stream` and its answer (status, body).
@@ -637,7 +648,7 @@ async fn activate(shared: &Shared, agent: &Agent) -> Result<ActivateResponse, Si
     let body =
         ven_proto::encode(&ActivateRequest { activation_code: agent.code.clone(), host: host_report(agent) });
     timed(EXCHANGE_TIMEOUT, async {
-        let mut stream = connect(shared, shared.api).await?;
+        let mut stream = connect(shared, agent, shared.api).await?;
         let (status, body) = request(&mut stream, "POST", path::ACTIVATE, &[], &body, false).await?;
         drain(&mut stream).await;
         expect_ok(status)?;
@@ -685,7 +696,7 @@ async fn heartbeat_cycle(shared: &Shared, agent: &Agent) -> Result<(), SimError>
     let authorization = lock(&agent.authorization).clone();
     timed(EXCHANGE_TIMEOUT, async {
         let started = Instant::now();
-        let mut stream = connect(shared, shared.api).await?;
+        let mut stream = connect(shared, agent, shared.api).await?;
         let sent = Instant::now();
         let headers = [("authorization", authorization.as_str())];
         // The last request of a connection says `close`, so the PCE closes first and the
@@ -703,7 +714,7 @@ async fn heartbeat_cycle(shared: &Shared, agent: &Agent) -> Result<(), SimError>
             if upload {
                 fetch_policy(shared, agent, &mut stream, true).await?;
             } else {
-                let mut fresh = connect(shared, shared.api).await?;
+                let mut fresh = connect(shared, agent, shared.api).await?;
                 fetch_policy(shared, agent, &mut fresh, false).await?;
                 drain(&mut fresh).await;
             }
@@ -782,7 +793,7 @@ async fn event_session_once(
     bolts: &Sender<u64>,
     up: &mut bool,
 ) -> Result<(), SimError> {
-    let mut stream = timed(EXCHANGE_TIMEOUT, connect(shared, shared.events)).await?;
+    let mut stream = timed(EXCHANGE_TIMEOUT, connect(shared, agent, shared.events)).await?;
     let agent_token =
         lock(&agent.authorization).rsplit_once('.').map(|(_, t)| t.to_string()).unwrap_or_default();
     let hello = VenFrame::Hello {
@@ -897,7 +908,7 @@ async fn agent_life(shared: Arc<Shared>, agent: Arc<Agent>, pairing: Arc<Semapho
 async fn fetch_after_bolt(shared: &Shared, agent: &Agent) {
     for attempt in 0..ATTEMPTS {
         let fetched = timed(EXCHANGE_TIMEOUT, async {
-            let mut stream = connect(shared, shared.api).await?;
+            let mut stream = connect(shared, agent, shared.api).await?;
             fetch_policy(shared, agent, &mut stream, false).await?;
             drain(&mut stream).await;
             Ok(())
@@ -1041,7 +1052,11 @@ impl Row {
 
 fn run_fleet(n: usize, settings: &Settings) -> Result<Row, String> {
     println!();
-    println!("== N = {n} ==");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "== N = {n} == (load average {})",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     let pce = Pce::start(n, settings.heartbeat_s)?;
     let ca = CertificateDer::from_pem_file(pce.dir.join("ca.pem")).map_err(|e| format!("ca.pem: {e}"))?;
     let admin = Arc::new(Admin::new(&pce, &ca));
@@ -1068,9 +1083,10 @@ fn run_fleet(n: usize, settings: &Settings) -> Result<Row, String> {
     let shared = Arc::new(Shared {
         api: pce.api,
         events: pce.events,
-        connector: TlsConnector::from(Arc::new(config)),
         server_name: ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?.to_owned(),
         heartbeat_s: settings.heartbeat_s,
+        handshakes_full: AtomicU64::new(0),
+        handshakes_resumed: AtomicU64::new(0),
         epoch: Epoch(Instant::now()),
         stop: AtomicBool::new(false),
         recording: AtomicBool::new(false),
@@ -1088,8 +1104,12 @@ fn run_fleet(n: usize, settings: &Settings) -> Result<Row, String> {
     let agents: Vec<Arc<Agent>> = (0..n)
         .map(|index| {
             let (app, role) = (index % settings.apps, (index / settings.apps) % 2);
+            // Each agent its own session cache, as each VEN has its own client.
+            let mut own = config.clone();
+            own.resumption = rustls::client::Resumption::in_memory_sessions(AGENT_TLS_SESSIONS);
             Arc::new(Agent {
                 index,
+                connector: TlsConnector::from(Arc::new(own)),
                 code: layout.codes[app * 2 + role].clone(),
                 address: Ipv4Addr::new(10, 20 + (index >> 16) as u8, (index >> 8) as u8, index as u8),
                 authorization: Mutex::new(String::new()),
@@ -1253,6 +1273,11 @@ async fn drive(
     let end = sample(pce.pid());
     let (errors, error_text) = shared.errors.summary();
     println!("errors: {error_text}; policy fetches {}", shared.fetches.load(Ordering::Relaxed));
+    println!(
+        "TLS handshakes by the agents: {} full, {} resumed",
+        shared.handshakes_full.load(Ordering::Relaxed),
+        shared.handshakes_resumed.load(Ordering::Relaxed)
+    );
     let per_agent_kib = (after.rss_kib.saturating_sub(baseline.rss_kib)) as f64 / n as f64;
     println!(
         "PCE memory: RSS {} MiB at the end, HWM {} MiB; {per_agent_kib:.1} KiB per agent over the {} MiB baseline",

@@ -1,6 +1,7 @@
 //! Command-line arguments: the raw argh structs and their one conversion into a validated
 //! [`Command`]. Nothing else in the crate sees argh.
 
+use crate::app;
 use crate::ctl::{self, EventFormat, LabelRef, ServiceSpec};
 use crate::orgevents::EventType;
 use crate::policy;
@@ -83,7 +84,7 @@ struct ServeArgs {
     heartbeat_interval: u32,
     /// silent heartbeat intervals before a workload goes offline and leaves its peers' policies
     /// (default 12; suspended workloads never do)
-    #[argh(option, default = "serve::DEFAULT_OFFLINE_AFTER_HEARTBEATS")]
+    #[argh(option, default = "app::DEFAULT_OFFLINE_AFTER_HEARTBEATS")]
     offline_after_heartbeats: u32,
 }
 

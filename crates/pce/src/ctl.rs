@@ -1,9 +1,9 @@
 //! The admin commands: a small HTTPS/JSON client of the admin API (ureq, TLS 1.3 with the ring
 //! provider, trusting only the PCE's CA), and the tables it prints.
 
+use crate::app::ADMIN_KEY_FILE;
 use crate::orgevents::EventType;
 use crate::policy;
-use crate::serve::ADMIN_KEY_FILE;
 use crate::tls::{self, CA_CERT_FILE, TlsError};
 use crate::traffic;
 use serde_json::{Value, json};

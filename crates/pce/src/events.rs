@@ -5,30 +5,26 @@
 //! session; it must come within the admission deadline of accept, `crate::admission`), answered
 //! with `Ack` (then at once an event naming the
 //! current policy version) or `Nack` and close. The PCE pings every [`PING_INTERVAL`] and drops a
-//! session that answered none of the last [`MISSED_PINGS`]. At most [`MAX_EVENT_SESSIONS`] agents
-//! are registered; a new session of an agent replaces its old one. Events are hints: when a
-//! session's queue is full the event is dropped (and counted), the heartbeat repeats the version.
+//! session that answered none of the last [`MISSED_PINGS`]. At most [`crate::sessions::MAX_EVENT_SESSIONS`] agents
+//! are registered ([`crate::sessions`]); a new session of an agent replaces its old one. Events are
+//! hints: when a session's queue is full the event is dropped (and counted), the heartbeat repeats
+//! the version.
 
 use crate::admission::Ticket;
-use crate::serve::App;
+use crate::app::App;
+use crate::sessions::Sessions;
 use serde::de::DeserializeOwned;
 use smol::Timer;
-use smol::channel::{Receiver, Sender};
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ven_proto::PROTOCOL_VERSION;
 use ven_proto::frame::{self, Event, FrameError, PceFrame, VenFrame};
 
-pub const MAX_EVENT_SESSIONS: usize = 16_384;
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const MISSED_PINGS: u32 = 3;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pending events per session; versions only grow, so a short queue loses nothing that matters.
-const SESSION_QUEUE: usize = 4;
 /// Frames from a VEN are a few bytes; a small chunk keeps idle sessions cheap.
 const READ_CHUNK: usize = 1024;
 
@@ -50,78 +46,6 @@ pub enum EventError {
     UnexpectedHello,
     #[error("the VEN was too slow")]
     Timeout,
-}
-
-/// The registry of connected agents.
-pub struct Sessions {
-    by_agent: Mutex<HashMap<u64, Entry>>,
-    next_serial: AtomicU64,
-    dropped_events: AtomicU64,
-}
-
-struct Entry {
-    serial: u64,
-    events: Sender<u64>,
-}
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Sessions {
-            by_agent: Mutex::new(HashMap::new()),
-            next_serial: AtomicU64::new(1),
-            dropped_events: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Sessions {
-    /// Queues a `PolicyChanged` for every connected agent among `changes` (agent id, version).
-    pub fn notify(&self, changes: &[(u64, u64)]) {
-        let sessions = self.lock();
-        for (agent_id, version) in changes {
-            if let Some(entry) = sessions.get(agent_id) {
-                if entry.events.try_send(*version).is_err() {
-                    let dropped = self.dropped_events.fetch_add(1, Ordering::Relaxed) + 1;
-                    if dropped.is_power_of_two() {
-                        log::warn!("event queue of agent {agent_id} full: {dropped} events dropped so far");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Ends the agent's session, if any (its queue closes).
-    pub fn disconnect(&self, agent_id: u64) {
-        self.lock().remove(&agent_id);
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Registers a session for `agent_id`, replacing an older one. `None` when the registry is full.
-    fn register(&self, agent_id: u64) -> Option<(u64, Receiver<u64>)> {
-        let mut sessions = self.lock();
-        if sessions.len() >= MAX_EVENT_SESSIONS && !sessions.contains_key(&agent_id) {
-            return None;
-        }
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let (events, receiver) = smol::channel::bounded(SESSION_QUEUE);
-        sessions.insert(agent_id, Entry { serial, events });
-        Some((serial, receiver))
-    }
-
-    /// Removes the session `serial` of `agent_id`, unless a newer one replaced it.
-    fn unregister(&self, agent_id: u64, serial: u64) {
-        let mut sessions = self.lock();
-        if sessions.get(&agent_id).is_some_and(|entry| entry.serial == serial) {
-            sessions.remove(&agent_id);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.by_agent.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 struct Registration<'a> {
@@ -392,23 +316,5 @@ mod tests {
         let mut empty: &[u8] = &[];
         let closed = smol::block_on(FrameReader::default().next::<VenFrame, _>(&mut empty));
         assert!(matches!(closed, Err(EventError::Closed)));
-    }
-
-    #[test]
-    fn sessions_replace_notify_and_unregister() {
-        let sessions = Sessions::default();
-        let (old_serial, old) = sessions.register(1).unwrap();
-        let (new_serial, new) = sessions.register(1).unwrap();
-        assert!(old.is_closed(), "the replaced session's queue closes");
-        sessions.unregister(1, old_serial);
-        assert_eq!(sessions.len(), 1, "a stale unregister leaves the newer session");
-        sessions.notify(&[(1, 5), (2, 6)]);
-        assert_eq!(new.try_recv(), Ok(5));
-        for version in 0..(SESSION_QUEUE as u64 + 2) {
-            sessions.notify(&[(1, version)]);
-        }
-        assert_eq!(sessions.dropped_events.load(Ordering::Relaxed), 2);
-        sessions.unregister(1, new_serial);
-        assert_eq!(sessions.len(), 0);
     }
 }

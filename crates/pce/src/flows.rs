@@ -12,7 +12,9 @@
 //! - At most `capacity` flows ([`MAX_STORED_FLOWS`]) for the whole organisation, in the order
 //!   received; the oldest go first and are counted, never a panic, never growth.
 //! - Nothing is acknowledged before it is on disk: the records an upload adds are appended to the
-//!   log as one entry and fsynced, then applied in memory. An upload costs O(batch) bytes of I/O.
+//!   log as one entry and applied in memory, then the upload waits, outside the store's lock, for
+//!   an fsync that covers its entry ([`Pending::wait`]): uploads that arrive during one fsync share
+//!   the next (group commit). An upload costs O(batch) bytes of I/O.
 //!   An append that fails is cut off again (or, if even that fails, the whole log is rewritten
 //!   before the next append), so a failed upload leaves no half entry in front of later ones.
 //! - The log is compacted (rewritten with the live flows: temp file, fsync, rename) once it holds
@@ -31,7 +33,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 use ven_proto::{FlowBatch, FlowRecord, FlowRecordV3, MAX_FLOWS_PER_BATCH};
 
@@ -186,12 +189,76 @@ struct Log {
     path: PathBuf,
     /// Opened for appending.
     file: File,
+    /// The fsyncs of this file, which uploads wait for outside the store's lock.
+    sync: Arc<SyncPoint>,
     /// Bytes of whole, valid entries (with the magic): where the next entry goes.
     len: u64,
     /// Flow records in the file, live or dropped since.
     records: u64,
     /// An append failed and could not be cut off: rewrite the whole log before the next one.
     broken: bool,
+}
+
+/// Group commit of one log file: how far it is written and how far synced. An upload's entry is
+/// durable once `synced` reaches the end of its entry; whoever syncs covers every entry written
+/// before, so uploads that wait meanwhile share one fsync.
+struct SyncPoint {
+    path: PathBuf,
+    /// A second handle of the log file (fsync covers the file, whichever handle calls it).
+    file: File,
+    written: AtomicU64,
+    /// Held during an fsync: the uploads behind it wait, then find their entry covered.
+    synced: Mutex<u64>,
+    /// An fsync failed: what was written since the last good one may be lost, so the store
+    /// rewrites the whole log before its next append.
+    failed: AtomicBool,
+}
+
+impl SyncPoint {
+    fn new(path: &Path, file: &File, len: u64) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(SyncPoint {
+            path: path.to_path_buf(),
+            file: file.try_clone()?,
+            written: AtomicU64::new(len),
+            synced: Mutex::new(len),
+            failed: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// An appended entry not yet known to be on disk: [`Pending::wait`] before acknowledging it.
+#[must_use = "an upload is acknowledged only after its entry is on disk"]
+pub struct Pending {
+    point: Option<Arc<SyncPoint>>,
+    upto: u64,
+}
+
+impl Pending {
+    /// Nothing to wait for (an in-memory store, or nothing appended).
+    fn done() -> Self {
+        Pending { point: None, upto: 0 }
+    }
+
+    /// Returns once the entry is on disk: at once when an fsync since covered it, else after an
+    /// fsync of everything written so far.
+    pub fn wait(self) -> Result<(), FlowError> {
+        let Some(point) = self.point else { return Ok(()) };
+        let mut synced = point.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        if *synced >= self.upto {
+            return Ok(());
+        }
+        let target = point.written.load(Ordering::Acquire);
+        match point.file.sync_data() {
+            Ok(()) => {
+                *synced = target.max(*synced);
+                Ok(())
+            }
+            Err(source) => {
+                point.failed.store(true, Ordering::Release);
+                Err(FlowError::Write { path: point.path.clone(), source })
+            }
+        }
+    }
 }
 
 pub struct FlowStore {
@@ -228,7 +295,9 @@ impl FlowStore {
                     .map_err(|source| FlowError::Write { path: path.clone(), source })?;
                 let file =
                     open_append(&path).map_err(|source| FlowError::Write { path: path.clone(), source })?;
-                store.log = Some(Log { path, file, len, records: 0, broken: false });
+                let sync = SyncPoint::new(&path, &file, len)
+                    .map_err(|source| FlowError::Write { path: path.clone(), source })?;
+                store.log = Some(Log { path, file, sync, len, records: 0, broken: false });
                 return Ok(store);
             }
             Err(source) => return Err(FlowError::Read { path, source }),
@@ -251,7 +320,9 @@ impl FlowStore {
                 .and_then(|()| file.sync_all())
                 .map_err(|source| FlowError::Write { path: path.clone(), source })?;
         }
-        store.log = Some(Log { path, file, len, records, broken: false });
+        let sync = SyncPoint::new(&path, &file, len)
+            .map_err(|source| FlowError::Write { path: path.clone(), source })?;
+        store.log = Some(Log { path, file, sync, len, records, broken: false });
         Ok(store)
     }
 
@@ -293,8 +364,9 @@ impl FlowStore {
         }
     }
 
-    /// Stores the records of `batch` above the workload's cursor, received at `now`. Rejects a
-    /// batch [`check_batch`] refuses; fails, storing nothing, when the log cannot be written.
+    /// Stores the records of `batch` above the workload's cursor, received at `now`, durably.
+    /// Rejects a batch [`check_batch`] refuses; fails, storing nothing, when the log cannot be
+    /// written.
     pub fn ingest(
         &mut self,
         workload_id: u64,
@@ -302,6 +374,20 @@ impl FlowStore {
         batch: FlowBatch,
         now: u64,
     ) -> Result<Ingested, FlowError> {
+        let (ingested, pending) = self.ingest_deferred(workload_id, hostname, batch, now)?;
+        pending.wait()?;
+        Ok(ingested)
+    }
+
+    /// [`FlowStore::ingest`] without the wait for the disk: the caller releases the store and
+    /// then waits on the [`Pending`] before acknowledging (group commit).
+    pub fn ingest_deferred(
+        &mut self,
+        workload_id: u64,
+        hostname: &str,
+        batch: FlowBatch,
+        now: u64,
+    ) -> Result<(Ingested, Pending), FlowError> {
         check_batch(&batch).map_err(FlowError::Rejected)?;
         let cursor = self.cursor(workload_id);
         let FlowBatch { first, mut records } = batch;
@@ -313,7 +399,7 @@ impl FlowStore {
         };
         if duplicates == total {
             self.duplicates = self.duplicates.saturating_add(duplicates as u64);
-            return Ok(Ingested { through: cursor, stored: 0, duplicates, missed: 0 });
+            return Ok((Ingested { through: cursor, stored: 0, duplicates, missed: 0 }, Pending::done()));
         }
         records.drain(..duplicates);
         // check_batch: first >= 1 and the last number fits.
@@ -328,7 +414,7 @@ impl FlowStore {
             missed,
             records,
         };
-        self.append(&entry)?;
+        let pending = self.append(&entry)?;
         self.apply(entry);
         self.duplicates = self.duplicates.saturating_add(duplicates as u64);
         if missed > 0 && now >= self.last_gap_warning.saturating_add(GAP_WARNING_INTERVAL_S) {
@@ -342,7 +428,7 @@ impl FlowStore {
             );
         }
         self.compact_if_due();
-        Ok(Ingested { through, stored, duplicates, missed })
+        Ok((Ingested { through, stored, duplicates, missed }, pending))
     }
 
     /// Drops a workload's cursor (it unpaired and can upload no more); its flows stay.
@@ -351,9 +437,9 @@ impl FlowStore {
             return Ok(());
         }
         let entry = Entry::Forget { workload_id };
-        self.append(&entry)?;
+        let pending = self.append(&entry)?;
         self.apply(entry);
-        Ok(())
+        pending.wait()
     }
 
     /// Applies entries from `bytes` (a log after its magic) until the end or the first torn or
@@ -406,20 +492,22 @@ impl FlowStore {
         }
     }
 
-    /// Appends an entry and syncs it; on failure nothing of it remains in the log's valid part.
-    fn append(&mut self, entry: &Entry) -> Result<(), FlowError> {
+    /// Appends an entry; it is on disk once the returned [`Pending`] is waited for. On failure
+    /// nothing of it remains in the log's valid part.
+    fn append(&mut self, entry: &Entry) -> Result<Pending, FlowError> {
         match &self.log {
-            None => return Ok(()),
-            Some(log) if log.broken => self.compact()?,
+            None => return Ok(Pending::done()),
+            Some(log) if log.broken || log.sync.failed.load(Ordering::Acquire) => self.compact()?,
             Some(_) => {}
         }
-        let Some(log) = self.log.as_mut() else { return Ok(()) };
+        let Some(log) = self.log.as_mut() else { return Ok(Pending::done()) };
         let frame = frame(entry);
-        match log.file.write_all(&frame).and_then(|()| log.file.sync_data()) {
+        match log.file.write_all(&frame) {
             Ok(()) => {
                 log.len += frame.len() as u64;
                 log.records = log.records.saturating_add(entry.records());
-                Ok(())
+                log.sync.written.store(log.len, Ordering::Release);
+                Ok(Pending { point: Some(log.sync.clone()), upto: log.len })
             }
             Err(source) => {
                 // Take back a partial entry, so that the next ones stay readable.
@@ -451,10 +539,11 @@ impl FlowStore {
         let live = self.flows.len() as u64;
         let Some(log) = self.log.as_mut() else { return Ok(()) };
         let len = written.map_err(|source| FlowError::Write { path: path.clone(), source })?;
-        // The rename replaced the file: the old handle points to the unlinked one.
-        match open_append(&path) {
-            Ok(file) => {
-                *log = Log { path, file, len, records: live, broken: false };
+        // The rename replaced the file: the old handle points to the unlinked one. The new file
+        // is on disk whole (the snapshot was synced).
+        match open_append(&path).and_then(|file| Ok((SyncPoint::new(&path, &file, len)?, file))) {
+            Ok((sync, file)) => {
+                *log = Log { path, file, sync, len, records: live, broken: false };
                 Ok(())
             }
             Err(source) => {
@@ -865,6 +954,32 @@ pub(crate) mod tests {
         drop(store);
         let reopened = FlowStore::open_with(&dir, 5, 1000).unwrap();
         assert_eq!((reopened.flows(), reopened.stats()), (&flows, FlowStats { duplicates: 0, ..stats }));
+    }
+
+    #[test]
+    fn one_fsync_covers_the_uploads_appended_before_it() {
+        let dir = scratch_dir("flows-group-commit");
+        let mut store = FlowStore::open_with(&dir, 100, 1000).unwrap();
+        let (first, pending_first) = store.ingest_deferred(1, "web", batch(1, 3), 50).unwrap();
+        let (second, pending_second) = store.ingest_deferred(2, "db", batch(1, 2), 51).unwrap();
+        assert_eq!((first.through, second.through), (3, 2));
+        let upto_first = pending_first.upto;
+        assert!(upto_first < pending_second.upto);
+        // The later upload's fsync covers the earlier one, whose wait then syncs nothing.
+        pending_second.wait().unwrap();
+        let point = store.log.as_ref().unwrap().sync.clone();
+        assert!(*point.synced.lock().unwrap() >= upto_first);
+        pending_first.wait().unwrap();
+        let (duplicate, nothing) = store.ingest_deferred(1, "web", batch(1, 3), 52).unwrap();
+        assert_eq!(
+            (duplicate.stored, nothing.point.is_none()),
+            (0, true),
+            "nothing appended, nothing to wait for"
+        );
+        drop(store);
+        let store = FlowStore::open_with(&dir, 100, 1000).unwrap();
+        assert_eq!(store.flows().len(), 5);
+        assert_eq!((store.cursor(1), store.cursor(2)), (3, 2));
     }
 
     #[test]

@@ -2,22 +2,33 @@
 //! event service); the other commands administer a running one through its admin API. The binary
 //! is a thin `main` over [`main`]; the library exists for that and for the fuzz targets.
 //!
-//! Map: `cli` (arguments), `serve` (process, listeners, the `App` the handlers share),
-//! `admission` (who may hold a connection slot, and how long before authenticating), `http`
-//! (HTTP/1.1 server: credentials checked on the head, bounded bodies), `tls` (CA, certificates, crypto helpers), `fsutil` (safe file replacement,
-//! data directory checks), `venapi` (the VEN API), `api/` (the admin API in Illumio's shapes, one
-//! module per resource, async jobs), `events` (event service), `store/` (the state: records in
-//! redb behind a `Backend` interface, policy objects and provisioning, pairing profiles and keys),
-//! `policy/` (the policy objects' model and the per-workload computation, pure), `orgevents`
+//! Map: `cli` (arguments), `serve` (the process: data directory, listeners, connection caps,
+//! signals), `admission` (who may hold a connection slot, and how long before authenticating),
+//! `app` (the `App` the handlers share: store, flows, sessions, jobs; housekeeping; the admin key
+//! file), `http` (HTTP/1.1 server: credentials checked on the head, bounded bodies), `tls` (CA,
+//! certificates, server configuration), `crypto` (random secrets, SHA-256, constant-time
+//! comparison), `fsutil` (safe file replacement, data directory checks), `venapi` (the VEN API),
+//! `api/` (the admin API in Illumio's shapes, one module per resource, async jobs), `events`
+//! (event service sessions), `sessions` (the registry of connected agents), `store/` (the state:
+//! records in redb behind a `Backend` interface, policy objects and provisioning, pairing
+//! profiles and keys), `policy/` (the policy objects' model and the per-workload computation,
+//! pure), `orgevents`
 //! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
 //! de-duplication, bounded store, append-only log), `traffic` (the traffic query: parameters,
-//! filter, JSON), `ctl` (admin client), `clock`. Dependencies point api -> store -> policy.
+//! filter, JSON), `ctl` (admin client), `clock`.
+//!
+//! Dependencies point one way (a test below checks that `use crate::` makes no cycle):
+//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`;
+//! `api/` -> `store/` -> `policy/` (the pure model and computation the store keeps), `orgevents`,
+//! `crypto`; `traffic` -> `flows`; `tls` -> `crypto`. `ctl` takes only constants and types.
 #![forbid(unsafe_code)]
 
 mod admission;
 mod api;
+mod app;
 mod cli;
 use ven_proto::clock;
+mod crypto;
 mod ctl;
 mod events;
 mod flows;
@@ -26,6 +37,7 @@ mod http;
 mod orgevents;
 mod policy;
 mod serve;
+mod sessions;
 mod store;
 mod tls;
 mod traffic;
@@ -126,5 +138,76 @@ fn init_logging() {
     let level = std::env::var("PCE_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Info);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The top-level module a source file belongs to (`api/jobs.rs` -> `api`).
+    fn module_of(relative: &Path) -> String {
+        let first = relative.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        first.unwrap_or_default().trim_end_matches(".rs").to_string()
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// `a -> b` when a file of module `a` names `crate::b` outside its tests; no module may reach
+    /// itself again through these edges.
+    #[test]
+    fn module_dependencies_have_no_cycles() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let from = module_of(file.strip_prefix(&root).unwrap());
+            if from == "lib" || from == "main" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (index, _) in code.match_indices("crate::") {
+                let name: String = code[index + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let line_start = code[..index].rfind('\n').map_or(0, |i| i + 1);
+                if code[line_start..index].trim_start().starts_with("//") || name.is_empty() || name == from {
+                    continue;
+                }
+                edges.entry(from.clone()).or_default().insert(name);
+            }
+        }
+        assert!(
+            edges.get("serve").is_some_and(|to| to.contains("app")),
+            "the scan sees serve -> app: {edges:?}"
+        );
+        // Depth-first search for a path back to the start.
+        for start in edges.keys() {
+            let mut stack: Vec<(String, Vec<String>)> = vec![(start.clone(), vec![start.clone()])];
+            let mut seen = BTreeSet::new();
+            while let Some((node, path)) = stack.pop() {
+                for next in edges.get(&node).into_iter().flatten() {
+                    assert!(next != start, "module cycle: {} -> {next}", path.join(" -> "));
+                    if seen.insert(next.clone()) {
+                        let mut longer = path.clone();
+                        longer.push(next.clone());
+                        stack.push((next.clone(), longer));
+                    }
+                }
+            }
+        }
     }
 }

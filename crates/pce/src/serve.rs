@@ -1,5 +1,6 @@
 //! `pce serve`: prepares the data directory (PKI, admin key, state), binds the VEN/admin API and
 //! the event service, and runs them until SIGTERM or SIGINT, then writes the state and returns.
+//! This is the process only: what the handlers share is [`App`] (`app`).
 //!
 //! Threads: the main thread blocks both signals before any other thread exists (all inherit the
 //! mask) and waits for them with sigwait; a few named executor threads run the connections; the
@@ -9,12 +10,12 @@
 //! before authenticating, is `admission`'s business.
 
 use crate::admission::{Gate, Ticket};
-use crate::events::{self, Sessions};
+use crate::app::{self, App};
 use crate::flows::{FlowError, FlowStore};
 use crate::http::{self, Admission, Head, HttpError, Request, Response};
-use crate::store::{Changes, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::tls::{self, TlsError};
-use crate::{api, clock, venapi};
+use crate::{api, clock, events, sessions, venapi};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use nix::sys::signal::{SigSet, Signal};
@@ -24,13 +25,12 @@ use std::future::Future;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ven_proto::{ErrorKind, PROTOCOL_HEADER};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/pce";
-pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// Most concurrent connections to the VEN/admin API, whatever the open-files limit. A VEN opens
 /// one per heartbeat and one per bolt, so a provision that touches the whole fleet brings a
 /// burst of about one per agent; past the cap, connections wait in the listen backlog.
@@ -38,22 +38,13 @@ pub const MAX_API_CONNECTIONS: usize = 8192;
 /// The API's cap never goes below this (unless the open-files limit itself is smaller).
 const MIN_API_CONNECTIONS: usize = 256;
 /// Most concurrent connections to the event service: every registered agent plus some in handshake.
-pub const MAX_EVENT_CONNECTIONS: usize = events::MAX_EVENT_SESSIONS + 256;
+pub const MAX_EVENT_CONNECTIONS: usize = sessions::MAX_EVENT_SESSIONS + 256;
 /// Open files kept for what is not a connection: listeners, state, flow and log files.
 const RESERVED_FILES: u64 = 64;
 /// The soft open-files limit is raised to the hard one, but no higher than this (a hard limit
 /// of "unlimited" cannot be set as a soft one).
 const MAX_OPEN_FILES: u64 = 1 << 20;
 const MAX_EXECUTOR_THREADS: usize = 4;
-/// How often heartbeat bookkeeping is written and silent workloads are looked for.
-const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
-/// Housekeeping that holds the store this long is logged (requests wait meanwhile).
-const SLOW_HOUSEKEEPING: Duration = Duration::from_millis(50);
-/// A workload silent for this many heartbeat intervals goes offline (the spec: 12 x 5 min = 1 h).
-pub const DEFAULT_OFFLINE_AFTER_HEARTBEATS: u32 = 12;
-/// Missed heartbeats after which the PCE raises an event (the spec: three).
-const MISSED_HEARTBEATS_WARNING: u32 = 3;
-const ADMIN_KEY_BYTES: usize = 32;
 
 /// Everything `pce serve` needs, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,10 +66,8 @@ pub enum ServeError {
     /// Another local user could change what the PCE reads or make it write elsewhere.
     #[error("refusing to use the data directory: {0}")]
     UnsafeDataDir(String),
-    #[error("reading {path}: {source}")]
-    ReadKey { path: PathBuf, source: io::Error },
-    #[error("writing {path}: {source}")]
-    WriteKey { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    App(#[from] app::AppError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
@@ -93,80 +82,6 @@ pub enum ServeError {
     Thread { name: String, source: io::Error },
     #[error("writing to stdout: {0}")]
     Stdout(io::Error),
-}
-
-/// What the request handlers and sessions share. No code holds `store` and `flows` at once.
-pub struct App {
-    store: Mutex<Store>,
-    /// The uploaded flows: a lock of their own, so uploads and queries do not hold up heartbeats.
-    flows: Mutex<FlowStore>,
-    pub sessions: Sessions,
-    admin_key_sha256: String,
-    pub heartbeat_interval_s: u32,
-    pub offline_after_heartbeats: u32,
-    pub event_port: u16,
-    /// When `pce serve` started (Unix seconds).
-    started_at: u64,
-    /// Finished asynchronous requests (bounded; see `api::jobs`).
-    jobs: Mutex<crate::api::Jobs>,
-}
-
-impl App {
-    /// Seconds since `pce serve` started.
-    pub fn uptime_seconds(&self) -> u64 {
-        clock::now().saturating_sub(self.started_at)
-    }
-
-    pub fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn flows(&self) -> MutexGuard<'_, FlowStore> {
-        self.flows.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn jobs(&self) -> MutexGuard<'_, crate::api::Jobs> {
-        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn is_admin_key(&self, key: &str) -> bool {
-        tls::constant_time_eq(tls::sha256_hex(key.as_bytes()).as_bytes(), self.admin_key_sha256.as_bytes())
-    }
-
-    /// Tells the connected agents among `changes` that their policy changed.
-    pub fn publish(&self, changes: &Changes) {
-        self.sessions.notify(changes);
-    }
-
-    fn housekeeping(&self, started_at: u64) {
-        let quiet_for = u64::from(self.offline_after_heartbeats) * u64::from(self.heartbeat_interval_s);
-        let waited = Instant::now();
-        let mut store = self.store();
-        let held = Instant::now();
-        let warn_after = u64::from(MISSED_HEARTBEATS_WARNING) * u64::from(self.heartbeat_interval_s);
-        let changes =
-            store.sweep_offline(clock::now(), warn_after, quiet_for, started_at).unwrap_or_else(|e| {
-                log::error!("marking silent workloads offline: {e}");
-                Vec::new()
-            });
-        let swept = held.elapsed();
-        if let Err(e) = store.flush() {
-            log::error!("{e}");
-        }
-        drop(store);
-        // Every request waits while this holds the store: say so when it is long.
-        let (wait, hold) = (held.duration_since(waited), held.elapsed());
-        if hold >= SLOW_HOUSEKEEPING {
-            log::info!(
-                "housekeeping held the store for {} ms (sweep {} ms, flush {} ms) after waiting {} ms for it",
-                hold.as_millis(),
-                swept.as_millis(),
-                (hold - swept).as_millis(),
-                wait.as_millis()
-            );
-        }
-        self.publish(&changes);
-    }
 }
 
 pub fn run(config: Config) -> Result<(), ServeError> {
@@ -185,7 +100,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     crate::fsutil::check_private(dir).map_err(ServeError::UnsafeDataDir)?;
     let pki = tls::ensure(dir, &tls::server_names(config.listen, &config.sans), clock::now())?;
     let acceptor = TlsAcceptor::from(pki.server_config()?);
-    let admin_key = admin_key(dir)?;
+    let admin_key = app::admin_key(dir)?;
     let (store, created) = Store::open(dir)?;
     let flows = FlowStore::open(dir)?;
 
@@ -213,17 +128,14 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         flows.flows().len()
     );
 
-    let app = Arc::new(App {
-        store: Mutex::new(store),
-        flows: Mutex::new(flows),
-        sessions: Sessions::default(),
-        admin_key_sha256: tls::sha256_hex(admin_key.as_bytes()),
-        heartbeat_interval_s: config.heartbeat_interval_s,
-        offline_after_heartbeats: config.offline_after_heartbeats,
-        event_port: event_addr.port(),
-        started_at: clock::now(),
-        jobs: Mutex::default(),
-    });
+    let app = Arc::new(App::new(
+        store,
+        flows,
+        &admin_key,
+        config.heartbeat_interval_s,
+        config.offline_after_heartbeats,
+        event_addr.port(),
+    ));
     let ex = Arc::new(Executor::new());
     let handler: Arc<dyn http::Handler> = Arc::new(Api(app.clone()));
     ex.spawn(accept_loop(
@@ -261,7 +173,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let housekeeping_app = app.clone();
     ex.spawn(async move {
         loop {
-            Timer::after(HOUSEKEEPING_INTERVAL).await;
+            Timer::after(app::HOUSEKEEPING_INTERVAL).await;
             let app = housekeeping_app.clone();
             smol::unblock(move || app.housekeeping(started_at)).await;
         }
@@ -289,21 +201,6 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     }
     app.store().save()?;
     Ok(())
-}
-
-/// Reads `dir/admin.key`, creating it (0600) on first start.
-fn admin_key(dir: &Path) -> Result<String, ServeError> {
-    let path = dir.join(ADMIN_KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(key) => Ok(key.trim().to_string()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let key = tls::random_hex(ADMIN_KEY_BYTES)?;
-            crate::fsutil::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
-                .map_err(|source| ServeError::WriteKey { path, source })?;
-            Ok(key)
-        }
-        Err(source) => Err(ServeError::ReadKey { path, source }),
-    }
 }
 
 /// Raises the soft open-files limit to the hard one (every connection is a file descriptor) and

@@ -1,4 +1,4 @@
-//! The PCE's own PKI and the few crypto primitives it needs (ring through rustls).
+//! The PCE's own PKI and its TLS server configuration (ring through rustls).
 //!
 //! On first start [`ensure`] creates a CA (`ca.pem`, `ca.key`) and a server certificate signed by it
 //! (`server.pem`, `server.key`; `server.json` records its names and expiry). The server certificate
@@ -7,6 +7,7 @@
 //! written 0600, atomically.
 
 use crate::clock;
+use crate::crypto::sha256_hex;
 use crate::fsutil::write_atomic;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -30,6 +31,8 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 const SERVER_META_FILE: &str = "server.json";
 
 const DAY: u64 = 86_400;
+/// Session tickets sent after each full handshake (a client uses each once).
+const TLS13_TICKETS: usize = 2;
 const CA_VALIDITY: u64 = 20 * 365 * DAY;
 const SERVER_VALIDITY: u64 = 5 * 365 * DAY;
 /// A server certificate closer than this to its expiry is issued again at start.
@@ -60,26 +63,6 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// `len` random bytes from the system RNG, as lowercase hex.
-pub fn random_hex(len: usize) -> Result<String, TlsError> {
-    let mut bytes = vec![0u8; len];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| TlsError::Random)?;
-    Ok(hex(&bytes))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-}
-
-/// Compares two secrets (or their hashes) in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The server certificate's names: every `extra` name, the listen address unless unspecified, then
 /// the loopback names; without duplicates, in that order.
 pub fn server_names(listen: IpAddr, extra: &[String]) -> Vec<String> {
@@ -103,12 +86,18 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// TLS 1.3 only, no client certificates.
+    /// TLS 1.3 only, no client certificates; session tickets (stateless, keys rotated every
+    /// 12 hours by ring's ticketer) so that a fleet's VENs resume their sessions:
+    /// after a provision every VEN reconnects at once, and a resumed handshake skips the
+    /// certificate signature on the PCE and the chain verification on the VEN. rustls' stateful
+    /// cache (256 sessions) would miss across a fleet.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let config = ServerConfig::builder_with_provider(provider())
+        let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.send_tls13_tickets = TLS13_TICKETS;
         Ok(Arc::new(config))
     }
 }
@@ -326,5 +315,65 @@ mod tests {
             first.ca_fingerprint,
             "the CA is kept"
         );
+    }
+
+    /// Runs a handshake between `client` and `server` in memory; returns how it went.
+    fn handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<ServerConfig>) -> rustls::HandshakeKind {
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut client = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut server = rustls::ServerConnection::new(server.clone()).unwrap();
+        // Bounded: a TLS 1.3 handshake and its tickets take a few flights.
+        for _ in 0..10 {
+            let mut flight = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut flight).unwrap();
+            }
+            server.read_tls(&mut flight.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut flight = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut flight).unwrap();
+            }
+            client.read_tls(&mut flight.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() && !server.wants_write() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking());
+        client.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn clients_resume_with_the_servers_tickets() {
+        let dir = scratch_dir("tls-resume");
+        let pki = ensure(&dir, &server_names("0.0.0.0".parse().unwrap(), &[]), clock::now()).unwrap();
+        let server = pki.server_config().unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.chain[1].clone()).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Full);
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Resumed);
+        // Stateless tickets: every client of a fleet (each its own cache) resumes.
+        // More clients than rustls' stateful cache (256) holds.
+        let others: Vec<_> = (0..300)
+            .map(|_| {
+                let mut config = (*client).clone();
+                config.resumption = rustls::client::Resumption::in_memory_sessions(4);
+                Arc::new(config)
+            })
+            .collect();
+        for other in &others {
+            assert_eq!(handshake(other, &server), rustls::HandshakeKind::Full);
+        }
+        for other in &others {
+            assert_eq!(handshake(other, &server), rustls::HandshakeKind::Resumed);
+        }
     }
 }

@@ -7,10 +7,10 @@
 //! [`ErrorBody`]. Sizes in host reports and agent events are bounded before anything reaches the
 //! store; flow batches are checked whole by [`crate::flows::check_batch`] before any record is stored.
 
+use crate::app::App;
 use crate::clock;
 use crate::flows::FlowError;
 use crate::http::{Admission, Head, Request, Response};
-use crate::serve::App;
 use crate::store::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -151,7 +151,7 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
     let (changes, policy_version) = {
         let mut store = app.store();
         let changes = store.heartbeat(agent_id, report, clock::now()).map_err(store_error)?;
-        (changes, store.policy(agent_id).map_or(0, |policy| policy.version))
+        (changes, store.policy_version(agent_id).unwrap_or(0))
     };
     app.publish(&changes);
     Ok(message_response(
@@ -162,15 +162,16 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
 
 fn policy(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
-    let store = app.store();
-    let Some(policy) = store.policy(agent_id) else {
+    // The encoding made once per version: the lock is held for a lookup only.
+    let current = app.store().policy_bytes(agent_id);
+    let Some((version, bytes)) = current else {
         return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));
     };
     let known = request.header("if-none-match").map(|v| v.trim_matches('"'));
-    if known == Some(policy.version.to_string().as_str()) {
+    if known == Some(version.to_string().as_str()) {
         return Ok(Response::empty(304));
     }
-    Ok(message_response(200, policy))
+    Ok(Response::with_body(200, ven_proto::CONTENT_TYPE, bytes.to_vec()))
 }
 
 fn goodbye(app: &App, request: &Request) -> Answer {
@@ -223,13 +224,17 @@ fn upload_flows(app: &App, request: &Request, version: u16) -> Answer {
         return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));
     };
     let records = batch.records.len();
-    let ingested = app.flows().ingest(agent_id, &hostname, batch, clock::now()).map_err(|e| match e {
-        FlowError::Rejected(message) => error(400, ErrorKind::BadRequest, message),
-        other => {
-            log::error!("VEN API: storing flows of workload {agent_id}: {other}");
-            error(500, ErrorKind::Internal, "the PCE could not store the flows")
-        }
-    })?;
+    // Appended under the flows' lock; the wait for the disk (shared with the uploads that arrive
+    // meanwhile) comes after it is released, and before the ack.
+    let deferred = app.flows().ingest_deferred(agent_id, &hostname, batch, clock::now());
+    let ingested =
+        deferred.and_then(|(ingested, pending)| pending.wait().map(|()| ingested)).map_err(|e| match e {
+            FlowError::Rejected(message) => error(400, ErrorKind::BadRequest, message),
+            other => {
+                log::error!("VEN API: storing flows of workload {agent_id}: {other}");
+                error(500, ErrorKind::Internal, "the PCE could not store the flows")
+            }
+        })?;
     log::debug!(
         "workload {agent_id}: {records} flow records, {} stored, {} already stored, through {}",
         ingested.stored,

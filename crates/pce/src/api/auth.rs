@@ -6,9 +6,9 @@
 //! before anything else about the request is looked at.
 
 use super::{Answer, collection, error, not_found, ok, parse_json, store_error};
+use crate::app::App;
 use crate::clock;
 use crate::http::{Head, Request};
-use crate::serve::App;
 use crate::store::ApiKey;
 use base64::Engine;
 use serde::Deserialize;

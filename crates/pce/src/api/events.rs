@@ -1,10 +1,10 @@
 //! `/orgs/1/events`: the organisation events, as JSON (Illumio's shape), CEF or LEEF lines.
 
 use super::{Answer, invalid, ok, org_href, parse_id};
+use crate::app::App;
 use crate::clock;
 use crate::http::{Request, Response};
 use crate::orgevents::{self, EventType, OrgEvent};
-use crate::serve::App;
 use serde_json::{Value, json};
 use std::str::FromStr;
 

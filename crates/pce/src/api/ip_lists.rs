@@ -6,9 +6,9 @@ use super::{
     Answer, collection, invalid_field, method_not_allowed, not_found, ok, parse_id, parse_json, query_value,
     store_error,
 };
+use crate::app::App;
 use crate::http::{Request, Response};
 use crate::policy::model::{IpList, IpRange, Kind, MAX_FQDNS, MAX_RANGES};
-use crate::serve::App;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::net::IpAddr;

@@ -9,70 +9,27 @@
 //!
 //! This PCE computes the answer when the request arrives (a collection or a query over the
 //! in-memory flows takes milliseconds), so a job is done when the client first looks. Results are
-//! kept in a bounded table: at most [`MAX_JOBS`] jobs and [`MAX_JOB_BYTES`] of results, the
+//! kept in a bounded table ([`crate::app::Jobs`]): at most `MAX_JOBS` jobs and `MAX_JOB_BYTES` of results, the
 //! oldest dropped first (a client asking for a dropped job gets 404).
 
 use super::{Answer, ORG, error, invalid_field, not_found, ok, parse_json};
+use crate::app::{App, Job, JobKind};
 use crate::clock;
 use crate::flows::StoredFlow;
 use crate::http::{Request, Response};
 use crate::policy::host_addresses;
 use crate::policy::model::ip_list_nets;
-use crate::serve::App;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use ven_proto::{FlowVerdict, IpNet};
 
-/// Jobs kept, and bytes of results across them.
-pub const MAX_JOBS: usize = 64;
-pub const MAX_JOB_BYTES: usize = 64 * 1024 * 1024;
 /// Largest `max_results` of a traffic query (Illumio's own limit).
 pub const MAX_QUERY_RESULTS: usize = 100_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum JobKind {
-    Collection,
-    TrafficQuery,
-}
-
-struct Job {
-    id: String,
-    kind: JobKind,
-    /// What was asked: the collection's path, or the query as given.
-    request: Value,
-    created_at: u64,
-    /// The JSON array of the answer.
-    result: Vec<u8>,
-    count: usize,
-}
-
-/// The finished jobs, oldest first.
-#[derive(Default)]
-pub struct Jobs {
-    jobs: VecDeque<Job>,
-    bytes: usize,
-}
-
-impl Jobs {
-    fn add(&mut self, job: Job) {
-        self.bytes += job.result.len();
-        self.jobs.push_back(job);
-        while self.jobs.len() > MAX_JOBS || (self.bytes > MAX_JOB_BYTES && self.jobs.len() > 1) {
-            if let Some(old) = self.jobs.pop_front() {
-                self.bytes -= old.result.len();
-            }
-        }
-    }
-
-    fn get(&self, kind: JobKind, id: &str) -> Option<&Job> {
-        self.jobs.iter().find(|job| job.kind == kind && job.id == id)
-    }
-}
-
 fn new_job_id() -> String {
-    crate::tls::random_hex(16).unwrap_or_else(|_| format!("{:032x}", clock::now()))
+    crate::crypto::random_hex(16).unwrap_or_else(|_| format!("{:032x}", clock::now()))
 }
 
 /// Whether the request asks for an asynchronous answer.
@@ -452,30 +409,6 @@ fn traffic_query(app: &App, request: &Request) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn job(id: &str, bytes: usize) -> Job {
-        Job {
-            id: id.into(),
-            kind: JobKind::Collection,
-            request: Value::Null,
-            created_at: 0,
-            result: vec![b' '; bytes],
-            count: 0,
-        }
-    }
-
-    #[test]
-    fn the_job_table_keeps_the_newest_within_its_caps() {
-        let mut jobs = Jobs::default();
-        for i in 0..MAX_JOBS + 5 {
-            jobs.add(job(&i.to_string(), 10));
-        }
-        assert_eq!(jobs.jobs.len(), MAX_JOBS);
-        assert!(jobs.get(JobKind::Collection, "4").is_none() && jobs.get(JobKind::Collection, "5").is_some());
-        jobs.add(job("big", MAX_JOB_BYTES));
-        assert_eq!(jobs.jobs.len(), 1, "a job as large as the budget pushes out the rest");
-        assert_eq!(jobs.bytes, MAX_JOB_BYTES);
-    }
 
     #[test]
     fn include_blocks_are_ors_of_ands_and_excludes_win() {

@@ -5,9 +5,9 @@ use super::{
     Answer, collection, href_id, invalid_field, method_not_allowed, not_found, ok, org_href, parse_id,
     parse_json, query_value, store_error,
 };
+use crate::app::App;
 use crate::http::{Request, Response};
 use crate::policy::Label;
-use crate::serve::App;
 use crate::store::Store;
 use serde::Deserialize;
 use serde_json::{Value, json};

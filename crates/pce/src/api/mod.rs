@@ -30,14 +30,12 @@ mod services;
 mod traffic;
 mod workloads;
 
+use crate::app::App;
 use crate::http::{Admission, Head, Request, Response};
 use crate::policy::model::MAX_TEXT;
-use crate::serve::App;
 use crate::store::StoreError;
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-pub use jobs::Jobs;
 
 /// Illumio object kinds this PCE does not model; their collections are empty, so that clients
 /// that load every kind (pylo's Organization) work. Creating one is a 404.

@@ -6,9 +6,9 @@ use super::{
     Answer, Href, collection, invalid_field, method_not_allowed, not_found, ok, org_href, parse_id,
     parse_json, query_value, store_error,
 };
+use crate::app::App;
 use crate::clock;
 use crate::http::{Request, Response};
-use crate::serve::App;
 use crate::store::PairingProfile;
 use serde::Deserialize;
 use serde_json::{Value, json};

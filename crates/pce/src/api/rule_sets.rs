@@ -8,11 +8,11 @@ use super::{
     Answer, collection, href_id, invalid_field, method_not_allowed, not_found, ok, parse_id, parse_json,
     query_value, store_error,
 };
+use crate::app::App;
 use crate::http::{Request, Response};
 use crate::policy::model::{
     Actor, Kind, MAX_ACTORS, MAX_RULES_PER_SET, MAX_SCOPES, RuleSet, SecRule, ServiceRef,
 };
-use crate::serve::App;
 use serde::Deserialize;
 use serde_json::{Value, json};
 

@@ -9,10 +9,10 @@ use super::{
     Answer, ORG, collection, error, invalid_field, method_not_allowed, not_found, ok, parse_id, parse_json,
     store_error,
 };
+use crate::app::App;
 use crate::clock;
 use crate::http::{Request, Response};
 use crate::policy::model::{Kind, ObjectRef, PolicyObjects};
-use crate::serve::App;
 use crate::store::PolicyVersion;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -140,15 +140,17 @@ fn provision(app: &App, request: &Request) -> Answer {
             Some(objects)
         }
     };
-    let (version, changes) =
-        app.store().provision(subset, &body.update_description, clock::now()).map_err(store_error)?;
+    // The bolts leave as soon as the versions are known, while the store commits.
+    let (version, _changes) = app
+        .store()
+        .provision(subset, &body.update_description, clock::now(), &|changes| app.publish(changes))
+        .map_err(store_error)?;
     log::info!(
         "provisioned security policy version {} ({} objects, {} workloads affected)",
         version.version,
         version.objects.len(),
         version.workloads_affected
     );
-    app.publish(&changes);
     let counts = object_counts(&app.store().state().active);
     Ok(ok(201, version_json(&version, Some(counts))))
 }

@@ -2,8 +2,8 @@
 //! [`crate::traffic`].
 
 use super::{Answer, invalid};
+use crate::app::App;
 use crate::http::{Request, Response};
-use crate::serve::App;
 use crate::traffic::{self, Query};
 
 /// The matching flows, newest first: `{"total", "returned", "more", "flows": [...], "store": {...}}`

@@ -6,10 +6,10 @@ use super::{
     Answer, Href, collection, invalid, invalid_field, method_not_allowed, not_found, ok, org_href, parse_id,
     parse_json, store_error,
 };
+use crate::app::App;
 use crate::clock;
 use crate::http::{Request, Response};
 use crate::policy;
-use crate::serve::App;
 use crate::store::{Store, Workload};
 use serde::Deserialize;
 use serde_json::{Value, json};

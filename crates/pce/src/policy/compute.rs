@@ -23,7 +23,9 @@
 //!
 //! Cost: each rule side is matched against every workload once per scope, and the peer list of
 //! each (rule, scope, side) is built once; a workload's policy then only copies the lists it
-//! uses. So a change costs O(rules x scopes x workloads) plus the size of the policies.
+//! uses. So a change costs O(rules x scopes x workloads) plus the size of the policies; a change
+//! of a few workloads' presence or addresses ([`compute_changed`]) only the (rule, scope) pairs
+//! they are on and the policies of the workloads sharing them.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -156,14 +158,15 @@ pub fn compute_all(
     rules: &[CompiledRule],
     keys: &HashMap<u64, &str>,
 ) -> Vec<Option<Policy>> {
-    let mut rules: Vec<&CompiledRule> = rules.iter().filter(|rule| rule.id <= MAX_RULE_ID).collect();
-    rules.sort_by_key(|rule| rule.id);
+    let rules = usable(rules);
     let global = [Vec::new()];
-    let scoped: Vec<Vec<ScopedRule>> = rules
+    let scoped: Vec<Vec<Option<ScopedRule>>> = rules
         .iter()
         .map(|rule| {
-            let scopes = if rule.scopes.is_empty() { &global[..] } else { &rule.scopes[..] };
-            scopes.iter().map(|scope| scope_rule(rule, scope, members, keys)).collect()
+            scopes_of(rule, &global)
+                .iter()
+                .map(|scope| Some(scope_rule(rule, scope, members, keys)))
+                .collect()
         })
         .collect();
     members
@@ -171,6 +174,87 @@ pub fn compute_all(
         .enumerate()
         .map(|(target, member)| member.managed.then(|| policy_for(target, members, &rules, &scoped)))
         .collect()
+}
+
+/// The policies that can differ after the members at `changed` (indices into `members`) came,
+/// went offline or online, or changed addresses, their labels staying what the last computation
+/// saw (label changes and removals need [`compute_all`]). Those are the changed members' own and
+/// those of every member on a side of a (rule, scope) where a changed member is on a side.
+/// Returns (index, policy) of each such managed member, by increasing index; each policy is what
+/// [`compute_all`] gives it. Cost: O(rules x scopes x changed) to find the (rule, scope) pairs
+/// involved, O(workloads) for each of those, plus the policies returned.
+pub fn compute_changed(
+    members: &[Member],
+    rules: &[CompiledRule],
+    keys: &HashMap<u64, &str>,
+    changed: &[usize],
+) -> Vec<(usize, Policy)> {
+    let rules = usable(rules);
+    let global = [Vec::new()];
+    // The members whose policies can move: the changed ones and everyone sharing a (rule, scope)
+    // with one of them.
+    let mut targets = vec![false; members.len()];
+    for &index in changed {
+        if let Some(slot) = targets.get_mut(index) {
+            *slot = true;
+        }
+    }
+    let mut involved: Vec<Vec<Option<ScopedRule>>> = rules
+        .iter()
+        .map(|rule| {
+            scopes_of(rule, &global)
+                .iter()
+                .map(|scope| {
+                    let touches = changed
+                        .iter()
+                        .filter_map(|&i| members.get(i))
+                        .any(|member| on_a_side(rule, scope, member, keys));
+                    touches.then(|| scope_rule(rule, scope, members, keys))
+                })
+                .collect()
+        })
+        .collect();
+    for scoped in involved.iter().flatten().flatten() {
+        for (slot, (provider, consumer)) in
+            targets.iter_mut().zip(scoped.providers.iter().zip(&scoped.consumers))
+        {
+            *slot |= *provider || *consumer;
+        }
+    }
+    let targets: Vec<usize> = targets
+        .iter()
+        .enumerate()
+        .filter(|(i, is_target)| **is_target && members[*i].managed)
+        .map(|(i, _)| i)
+        .collect();
+    // Every (rule, scope) a target is on a side of, so that its policy is whole.
+    for (rule, scopes) in rules.iter().zip(involved.iter_mut()) {
+        for (scope, scoped) in scopes_of(rule, &global).iter().zip(scopes.iter_mut()) {
+            if scoped.is_none() && targets.iter().any(|&t| on_a_side(rule, scope, &members[t], keys)) {
+                *scoped = Some(scope_rule(rule, scope, members, keys));
+            }
+        }
+    }
+    targets.into_iter().map(|target| (target, policy_for(target, members, &rules, &involved))).collect()
+}
+
+/// The rules whose derived ids fit, by id.
+fn usable(rules: &[CompiledRule]) -> Vec<&CompiledRule> {
+    let mut rules: Vec<&CompiledRule> = rules.iter().filter(|rule| rule.id <= MAX_RULE_ID).collect();
+    rules.sort_by_key(|rule| rule.id);
+    rules
+}
+
+/// A rule's scopes; a rule set without scopes is one scope holding every workload.
+fn scopes_of<'a>(rule: &'a CompiledRule, global: &'a [Vec<u64>]) -> &'a [Vec<u64>] {
+    if rule.scopes.is_empty() { global } else { &rule.scopes[..] }
+}
+
+/// Whether `member` is a provider or a consumer of `rule` within `scope` (as [`scope_rule`]).
+fn on_a_side(rule: &CompiledRule, scope: &[u64], member: &Member, keys: &HashMap<u64, &str>) -> bool {
+    let inside = matches(member.labels, scope, keys);
+    (inside && rule.providers.names(member, keys))
+        || ((inside || rule.unscoped_consumers) && rule.consumers.names(member, keys))
 }
 
 fn scope_rule(
@@ -211,7 +295,7 @@ fn policy_for(
     target: usize,
     members: &[Member],
     rules: &[&CompiledRule],
-    scoped: &[Vec<ScopedRule>],
+    scoped: &[Vec<Option<ScopedRule>>],
 ) -> Policy {
     let me = &members[target];
     let mut policy = Policy {
@@ -223,12 +307,12 @@ fn policy_for(
     };
     policy.custom_rules.sort_by_key(|rule| rule.id);
     for (rule, scopes) in rules.iter().zip(scoped) {
-        let as_provider: Vec<&ScopedRule> = scopes.iter().filter(|s| s.providers[target]).collect();
+        let as_provider: Vec<&ScopedRule> = scopes.iter().flatten().filter(|s| s.providers[target]).collect();
         if !as_provider.is_empty() {
             let peers = union_without(as_provider.iter().map(|s| &s.consumer_peers), &me.addresses);
             emit(&mut policy, rule, Direction::Inbound, peers);
         }
-        let as_consumer: Vec<&ScopedRule> = scopes.iter().filter(|s| s.consumers[target]).collect();
+        let as_consumer: Vec<&ScopedRule> = scopes.iter().flatten().filter(|s| s.consumers[target]).collect();
         if !as_consumer.is_empty() {
             let peers = union_without(as_consumer.iter().map(|s| &s.provider_peers), &me.addresses);
             emit(&mut policy, rule, Direction::Outbound, peers);
@@ -512,6 +596,71 @@ mod tests {
         // ams: both managed workloads admit the IP list on 53/udp.
         for policy in policies.iter().flatten() {
             assert!(policy.ip_sets.contains(&IpSet { id: 12, members: set(&["198.18.7.0/24"]) }));
+        }
+    }
+
+    /// `compute_changed` gives exactly `compute_all`'s policies for the members it returns, and
+    /// every member it leaves out has the policy it had before the change.
+    #[test]
+    fn changed_members_recompute_what_compute_all_would_change() {
+        const APP_A: u64 = 10;
+        const APP_B: u64 = 11;
+        let mut keys = keys();
+        keys.insert(APP_A, "app");
+        keys.insert(APP_B, "app");
+        let labels: Vec<Vec<u64>> = (0..24u64)
+            .map(|i| {
+                let role = if i % 2 == 0 { ROLE_WEB } else { ROLE_DB };
+                let app = if i % 3 == 0 { APP_A } else { APP_B };
+                if i % 7 == 6 { vec![role] } else { vec![role, app] }
+            })
+            .collect();
+        let addresses: Vec<String> = (0..24).map(|i| format!("198.18.1.{}", i + 1)).collect();
+        let mut scoped = rule(3, &[ROLE_WEB], &[ROLE_DB], &[(5432, 5432, Protocol::Tcp)]);
+        scoped.scopes = vec![vec![APP_A], vec![APP_B]];
+        let mut unscoped = rule(4, &[ROLE_DB], &[ROLE_WEB], &[(80, 80, Protocol::Tcp)]);
+        unscoped.scopes = vec![vec![APP_A]];
+        unscoped.unscoped_consumers = true;
+        let mut one = rule(5, &[], &[], &[(22, 22, Protocol::Tcp)]);
+        one.consumers.workloads = vec![4];
+        one.providers.all_workloads = true;
+        let rules = [scoped, unscoped, one, rule(6, &[ENV_PROD], &[ENV_DEV], &[(1, 1, Protocol::Udp)])];
+        let members = |present: usize, offline: Option<usize>| -> Vec<Member> {
+            (0..present)
+                .map(|i| {
+                    let mut m = member(i as u64 + 1, &labels[i], &[addresses[i].as_str()]);
+                    m.is_peer = offline != Some(i);
+                    m.managed = i % 5 != 4;
+                    m
+                })
+                .collect()
+        };
+        let check_with = |rules: &[CompiledRule], before: &[Member], after: &[Member], changed: usize| {
+            let old = compute_all(before, rules, &keys);
+            let new = compute_all(after, rules, &keys);
+            let some = compute_changed(after, rules, &keys, &[changed]);
+            assert!(some.iter().any(|(i, _)| *i == changed) || !after[changed].managed);
+            for (index, policy) in &some {
+                assert_eq!(Some(policy), new[*index].as_ref(), "member {index} after {changed} changed");
+            }
+            for index in (0..after.len()).filter(|i| !some.iter().any(|(j, _)| j == i)) {
+                assert_eq!(old.get(index).cloned().flatten(), new[index], "member {index} left out");
+            }
+            some.len()
+        };
+        let check =
+            |before: &[Member], after: &[Member], changed: usize| check_with(&rules, before, after, changed);
+        // A member joins (activation), at each position of the fleet's end.
+        for present in 1..24 {
+            check(&members(present, None), &members(present + 1, None), present);
+        }
+        // With scoped rules only, a member joining app A leaves app B's policies alone.
+        let recomputed = check_with(&rules[..1], &members(23, None), &members(24, None), 23);
+        assert!(recomputed < 20, "{recomputed} of the 20 managed recomputed");
+        // A member goes offline, and comes back.
+        for gone in 0..24 {
+            check(&members(24, None), &members(24, Some(gone)), gone);
+            check(&members(24, Some(gone)), &members(24, None), gone);
         }
     }
 }

@@ -5,6 +5,6 @@ pub mod compute;
 pub mod model;
 
 pub use compute::{
-    Label, MAX_RULE_ID, MAX_SERVICES_PER_RULE, Member, Service, compute_all, family_name, host_addresses,
-    parse_family,
+    Label, MAX_RULE_ID, MAX_SERVICES_PER_RULE, Member, Service, compute_all, compute_changed, family_name,
+    host_addresses, parse_family,
 };

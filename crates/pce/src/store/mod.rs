@@ -4,28 +4,35 @@
 //! [`backend::Backend`] (redb: `DIR/pce.redb`).
 //!
 //! Guarantees: every change is committed before the call returns, as one transaction holding only
-//! the records that changed ([`backend::diff`]), except heartbeat bookkeeping (and the events a
-//! heartbeat carries), which only marks the state dirty for [`Store::flush`]. A commit that fails
-//! leaves the change in memory and the state dirty, so the next flush retries it (the diff is
-//! taken against what the backend last took). Policies are recomputed after every change that can
-//! affect them; a workload's policy version moves (to the next value of one global counter) exactly
-//! when its content changes, also across restarts: the state keeps each workload's version and a
-//! digest of its content.
+//! the records that changed: for workloads, those marked dirty by the change (no comparison of the
+//! whole fleet; debug builds check every mark against a copy), for the other tables those that
+//! differ from what the backend holds ([`backend::diff`]). Heartbeat bookkeeping (and the events a
+//! heartbeat carries) only marks its workload for [`Store::flush`], or for
+//! [`Store::take_workload_flush`], which housekeeping writes after releasing the store's lock,
+//! without an fsync except every [`MAX_LAZY_FLUSHES`]-th time (any API change's commit makes it
+//! durable too): a crash loses at most a minute of bookkeeping, never an acknowledged change. A
+//! commit that fails leaves the change in memory and marked, so the next flush retries it.
+//! Policies are recomputed after every change that can affect them: a workload's arrival,
+//! departure or new addresses only the policies that can include it (`policy::compute_changed`),
+//! label and rule changes all of them. A workload's policy version moves (to the next value of one
+//! global counter) exactly when its content changes, also across restarts: the state keeps each
+//! workload's version and a digest of its content; its encoding is made once per version.
 //!
 //! A data directory of an older PCE (`state.json`, `events.json`) is migrated at open: its state
 //! is committed to the new store in one transaction, then the files are renamed `*.migrated`.
 
 use crate::clock;
+use crate::crypto::{self, RandomError};
 use crate::orgevents::{EventLog, EventType};
 use crate::policy::model::{self, PolicyObjects};
 use crate::policy::{self, Label, Member, Service};
-use crate::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use ven_proto::{
     AgentEventKind, CustomChain, CustomRule, HeartbeatRequest, HostReport, Interface, Policy, PolicyState,
     RuleFamily,
@@ -55,6 +62,11 @@ pub const MAX_CUSTOM_RULE_BYTES: usize = 512;
 pub(crate) const ACTIVATION_CODE_BYTES: usize = 10;
 const AGENT_TOKEN_BYTES: usize = 32;
 
+/// Heartbeat-bookkeeping flushes (every 5 s) committed without an fsync between two durable
+/// ones: bookkeeping lost in a crash is at most a minute old, and the 5-second flush does not
+/// contend for the disk with the flow log's fsyncs (which the uploads wait for).
+pub const MAX_LAZY_FLUSHES: u32 = 11;
+
 /// Workloads whose policy changed, with their new version.
 pub type Changes = Vec<(u64, u64)>;
 
@@ -77,7 +89,7 @@ pub enum StoreError {
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Random(#[from] TlsError),
+    Random(#[from] RandomError),
     /// The request contradicts the state (unknown label, duplicate, limit reached).
     #[error("{0}")]
     Rejected(String),
@@ -315,16 +327,70 @@ pub struct Activation {
     pub changes: Changes,
 }
 
+/// The backend, behind a lock of its own: heartbeat bookkeeping is committed without the store's
+/// lock ([`WorkloadFlush`]), and every other commit waits for it to finish first, so that
+/// commits reach the backend in the order their contents were taken.
+type SharedBackend = Arc<smol::lock::Mutex<Box<dyn Backend>>>;
+
 pub struct Store {
-    backend: Box<dyn Backend>,
+    backend: SharedBackend,
     state: State,
-    /// What the backend holds: the diff of each commit is taken against it.
+    /// What the backend holds, except workloads: the diff of each commit is taken against it.
     persisted: State,
     persisted_events: EventsMark,
-    /// Current policy of every workload (derived, not persisted).
-    policies: HashMap<u64, Policy>,
+    /// Workloads the backend holds a record of.
+    persisted_workloads: BTreeSet<u64>,
+    /// Workloads changed (or removed) since the last commit: only their records are written.
+    dirty_workloads: BTreeSet<u64>,
+    /// Every workload is to be written (a new or migrated store).
+    all_workloads_dirty: bool,
+    /// Workload flushes committed lazily since the last durable commit.
+    lazy_flushes: u32,
+    /// In debug builds, the workloads as last committed: every save checks that each workload
+    /// that differs from it was marked dirty (a missed mark would be a change never persisted).
+    #[cfg(debug_assertions)]
+    shadow_workloads: BTreeMap<u64, Workload>,
+    /// Current policy of every workload and its encoding (derived, not persisted).
+    policies: HashMap<u64, CurrentPolicy>,
     dirty: bool,
     events: EventLog,
+}
+
+/// Workload records taken by [`Store::take_workload_flush`], holding the backend until written.
+pub struct WorkloadFlush {
+    backend: smol::lock::MutexGuardArc<Box<dyn Backend>>,
+    changes: backend::ChangeSet,
+    /// Committed durably; else lazily (no fsync: a crash may lose it).
+    durable: bool,
+    unwritten: UnwrittenFlush,
+}
+
+/// What a failed [`WorkloadFlush`] did not write; give it back with [`Store::flush_failed`].
+pub struct UnwrittenFlush {
+    ids: Vec<u64>,
+    deleted: Vec<u64>,
+}
+
+impl WorkloadFlush {
+    /// Writes the records (one transaction, durable on return); no lock of the store is needed.
+    pub fn commit(mut self) -> Result<usize, (StoreError, UnwrittenFlush)> {
+        let written = if self.durable {
+            self.backend.commit(&self.changes)
+        } else {
+            self.backend.commit_lazily(&self.changes)
+        };
+        match written {
+            Ok(()) => Ok(self.changes.puts.len() + self.changes.deletes.len()),
+            Err(e) => Err((e, self.unwritten)),
+        }
+    }
+}
+
+/// A workload's current policy, and its encoding as `GET /ven/v1/policy` sends it: made once per
+/// version, shared with the requests that send it (no encoding under the store's lock).
+pub struct CurrentPolicy {
+    pub policy: Policy,
+    pub bytes: Arc<[u8]>,
 }
 
 /// `DIR/events.json`.
@@ -361,17 +427,30 @@ impl Store {
         let stored = (origin == Origin::Stored).then(|| state.clone());
         let upgraded = sec_policy::upgrade(&mut state);
         let mut store = Store {
-            backend,
+            backend: Arc::new(smol::lock::Mutex::new(backend)),
             state,
             persisted: State::empty(),
             persisted_events: EventsMark::default(),
+            persisted_workloads: BTreeSet::new(),
+            dirty_workloads: BTreeSet::new(),
+            all_workloads_dirty: true,
+            lazy_flushes: 0,
+            #[cfg(debug_assertions)]
+            shadow_workloads: BTreeMap::new(),
             policies: HashMap::new(),
             dirty: true,
             events,
         };
         if let Some(stored) = stored {
-            store.persisted = stored;
+            // Workload records are tracked by their dirty marks, not by this copy.
+            store.persisted = State { workloads: BTreeMap::new(), ..stored };
             store.persisted_events = EventsMark::of(&store.events);
+            store.persisted_workloads = store.state.workloads.keys().copied().collect();
+            store.all_workloads_dirty = upgraded;
+            #[cfg(debug_assertions)]
+            {
+                store.shadow_workloads = store.state.workloads.clone();
+            }
             store.dirty = false;
         }
         let changes = store.recompute();
@@ -401,23 +480,152 @@ impl Store {
     }
 
     pub fn policy(&self, workload_id: u64) -> Option<&Policy> {
-        self.policies.get(&workload_id)
+        self.policies.get(&workload_id).map(|current| &current.policy)
     }
 
-    /// Commits what changed since the last commit, as one transaction.
+    /// The version of the workload's current policy.
+    pub fn policy_version(&self, workload_id: u64) -> Option<u64> {
+        self.policies.get(&workload_id).map(|current| current.policy.version)
+    }
+
+    /// The workload's current policy version and its encoding.
+    pub fn policy_bytes(&self, workload_id: u64) -> Option<(u64, Arc<[u8]>)> {
+        self.policies.get(&workload_id).map(|current| (current.policy.version, current.bytes.clone()))
+    }
+
+    /// Marks a workload's record for the next commit (changed, added or removed).
+    fn touch(&mut self, id: u64) {
+        self.dirty_workloads.insert(id);
+    }
+
+    /// Commits what changed since the last commit, as one transaction: the records of the other
+    /// tables that differ from what the backend holds, and the workloads marked dirty.
     pub fn save(&mut self) -> Result<(), StoreError> {
         self.dirty = true;
-        let changes = backend::diff(&self.persisted, &self.state, self.persisted_events, &self.events);
-        self.backend.commit(&changes)?;
+        let mut changes = backend::diff(&self.persisted, &self.state, self.persisted_events, &self.events);
+        let ids: Vec<u64> = if self.all_workloads_dirty {
+            self.state
+                .workloads
+                .keys()
+                .chain(&self.persisted_workloads)
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            self.dirty_workloads.iter().copied().collect()
+        };
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => changes.puts.push(backend::workload_record(workload)),
+                None if self.persisted_workloads.contains(id) => {
+                    changes.deletes.push(backend::workload_key(*id))
+                }
+                None => {}
+            }
+        }
+        #[cfg(debug_assertions)]
+        self.check_dirty_marks(&ids);
+        // An empty change still commits when lazy flushes wait to be made durable (shutdown).
+        if !changes.is_empty() || self.lazy_flushes > 0 {
+            self.backend.lock_blocking().commit(&changes)?;
+        }
         backend::apply(&mut self.persisted, &self.state, &changes);
+        for id in ids {
+            if self.state.workloads.contains_key(&id) {
+                self.persisted_workloads.insert(id);
+            } else {
+                self.persisted_workloads.remove(&id);
+            }
+        }
+        #[cfg(debug_assertions)]
+        {
+            self.shadow_workloads = self.state.workloads.clone();
+        }
         self.persisted_events = EventsMark::of(&self.events);
+        self.dirty_workloads.clear();
+        self.all_workloads_dirty = false;
+        self.lazy_flushes = 0;
         self.dirty = false;
         Ok(())
     }
 
+    /// Debug builds: every workload that differs from what was last committed is among `ids`.
+    #[cfg(debug_assertions)]
+    fn check_dirty_marks(&self, ids: &[u64]) {
+        let written: BTreeSet<u64> = ids.iter().copied().collect();
+        for (id, workload) in &self.state.workloads {
+            assert!(
+                self.shadow_workloads.get(id) == Some(workload) || written.contains(id),
+                "workload {id} changed but was not marked dirty"
+            );
+        }
+        for id in self.shadow_workloads.keys() {
+            assert!(
+                self.state.workloads.contains_key(id) || written.contains(id),
+                "workload {id} was removed but not marked dirty"
+            );
+        }
+    }
+
+    /// When only workloads changed since the last commit (heartbeat bookkeeping), takes their
+    /// records for [`WorkloadFlush::commit`], to be called after the store's lock is released;
+    /// the store counts them as written from now on. `None` when there is nothing to write or
+    /// more than workloads changed (then [`Store::flush`] under the lock).
+    pub fn take_workload_flush(&mut self) -> Option<WorkloadFlush> {
+        let only_workloads = !self.dirty
+            && !self.all_workloads_dirty
+            && self.persisted_events == EventsMark::of(&self.events)
+            && !self.dirty_workloads.is_empty();
+        if !only_workloads {
+            return None;
+        }
+        // Waits for a flush still being written, so that this one lands after it.
+        let backend = self.backend.lock_arc_blocking();
+        let ids: Vec<u64> = std::mem::take(&mut self.dirty_workloads).into_iter().collect();
+        let (mut changes, mut deleted) = (backend::ChangeSet::default(), Vec::new());
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => {
+                    changes.puts.push(backend::workload_record(workload));
+                    self.persisted_workloads.insert(*id);
+                }
+                None if self.persisted_workloads.remove(id) => {
+                    changes.deletes.push(backend::workload_key(*id));
+                    deleted.push(*id);
+                }
+                None => {}
+            }
+        }
+        #[cfg(debug_assertions)]
+        for id in &ids {
+            match self.state.workloads.get(id) {
+                Some(workload) => self.shadow_workloads.insert(*id, workload.clone()),
+                None => self.shadow_workloads.remove(id),
+            };
+        }
+        // Without an fsync, except every MAX_LAZY_FLUSHES-th (or sooner, with any API change).
+        self.lazy_flushes += 1;
+        let durable = self.lazy_flushes > MAX_LAZY_FLUSHES;
+        if durable {
+            self.lazy_flushes = 0;
+        }
+        Some(WorkloadFlush { backend, changes, durable, unwritten: UnwrittenFlush { ids, deleted } })
+    }
+
+    /// A [`WorkloadFlush`] failed: its workloads are written again by the next commit.
+    pub fn flush_failed(&mut self, unwritten: UnwrittenFlush) {
+        self.dirty_workloads.extend(unwritten.ids);
+        self.persisted_workloads.extend(unwritten.deleted);
+    }
+
     /// Commits what changed since the last commit, if anything did.
     pub fn flush(&mut self) -> Result<(), StoreError> {
-        if self.dirty || self.persisted_events != EventsMark::of(&self.events) { self.save() } else { Ok(()) }
+        let pending = self.dirty
+            || self.all_workloads_dirty
+            || !self.dirty_workloads.is_empty()
+            || self.persisted_events != EventsMark::of(&self.events);
+        if pending { self.save() } else { Ok(()) }
     }
 
     /// Records an organisation event about `workload` (its current hostname is looked up); the
@@ -441,9 +649,9 @@ impl Store {
     /// Whether `token` is the agent token of workload `agent_id`.
     pub fn authenticate(&self, agent_id: u64, token: &str) -> bool {
         self.state.workloads.get(&agent_id).is_some_and(|workload| {
-            tls::constant_time_eq(
+            crypto::constant_time_eq(
                 workload.token_sha256.as_bytes(),
-                tls::sha256_hex(token.as_bytes()).as_bytes(),
+                crypto::sha256_hex(token.as_bytes()).as_bytes(),
             )
         })
     }
@@ -460,7 +668,7 @@ impl Store {
                 "the PCE holds its maximum of {MAX_WORKLOADS} workloads"
             )));
         }
-        let agent_token = tls::random_hex(AGENT_TOKEN_BYTES)?;
+        let agent_token = crypto::random_hex(AGENT_TOKEN_BYTES)?;
         // Allowed, but flagged in the activation event (issue 17): names are no identity.
         let same_name: Vec<u64> = self
             .state
@@ -476,12 +684,13 @@ impl Store {
             os: host.os,
             agent_version: host.agent_version,
             labels,
-            token_sha256: tls::sha256_hex(agent_token.as_bytes()),
+            token_sha256: crypto::sha256_hex(agent_token.as_bytes()),
             online: true,
             online_since: Some(now),
             ..Workload::new(agent_id, host.hostname, host.interfaces, policy_state, now, true)
         };
         self.state.workloads.insert(agent_id, workload);
+        self.touch(agent_id);
         if let Some(key) = key_index {
             self.state.pairing_profiles[profile_index].keys[key].uses += 1;
         }
@@ -493,7 +702,7 @@ impl Store {
             message = format!("VEN paired; workloads {same_name:?} have the same hostname");
         }
         self.record(now, EventType::AgentActivated, Some(agent_id), message, details);
-        let changes = self.commit()?;
+        let changes = self.commit_changed(&[agent_id])?;
         Ok(Activation { agent_id, agent_token, changes })
     }
 
@@ -506,6 +715,7 @@ impl Store {
         report: HeartbeatRequest,
         now: u64,
     ) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         workload.last_heartbeat = Some(now);
         workload.applied_policy_version = report.applied_policy_version;
@@ -560,9 +770,9 @@ impl Store {
             }
         }
         if affects_policy {
-            self.commit()
+            self.commit_changed(&[agent_id])
         } else {
-            self.dirty = true;
+            // Marked (above) for the next flush: only this workload's record.
             Ok(Vec::new())
         }
     }
@@ -570,6 +780,7 @@ impl Store {
     /// The agent is stopping: the workload goes offline and, unless suspended, out of its peers'
     /// policies.
     pub fn goodbye(&mut self, agent_id: u64, reason: &str, now: u64) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         let was_peer = workload.is_peer();
         workload.online = false;
@@ -579,7 +790,7 @@ impl Store {
             let details = json!({ "reason": "goodbye", "goodbye": reason });
             self.record(now, EventType::WorkloadOffline, Some(agent_id), message, details);
         }
-        self.commit()
+        self.commit_changed(&[agent_id])
     }
 
     /// The agent unpaired (suspended or not): the workload is forgotten.
@@ -595,6 +806,7 @@ impl Store {
     /// Removes a workload and its policy, and recomputes its peers'.
     fn forget(&mut self, id: u64) -> Result<Changes, StoreError> {
         self.state.workloads.remove(&id);
+        self.touch(id);
         self.policies.remove(&id);
         self.commit()
     }
@@ -610,6 +822,7 @@ impl Store {
         previous_state: Option<PolicyState>,
         now: u64,
     ) -> Result<Changes, StoreError> {
+        self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
         if workload.suspended == suspended {
             return Ok(Vec::new());
@@ -628,7 +841,7 @@ impl Store {
             (EventType::ServerUnsuspended, message, json!({ "policy_state": state }))
         };
         self.record(now, event_type, Some(agent_id), message, details);
-        self.commit()
+        self.commit_changed(&[agent_id])
     }
 
     /// Raises a missed-heartbeats event for every online, unsuspended workload not heard from for
@@ -663,6 +876,9 @@ impl Store {
                 silent.push((workload.id, last_seen));
             }
         }
+        for id in missing.iter().chain(&silent).map(|(id, _)| *id).collect::<Vec<_>>() {
+            self.touch(id);
+        }
         for (id, last_seen) in missing {
             let message = "VEN missed three heartbeats; it goes offline if it stays silent".to_string();
             let details = json!({ "last_seen": clock::rfc3339(last_seen) });
@@ -672,12 +888,13 @@ impl Store {
         if silent.is_empty() {
             return Ok(Vec::new());
         }
+        let ids: Vec<u64> = silent.iter().map(|(id, _)| *id).collect();
         for (id, last_seen) in silent {
             let message = "VEN missed its heartbeats: removed from its peers' policies".to_string();
             let details = json!({ "reason": "missed_heartbeats", "last_seen": clock::rfc3339(last_seen) });
             self.record(now, EventType::WorkloadOffline, Some(id), message, details);
         }
-        self.commit()
+        self.commit_changed(&ids)
     }
 
     /// Adds a custom iptables rule to a workload. It takes effect at once, without provisioning:
@@ -692,6 +909,7 @@ impl Store {
         rule: &str,
     ) -> Result<(CustomRule, Changes), StoreError> {
         let rule = check_custom_rule(rule).map_err(StoreError::Rejected)?;
+        self.touch(workload_id);
         let workload =
             self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
         if workload.custom_rules.len() >= MAX_CUSTOM_RULES || workload.last_custom_rule_id == u32::MAX {
@@ -702,11 +920,12 @@ impl Store {
         workload.last_custom_rule_id += 1;
         let rule = CustomRule { id: workload.last_custom_rule_id, family, chain, rule: rule.to_string() };
         workload.custom_rules.push(rule.clone());
-        Ok((rule, self.commit()?))
+        Ok((rule, self.commit_changed(&[workload_id])?))
     }
 
     /// Removes a workload's custom rule; like adding, it takes effect at once.
     pub fn remove_custom_rule(&mut self, workload_id: u64, rule_id: u32) -> Result<Changes, StoreError> {
+        self.touch(workload_id);
         let workload =
             self.state.workloads.get_mut(&workload_id).ok_or(StoreError::NoWorkload(workload_id))?;
         let before = workload.custom_rules.len();
@@ -714,7 +933,7 @@ impl Store {
         if workload.custom_rules.len() == before {
             return Err(StoreError::NoCustomRule { workload: workload_id, rule: rule_id });
         }
-        self.commit()
+        self.commit_changed(&[workload_id])
     }
 
     pub fn create_label(&mut self, key: &str, value: &str) -> Result<Label, StoreError> {
@@ -787,12 +1006,12 @@ impl Store {
                 "the PCE holds its maximum of {MAX_API_KEYS} API keys"
             )));
         }
-        let key_id = tls::random_hex(API_KEY_ID_BYTES)?;
-        let secret = tls::random_hex(API_KEY_SECRET_BYTES)?;
+        let key_id = crypto::random_hex(API_KEY_ID_BYTES)?;
+        let secret = crypto::random_hex(API_KEY_SECRET_BYTES)?;
         let key = ApiKey {
             auth_username: format!("api_{key_id}"),
             key_id,
-            secret_sha256: tls::sha256_hex(secret.as_bytes()),
+            secret_sha256: crypto::sha256_hex(secret.as_bytes()),
             name: name.to_string(),
             description: description.to_string(),
             created_at: now,
@@ -813,10 +1032,10 @@ impl Store {
 
     /// Whether `secret` belongs to the API key named `auth_username` (compared in constant time).
     pub fn api_key_matches(&self, auth_username: &str, secret: &str) -> bool {
-        let digest = tls::sha256_hex(secret.as_bytes());
+        let digest = crypto::sha256_hex(secret.as_bytes());
         self.state.api_keys.iter().any(|key| {
             key.auth_username == auth_username
-                && tls::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
+                && crypto::constant_time_eq(key.secret_sha256.as_bytes(), digest.as_bytes())
         })
     }
 
@@ -839,11 +1058,13 @@ impl Store {
         let id = self.state.last_workload_id;
         let workload = Workload::new(id, hostname.to_string(), interfaces, PolicyState::Idle, now, false);
         self.state.workloads.insert(id, workload);
+        self.touch(id);
         // Labels through the same checks as for any workload (one per key).
         match self.update_workload(id, Some(labels), None) {
             Ok(changes) => Ok((id, changes)),
             Err(e) => {
                 self.state.workloads.remove(&id);
+                self.touch(id);
                 Err(e)
             }
         }
@@ -856,6 +1077,7 @@ impl Store {
         hostname: Option<String>,
         interfaces: Option<Vec<Interface>>,
     ) -> Result<Changes, StoreError> {
+        self.touch(id);
         let workload = self.state.workloads.get_mut(&id).ok_or(StoreError::NoWorkload(id))?;
         if workload.managed && (hostname.is_some() || interfaces.is_some()) {
             return Err(StoreError::InUse(format!(
@@ -910,6 +1132,7 @@ impl Store {
                 )));
             }
         }
+        self.touch(id);
         let workload = self.state.workloads.get_mut(&id).ok_or(StoreError::NoWorkload(id))?;
         if let Some(mut labels) = labels {
             labels.sort_unstable();
@@ -940,7 +1163,25 @@ impl Store {
         Ok(changes)
     }
 
+    /// Recomputes the policies that the workloads `ids` can move (they came, went offline or
+    /// online, changed addresses or custom rules; not labels) and writes the state.
+    fn commit_changed(&mut self, ids: &[u64]) -> Result<Changes, StoreError> {
+        let changes = self.recompute_changed(ids);
+        self.save()?;
+        Ok(changes)
+    }
+
+    /// Recomputes every policy.
     fn recompute(&mut self) -> Changes {
+        self.recompute_with(None)
+    }
+
+    /// Recomputes the policies the workloads `ids` can move (see `policy::compute_changed`).
+    fn recompute_changed(&mut self, ids: &[u64]) -> Changes {
+        self.recompute_with(Some(ids))
+    }
+
+    fn recompute_with(&mut self, changed: Option<&[u64]>) -> Changes {
         let keys: HashMap<u64, &str> = self.state.labels.iter().map(|l| (l.id, l.key.as_str())).collect();
         let members: Vec<Member> = self
             .state
@@ -957,25 +1198,53 @@ impl Store {
             })
             .collect();
         let rules = model::compile(&self.state.active);
-        let computed: Vec<(u64, Policy)> = members
-            .iter()
-            .map(|m| m.id)
-            .zip(policy::compute_all(&members, &rules, &keys))
-            .filter_map(|(id, policy)| Some((id, policy?)))
-            .collect();
+        let computed: Vec<(u64, Policy)> = match changed {
+            None => members
+                .iter()
+                .map(|m| m.id)
+                .zip(policy::compute_all(&members, &rules, &keys))
+                .filter_map(|(id, policy)| Some((id, policy?)))
+                .collect(),
+            Some(ids) => {
+                // Members are in id order (the workloads' map).
+                let indices: Vec<usize> =
+                    ids.iter().filter_map(|id| members.binary_search_by_key(id, |m| m.id).ok()).collect();
+                policy::compute_changed(&members, &rules, &keys, &indices)
+                    .into_iter()
+                    .map(|(index, policy)| (members[index].id, policy))
+                    .collect()
+            }
+        };
         drop(members);
         let mut changes = Vec::new();
         for (id, mut policy) in computed {
-            let Some(workload) = self.state.workloads.get_mut(&id) else { continue };
-            let digest = tls::sha256_hex(&ven_proto::encode(&policy));
-            if digest != workload.policy_sha256 || workload.policy_version == 0 {
-                self.state.policy_counter += 1;
-                workload.policy_version = self.state.policy_counter;
-                workload.policy_sha256 = digest;
-                changes.push((id, workload.policy_version));
+            let Some(workload) = self.state.workloads.get(&id) else { continue };
+            // The cached policy (same content, same version) when nothing moved: no encoding.
+            if let Some(current) = self.policies.get(&id) {
+                policy.version = current.policy.version;
+                if workload.policy_version != 0 && current.policy == policy {
+                    continue;
+                }
             }
-            policy.version = workload.policy_version;
-            self.policies.insert(id, policy);
+            policy.version = 0;
+            let digest = crypto::sha256_hex(&ven_proto::encode(&policy));
+            let (old_version, old_digest) = (workload.policy_version, workload.policy_sha256.clone());
+            let version = if digest != old_digest || old_version == 0 {
+                self.state.policy_counter += 1;
+                let version = self.state.policy_counter;
+                if let Some(workload) = self.state.workloads.get_mut(&id) {
+                    workload.policy_version = version;
+                    workload.policy_sha256 = digest;
+                }
+                self.touch(id);
+                changes.push((id, version));
+                version
+            } else {
+                old_version
+            };
+            policy.version = version;
+            let bytes: Arc<[u8]> = ven_proto::encode(&policy).into();
+            self.policies.insert(id, CurrentPolicy { policy, bytes });
         }
         changes
     }
@@ -1078,7 +1347,7 @@ fn initial_state() -> Result<State, StoreError> {
             id: 1,
             name: "default".to_string(),
             policy_state: PolicyState::Idle,
-            activation_code: tls::random_hex(ACTIVATION_CODE_BYTES)?,
+            activation_code: crypto::random_hex(ACTIVATION_CODE_BYTES)?,
             description: String::new(),
             enabled: true,
             labels: Vec::new(),
@@ -1218,7 +1487,7 @@ pub fn fuzz_seed_records() -> Result<Vec<u8>, StoreError> {
         rules: vec![rule],
     };
     store.create_rule_set(set)?;
-    store.provision(None, "seed", 200)?;
+    store.provision(None, "seed", 200, &|_| {})?;
     let report = HeartbeatRequest {
         applied_policy_version: 1,
         applied_state: PolicyState::Enforced,
@@ -1306,7 +1575,12 @@ mod tests {
     }
 
     fn provision_all(store: &mut Store) -> (u64, Changes) {
-        let (version, changes) = store.provision(None, "test", 1).unwrap();
+        // What is published before the commit is what the provision returns.
+        let published = std::cell::RefCell::new(None);
+        let (version, changes) = store
+            .provision(None, "test", 1, &|changes| *published.borrow_mut() = Some(changes.clone()))
+            .unwrap();
+        assert_eq!(published.into_inner().as_ref(), Some(&changes));
         (version.version, changes)
     }
 
@@ -1596,6 +1870,48 @@ mod tests {
         store.suspend(web.agent_id, true, None, 100_100).unwrap();
         store.deactivate(web.agent_id, 100_101).unwrap();
         assert_eq!(event_types(&store).last(), Some(&EventType::AgentDeactivated));
+    }
+
+    #[test]
+    fn heartbeat_bookkeeping_is_written_without_the_store_and_made_durable() {
+        let dir = scratch_dir("store-workload-flush");
+        let (mut store, web, db) = populated(&dir);
+        assert!(store.take_workload_flush().is_none(), "nothing marked");
+        store.heartbeat(web.agent_id, heartbeat(None), 400).unwrap();
+        store.heartbeat(db.agent_id, heartbeat(None), 401).unwrap();
+        let flush = store.take_workload_flush().expect("two workloads marked");
+        assert!(!flush.durable, "the 5-second flushes skip the fsync");
+        assert_eq!(flush.commit().ok(), Some(2), "only the two records");
+        assert!(store.take_workload_flush().is_none(), "taken: nothing left");
+        // A failed flush gives its workloads back for the next commit.
+        store.heartbeat(web.agent_id, heartbeat(None), 402).unwrap();
+        let flush = store.take_workload_flush().unwrap();
+        // As after a failed commit: the backend is released, the records given back.
+        let unwritten = {
+            let flush = flush;
+            flush.unwritten
+        };
+        store.flush_failed(unwritten);
+        assert!(store.dirty_workloads.contains(&web.agent_id));
+        // The shutdown's save makes the lazy commits durable, even with nothing else to write.
+        store.save().unwrap();
+        drop(store);
+        let (store, _) = Store::open(&dir).unwrap();
+        assert_eq!(store.state().workloads[&web.agent_id].last_heartbeat, Some(402));
+        assert_eq!(store.state().workloads[&db.agent_id].last_heartbeat, Some(401));
+        // Every MAX_LAZY_FLUSHES + 1-th flush is durable.
+        let mut store = store;
+        let durable: Vec<bool> = (0..=MAX_LAZY_FLUSHES as u64)
+            .map(|i| {
+                store.heartbeat(web.agent_id, heartbeat(None), 500 + i).unwrap();
+                let flush = store.take_workload_flush().unwrap();
+                let durable = flush.durable;
+                flush.commit().ok().unwrap();
+                durable
+            })
+            .collect();
+        assert_eq!(durable.iter().filter(|d| **d).count(), 1);
+        assert_eq!(durable.last(), Some(&true));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! fewer than `allowed_uses_per_key` times. The uses are counted when a workload is created.
 
 use super::{ACTIVATION_CODE_BYTES, PairingKey, PairingProfile, Store, StoreError};
-use crate::tls;
+use crate::crypto;
 
 /// Profiles, and generated keys per profile (the oldest key is dropped past it).
 pub const MAX_PAIRING_PROFILES: usize = 1_000;
@@ -61,7 +61,7 @@ impl Store {
 
     /// A new activation code for profile `id`; only its digest is kept.
     pub fn generate_pairing_key(&mut self, id: u64, now: u64) -> Result<String, StoreError> {
-        let code = tls::random_hex(ACTIVATION_CODE_BYTES)?;
+        let code = crypto::random_hex(ACTIVATION_CODE_BYTES)?;
         let profile =
             self.state.pairing_profiles.iter_mut().find(|p| p.id == id).ok_or(StoreError::NoProfile(id))?;
         if !profile.enabled {
@@ -71,7 +71,7 @@ impl Store {
             profile.keys.remove(0);
         }
         profile.keys.push(PairingKey {
-            code_sha256: tls::sha256_hex(code.as_bytes()),
+            code_sha256: crypto::sha256_hex(code.as_bytes()),
             created_at: now,
             uses: 0,
         });
@@ -82,14 +82,14 @@ impl Store {
     /// The profile (index) and generated key (index, `None` for a standing code) of `code`, or
     /// why it cannot pair now.
     pub(super) fn pairing_key(&self, code: &str, now: u64) -> Result<(usize, Option<usize>), StoreError> {
-        let digest = tls::sha256_hex(code.as_bytes());
+        let digest = crypto::sha256_hex(code.as_bytes());
         for (index, profile) in self.state.pairing_profiles.iter().enumerate() {
             let standing = !profile.activation_code.is_empty()
-                && tls::constant_time_eq(profile.activation_code.as_bytes(), code.as_bytes());
+                && crypto::constant_time_eq(profile.activation_code.as_bytes(), code.as_bytes());
             let key = profile
                 .keys
                 .iter()
-                .position(|key| tls::constant_time_eq(key.code_sha256.as_bytes(), digest.as_bytes()));
+                .position(|key| crypto::constant_time_eq(key.code_sha256.as_bytes(), digest.as_bytes()));
             if !standing && key.is_none() {
                 continue;
             }

@@ -53,11 +53,23 @@ impl Backend for RedbBackend {
     }
 
     fn commit(&mut self, changes: &ChangeSet) -> Result<(), StoreError> {
-        if changes.is_empty() {
+        self.write(changes, redb::Durability::Immediate)
+    }
+
+    fn commit_lazily(&mut self, changes: &ChangeSet) -> Result<(), StoreError> {
+        self.write(changes, redb::Durability::None)
+    }
+}
+
+impl RedbBackend {
+    /// One transaction; an empty durable one still makes the lazy commits before it durable.
+    fn write(&mut self, changes: &ChangeSet, durability: redb::Durability) -> Result<(), StoreError> {
+        if changes.is_empty() && matches!(durability, redb::Durability::None) {
             return Ok(());
         }
         let error = |e: &dyn std::fmt::Display| database_error(&self.path, e);
-        let txn = self.db.begin_write().map_err(|e| error(&e))?;
+        let mut txn = self.db.begin_write().map_err(|e| error(&e))?;
+        txn.set_durability(durability);
         for table in Table::ALL {
             let puts: Vec<_> = changes.puts.iter().filter(|(t, _, _)| *t == table).collect();
             let deletes: Vec<_> = changes.deletes.iter().filter(|(t, _)| *t == table).collect();

@@ -146,11 +146,15 @@ impl Store {
 
     /// Makes `subset` of the pending changes (all of them when `None`) active, records a policy
     /// version and recomputes the policies. Returns the version and the workloads it changed.
+    /// Calls `publish` with the changed workloads as soon as their new versions are known, before
+    /// the commit: the bolts and the VENs' connections overlap the write, and their fetches wait
+    /// for the store (held until the commit is done), so they get the committed policy.
     pub fn provision(
         &mut self,
         subset: Option<Vec<ObjectRef>>,
         description: &str,
         now: u64,
+        publish: &dyn Fn(&Changes),
     ) -> Result<(PolicyVersion, Changes), StoreError> {
         let pending = self.pending_changes();
         let chosen = match subset {
@@ -197,6 +201,7 @@ impl Store {
         if self.state.policy_versions.len() > MAX_POLICY_VERSIONS {
             self.state.policy_versions.remove(0);
         }
+        publish(&changes);
         self.save()?;
         Ok((version, changes))
     }
