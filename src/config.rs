@@ -114,6 +114,12 @@ pub struct Config {
     pub tamper_check_interval: Duration,
     /// Cheap comparison of our rules and set sizes, to catch flushes and deletions fast.
     pub canary_interval: Duration,
+    /// The full host report (interfaces and addresses) goes to the PCE at least this often,
+    /// changed or not, so that the PCE's view heals (the spec's 5 minutes); changes go at once.
+    pub interface_report_interval: Duration,
+    /// How often the listening services are read; they go to the PCE when they changed (the
+    /// spec's 30 seconds).
+    pub service_report_interval: Duration,
     /// `nf_conntrack_tcp_timeout_established` set at start; `None` leaves the host's value.
     pub conntrack_established_timeout: Option<u32>,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
@@ -124,6 +130,9 @@ pub struct Config {
     /// Keys this version does not know, ignored: `key (line N)`, the first
     /// [`MAX_UNKNOWN_KEYS_KEPT`].
     pub unknown_keys: Vec<String>,
+    /// Test-only fault switch (`test_fault`): makes a named thread fail at its start, to test
+    /// the agent's supervision ([`crate::agent::monitor`]). Off unless set.
+    pub test_fault: Option<crate::agent::monitor::Fault>,
 }
 
 /// Unknown keys remembered for the warning (all of them are ignored).
@@ -172,11 +181,14 @@ impl Default for Config {
             caps: Caps::default(),
             tamper_check_interval: Duration::from_secs(600),
             canary_interval: Duration::from_secs(5),
+            interface_report_interval: Duration::from_secs(300),
+            service_report_interval: Duration::from_secs(30),
             conntrack_established_timeout: Some(28_800),
             conntrack_cut_on_tighten: true,
             flows: FlowSettings::default(),
             logs: crate::logdir::LogCaps::default(),
             unknown_keys: Vec::new(),
+            test_fault: None,
         }
     }
 }
@@ -273,6 +285,12 @@ impl Config {
                 self.tamper_check_interval = Duration::from_secs(number(key, value, 1, 86_400)?)
             }
             "canary_interval_s" => self.canary_interval = Duration::from_secs(number(key, value, 1, 86_400)?),
+            "service_report_interval_s" => {
+                self.service_report_interval = Duration::from_secs(number(key, value, 5, 86_400)?)
+            }
+            "interface_report_interval_s" => {
+                self.interface_report_interval = Duration::from_secs(number(key, value, 10, 86_400)?)
+            }
             "conntrack_established_timeout_s" => {
                 let seconds = number(key, value, 0, u64::from(u32::MAX))? as u32;
                 self.conntrack_established_timeout = (seconds > 0).then_some(seconds);
@@ -296,6 +314,7 @@ impl Config {
                 let min = crate::flows::store::MIN_FILE_BYTES * crate::logdir::MAX_FILES;
                 self.logs.total_max_bytes = number(key, value, min, 1 << 40)?
             }
+            "test_fault" => self.test_fault = Some(crate::agent::monitor::Fault::parse(value)?),
             _ if key.starts_with("board.") => {}
             _ => return Ok(false),
         }

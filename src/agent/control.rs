@@ -65,6 +65,9 @@ pub struct LiveCounters {
     pub uploads: Option<Arc<super::uploader::UploadStats>>,
     /// Configuration keys the agent ignored (fixed for its life).
     pub config_warnings: Vec<String>,
+    /// The event channel and the flow store (`ven status --all`).
+    pub events: Option<Arc<super::evsync::EventStats>>,
+    pub store: Option<Arc<crate::flows::store::FlowStore>>,
 }
 
 impl LiveCounters {
@@ -77,6 +80,16 @@ impl LiveCounters {
             report.flow_uploads = Some(uploads.snapshot());
         }
         report.config_warnings.clone_from(&self.config_warnings);
+        // The channel comes and goes without waking the manager: read it now (only once paired,
+        // when the manager shows a channel at all).
+        if let (Some(events), Some(detail)) = (&self.events, report.detail.as_mut()) {
+            if detail.event_channel.is_some() {
+                detail.event_channel = Some(events.snapshot());
+            }
+        }
+        if let (Some(store), Some(detail)) = (&self.store, report.detail.as_mut()) {
+            detail.flow_store = Some(store.usage().into());
+        }
     }
 }
 
@@ -118,22 +131,34 @@ impl ControlServer {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_error)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(listener, &thread_stop, &status, &live, &inputs))
-            .map_err(socket_error)?;
+        let thread =
+            super::monitor::spawn("control", move || serve(listener, &thread_stop, &status, &live, &inputs))
+                .map_err(socket_error)?;
         Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
 
     /// Stops serving, joins the thread and removes the socket.
     pub fn stop(mut self) {
+        self.stop_joined();
+    }
+
+    /// [`Self::stop`]; `Some(message)` when the thread had panicked.
+    fn stop_joined(&mut self) -> Option<String> {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the blocking accept.
         let _ = UnixStream::connect(&self.path);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let panicked = self.thread.take().and_then(super::monitor::join);
         let _ = std::fs::remove_file(&self.path);
+        panicked
+    }
+}
+
+impl super::monitor::Worker for ControlServer {
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+    fn stop(mut self: Box<Self>) -> Option<String> {
+        self.stop_joined()
     }
 }
 
@@ -244,6 +269,8 @@ mod tests {
             flows: Some(Arc::clone(&flows)),
             uploads: Some(uploads.clone()),
             config_warnings: warnings,
+            events: None,
+            store: None,
         };
         assert!(live.set(counters).is_ok());
         flows.events.store(42, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! hints. Losing it costs nothing but latency: every heartbeat answer carries the policy version.
 
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,6 +35,30 @@ enum SessionError {
     NoAck { server: String },
 }
 
+/// The event channel as `ven status --all` shows it; shared by every session of the agent's
+/// life (a new pairing starts a new [`EventSync`] on the same counters).
+#[derive(Debug, Default)]
+pub struct EventStats {
+    pub connected: AtomicBool,
+    /// Unix seconds when the current session (or the last one) was acknowledged.
+    pub since: AtomicU64,
+    /// Sessions acknowledged since the agent started.
+    pub sessions: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl EventStats {
+    pub fn snapshot(&self) -> super::status::EventChannel {
+        let since = self.since.load(Ordering::Relaxed);
+        super::status::EventChannel {
+            connected: self.connected.load(Ordering::Relaxed),
+            since: (since > 0).then_some(since),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
 pub struct EventSync {
     stop: Arc<AtomicBool>,
     wake: SyncSender<()>,
@@ -43,7 +67,11 @@ pub struct EventSync {
 }
 
 impl EventSync {
-    pub fn start(identity: &Identity, inputs: SyncSender<Input>) -> std::io::Result<Self> {
+    pub fn start(
+        identity: &Identity,
+        inputs: SyncSender<Input>,
+        stats: Arc<EventStats>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = Arc::new(Mutex::new(None));
         let (wake, sleeper) = mpsc::sync_channel(1);
@@ -53,14 +81,14 @@ impl EventSync {
             inputs,
             stop: stop.clone(),
             socket: socket.clone(),
+            stats,
         };
-        let thread =
-            std::thread::Builder::new().name("evsync".into()).spawn(move || session.run(&sleeper))?;
+        let thread = super::monitor::spawn("evsync", move || session.run(&sleeper))?;
         Ok(Self { stop, wake, socket, thread: Some(thread) })
     }
 
-    /// Closes the connection and joins the thread.
-    pub fn stop(mut self) {
+    /// Closes the connection and joins the thread; `Some(message)` when it had panicked.
+    fn stop_joined(&mut self) -> Option<String> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.try_send(());
         if let Ok(slot) = self.socket.lock() {
@@ -68,9 +96,16 @@ impl EventSync {
                 let _ = socket.shutdown(Shutdown::Both);
             }
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.thread.take().and_then(super::monitor::join)
+    }
+}
+
+impl super::monitor::Worker for EventSync {
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+    fn stop(mut self: Box<Self>) -> Option<String> {
+        self.stop_joined()
     }
 }
 
@@ -80,6 +115,7 @@ struct Session {
     inputs: SyncSender<Input>,
     stop: Arc<AtomicBool>,
     socket: Arc<Mutex<Option<TcpStream>>>,
+    stats: Arc<EventStats>,
 }
 
 impl Session {
@@ -92,12 +128,16 @@ impl Session {
                 Err(e) => {
                     // Rate-limit: a PCE that stays down must not fill the log once a minute.
                     let message = e.to_string();
+                    if let Ok(mut last) = self.stats.last_error.lock() {
+                        *last = Some(message.clone());
+                    }
                     if message != last_error {
                         log::warn!("{message}; retrying (policy still arrives with heartbeats)");
                         last_error = message;
                     }
                 }
             }
+            self.stats.connected.store(false, Ordering::Relaxed);
             if let Ok(mut slot) = self.socket.lock() {
                 *slot = None;
             }
@@ -140,6 +180,9 @@ impl Session {
             _ => return Err(SessionError::NoAck { server }),
         };
         log::info!("connected to the event service at {server}");
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.since.store(crate::clock::now(), Ordering::Relaxed);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         let _ = stream.sock.set_read_timeout(Some(ping_interval * MISSED_PINGS + CONNECT_TIMEOUT));
         loop {
             match frame::read_frame(&mut stream, &mut buf) {

@@ -20,6 +20,7 @@ use ven_proto::{
 use super::control::{ControlRequest, ControlResponse};
 use super::evsync::EventSync;
 use super::lifecycle::{self, FirewallAfter};
+use super::monitor::{Monitor, Worker};
 use super::pce_client::{ClientError, PceClient};
 use super::status::{Connectivity, HeartbeatTracker, StatusReport};
 use super::{Input, host, jitter};
@@ -50,7 +51,6 @@ struct Pairing {
     identity: Identity,
     client: PceClient,
     safeguards: Safeguards,
-    events: Option<EventSync>,
 }
 
 pub struct Manager {
@@ -71,6 +71,14 @@ pub struct Manager {
     next_full_check: Instant,
     last_heartbeat: Option<u64>,
     reported_host: Option<HostReport>,
+    /// When the full host report is due again, changed or not (`interface_report_interval`).
+    next_host_report: Instant,
+    /// The listening services, read every `service_report_interval`; `None` once the PCE said
+    /// it does not take them.
+    services: Option<super::services::Scanner>,
+    next_services_scan: Instant,
+    /// The last scan's services have not reached the PCE yet.
+    services_unsent: bool,
     /// A version the firewall rejected is fetched again only after this instant (one heartbeat
     /// interval), so that reporting the rejection cannot turn into a fetch-and-fail loop.
     rejected: Option<(u64, Instant)>,
@@ -83,6 +91,24 @@ pub struct Manager {
     /// The flow pipeline's counters, when it runs.
     flow_stats: Option<Arc<crate::flows::FlowStats>>,
     upload_stats: Option<Arc<super::uploader::UploadStats>>,
+    /// The supervised worker threads (`evsync` is added while paired); stopped last.
+    monitor: Monitor,
+    /// What `ven status --all` adds (issue 16).
+    all: AllFigures,
+}
+
+/// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
+#[derive(Default)]
+struct AllFigures {
+    started_at: u64,
+    firewall_backend: &'static str,
+    event_stats: Arc<super::evsync::EventStats>,
+    last_heartbeat_error: Option<(u64, String)>,
+    pce_policy_version: Option<u64>,
+    policy_applied_at: Option<u64>,
+    tamper_checks: u64,
+    last_tamper_check: Option<u64>,
+    last_tamper_check_error: Option<String>,
 }
 
 impl Manager {
@@ -112,6 +138,10 @@ impl Manager {
             next_heartbeat: now,
             last_heartbeat: None,
             reported_host: None,
+            next_host_report: now,
+            services: Some(super::services::Scanner::new("/proc", "/etc/passwd")),
+            next_services_scan: now,
+            services_unsent: false,
             rejected: None,
             suspended: false,
             pending_events: VecDeque::with_capacity(PENDING_EVENTS_CAPACITY),
@@ -120,7 +150,17 @@ impl Manager {
             last_tamper: None,
             flow_stats: None,
             upload_stats: None,
+            monitor: Monitor::default(),
+            all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
         }
+    }
+
+    /// For `ven status --all`: the event channel's figures (shared with the control socket)
+    /// and the iptables backend in use.
+    pub fn with_status_all(mut self, events: Arc<super::evsync::EventStats>, backend: &'static str) -> Self {
+        self.all.event_stats = events;
+        self.all.firewall_backend = backend;
+        self
     }
 
     /// Shows the flow pipeline's counters in the status.
@@ -134,8 +174,16 @@ impl Manager {
         self
     }
 
+    /// Supervises `monitor`'s workers (and stops them when the manager stops).
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
     pub fn run(mut self, inputs: Receiver<Input>) {
         let mut supervisor = super::notify::Supervisor::from_env();
+        // An announcement that no stopping agent consumed is stale.
+        let _ = std::fs::remove_file(self.data.restarting_path());
         self.set_conntrack_timeout();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
@@ -150,7 +198,8 @@ impl Manager {
         supervisor.ready(&self.state_line());
         loop {
             let now = Instant::now();
-            let wait = self.next_deadline().map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
+            let due = [self.next_deadline(), self.monitor.next_deadline()].into_iter().flatten().min();
+            let wait = due.map_or(SUSPENDED_WAIT, |due| due.saturating_duration_since(now));
             // INVARIANT: the init system's watchdog is fed from this loop, never from a thread
             // of its own, so a manager stuck in one operation gets restarted.
             let wait = supervisor.until_next_ping(now).map_or(wait, |ping| wait.min(ping));
@@ -161,8 +210,12 @@ impl Manager {
                     let response = self.on_control(request);
                     let _ = reply.try_send(response);
                 }
+                // The check below collects it.
+                Ok(Input::WorkerEnded(_)) => {}
+                Ok(Input::HostChanged) => self.on_host_changed(),
                 Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
+            self.supervise();
             self.publish_status();
             supervisor.ping_if_due(Instant::now());
             supervisor.status(&self.state_line());
@@ -193,11 +246,23 @@ impl Manager {
             return None;
         }
         let heartbeat = match self.pairing {
-            Some(_) => self.next_heartbeat,
+            Some(_) => self.next_exchange(),
             None => Instant::now() + UNPAIRED_RECHECK,
         };
         let checks = self.enforcing().then(|| self.next_quick_check.min(self.next_full_check));
-        Some(checks.map_or(heartbeat, |check| check.min(heartbeat)))
+        let services = (self.pairing.is_some() && self.services.is_some()).then_some(self.next_services_scan);
+        let due = [Some(heartbeat), checks, services].into_iter().flatten().min();
+        Some(due.unwrap_or(heartbeat))
+    }
+
+    /// When the next heartbeat goes: its own schedule, or earlier when the full host report is
+    /// due; a lost agent keeps its 4-hour retry.
+    fn next_exchange(&self) -> Instant {
+        if self.heartbeats.connectivity() == Connectivity::LostAgent {
+            self.next_heartbeat
+        } else {
+            self.next_heartbeat.min(self.next_host_report)
+        }
     }
 
     /// Whether a policy of ours is in the firewall (something to check for tampering).
@@ -219,8 +284,11 @@ impl Manager {
         }
         if self.pairing.is_none() {
             self.load_identity();
-        } else if now >= self.next_heartbeat {
+        } else if now >= self.next_exchange() {
             self.heartbeat();
+        }
+        if self.pairing.is_some() && now >= self.next_services_scan {
+            self.report_services();
         }
     }
 
@@ -258,24 +326,76 @@ impl Manager {
         self.stop_events();
         let client = lifecycle::client(&identity);
         let safeguards = lifecycle::safeguards(&identity);
-        let events = match EventSync::start(&identity, self.inputs.clone()) {
-            Ok(events) => Some(events),
-            Err(e) => {
-                log::error!("cannot start the event thread: {e}; policy arrives with heartbeats only");
-                None
-            }
-        };
+        // Without it, policy still arrives with the heartbeats.
+        let (events_identity, events_inputs) = (identity.clone(), self.inputs.clone());
+        let event_stats = Arc::clone(&self.all.event_stats);
+        self.monitor.start(
+            "evsync",
+            Box::new(move || {
+                let events =
+                    EventSync::start(&events_identity, events_inputs.clone(), Arc::clone(&event_stats))?;
+                Ok(Box::new(events) as Box<dyn Worker>)
+            }),
+        );
         log::info!("paired as agent {} with PCE {}", identity.agent_id, identity.management_server);
         self.heartbeat_interval =
             Duration::from_secs(u64::from(identity.heartbeat_interval_s)).max(MIN_HEARTBEAT);
-        self.pairing = Some(Pairing { identity, client, safeguards, events });
+        self.pairing = Some(Pairing { identity, client, safeguards });
         self.heartbeats = HeartbeatTracker::new();
         self.next_heartbeat = Instant::now();
     }
 
     fn stop_events(&mut self) {
-        if let Some(events) = self.pairing.as_mut().and_then(|pairing| pairing.events.take()) {
-            events.stop();
+        self.monitor.remove("evsync");
+    }
+
+    /// Reads the listening services and sends them when they changed (or the last send failed).
+    fn report_services(&mut self) {
+        self.next_services_scan = Instant::now() + self.config.service_report_interval;
+        let (Some(pairing), Some(scanner)) = (&self.pairing, self.services.as_mut()) else { return };
+        if scanner.scan() {
+            self.services_unsent = true;
+        }
+        if !self.services_unsent || self.heartbeats.connectivity() == Connectivity::LostAgent {
+            return;
+        }
+        let report = ven_proto::ServicesReport {
+            services: scanner.services().to_vec(),
+            omitted: u32::try_from(scanner.omitted()).unwrap_or(u32::MAX),
+        };
+        match pairing.client.report_services(&report) {
+            Ok(()) => self.services_unsent = false,
+            Err(e) if e.is_not_found() => {
+                log::info!("the PCE does not take listening services ({e}); not sending them again");
+                self.services = None;
+            }
+            Err(e) => crate::log_limited!(log::Level::Warn, "listening services not reported: {e}"),
+        }
+    }
+
+    /// `netwatch` saw interfaces or addresses change: a heartbeat carries the new report now
+    /// (the PCE recomputes the peers' policies), unless nothing the PCE sees changed.
+    fn on_host_changed(&mut self) {
+        let Some(pairing) = &self.pairing else { return };
+        if self.suspended || self.heartbeats.connectivity() == Connectivity::LostAgent {
+            return;
+        }
+        let host = host::report(&pairing.identity.hostname);
+        if self.reported_host.as_ref() != Some(&host) {
+            log::info!("interfaces changed: reporting them to the PCE");
+            self.heartbeat();
+        }
+    }
+
+    /// Restarts the workers whose backoff is over and reports those that ended to the PCE.
+    fn supervise(&mut self) {
+        for ended in self.monitor.check(Instant::now()) {
+            let kind = AgentEventKind::ComponentRestarted {
+                component: ended.name.to_string(),
+                restarts: ended.restarts,
+                cause: ended.cause,
+            };
+            self.push_event(AgentEvent { at: crate::clock::now(), kind });
         }
     }
 
@@ -313,7 +433,15 @@ impl Manager {
     fn heartbeat(&mut self) {
         let Some(pairing) = &self.pairing else { return };
         let host = host::report(&pairing.identity.hostname);
-        let host_changed = self.reported_host.as_ref() != Some(&host);
+        // Changed, or due again: the PCE's view heals even if it lost or mixed up a report.
+        // INVARIANT: the due time moves on whatever the answer, so a failing PCE is retried on
+        // the heartbeat's own schedule, never in a loop.
+        let now = Instant::now();
+        let report_due = now >= self.next_host_report;
+        if report_due {
+            self.next_host_report = now + self.config.interface_report_interval;
+        }
+        let host_changed = report_due || self.reported_host.as_ref() != Some(&host);
         let sent_events = self.pending_events.len().min(MAX_EVENTS_PER_HEARTBEAT);
         let request = HeartbeatRequest {
             applied_policy_version: self.applied_version(),
@@ -330,6 +458,7 @@ impl Manager {
                 self.pending_events.drain(..sent_events);
                 self.heartbeats.success();
                 self.last_heartbeat = Some(crate::clock::now());
+                self.all.pce_policy_version = Some(response.policy_version);
                 self.reported_host = Some(host);
                 self.heartbeat_interval = Duration::from_secs(u64::from(response.heartbeat_interval_s))
                     .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
@@ -347,11 +476,13 @@ impl Manager {
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
+                self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
                 self.heartbeats.unauthorized();
                 self.next_heartbeat = Instant::now() + LOST_AGENT_RETRY;
             }
             Err(e) => {
                 self.heartbeats.miss();
+                self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
                 let misses = self.heartbeats.misses_in_a_row();
                 let retry =
                     FIRST_HEARTBEAT_RETRY.saturating_mul(1 << misses.min(8)).min(self.heartbeat_interval);
@@ -372,6 +503,7 @@ impl Manager {
         match event {
             // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
+                self.all.pce_policy_version = Some(version);
                 if self.heartbeats.connectivity() == Connectivity::Diminished {
                     log::info!("ignoring policy event for version {version} while diminished");
                 } else if version != self.applied_version() && !self.recently_rejected(version) {
@@ -438,6 +570,7 @@ impl Manager {
                 self.applied = Some(policy);
                 self.apply_error = None;
                 self.rejected = None;
+                self.all.policy_applied_at = Some(crate::clock::now());
                 self.next_quick_check = Instant::now() + self.config.canary_interval;
                 self.save_status();
             }
@@ -497,6 +630,12 @@ impl Manager {
         let started = Instant::now();
         let result = self.firewall.check_and_repair(depth);
         let now = Instant::now();
+        self.all.tamper_checks += 1;
+        self.all.last_tamper_check = Some(crate::clock::now());
+        self.all.last_tamper_check_error = match &result {
+            Err(e) if !matches!(e, FirewallError::NothingApplied) => Some(e.to_string()),
+            _ => None,
+        };
         // Spaced by the cost of a clean check; after a repair the next check comes at the
         // configured interval, to see that the repair held.
         let spacing = match &result {
@@ -683,6 +822,23 @@ impl Manager {
         report.pending_events = self.pending_events.len();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
         report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
+        report.workers = self.monitor.components();
+        report.detail = Some(super::status::AgentDetail {
+            pid: std::process::id(),
+            started_at: self.all.started_at,
+            firewall_backend: self.all.firewall_backend.to_string(),
+            heartbeat_interval_s: self.heartbeat_interval.as_secs(),
+            heartbeat_misses: self.heartbeats.misses_in_a_row(),
+            last_heartbeat_error: self.all.last_heartbeat_error.clone(),
+            pce_policy_version: self.all.pce_policy_version,
+            policy_applied_at: self.all.policy_applied_at,
+            tamper_checks: self.all.tamper_checks,
+            last_tamper_check: self.all.last_tamper_check,
+            last_tamper_check_error: self.all.last_tamper_check_error.clone(),
+            events_dropped: self.dropped_events,
+            event_channel: self.pairing.as_ref().map(|_| self.all.event_stats.snapshot()),
+            flow_store: None,
+        });
     }
 
     fn save_status(&self) {
@@ -708,12 +864,18 @@ impl Manager {
         self.stop_events();
         if let Some(pairing) = self.pairing.take() {
             if !self.suspended {
-                match pairing.client.goodbye("agent stopped") {
+                // A restart is not a goodbye: the PCE keeps the workload in its peers' policies
+                // for a grace period.
+                let restarting = crate::cli::service::restart_announced(&self.data);
+                let reason = if restarting { ven_proto::GOODBYE_RESTART } else { "agent stopped" };
+                match pairing.client.goodbye(reason) {
+                    Ok(()) if restarting => log::info!("told the PCE this agent restarts"),
                     Ok(()) => log::info!("said goodbye to the PCE"),
                     Err(e) => log::warn!("could not say goodbye: {e}"),
                 }
             }
         }
+        self.monitor.stop_all();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
 }

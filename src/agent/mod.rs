@@ -5,17 +5,26 @@
 //! - `control` serves the CLI on the data directory's Unix socket ([`control`]);
 //! - `evsync` holds the event-service connection ([`evsync`]);
 //! - `signals` turns SIGTERM/SIGINT into an orderly stop;
-//! - `flows` reads the firewall's NFLOG group ([`crate::flows::FlowPipeline`]).
+//! - `flows` reads the firewall's NFLOG group and `flowstore` stores its flushes
+//!   ([`crate::flows::FlowPipeline`]);
+//! - `uploader` sends the stored flows to the PCE ([`uploader`]);
+//! - `netwatch` hints the manager when interfaces or addresses change ([`netwatch`]).
 //!
 //! They talk to the manager over one bounded channel of [`Input`]s ([`INPUT_QUEUE_CAPACITY`]).
+//! The manager supervises `control`, `flows`/`flowstore`, `uploader`, `netwatch` and `evsync`
+//! ([`monitor`]):
+//! one that ends is counted, reported and started again with backoff.
 
 pub mod control;
 pub mod evsync;
 pub mod host;
 pub mod lifecycle;
 pub mod manager;
+pub mod monitor;
+pub mod netwatch;
 pub mod notify;
 pub mod pce_client;
+pub mod services;
 pub mod status;
 pub mod tls;
 pub mod uploader;
@@ -46,6 +55,10 @@ const TLS_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Input {
     Event(ven_proto::frame::Event),
     Control(ControlRequest, SyncSender<control::ControlResponse>),
+    /// A supervised thread ended (its name); the manager's monitor takes it from there.
+    WorkerEnded(&'static str),
+    /// The host's interfaces or addresses changed (`netwatch`): report them to the PCE now.
+    HostChanged,
     Stop,
 }
 
@@ -58,6 +71,8 @@ pub enum AgentError {
     /// `ven check-env` found a failing check (each is printed with its hint).
     #[error("some checks failed; see the hints above")]
     ChecksFailed,
+    #[error(transparent)]
+    SupportReport(#[from] crate::cli::supportreport::SupportError),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -180,14 +195,31 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     termination.thread_block().map_err(AgentError::Signals)?;
 
     let (inputs_tx, inputs_rx) = mpsc::sync_channel(INPUT_QUEUE_CAPACITY);
+    monitor::set_fault(config.test_fault.clone());
+    monitor::set_wake(Some(inputs_tx.clone()));
+    let mut workers = monitor::Monitor::default();
     let status = Arc::new(Mutex::new(StatusReport::unpaired()));
     let live_counters = Arc::new(std::sync::OnceLock::new());
-    let control = ControlServer::start(
-        &data.socket_path(),
-        status.clone(),
-        Arc::clone(&live_counters),
-        inputs_tx.clone(),
-    )?;
+    let socket = data.socket_path();
+    let (control_status, control_live, control_inputs) =
+        (status.clone(), Arc::clone(&live_counters), inputs_tx.clone());
+    let start_control = move || {
+        ControlServer::start(
+            &socket,
+            control_status.clone(),
+            Arc::clone(&control_live),
+            control_inputs.clone(),
+        )
+    };
+    // The first start's refusal (another agent serves this data directory) stops this one.
+    let control = start_control()?;
+    workers.adopt(
+        "control",
+        Some(Box::new(control)),
+        Box::new(move || {
+            Ok(Box::new(start_control().map_err(std::io::Error::other)?) as Box<dyn monitor::Worker>)
+        }),
+    );
     let signal_inputs = inputs_tx.clone();
     let signals = std::thread::Builder::new()
         .name("signals".into())
@@ -210,43 +242,63 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         firewall_config.tools.iptables_restore.display(),
         if firewall_config.options.ipv6 { "on" } else { "off" }
     );
+    let backend = firewall_config.tools.backend.as_str();
     let firewall = Firewall::new(firewall_config);
     // The flow pipeline is best effort: without it the firewall still enforces.
     let flow_settings = crate::flows::PipelineSettings::from_config(&config);
     // One store for both writers, so that their calls are serialised by it rather than by
     // redb's file lock.
     let store = Arc::new(crate::flows::store::FlowStore::new(&data.log_dir(), config.logs));
-    let flows = match crate::flows::FlowPipeline::start(flow_settings, Box::new(Arc::clone(&store))) {
-        Ok(flows) => Some(flows),
-        Err(e) => {
-            log::error!("cannot start the flows threads: {e}; flows are not recorded");
-            None
-        }
-    };
-    let uploader = match uploader::Uploader::start(data.clone(), store, config.flows.upload_interval) {
-        Ok(uploader) => Some(uploader),
-        Err(e) => {
-            log::error!("cannot start the uploader thread: {e}; flows are kept but not sent to the PCE");
-            None
-        }
-    };
-    let flow_stats = flows.as_ref().map(crate::flows::FlowPipeline::stats);
-    let upload_stats = uploader.as_ref().map(uploader::Uploader::stats);
+    // Counted across restarts of their threads.
+    let flow_stats = Arc::new(crate::flows::FlowStats::new());
+    let upload_stats = Arc::new(uploader::UploadStats::default());
+    let (flows_store, flows_stats) = (Arc::clone(&store), Arc::clone(&flow_stats));
+    workers.start(
+        "flows",
+        Box::new(move || {
+            let sink = Box::new(Arc::clone(&flows_store));
+            let pipeline =
+                crate::flows::FlowPipeline::start_counting(flow_settings, sink, Arc::clone(&flows_stats))?;
+            Ok(Box::new(pipeline) as Box<dyn monitor::Worker>)
+        }),
+    );
+    let status_store = Arc::clone(&store);
+    let (upload_data, upload_interval, uploads) =
+        (data.clone(), config.flows.upload_interval, Arc::clone(&upload_stats));
+    workers.start(
+        "uploader",
+        Box::new(move || {
+            let uploader = uploader::Uploader::start(
+                upload_data.clone(),
+                Arc::clone(&store),
+                upload_interval,
+                Arc::clone(&uploads),
+            )?;
+            Ok(Box::new(uploader) as Box<dyn monitor::Worker>)
+        }),
+    );
+    let netwatch_inputs = inputs_tx.clone();
+    workers.start(
+        "netwatch",
+        Box::new(move || {
+            Ok(Box::new(netwatch::NetWatch::start(netwatch_inputs.clone())?) as Box<dyn monitor::Worker>)
+        }),
+    );
+    let event_stats = Arc::new(evsync::EventStats::default());
     let _ = live_counters.set(control::LiveCounters {
-        flows: flow_stats.clone(),
-        uploads: upload_stats.clone(),
+        flows: Some(Arc::clone(&flow_stats)),
+        uploads: Some(Arc::clone(&upload_stats)),
         config_warnings: config.unknown_keys.clone(),
+        events: Some(Arc::clone(&event_stats)),
+        store: Some(status_store),
     });
+    // The manager stops the workers when it stops.
     manager::Manager::new(data, config, firewall, status, inputs_tx)
-        .with_flow_stats(flow_stats, upload_stats)
+        .with_flow_stats(Some(flow_stats), Some(upload_stats))
+        .with_monitor(workers)
+        .with_status_all(event_stats, backend)
         .run(inputs_rx);
-    if let Some(uploader) = uploader {
-        uploader.stop();
-    }
-    if let Some(flows) = flows {
-        flows.stop();
-    }
-    control.stop();
+    monitor::set_wake(None);
     if !signals.is_finished() {
         // The manager stopped for another reason: wake the signal thread so it can be joined.
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);

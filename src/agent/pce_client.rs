@@ -25,7 +25,7 @@ pub enum ClientError {
     #[error("cannot reach the PCE at {server}: {cause}")]
     Unreachable { server: String, cause: String },
     #[error("the PCE at {server} refused {endpoint}: {message}")]
-    Refused { server: String, endpoint: &'static str, kind: ErrorKind, message: String },
+    Refused { server: String, endpoint: &'static str, status: u16, kind: ErrorKind, message: String },
     #[error("the PCE at {server} answered {endpoint} with HTTP {status}")]
     Status { server: String, endpoint: &'static str, status: u16 },
     #[error("the PCE at {server} sent a malformed answer to {endpoint}: {cause}")]
@@ -36,6 +36,11 @@ impl ClientError {
     /// The PCE no longer knows our credentials: the spec's "lost agent".
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, Self::Refused { kind: ErrorKind::Unauthorized, .. })
+    }
+
+    /// The PCE has no such endpoint (an older PCE).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Refused { status: 404, .. } | Self::Status { status: 404, .. })
     }
 }
 
@@ -112,6 +117,11 @@ impl PceClient {
         .map(drop)
     }
 
+    /// Sends the host's listening services.
+    pub fn report_services(&self, report: &ven_proto::ServicesReport) -> Result<(), ClientError> {
+        self.post::<_, ()>(path::SERVICES, report).map(drop)
+    }
+
     /// Tells the PCE the VEN was suspended or unsuspended.
     pub fn suspend(&self, notice: &ven_proto::SuspendNotice) -> Result<(), ClientError> {
         self.post::<_, ()>(path::SUSPEND, notice).map(drop)
@@ -183,6 +193,7 @@ impl PceClient {
                 Ok(error) => Err(ClientError::Refused {
                     server: self.server.clone(),
                     endpoint,
+                    status,
                     kind: error.kind,
                     message: error.message,
                 }),

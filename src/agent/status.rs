@@ -119,6 +119,10 @@ pub struct StatusReport {
     pub config_warnings: Vec<String>,
     /// `ven disable` was run: the boot entry points do nothing.
     pub disabled: bool,
+    /// The supervised worker threads (a running agent only).
+    pub workers: Vec<super::monitor::ComponentStatus>,
+    /// What only `ven status --all` shows (a running agent only).
+    pub detail: Option<AgentDetail>,
 }
 
 impl StatusReport {
@@ -174,6 +178,8 @@ impl StatusReport {
             flow_uploads: None,
             config_warnings: Vec::new(),
             disabled: false,
+            workers: Vec::new(),
+            detail: None,
         }
     }
 
@@ -251,6 +257,27 @@ impl StatusReport {
             ),
             ("disabled", self.disabled.to_string()),
             (
+                "workers",
+                format!(
+                    "[{}]",
+                    self.workers
+                        .iter()
+                        .map(|c| format!(
+                            "{{\"name\":{},\"state\":{},\"restarts\":{},\"last_failure\":{}}}",
+                            json_string(&c.name),
+                            json_string(c.state.as_str()),
+                            c.restarts,
+                            json_option(c.last_failure.as_ref().map(|(at, cause)| format!(
+                                "{{\"at\":{},\"cause\":{}}}",
+                                json_string(&crate::clock::rfc3339(*at)),
+                                json_string(cause)
+                            ))),
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ),
+            (
                 "config_warnings",
                 format!("[{}]", self.config_warnings.iter().map(|w| json_string(w)).collect::<Vec<_>>().join(",")),
             ),
@@ -269,7 +296,21 @@ impl StatusReport {
             (Connectivity::Suspended, _, _) => {
                 "suspended: nothing of ven's is in the firewall (`ven unsuspend` restores it)".to_string()
             }
-            (_, Some(state), Some(version)) => format!("{state} (version {version})"),
+            (_, Some(state), Some(version)) => {
+                // The spec's status names the most recent policy change: when, and whether the
+                // PCE has a newer one (a running agent knows both).
+                let mut line = format!("{state} (version {version}");
+                if let Some(at) = self.detail.as_ref().and_then(|d| d.policy_applied_at) {
+                    line.push_str(&format!(", applied {}", crate::clock::rfc3339(at)));
+                }
+                line.push(')');
+                if self.policy_in_sync() == Some(false) {
+                    if let Some(newer) = self.detail.as_ref().and_then(|d| d.pce_policy_version) {
+                        line.push_str(&format!("; the PCE has version {newer}"));
+                    }
+                }
+                line
+            }
             _ => "none applied; the firewall is untouched".to_string(),
         };
         let heartbeat = match self.last_heartbeat {
@@ -334,6 +375,19 @@ impl StatusReport {
         if let Some(error) = &self.last_apply_error {
             lines.push(format!("  last apply error: {error} (the previous policy stays in force)"));
         }
+        // Only what needs attention: a worker that ended at least once.
+        for component in self.workers.iter().filter(|c| c.restarts > 0) {
+            let mut line = format!(
+                "  thread:          {} {}, restarted {} times",
+                component.name,
+                component.state.as_str(),
+                component.restarts
+            );
+            if let Some((at, cause)) = &component.last_failure {
+                line.push_str(&format!(", last at {} ({cause})", crate::clock::rfc3339(*at)));
+            }
+            lines.push(line);
+        }
         if self.disabled {
             lines.push("  boot:            disabled: does not start at boot (`ven enable`)".to_string());
         }
@@ -369,6 +423,416 @@ pub(crate) fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+// ---- `ven status --all` (issue 16): the running agent's detail, its components, last errors ----
+
+/// What a running agent adds for `ven status --all`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    pub pid: u32,
+    /// Unix seconds when the agent started.
+    pub started_at: u64,
+    /// The iptables backend in use (`legacy` or `nft`).
+    pub firewall_backend: String,
+    pub heartbeat_interval_s: u64,
+    pub heartbeat_misses: u32,
+    /// The last failed heartbeat: when, and why.
+    pub last_heartbeat_error: Option<(u64, String)>,
+    /// The policy version the PCE last announced (heartbeat answer or event).
+    pub pce_policy_version: Option<u64>,
+    /// When this agent put the policy in force in the firewall.
+    pub policy_applied_at: Option<u64>,
+    /// Tamper checks (quick and full) since the agent started, the last one's time and failure.
+    pub tamper_checks: u64,
+    pub last_tamper_check: Option<u64>,
+    pub last_tamper_check_error: Option<String>,
+    /// Events for the PCE dropped because their queue was full.
+    pub events_dropped: u64,
+    /// The event channel; `None` until the agent is paired.
+    pub event_channel: Option<EventChannel>,
+    /// The flow stores in log/ (read when the status is asked for).
+    pub flow_store: Option<FlowStoreFigures>,
+}
+
+/// The flow stores as the running agent's store last saw them (`FlowStore::usage`; no database
+/// is opened for it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowStoreFigures {
+    /// flow.db, flowsum.db, their backups and corrupt copies.
+    pub bytes: u64,
+    /// No store file passes this.
+    pub file_cap_bytes: u64,
+    pub rows_appended: u64,
+    pub rotations: u64,
+    /// Rows rotated away before the PCE acknowledged them.
+    pub dropped_unacknowledged: u64,
+    /// Rows written and not yet acknowledged by the PCE (as this agent last saw the store: 0
+    /// until it writes or uploads once).
+    pub pending_upload: u64,
+}
+
+impl From<crate::flows::store::StoreUsage> for FlowStoreFigures {
+    fn from(usage: crate::flows::store::StoreUsage) -> Self {
+        Self {
+            bytes: usage.total_bytes,
+            file_cap_bytes: usage.file_cap_bytes,
+            rows_appended: usage.rows_appended,
+            rotations: usage.rotations,
+            dropped_unacknowledged: usage.dropped_unacknowledged,
+            pending_upload: usage.last_seq.saturating_sub(usage.acknowledged),
+        }
+    }
+}
+
+/// The event service connection (EventSync), read when the status is asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventChannel {
+    pub connected: bool,
+    /// When the current (or last) session was acknowledged.
+    pub since: Option<u64>,
+    /// Sessions acknowledged since the agent started.
+    pub sessions: u64,
+    pub last_error: Option<String>,
+}
+
+/// One of the agent's components: the spec's name, our thread, its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Component {
+    pub name: &'static str,
+    pub thread: &'static str,
+    pub state: ComponentState,
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComponentState {
+    Running,
+    /// Running, but something is wrong (the detail says what).
+    Degraded,
+    /// Not needed now (unpaired, suspended, no policy).
+    Idle,
+    Stopped,
+}
+
+impl ComponentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Degraded => "degraded",
+            Self::Idle => "idle",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// The components in the order `ven status --all` lists them.
+const COMPONENTS: [(&str, &str); 6] = [
+    ("AgentManager", "main"),
+    ("EventSync", "evsync"),
+    ("PlatformHandler", "main"),
+    ("VtapServer", "flows"),
+    ("AgentLogManager", "uploader"),
+    ("Control", "control"),
+];
+
+fn time(at: u64) -> String {
+    crate::clock::rfc3339(at)
+}
+
+impl StatusReport {
+    /// Each component and its state, from the report's figures.
+    pub fn components(&self) -> Vec<Component> {
+        use ComponentState::{Degraded, Idle, Running, Stopped};
+        let component = |index: usize, state, detail: String| Component {
+            name: COMPONENTS[index].0,
+            thread: COMPONENTS[index].1,
+            state,
+            detail,
+        };
+        if !self.agent_running {
+            return (0..COMPONENTS.len())
+                .map(|i| component(i, Stopped, "the agent is not running".to_string()))
+                .collect();
+        }
+        let detail = self.detail.clone().unwrap_or_default();
+        let manager_state = match self.connectivity {
+            Connectivity::Online | Connectivity::Unpaired | Connectivity::Suspended => Running,
+            Connectivity::Offline | Connectivity::Diminished | Connectivity::LostAgent => Degraded,
+        };
+        let manager = component(
+            0,
+            manager_state,
+            format!("{}; heartbeat every {} s", self.connectivity.as_str(), detail.heartbeat_interval_s),
+        );
+        let events = match (self.connectivity, &detail.event_channel) {
+            (Connectivity::Unpaired, _) => component(1, Idle, "not paired".into()),
+            (Connectivity::Suspended, _) => component(1, Idle, "suspended: no event channel".into()),
+            (_, Some(channel)) if channel.connected => component(
+                1,
+                Running,
+                format!("connected since {}", channel.since.map_or_else(|| "-".to_string(), time)),
+            ),
+            (_, Some(channel)) => component(
+                1,
+                Degraded,
+                format!("disconnected: {}", channel.last_error.as_deref().unwrap_or("not connected yet")),
+            ),
+            (_, None) => component(1, Stopped, "not started (see agent.log)".into()),
+        };
+        let firewall = match (&self.last_apply_error, self.policy_state, self.policy_version) {
+            (Some(error), _, _) => component(2, Degraded, format!("last apply failed: {error}")),
+            (None, _, _) if self.connectivity == Connectivity::Suspended => {
+                component(2, Idle, "suspended: nothing of ven's in the firewall".into())
+            }
+            (None, Some(PolicyState::Idle), _) | (None, None, _) => {
+                component(2, Idle, "no policy to enforce; the firewall is the host's".into())
+            }
+            (None, Some(state), version) => component(
+                2,
+                Running,
+                format!(
+                    "policy version {} ({state}) in force, iptables backend {}",
+                    version.unwrap_or(0),
+                    detail.firewall_backend
+                ),
+            ),
+        };
+        let flows = match &self.flows {
+            None => component(3, Stopped, "not started (see agent.log)".into()),
+            Some(f) if !f.reading => component(3, Degraded, "NFLOG not bound: no flows recorded".into()),
+            Some(f) => match &f.last_store_error {
+                Some(error) => component(3, Degraded, format!("storing flows fails: {error}")),
+                None => component(3, Running, format!("reading NFLOG, {} flows this interval", f.tracked)),
+            },
+        };
+        let uploads = match &self.flow_uploads {
+            None => component(4, Stopped, "not started (see agent.log)".into()),
+            Some(u) => match &u.last_error {
+                Some(error) => component(4, Degraded, format!("uploads fail: {error}")),
+                None => component(
+                    4,
+                    Running,
+                    match u.last_success {
+                        Some(at) => format!("last complete upload {}", time(at)),
+                        None => "no upload round yet".to_string(),
+                    },
+                ),
+            },
+        };
+        let control = component(5, Running, "answering on agent.sock".into());
+        let mut components = vec![manager, events, firewall, flows, uploads, control];
+        // What the monitor saw of each supervised thread.
+        for c in &mut components {
+            let Some(worker) = self.workers.iter().find(|w| w.name == c.thread) else { continue };
+            if worker.state == super::monitor::ComponentState::Restarting {
+                c.state = Stopped;
+                c.detail = "its thread ended; restarting after a backoff".to_string();
+            } else if worker.restarts > 0 && c.state == Running {
+                c.state = Degraded;
+            }
+            if worker.restarts > 0 {
+                c.detail.push_str(&format!("; thread restarted {} times", worker.restarts));
+                if let Some((at, cause)) = &worker.last_failure {
+                    c.detail.push_str(&format!(", last at {} ({cause})", time(*at)));
+                }
+            }
+        }
+        components
+    }
+
+    /// The last error of each part that has one, newest information first.
+    pub fn last_errors(&self) -> Vec<(&'static str, String)> {
+        let mut errors = Vec::new();
+        if let Some(detail) = &self.detail {
+            if let Some((at, error)) = &detail.last_heartbeat_error {
+                errors.push(("heartbeat", format!("{} {error}", time(*at))));
+            }
+            if let Some(error) = detail.event_channel.as_ref().and_then(|c| c.last_error.as_ref()) {
+                errors.push(("event channel", error.clone()));
+            }
+            if let Some(error) = &detail.last_tamper_check_error {
+                errors.push(("tamper check", error.clone()));
+            }
+        }
+        if let Some(error) = &self.last_apply_error {
+            errors.push(("policy apply", error.clone()));
+        }
+        if let Some(error) = self.flows.as_ref().and_then(|f| f.last_store_error.as_ref()) {
+            errors.push(("flow store", error.clone()));
+        }
+        if let Some(error) = self.flow_uploads.as_ref().and_then(|u| u.last_error.as_ref()) {
+            errors.push(("flow upload", error.clone()));
+        }
+        errors
+    }
+
+    /// Whether the policy in force is the one the PCE last announced (`None`: not known).
+    pub fn policy_in_sync(&self) -> Option<bool> {
+        let announced = self.detail.as_ref()?.pce_policy_version?;
+        Some(self.policy_version == Some(announced) && self.last_apply_error.is_none())
+    }
+
+    /// `ven status --all --json`: [`StatusReport::to_json`] plus `components`, `detail` and
+    /// `last_errors`.
+    pub fn to_json_all(&self) -> String {
+        let base = self.to_json();
+        let base = base.strip_suffix('}').unwrap_or(&base);
+        let components: Vec<String> = self
+            .components()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{{\"name\":{},\"thread\":{},\"state\":{},\"detail\":{}}}",
+                    json_string(c.name),
+                    json_string(c.thread),
+                    json_string(c.state.as_str()),
+                    json_string(&c.detail)
+                )
+            })
+            .collect();
+        let at = |t: Option<u64>| json_option(t.map(|t| json_string(&time(t))));
+        let detail = self.detail.as_ref().map(|d| {
+            let channel = d.event_channel.as_ref().map(|c| {
+                format!(
+                    "{{\"connected\":{},\"since\":{},\"sessions\":{},\"last_error\":{}}}",
+                    c.connected,
+                    at(c.since),
+                    c.sessions,
+                    json_option(c.last_error.as_deref().map(json_string))
+                )
+            });
+            format!(
+                "{{\"pid\":{},\"started_at\":{},\"firewall_backend\":{},\"heartbeat_interval_s\":{},\
+                 \"heartbeat_misses\":{},\"last_heartbeat_error\":{},\"pce_policy_version\":{},\
+                 \"policy_in_sync\":{},\"policy_applied_at\":{},\"tamper_checks\":{},\
+                 \"last_tamper_check\":{},\"last_tamper_check_error\":{},\"events_dropped\":{},\
+                 \"event_channel\":{},\"flow_store\":{}}}",
+                d.pid,
+                json_string(&time(d.started_at)),
+                json_string(&d.firewall_backend),
+                d.heartbeat_interval_s,
+                d.heartbeat_misses,
+                json_option(d.last_heartbeat_error.as_ref().map(|(t, e)| {
+                    format!("{{\"at\":{},\"error\":{}}}", json_string(&time(*t)), json_string(e))
+                })),
+                json_option(d.pce_policy_version.map(|v| v.to_string())),
+                json_option(self.policy_in_sync().map(|b| b.to_string())),
+                at(d.policy_applied_at),
+                d.tamper_checks,
+                at(d.last_tamper_check),
+                json_option(d.last_tamper_check_error.as_deref().map(json_string)),
+                d.events_dropped,
+                json_option(channel),
+                json_option(d.flow_store.as_ref().map(|f| format!(
+                    "{{\"bytes\":{},\"file_cap_bytes\":{},\"rows_appended\":{},\"rotations\":{},\
+                     \"dropped_unacknowledged\":{},\"pending_upload\":{}}}",
+                    f.bytes,
+                    f.file_cap_bytes,
+                    f.rows_appended,
+                    f.rotations,
+                    f.dropped_unacknowledged,
+                    f.pending_upload
+                ))),
+            )
+        });
+        let errors: Vec<String> = self
+            .last_errors()
+            .iter()
+            .map(|(what, error)| {
+                format!("{{\"what\":{},\"error\":{}}}", json_string(what), json_string(error))
+            })
+            .collect();
+        format!(
+            "{base},\"components\":[{}],\"detail\":{},\"last_errors\":[{}]}}",
+            components.join(","),
+            json_option(detail),
+            errors.join(",")
+        )
+    }
+
+    /// `ven status --all`: the plain status, then the components, connectivity, policy sync,
+    /// tampering checks and the last errors.
+    pub fn to_human_all(&self, now: u64) -> String {
+        let mut lines = vec![self.to_human(now), String::new(), "components:".to_string()];
+        for c in self.components() {
+            lines.push(format!("  {:<16} {:<9} {:<9} {}", c.name, c.thread, c.state.as_str(), c.detail));
+        }
+        let Some(detail) = &self.detail else {
+            lines.push(String::new());
+            lines.push("(the agent is not running: the figures above are the saved ones)".to_string());
+            return lines.join("\n");
+        };
+        let ago = |t: u64| format!("{} ({} s ago)", time(t), now.saturating_sub(t));
+        lines.push(String::new());
+        lines.push(format!("agent:             pid {}, started {}", detail.pid, ago(detail.started_at)));
+        lines.push("connectivity:".to_string());
+        lines.push(format!("  PCE:             {}", self.management_server.as_deref().unwrap_or("-")));
+        let mut heartbeat = match self.last_heartbeat {
+            Some(t) => format!("last success {}", ago(t)),
+            None => "no success yet".to_string(),
+        };
+        heartbeat.push_str(&format!(
+            ", every {} s, {} missed in a row",
+            detail.heartbeat_interval_s, detail.heartbeat_misses
+        ));
+        lines.push(format!("  heartbeat:       {heartbeat}"));
+        let channel = match &detail.event_channel {
+            Some(c) if c.connected => format!(
+                "up since {} ({} sessions)",
+                c.since.map_or_else(|| "-".to_string(), time),
+                c.sessions
+            ),
+            Some(c) => format!("down: {}", c.last_error.as_deref().unwrap_or("not connected yet")),
+            None => "none (not paired)".to_string(),
+        };
+        lines.push(format!("  event channel:   {channel}"));
+        lines.push("policy:".to_string());
+        let applied = match (self.policy_version, detail.policy_applied_at) {
+            (Some(v), Some(at)) => format!("version {v}, applied {}", time(at)),
+            (Some(v), None) => format!("version {v} (restored at start)"),
+            (None, _) => "none".to_string(),
+        };
+        lines.push(format!("  in force:        {applied}"));
+        let sync = match (detail.pce_policy_version, self.policy_in_sync()) {
+            (Some(v), Some(true)) => format!("in sync with the PCE (version {v})"),
+            (Some(v), _) => format!("out of sync: the PCE has version {v}"),
+            (None, _) => "not known yet (no heartbeat answer)".to_string(),
+        };
+        lines.push(format!("  sync:            {sync}"));
+        lines.push("tampering:".to_string());
+        lines.push(format!(
+            "  checks:          {} since start, last {}",
+            detail.tamper_checks,
+            detail.last_tamper_check.map_or_else(|| "never".to_string(), time)
+        ));
+        lines.push(format!("  repairs:         {} since activation", self.tamper_count));
+        if let Some(store) = &detail.flow_store {
+            lines.push(format!(
+                "flow store:        {} bytes in log/ (each file capped at {}), {} rows written since \
+                 start, {} rotations, {} rows lost unacknowledged",
+                store.bytes,
+                store.file_cap_bytes,
+                store.rows_appended,
+                store.rotations,
+                store.dropped_unacknowledged
+            ));
+            let failures = self.flow_uploads.as_ref().map_or(0, |u| u.failures);
+            lines.push(format!(
+                "uploads:           {} rows waiting for the PCE, {failures} failed rounds",
+                store.pending_upload
+            ));
+        }
+        if detail.events_dropped > 0 {
+            lines.push(format!("events dropped:    {} (queue full)", detail.events_dropped));
+        }
+        let errors = self.last_errors();
+        lines.push(format!("last errors:{}", if errors.is_empty() { "       none" } else { "" }));
+        for (what, error) in errors {
+            lines.push(format!("  {what:<16} {error}"));
+        }
+        lines.join("\n")
+    }
 }
 
 #[cfg(test)]
@@ -422,5 +886,51 @@ mod tests {
         assert!(json.contains(r#""last_heartbeat":"1970-01-01T00:00:00Z""#), "{json}");
         assert!(json.contains(r#""last_apply_error":"line1\nline2""#), "{json}");
         assert!(json.contains(r#""management_server":null"#), "{json}");
+    }
+
+    #[test]
+    fn all_names_each_component_and_the_last_errors() {
+        let mut report = StatusReport::unpaired();
+        assert!(report.components().iter().all(|c| c.state == ComponentState::Stopped));
+        assert!(report.to_human_all(0).contains("the agent is not running"));
+        report.agent_running = true;
+        report.agent_id = Some(1);
+        report.connectivity = Connectivity::Diminished;
+        report.policy_state = Some(PolicyState::Enforced);
+        report.policy_version = Some(3);
+        report.detail = Some(AgentDetail {
+            firewall_backend: "nft".into(),
+            heartbeat_interval_s: 300,
+            heartbeat_misses: 2,
+            last_heartbeat_error: Some((0, "connection refused".into())),
+            pce_policy_version: Some(4),
+            event_channel: Some(EventChannel {
+                last_error: Some("event service down".into()),
+                ..Default::default()
+            }),
+            ..AgentDetail::default()
+        });
+        let components = report.components();
+        let names: Vec<&str> = components.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            ["AgentManager", "EventSync", "PlatformHandler", "VtapServer", "AgentLogManager", "Control"]
+        );
+        assert_eq!(components[0].state, ComponentState::Degraded, "diminished");
+        assert_eq!(components[1].state, ComponentState::Degraded, "channel down");
+        assert!(
+            components[2].detail.contains("version 3 (enforced)") && components[2].detail.contains("nft")
+        );
+        assert_eq!(components[3].state, ComponentState::Stopped, "no flow pipeline");
+        assert_eq!(report.policy_in_sync(), Some(false));
+        let text = report.to_human_all(100);
+        assert!(text.contains("policy:          enforced (version 3); the PCE has version 4"), "{text}");
+        assert!(text.contains("out of sync: the PCE has version 4"), "{text}");
+        assert!(text.contains("heartbeat") && text.contains("connection refused"), "{text}");
+        let json = report.to_json_all();
+        assert!(json.contains(r#""name":"EventSync","thread":"evsync","state":"degraded""#), "{json}");
+        assert!(json.contains(r#""policy_in_sync":false"#), "{json}");
+        assert!(json.contains(r#""what":"event channel","error":"event service down""#), "{json}");
+        assert!(json.ends_with("]}") && json.starts_with('{'), "{json}");
     }
 }

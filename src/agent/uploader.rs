@@ -76,13 +76,18 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    pub fn start(data: DataDir, store: Arc<FlowStore>, interval: Duration) -> std::io::Result<Self> {
+    /// Starts the thread, counting into `stats` (kept across restarts).
+    pub fn start(
+        data: DataDir,
+        store: Arc<FlowStore>,
+        interval: Duration,
+        stats: Arc<UploadStats>,
+    ) -> std::io::Result<Self> {
         let (stop_read, stop_write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
-        let stats = Arc::new(UploadStats::default());
         let thread_stats = Arc::clone(&stats);
-        let thread = std::thread::Builder::new()
-            .name("uploader".into())
-            .spawn(move || run(&data, &store, interval, &stop_read, &thread_stats))?;
+        let thread = super::monitor::spawn("uploader", move || {
+            run(&data, &store, interval, &stop_read, &thread_stats)
+        })?;
         Ok(Self { stop: stop_write, thread: Some(thread), stats })
     }
 
@@ -91,10 +96,22 @@ impl Uploader {
     }
 
     pub fn stop(mut self) {
+        self.stop_joined();
+    }
+
+    /// Stops and joins the thread; `Some(message)` when it had panicked.
+    fn stop_joined(&mut self) -> Option<String> {
         let _ = nix::unistd::write(&self.stop, &[1]);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.thread.take().and_then(super::monitor::join)
+    }
+}
+
+impl super::monitor::Worker for Uploader {
+    fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+    fn stop(mut self: Box<Self>) -> Option<String> {
+        self.stop_joined()
     }
 }
 

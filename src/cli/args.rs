@@ -29,6 +29,8 @@ pub enum RawCommand {
     Enable(RawEnable),
     Disable(RawDisable),
     Version(RawVersion),
+    GenSupportReport(RawGenSupportReport),
+    ConnectivityTest(RawConnectivityTest),
 }
 
 /// Pair this host with a PCE (data directory: $VEN_DATA_DIR, default /var/lib/ven).
@@ -64,6 +66,10 @@ pub struct RawStatus {
     /// print one JSON object
     #[argh(switch)]
     pub json: bool,
+    /// everything: components and their state, connectivity, policy sync, tampering checks,
+    /// flows, uploads and the last errors
+    #[argh(switch, short = 'a')]
+    pub all: bool,
 }
 
 /// Unpair from the PCE and give the host its firewall back.
@@ -191,3 +197,24 @@ pub struct RawDisable {}
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
 pub struct RawVersion {}
+
+/// Write one bounded tar file for support: status, history, configuration (secrets redacted),
+/// log tails, ven's chains and sets, check-env, versions. Never a token, key or activation code.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "gen-supportreport")]
+pub struct RawGenSupportReport {
+    /// where to write it (default: ven-supportreport-HOST-TIME.tar in $TMPDIR or /tmp)
+    #[argh(option)]
+    pub output: Option<String>,
+}
+
+/// Test reachability of the PCE and of peers (PEER[:PORT[/PROTO]], PROTO tcp or udp) from this
+/// host, and say which rule of the applied policy allows or drops each (exit status 1 when one
+/// fails).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "connectivity-test")]
+pub struct RawConnectivityTest {
+    /// peers to test: an address or name, optionally :PORT and /tcp or /udp
+    #[argh(positional)]
+    pub peers: Vec<String>,
+}

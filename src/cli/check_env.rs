@@ -40,7 +40,7 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
     pub verdict: Verdict,
-    pub name: &'static str,
+    pub name: String,
     pub detail: String,
     /// What to do about it (empty when ok).
     pub hint: String,
@@ -49,7 +49,7 @@ pub struct Check {
 fn check(verdict: Verdict, name: &'static str, detail: impl Into<String>, hint: &str) -> Check {
     Check {
         verdict,
-        name,
+        name: name.into(),
         detail: detail.into(),
         hint: if verdict == Verdict::Ok { String::new() } else { hint.into() },
     }
@@ -238,7 +238,7 @@ pub fn run(data: &DataDir, config: &Config) -> Vec<Check> {
 }
 
 /// Both ports reached, and the VEN API's TLS handshake verified against the pinned CA.
-fn pce_checks(identity: &Identity) -> Vec<Check> {
+pub(super) fn pce_checks(identity: &Identity) -> Vec<Check> {
     let mut checks = Vec::new();
     let server = &identity.management_server;
     match handshake(server, &identity.ca_cert_der) {

@@ -3,8 +3,11 @@
 
 mod args;
 mod check_env;
+mod connectivity;
 pub mod flows;
 pub mod service;
+pub mod supportreport;
+mod tar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +24,7 @@ use crate::state::DataDir;
 pub enum Command {
     Activate { server: String, activation_code: String, trust: Trust, hostname: String },
     Agent,
-    Status { json: bool },
+    Status { json: bool, all: bool },
     Deactivate { after: FirewallAfter },
     Suspend,
     Unsuspend,
@@ -32,6 +35,8 @@ pub enum Command {
     Service { action: service::Action, direct: bool },
     SetEnabled(bool),
     Version,
+    GenSupportReport { output: Option<PathBuf> },
+    ConnectivityTest { peers: Vec<connectivity::Target> },
 }
 
 impl Command {
@@ -68,7 +73,7 @@ impl Command {
                 }
             }
             args::RawCommand::Agent(_) => Command::Agent,
-            args::RawCommand::Status(s) => Command::Status { json: s.json },
+            args::RawCommand::Status(s) => Command::Status { json: s.json, all: s.all },
             args::RawCommand::Deactivate(d) => match d.firewall.as_str() {
                 "open" => Command::Deactivate { after: FirewallAfter::Open },
                 "saved" => Command::Deactivate { after: FirewallAfter::Saved },
@@ -115,6 +120,12 @@ impl Command {
             args::RawCommand::Enable(_) => Command::SetEnabled(true),
             args::RawCommand::Disable(_) => Command::SetEnabled(false),
             args::RawCommand::Version(_) => Command::Version,
+            args::RawCommand::GenSupportReport(a) => {
+                Command::GenSupportReport { output: a.output.map(PathBuf::from) }
+            }
+            args::RawCommand::ConnectivityTest(a) => Command::ConnectivityTest {
+                peers: a.peers.iter().map(|p| connectivity::Target::parse(p)).collect::<Result<_, _>>()?,
+            },
         })
     }
 }
@@ -176,6 +187,29 @@ fn config() -> Result<Config, AgentError> {
 fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
     match command {
         Command::Version => out!("ven {} ({TARGET})", env!("CARGO_PKG_VERSION")),
+        Command::GenSupportReport { output } => {
+            let now = crate::clock::now();
+            let path = output.unwrap_or_else(|| supportreport::default_path(now));
+            let written = supportreport::generate(data, &path, now)?;
+            out!(
+                "Support report written to {} ({} bytes, {} files, {} cut to their caps; mode 0600).",
+                written.path.display(),
+                written.bytes,
+                written.parts,
+                written.cut
+            );
+        }
+        Command::ConnectivityTest { peers } => {
+            let config = Config::load().unwrap_or_else(|e| {
+                eprintln!("ven: {e}; the fail-safe services are the defaults");
+                Config::default()
+            });
+            let results = connectivity::run(data, &config, &peers);
+            out_raw!("{}", connectivity::render(&results));
+            if results.iter().any(|r| r.verdict == check_env::Verdict::Fail) {
+                return Err(AgentError::ChecksFailed);
+            }
+        }
         Command::CheckEnv => {
             let config = config()?;
             let checks = check_env::run(data, &config);
@@ -213,22 +247,13 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
                 Err(e) => eprintln!("ven: the pairing is stored, but the agent was not told: {e}"),
             }
         }
-        Command::Status { json } => {
-            let mut report =
-                match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT)
-                {
-                    Ok(ControlResponse::Status(report)) => *report,
-                    Ok(_) | Err(ControlError::NotRunning(_)) => StatusReport::from_data_dir(data)?,
-                    Err(e) => {
-                        log::warn!("{e}; showing the saved status");
-                        StatusReport::from_data_dir(data)?
-                    }
-                };
-            report.disabled = service::is_disabled(data);
-            if json {
-                out!("{}", report.to_json());
-            } else {
-                out!("{}", report.to_human(crate::clock::now()));
+        Command::Status { json, all } => {
+            let report = status_report(data)?;
+            match (json, all) {
+                (true, false) => out!("{}", report.to_json()),
+                (true, true) => out!("{}", report.to_json_all()),
+                (false, false) => out!("{}", report.to_human(crate::clock::now())),
+                (false, true) => out!("{}", report.to_human_all(crate::clock::now())),
             }
         }
         Command::Deactivate { after } => {
@@ -318,6 +343,21 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// The running agent's status, or the saved one when none runs.
+pub(crate) fn status_report(data: &DataDir) -> Result<StatusReport, AgentError> {
+    let mut report =
+        match control::request(&data.socket_path(), &ControlRequest::Status, control::STATUS_TIMEOUT) {
+            Ok(ControlResponse::Status(report)) => *report,
+            Ok(_) | Err(ControlError::NotRunning(_)) => StatusReport::from_data_dir(data)?,
+            Err(e) => {
+                log::warn!("{e}; showing the saved status");
+                StatusReport::from_data_dir(data)?
+            }
+        };
+    report.disabled = service::is_disabled(data);
+    Ok(report)
 }
 
 /// Hands `request` to the running agent; `None` when no agent runs (the caller then does the
@@ -411,5 +451,25 @@ mod tests {
         assert_eq!(parse(&["suspend"]).unwrap(), Command::Suspend);
         assert_eq!(parse(&["unsuspend"]).unwrap(), Command::Unsuspend);
         assert_eq!(parse(&["restore"]).unwrap(), Command::Restore);
+    }
+
+    #[test]
+    fn status_all_support_report_and_connectivity_test_parse() {
+        assert_eq!(parse(&["status", "-a"]).unwrap(), Command::Status { json: false, all: true });
+        assert_eq!(parse(&["status", "--all", "--json"]).unwrap(), Command::Status { json: true, all: true });
+        assert_eq!(parse(&["gen-supportreport"]).unwrap(), Command::GenSupportReport { output: None });
+        assert_eq!(
+            parse(&["gen-supportreport", "--output", "/tmp/r.tar"]).unwrap(),
+            Command::GenSupportReport { output: Some(PathBuf::from("/tmp/r.tar")) }
+        );
+        match parse(&["connectivity-test", "198.18.0.3:5432", "db:53/udp"]).unwrap() {
+            Command::ConnectivityTest { peers } => {
+                assert_eq!(peers.len(), 2);
+                assert_eq!((peers[1].port, peers[1].protocol), (Some(53), ven_proto::Protocol::Udp));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse(&["connectivity-test"]).unwrap(), Command::ConnectivityTest { peers: Vec::new() });
+        assert!(parse(&["connectivity-test", "db:0"]).unwrap_err().contains("port"));
     }
 }

@@ -110,6 +110,18 @@ fn run(program: &str, args: &[&str]) -> Result<(), ServiceError> {
 
 /// Starts, stops or restarts the agent; returns what was done, for the user.
 pub fn control_agent(data: &DataDir, action: Action, direct: bool) -> Result<String, ServiceError> {
+    // The stopping agent's goodbye says whether it comes back ([`restart_announced`]).
+    let marker = data.restarting_path();
+    match action {
+        Action::Restart => {
+            if let Err(e) = std::fs::write(&marker, crate::clock::now().to_string()) {
+                log::warn!("cannot write {}: {e}; the PCE takes this restart as a stop", marker.display());
+            }
+        }
+        Action::Stop | Action::Start => {
+            let _ = std::fs::remove_file(&marker);
+        }
+    }
     match managed_by_init(data, direct) {
         Some(InitSystem::Systemd) => {
             run("systemctl", &[action.verb(), SYSTEMD_UNITS[0]])?;
@@ -189,6 +201,20 @@ fn stop_direct(data: &DataDir) -> Result<String, ServiceError> {
         std::thread::sleep(POLL);
     }
     Err(ServiceError::NotStopped { pid: pid.as_raw(), waited: STOP_WAIT })
+}
+
+/// How long a restart announcement stays valid: a stop that follows it later is a stop.
+const RESTART_ANNOUNCEMENT_VALID_S: u64 = 120;
+
+/// Whether the agent stopping now was asked to restart (`ven restart` wrote the marker within
+/// [`RESTART_ANNOUNCEMENT_VALID_S`]); the marker is consumed.
+pub fn restart_announced(data: &DataDir) -> bool {
+    let marker = data.restarting_path();
+    let Ok(text) = std::fs::read_to_string(&marker) else { return false };
+    let _ = std::fs::remove_file(&marker);
+    text.trim()
+        .parse::<u64>()
+        .is_ok_and(|at| crate::clock::now().saturating_sub(at) <= RESTART_ANNOUNCEMENT_VALID_S)
 }
 
 /// Whether `disable` was run on this data directory.

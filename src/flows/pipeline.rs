@@ -136,7 +136,7 @@ pub struct FlowCounters {
 }
 
 impl FlowStats {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self { sampling_scale: AtomicU32::new(1), ..Self::default() }
     }
 
@@ -176,17 +176,24 @@ impl FlowPipeline {
     /// Starts `flows` on the settings' NFLOG group, in the calling thread's network namespace,
     /// and `flowstore` writing into `sink`.
     pub fn start(settings: PipelineSettings, sink: Box<dyn FlowSink>) -> std::io::Result<Self> {
+        Self::start_counting(settings, sink, Arc::new(FlowStats::new()))
+    }
+
+    /// [`Self::start`], counting into `stats` (the agent keeps them across restarts). The
+    /// threads are supervised ([`crate::agent::monitor`]): their end wakes the agent's manager.
+    pub fn start_counting(
+        settings: PipelineSettings,
+        sink: Box<dyn FlowSink>,
+        stats: Arc<FlowStats>,
+    ) -> std::io::Result<Self> {
+        use crate::agent::monitor;
         let (stop_read, stop_write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
-        let stats = Arc::new(FlowStats::new());
         let (flush_tx, flush_rx) = mpsc::sync_channel(FLUSH_QUEUE_CAPACITY);
         let writer_stats = Arc::clone(&stats);
-        let writer = std::thread::Builder::new()
-            .name("flowstore".into())
-            .spawn(move || write_flushes(&flush_rx, sink, &writer_stats))?;
+        let writer = monitor::spawn("flowstore", move || write_flushes(&flush_rx, sink, &writer_stats))?;
         let reader_stats = Arc::clone(&stats);
-        let reader = std::thread::Builder::new()
-            .name("flows".into())
-            .spawn(move || Reader::new(settings, flush_tx, reader_stats).run(&stop_read))?;
+        let reader =
+            monitor::spawn("flows", move || Reader::new(settings, flush_tx, reader_stats).run(&stop_read))?;
         Ok(Self { stop: stop_write, reader: Some(reader), writer: Some(writer), stats })
     }
 
@@ -196,10 +203,26 @@ impl FlowPipeline {
 
     /// Stops reading, stores the last interval and waits for both threads.
     pub fn stop(mut self) {
+        self.stop_joined();
+    }
+
+    /// Whether the reader or the writer thread has ended.
+    pub fn ended(&self) -> bool {
+        [&self.reader, &self.writer]
+            .into_iter()
+            .any(|thread| thread.as_ref().is_none_or(JoinHandle::is_finished))
+    }
+
+    /// [`Self::stop`]; `Some(message)` when a thread had panicked.
+    pub fn stop_joined(&mut self) -> Option<String> {
         let _ = nix::unistd::write(&self.stop, &[1]);
+        let mut panicked = None;
         for thread in [self.reader.take(), self.writer.take()].into_iter().flatten() {
-            let _ = thread.join();
+            if let Some(message) = crate::agent::monitor::join(thread) {
+                panicked.get_or_insert(message);
+            }
         }
+        panicked
     }
 }
 

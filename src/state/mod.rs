@@ -101,6 +101,12 @@ impl DataDir {
         self.state_dir().join("suspended")
     }
 
+    /// Present while `ven restart` (or an upgrade) restarts the agent: the stopping agent's
+    /// goodbye then says "restart", which the PCE does not take as the workload leaving.
+    pub fn restarting_path(&self) -> PathBuf {
+        self.state_dir().join("restarting")
+    }
+
     /// Application logs and flow stores ([`crate::logdir`]).
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")

@@ -1052,6 +1052,7 @@ mod tests {
             flow_records_stored: None,
             flow_records_uploaded: None,
             flow_upload_error: None,
+            workers: Vec::new(),
         }
     }
 

@@ -75,6 +75,8 @@ pub struct VenStatus {
     /// last upload failed (`flow_uploads.last_error`).
     pub flow_records_uploaded: Option<u64>,
     pub flow_upload_error: Option<String>,
+    /// The running agent's supervised threads: (name, state, restarts); empty from older agents.
+    pub workers: Vec<(String, String, u64)>,
 }
 
 impl VenStatus {
@@ -107,6 +109,24 @@ impl VenStatus {
                         .to_string(),
                 ),
             },
+            workers: value
+                .get("workers")
+                .and_then(Value::as_array)
+                .map(|list| {
+                    list.iter()
+                        .map(|c| {
+                            let text = |key: &str| {
+                                c.get(key).and_then(Value::as_str).unwrap_or_default().to_string()
+                            };
+                            (
+                                text("name"),
+                                text("state"),
+                                c.get("restarts").and_then(Value::as_u64).unwrap_or(0),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             flow_records_stored: value.pointer("/flows/records_stored").and_then(Value::as_u64),
             flow_records_uploaded: value.pointer("/flow_uploads/records").and_then(Value::as_u64),
             flow_upload_error: value

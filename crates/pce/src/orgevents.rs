@@ -30,10 +30,12 @@ pub enum EventType {
     AgentDeactivated,
     /// The VEN missed three heartbeats in a row (it stays a peer until it goes offline).
     AgentMissedHeartbeats,
+    /// A worker thread of the VEN ended and was started again (details: component, cause).
+    AgentComponentRestarted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 8] = [
+    pub const ALL: [EventType; 9] = [
         Self::Tampering,
         Self::ServerSuspended,
         Self::ServerUnsuspended,
@@ -42,6 +44,7 @@ impl EventType {
         Self::AgentActivated,
         Self::AgentDeactivated,
         Self::AgentMissedHeartbeats,
+        Self::AgentComponentRestarted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl EventType {
             Self::AgentActivated => "agent_activated",
             Self::AgentDeactivated => "agent_deactivated",
             Self::AgentMissedHeartbeats => "agent_missed_heartbeats",
+            Self::AgentComponentRestarted => "agent_component_restarted",
         }
     }
 
@@ -63,7 +67,8 @@ impl EventType {
             | Self::ServerSuspended
             | Self::ServerUnsuspended
             | Self::WorkloadOffline
-            | Self::AgentMissedHeartbeats => Severity::Warning,
+            | Self::AgentMissedHeartbeats
+            | Self::AgentComponentRestarted => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
         }
     }

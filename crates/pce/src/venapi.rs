@@ -123,6 +123,10 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
     for event in &mut report.events {
         match &mut event.kind {
             AgentEventKind::Tampering { summary, .. } => truncate(summary, MAX_EVENT_TEXT_BYTES),
+            AgentEventKind::ComponentRestarted { component, cause, .. } => {
+                truncate(component, MAX_EVENT_TEXT_BYTES);
+                truncate(cause, MAX_EVENT_TEXT_BYTES);
+            }
         }
     }
     let (changes, policy_version) = {

@@ -53,6 +53,9 @@ pub mod path {
     /// POST [`FlowBatch`](super::FlowBatch) -> [`FlowAck`](super::FlowAck): flow summaries,
     /// oldest first; the VEN forgets nothing before the PCE acknowledges it.
     pub const FLOWS: &str = "/ven/v1/flows";
+    /// POST [`ServicesReport`](super::ServicesReport) -> empty 204: the listening services,
+    /// when they changed (a PCE without it answers 404; the VEN then stops sending them).
+    pub const SERVICES: &str = "/ven/v1/services";
 }
 
 /// Builds the `authorization` header value for an agent.
@@ -172,6 +175,9 @@ pub enum AgentEventKind {
     /// The firewall differed from the applied policy (`summary` says how); `repaired` tells
     /// whether the VEN put it back.
     Tampering { summary: String, repaired: bool },
+    /// A worker thread of the agent (`component`: flows, uploader, evsync, ...) ended and is
+    /// being started again; `restarts` counts them since the agent started.
+    ComponentRestarted { component: String, restarts: u64, cause: String },
 }
 
 /// Sent when the operator suspends (`suspended: true`) or unsuspends the VEN.
@@ -189,11 +195,44 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_s: u32,
 }
 
-/// Sent when the agent stops, so that the PCE marks the workload offline at once.
+/// A process accepting connections on the host: a TCP socket in LISTEN or an unconnected UDP
+/// socket.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ListeningService {
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// The local address it is bound to (unspecified: every address).
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    /// The owner's `comm`, pid and user name (uid when it has no name); empty and 0 when the
+    /// owner could not be found (a socket of a process in another PID namespace).
+    pub process: String,
+    pub pid: u32,
+    pub user: String,
+}
+
+/// Every listening service of the host, sent when it changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicesReport {
+    pub services: Vec<ListeningService>,
+    /// Services left out because the VEN sends at most [`MAX_SERVICES_PER_REPORT`].
+    pub omitted: u32,
+}
+
+/// Most services one [`ServicesReport`] carries.
+pub const MAX_SERVICES_PER_REPORT: usize = 256;
+
+/// Sent when the agent stops, so that the PCE marks the workload offline at once; unless the
+/// reason is [`GOODBYE_RESTART`]: then the agent is coming back, and the PCE keeps the workload in
+/// its peers' policies for a grace period.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Goodbye {
     pub reason: String,
 }
+
+/// The [`Goodbye`] reason of an agent that stops to start again (`ven restart`, an upgrade). An
+/// older PCE takes it as any goodbye.
+pub const GOODBYE_RESTART: &str = "restart";
 
 /// The whole policy of one host, computed by the PCE.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -709,6 +709,16 @@ impl Store {
                     });
                     self.record(now, EventType::Tampering, Some(agent_id), message, details);
                 }
+                AgentEventKind::ComponentRestarted { component, restarts, cause } => {
+                    let message = format!("VEN component {component} ended ({cause}); restart {restarts}");
+                    let details = json!({
+                        "component": component,
+                        "restarts": restarts,
+                        "cause": cause,
+                        "detected_at": clock::rfc3339(event.at),
+                    });
+                    self.record(now, EventType::AgentComponentRestarted, Some(agent_id), message, details);
+                }
             }
         }
         if affects_policy {
