@@ -202,6 +202,7 @@ struct WorkloadArgs {
 enum WorkloadSub {
     List(WorkloadListArgs),
     Set(WorkloadSetArgs),
+    Services(WorkloadServicesArgs),
     CustomRule(CustomRuleArgs),
 }
 
@@ -318,6 +319,19 @@ struct TrafficArgs {
 }
 
 #[derive(FromArgs)]
+#[argh(subcommand, name = "services")]
+/// list the services a workload's VEN reported listening (protocol, address, port, process,
+/// pid, user)
+struct WorkloadServicesArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// print JSON (Illumio's `services` block) instead of a table
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
 #[argh(subcommand, name = "set")]
 /// set a workload's labels (each replaces the label of the same key) and/or policy state
 struct WorkloadSetArgs {
@@ -406,6 +420,9 @@ fn convert(args: Args) -> Result<Command, String> {
         }
         Sub::Workload(WorkloadArgs { command: WorkloadSub::List(list) }) => {
             ctl::Command::WorkloadList { json: list.json }
+        }
+        Sub::Workload(WorkloadArgs { command: WorkloadSub::Services(args) }) => {
+            ctl::Command::WorkloadServices { host: args.host, json: args.json }
         }
         Sub::Workload(WorkloadArgs { command: WorkloadSub::Set(set) }) => {
             let labels = set.label.iter().map(|text| label_ref(text)).collect::<Result<Vec<_>, _>>()?;

@@ -89,6 +89,7 @@ pub enum Command {
     WorkloadList { json: bool },
     WorkloadSet { host: String, labels: Vec<LabelRef>, state: Option<PolicyState> },
     CustomRuleList { host: String, json: bool },
+    WorkloadServices { host: String, json: bool },
     CustomRuleAdd { host: String, chain: CustomChain, family: RuleFamily, rule: String },
     CustomRuleRemove { host: String, id: u32 },
     RuleAdd { consumers: Vec<LabelRef>, providers: Vec<LabelRef>, services: Vec<ServiceSpec> },
@@ -193,6 +194,39 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
             }
         }
         Command::WorkloadSet { host, labels, state } => set_workload(&client, &host, &labels, state)?,
+        Command::WorkloadServices { host, json } => {
+            let workload = find_workload(&client, &host)?;
+            let services = &workload["services"];
+            if json {
+                out!("{services:#}");
+            } else {
+                let rows = items(&services["open_service_ports"])
+                    .map(|s| {
+                        let protocol = match s["protocol"].as_u64() {
+                            Some(6) => "tcp".to_string(),
+                            Some(17) => "udp".to_string(),
+                            _ => text(&s["protocol"]),
+                        };
+                        vec![
+                            protocol,
+                            text(&s["address"]),
+                            text(&s["port"]),
+                            text(&s["process_name"]),
+                            text(&s["pid"]),
+                            text(&s["user"]),
+                        ]
+                    })
+                    .collect();
+                print_table(&["PROTO", "ADDRESS", "PORT", "PROCESS", "PID", "USER"], rows);
+                if services["omitted"].as_u64().is_some_and(|n| n > 0) {
+                    out!(
+                        "({} more not reported: the VEN sends at most {})",
+                        services["omitted"],
+                        ven_proto::MAX_SERVICES_PER_REPORT
+                    );
+                }
+            }
+        }
         Command::CustomRuleList { host, json } => {
             let workload = find_workload(&client, &host)?;
             let rules = client.get(&format!("workloads/{}/custom_iptables_rules", workload["id"]))?;

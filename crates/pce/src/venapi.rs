@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use std::time::Instant;
 use ven_proto::{
     ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, FlowAck, FlowBatch, Goodbye,
-    HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, PROTOCOL_HEADER,
-    PROTOCOL_VERSION, SuspendNotice, path,
+    HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, MAX_SERVICES_PER_REPORT,
+    PROTOCOL_HEADER, PROTOCOL_VERSION, ServicesReport, SuspendNotice, path,
 };
 
 const MAX_INTERFACES: usize = 256;
@@ -62,6 +62,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::DEACTIVATE) => deactivate(app, request),
         ("POST", path::SUSPEND) => suspend(app, request),
         ("POST", path::FLOWS) => upload_flows(app, request, version),
+        ("POST", path::SERVICES) => services(app, request),
         (
             method,
             known @ (path::ACTIVATE
@@ -70,7 +71,8 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | path::GOODBYE
             | path::DEACTIVATE
             | path::SUSPEND
-            | path::FLOWS),
+            | path::FLOWS
+            | path::SERVICES),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
@@ -182,6 +184,27 @@ fn goodbye(app: &App, request: &Request) -> Answer {
     let changes = app.store().goodbye(agent_id, &reason, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} said goodbye ({reason}): offline");
     app.publish(&changes);
+    Ok(Response::empty(204))
+}
+
+fn services(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    let report = decode::<ServicesReport>(request)?;
+    if report.services.len() > MAX_SERVICES_PER_REPORT {
+        let message = format!(
+            "{} services in one report; the limit is {MAX_SERVICES_PER_REPORT}",
+            report.services.len()
+        );
+        return Err(error(400, ErrorKind::BadRequest, message));
+    }
+    if let Some(service) =
+        report.services.iter().find(|s| s.process.len() > MAX_NAME_BYTES || s.user.len() > MAX_NAME_BYTES)
+    {
+        let message =
+            format!("service on port {}: names are limited to {MAX_NAME_BYTES} bytes", service.port);
+        return Err(error(400, ErrorKind::BadRequest, message));
+    }
+    app.store().services(agent_id, report).map_err(store_error)?;
     Ok(Response::empty(204))
 }
 

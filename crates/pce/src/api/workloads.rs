@@ -315,6 +315,19 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
         "applied_state": workload.applied_state.map(PolicyState::as_str),
         "apply_error": workload.apply_error,
         "interfaces": interfaces,
+        // Illumio's shape: what the VEN reported listening (process name, user, port).
+        "services": {
+            "uptime_seconds": workload.online_since.map(|since| clock::now().saturating_sub(since)),
+            "open_service_ports": workload.services.iter().map(|s| json!({
+                "protocol": s.protocol,
+                "address": s.address.to_string(),
+                "port": s.port,
+                "process_name": s.process,
+                "pid": s.pid,
+                "user": s.user,
+            })).collect::<Vec<_>>(),
+            "omitted": workload.services_omitted,
+        },
     })
 }
 

@@ -153,6 +153,15 @@ pub struct Workload {
     /// Since when the VEN has been online without a break (the agent status block's uptime).
     #[serde(default)]
     pub online_since: Option<u64>,
+    /// When the VEN said it restarts (`Goodbye` "restart"): it stays a peer until it heartbeats
+    /// again, or for the missed-heartbeat period at most.
+    #[serde(default)]
+    pub restarting_since: Option<u64>,
+    /// The listening services the VEN reported last, and how many it left out.
+    #[serde(default)]
+    pub services: Vec<ven_proto::ListeningService>,
+    #[serde(default)]
+    pub services_omitted: u32,
     /// Missed-heartbeat warning raised for the current silence (the spec: after 3 intervals).
     #[serde(default)]
     pub missed_heartbeats_reported: bool,
@@ -197,6 +206,9 @@ impl Workload {
             managed,
             online_since: None,
             missed_heartbeats_reported: false,
+            restarting_since: None,
+            services: Vec::new(),
+            services_omitted: 0,
         }
     }
 }
@@ -728,6 +740,7 @@ impl Store {
         }
         workload.online = true;
         workload.missed_heartbeats_reported = false;
+        workload.restarting_since = None;
         if let Some(host) = report.host {
             affects_policy |= host.interfaces != workload.interfaces;
             workload.hostname = host.hostname;
@@ -782,6 +795,17 @@ impl Store {
     pub fn goodbye(&mut self, agent_id: u64, reason: &str, now: u64) -> Result<Changes, StoreError> {
         self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        if reason == ven_proto::GOODBYE_RESTART && workload.online {
+            // A restart is not a goodbye: the workload stays in its peers' policies while the
+            // agent comes back (the sweep takes it out if it does not).
+            log::info!(
+                "workload {agent_id} ({}) restarts: it stays in its peers' policies",
+                workload.hostname
+            );
+            workload.restarting_since = Some(now);
+            return self.commit_changed(&[agent_id]);
+        }
+        workload.restarting_since = None;
         let was_peer = workload.is_peer();
         workload.online = false;
         workload.online_since = None;
@@ -791,6 +815,17 @@ impl Store {
             self.record(now, EventType::WorkloadOffline, Some(agent_id), message, details);
         }
         self.commit_changed(&[agent_id])
+    }
+
+    /// The VEN's listening services (its latest report replaces the previous one). They do not
+    /// change any policy: the record is written with the next flush.
+    pub fn services(&mut self, agent_id: u64, report: ven_proto::ServicesReport) -> Result<(), StoreError> {
+        self.touch(agent_id);
+        let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        workload.services = report.services;
+        workload.services_omitted = report.omitted;
+        self.dirty = true;
+        Ok(())
     }
 
     /// The agent unpaired (suspended or not): the workload is forgotten.
@@ -865,6 +900,20 @@ impl Store {
                 .max(workload.unsuspended_at.unwrap_or(0))
                 .max(since);
             let quiet = now.saturating_sub(last_seen);
+            // An agent that announced a restart and is not back after the warning period is
+            // gone: no warning first.
+            if workload.restarting_since.is_some_and(|at| at >= last_seen) && quiet > warn_after {
+                log::info!(
+                    "workload {} ({}) did not come back from its restart: offline",
+                    workload.id,
+                    workload.hostname
+                );
+                workload.online = false;
+                workload.online_since = None;
+                workload.restarting_since = None;
+                silent.push((workload.id, last_seen));
+                continue;
+            }
             if quiet > warn_after && !workload.missed_heartbeats_reported {
                 workload.missed_heartbeats_reported = true;
                 missing.push((workload.id, last_seen));
@@ -1813,6 +1862,41 @@ mod tests {
         assert!(store.state().workloads[&web.agent_id].online);
     }
 
+    #[test]
+    fn a_restart_is_not_a_goodbye_but_an_agent_that_does_not_come_back_goes_offline() {
+        let dir = scratch_dir("store-restart");
+        let (mut store, web, db) = populated(&dir);
+        store.heartbeat(web.agent_id, heartbeat(None), 100).unwrap();
+        store.heartbeat(db.agent_id, heartbeat(None), 100).unwrap();
+        store.goodbye(db.agent_id, ven_proto::GOODBYE_RESTART, 110).unwrap();
+        assert!(store.state().workloads[&db.agent_id].online, "a restart is not a goodbye");
+        assert!(!event_types(&store).contains(&EventType::WorkloadOffline));
+        // Back within the period: nothing happened.
+        store.heartbeat(db.agent_id, heartbeat(None), 115).unwrap();
+        assert_eq!(store.state().workloads[&db.agent_id].restarting_since, None);
+        store.sweep_offline(146, 30, 120, 0).unwrap();
+        assert!(store.state().workloads[&db.agent_id].online, "a warning at most, not offline");
+        // A restart that never comes back: offline after the warning period, not 12 intervals.
+        store.heartbeat(web.agent_id, heartbeat(None), 200).unwrap();
+        store.heartbeat(db.agent_id, heartbeat(None), 200).unwrap();
+        store.goodbye(db.agent_id, ven_proto::GOODBYE_RESTART, 205).unwrap();
+        assert!(store.sweep_offline(230, 30, 120, 0).unwrap().is_empty());
+        assert!(store.state().workloads[&db.agent_id].online);
+        let count =
+            |store: &Store, wanted: EventType| event_types(store).iter().filter(|t| **t == wanted).count();
+        store.heartbeat(web.agent_id, heartbeat(None), 230).unwrap();
+        let warnings = count(&store, EventType::AgentMissedHeartbeats);
+        store.sweep_offline(236, 30, 120, 0).unwrap();
+        assert!(!store.state().workloads[&db.agent_id].online, "out of the peers' policies");
+        assert!(store.state().workloads[&web.agent_id].online);
+        assert_eq!(count(&store, EventType::WorkloadOffline), 1);
+        assert_eq!(count(&store, EventType::AgentMissedHeartbeats), warnings, "no warning first");
+        // Any other goodbye is one.
+        store.heartbeat(web.agent_id, heartbeat(None), 240).unwrap();
+        store.goodbye(web.agent_id, "agent stopped", 241).unwrap();
+        assert!(!store.state().workloads[&web.agent_id].online);
+    }
+
     fn event_types(store: &Store) -> Vec<EventType> {
         store.events().iter().map(|e| e.event_type).collect()
     }
@@ -1936,7 +2020,7 @@ mod tests {
         assert_eq!(tampering.details["detected_at"], "2026-11-27T12:00:00Z");
         assert!(tampering.message.contains("rule 3 deleted (repaired)"));
         // Ids go on after a restart; coming back online is an event.
-        store.goodbye(web.agent_id, "restart", 301).unwrap();
+        store.goodbye(web.agent_id, "agent stopped", 301).unwrap();
         store.heartbeat(web.agent_id, heartbeat(None), 302).unwrap();
         let ids: Vec<u64> = store.events().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![1, 2, 3, 4, 5]);
