@@ -554,8 +554,32 @@ async fn timed<T>(limit: Duration, work: impl Future<Output = Result<T, SimError
     .await
 }
 
+/// The loopback address agent `index` connects from: 127.1.0.0/16 onwards, one per agent, as a
+/// fleet's VENs each have their own address (the PCE limits pending connections per source).
+fn source_address(index: usize) -> Ipv4Addr {
+    let n = u32::try_from(index).unwrap_or(u32::MAX) % (1 << 22);
+    Ipv4Addr::from(0x7f01_0000 + n)
+}
+
+/// A TCP connection to `addr` from `source` (blocking connect, on smol's thread pool).
+async fn tcp_from(source: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd as _;
+    let SocketAddr::V4(target) = addr else {
+        return Err(std::io::Error::other("the bench's PCE listens on IPv4 loopback"));
+    };
+    let stream = smol::unblock(move || -> std::io::Result<std::net::TcpStream> {
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)))?;
+        connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
+        Ok(std::net::TcpStream::from(fd))
+    })
+    .await?;
+    TcpStream::try_from(stream)
+}
+
 async fn connect(shared: &Shared, agent: &Agent, addr: SocketAddr) -> Result<TlsStream<TcpStream>, SimError> {
-    let tcp = TcpStream::connect(addr).await.map_err(SimError::Connect)?;
+    let tcp = tcp_from(source_address(agent.index), addr).await.map_err(SimError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let stream = agent.connector.connect(shared.server_name.clone(), tcp).await.map_err(SimError::Tls)?;
     match stream.get_ref().1.handshake_kind() {
