@@ -281,6 +281,7 @@ async fn accept_loop<F, Fut>(
     let serve = Arc::new(serve);
     loop {
         let slot = gate.slot().await;
+        gate.pending_room().await;
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
