@@ -13,7 +13,7 @@ use crate::agent::control::{ControlRequest, ControlResponse};
 use crate::conntrack::{DumpReader, for_each_ack, parse_connection, push_delete_request};
 use crate::flows::store::{batch_from_chunks, decode_stored_chunk, decode_stored_summary};
 use crate::history::{self, Listed};
-use crate::state::{self, Identity, RecordKind, SavedStatus, Suspension};
+use crate::state::{self, CloneSuspicion, Identity, RecordKind, SavedStatus, Suspension};
 
 /// A target's entry point.
 pub type Entry = fn(&[u8]);
@@ -307,6 +307,8 @@ pub fn state_payloads(data: &[u8]) {
     let _ = round_trip::<SavedStatus>(data, RecordKind::Status);
     let _ = round_trip::<crate::firewall::Snapshot>(data, RecordKind::SavedFirewall);
     let _ = round_trip::<Suspension>(data, RecordKind::Suspended);
+    let _ = round_trip::<String>(data, RecordKind::CloneToken);
+    let _ = round_trip::<CloneSuspicion>(data, RecordKind::CloneSuspected);
 }
 
 /// State files read back after a crash, a torn write or tampering: corrupt input is reported,
@@ -317,6 +319,8 @@ pub fn state_records(data: &[u8]) {
     let _ = state::decode_record::<SavedStatus>(data, RecordKind::Status);
     let _ = state::decode_record::<crate::firewall::Snapshot>(data, RecordKind::SavedFirewall);
     let _ = state::decode_record::<Suspension>(data, RecordKind::Suspended);
+    let _ = state::decode_record::<String>(data, RecordKind::CloneToken);
+    let _ = state::decode_record::<CloneSuspicion>(data, RecordKind::CloneSuspected);
 }
 
 /// The configuration file (`/etc/ven/ven.conf`, any text): a value is accepted within its bounds

@@ -117,7 +117,7 @@ fn the_history_diff_member_overflow_stays_fixed() {
 fn write_encoded_seeds() {
     use ven::agent::control::{ControlRequest, ControlResponse};
     use ven::history::{ChangeReason, History};
-    use ven::state::{self, DataDir, Identity, RecordKind, SavedStatus, Suspension};
+    use ven::state::{self, CloneSuspicion, DataDir, Identity, RecordKind, SavedStatus, Suspension};
     use ven_proto::frame::{PceFrame, VenFrame, encode_frame};
     use ven_proto::*;
 
@@ -202,6 +202,11 @@ fn write_encoded_seeds() {
     let ipsets = fs::read_to_string(fuzz_dir().join("corpus/ipset_save/testdata-ipset-save")).unwrap();
     let snapshot = ven::firewall::Snapshot { v4, v6: None, ipsets };
     let suspension = Suspension { since: 1_764_000_200, previous_state: Some(PolicyState::Enforced) };
+    let clone_token = "5e".repeat(16);
+    let suspicion = CloneSuspicion {
+        since: 1_764_000_300,
+        message: "suspected clone: another live copy of this agent holds the workload".to_string(),
+    };
     let records: Vec<(&str, RecordKind, Vec<u8>)> = vec![
         ("identity", RecordKind::Identity, postcard::to_allocvec(&identity).unwrap()),
         ("policy-enforced", RecordKind::Policy, postcard::to_allocvec(&enforced).unwrap()),
@@ -209,6 +214,8 @@ fn write_encoded_seeds() {
         ("status", RecordKind::Status, postcard::to_allocvec(&status).unwrap()),
         ("firewall-saved", RecordKind::SavedFirewall, postcard::to_allocvec(&snapshot).unwrap()),
         ("suspended", RecordKind::Suspended, postcard::to_allocvec(&suspension).unwrap()),
+        ("clone-token", RecordKind::CloneToken, postcard::to_allocvec(&clone_token).unwrap()),
+        ("clone-suspected", RecordKind::CloneSuspected, postcard::to_allocvec(&suspicion).unwrap()),
     ];
     for (name, kind, payload) in &records {
         let path = scratch.join(name);
@@ -219,6 +226,8 @@ fn write_encoded_seeds() {
             RecordKind::Status => state::write_record(&path, *kind, &status, 0o600),
             RecordKind::SavedFirewall => state::write_record(&path, *kind, &snapshot, 0o600),
             RecordKind::Suspended => state::write_record(&path, *kind, &suspension, 0o600),
+            RecordKind::CloneToken => state::write_record(&path, *kind, &clone_token, 0o600),
+            RecordKind::CloneSuspected => state::write_record(&path, *kind, &suspicion, 0o600),
         }
         .unwrap();
         write("state_records", name, &fs::read(&path).unwrap());
@@ -265,6 +274,14 @@ fn write_encoded_seeds() {
     stream.extend(encode_frame(&PceFrame::Ping { nonce: 9 }));
     stream.extend(encode_frame(&VenFrame::Pong { nonce: 9 }));
     write("event_frames", "hello-ack-ping-pong", &stream);
+    let clone_hello = VenFrame::CloneHello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: 3,
+        agent_token: "0f".repeat(32),
+        clone_token: "5e".repeat(16),
+        instance: "a1".repeat(16),
+    };
+    write("event_frames", "clone-hello", &encode_frame(&clone_hello));
     write("event_frames", "nack", &encode_frame(&PceFrame::Nack { reason: "bad credentials".to_string() }));
 
     // Flow rows as the flow store keeps them (a chunk is rows back to back) and as uploaded.

@@ -69,6 +69,7 @@ pub struct EventSync {
 impl EventSync {
     pub fn start(
         identity: &Identity,
+        clone_token: super::clone_token::CloneToken,
         inputs: SyncSender<Input>,
         stats: Arc<EventStats>,
     ) -> std::io::Result<Self> {
@@ -77,6 +78,7 @@ impl EventSync {
         let (wake, sleeper) = mpsc::sync_channel(1);
         let session = Session {
             identity: identity.clone(),
+            clone_token,
             host: identity.management_server.rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default(),
             inputs,
             stop: stop.clone(),
@@ -111,6 +113,7 @@ impl super::monitor::Worker for EventSync {
 
 struct Session {
     identity: Identity,
+    clone_token: super::clone_token::CloneToken,
     host: String,
     inputs: SyncSender<Input>,
     stop: Arc<AtomicBool>,
@@ -167,10 +170,21 @@ impl Session {
         let connection = rustls::ClientConnection::new(config, name)
             .map_err(|e| TlsError::Handshake { server: server.clone(), cause: e.to_string() })?;
         let mut stream = rustls::StreamOwned::new(connection, tcp);
-        let hello = VenFrame::Hello {
-            protocol_version: ven_proto::PROTOCOL_VERSION,
-            agent_id: self.identity.agent_id,
-            agent_token: self.identity.agent_token.clone(),
+        // Once the PCE handed out a clone token (only one that knows CloneHello does), the
+        // session says which copy of the agent opens it: a copy's must not replace the original's.
+        let hello = match self.clone_token.current() {
+            Some(clone_token) => VenFrame::CloneHello {
+                protocol_version: ven_proto::PROTOCOL_VERSION,
+                agent_id: self.identity.agent_id,
+                agent_token: self.identity.agent_token.clone(),
+                clone_token,
+                instance: self.clone_token.instance().to_string(),
+            },
+            None => VenFrame::Hello {
+                protocol_version: ven_proto::PROTOCOL_VERSION,
+                agent_id: self.identity.agent_id,
+                agent_token: self.identity.agent_token.clone(),
+            },
         };
         frame::write_frame(&mut stream, &hello).map_err(frame_error)?;
         let mut buf = Vec::new();

@@ -14,6 +14,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use ven_proto::{Policy, PolicyState, SuspendNotice};
 
+use super::clone_token::{self, CloneToken};
 use super::pce_client::PceClient;
 use super::{AgentError, Trust, host, tls};
 use crate::firewall::{Firewall, Safeguards, Snapshot};
@@ -62,7 +63,12 @@ pub fn activate(
             tls::fetch_ca_by_fingerprint(server, expected, super::TLS_PROBE_TIMEOUT)?
         }
     };
-    let client = PceClient::new(server, &ca_cert_der);
+    data.ensure()?;
+    // A token of an earlier pairing must not be presented for this one.
+    state::remove_record(&data.clone_token_path())?;
+    state::remove_record(&data.clone_suspected_path())?;
+    let client = PceClient::new(server, &ca_cert_der)
+        .with_clone_token(CloneToken::new(data, clone_token::one_shot_instance()));
     let request = ven_proto::ActivateRequest {
         activation_code: activation_code.to_string(),
         host: host::report(hostname),
@@ -126,7 +132,14 @@ pub fn deactivate(
         FirewallAfter::Saved => "deactivated, firewall as saved at activation",
     };
     record(history, ChangeReason::Deactivate, 0, None, "", note);
-    for path in [data.policy_path(), data.status_path(), data.suspended_path(), data.saved_firewall_path()] {
+    for path in [
+        data.policy_path(),
+        data.status_path(),
+        data.suspended_path(),
+        data.saved_firewall_path(),
+        data.clone_token_path(),
+        data.clone_suspected_path(),
+    ] {
         state::remove_record(&path)?;
     }
     state::remove_record(&data.identity_path())?;
@@ -214,10 +227,12 @@ pub fn restore_at_boot(
     Ok(BootRestore::Restored { version: policy.version, state: policy.state })
 }
 
-/// The client for an activated VEN.
-pub fn client(identity: &Identity) -> PceClient {
+/// The client for an activated VEN, presenting `data`'s clone token as `instance`
+/// ([`clone_token::agent_instance`] in the agent, [`clone_token::one_shot_instance`] otherwise).
+pub fn client(identity: &Identity, data: &DataDir, instance: &'static str) -> PceClient {
     PceClient::new(&identity.management_server, &identity.ca_cert_der)
         .with_credentials(identity.agent_id, &identity.agent_token)
+        .with_clone_token(CloneToken::new(data, instance))
 }
 
 /// What stays reachable for this identity: the VEN API and the event service, on every address

@@ -70,6 +70,8 @@ pub struct Manager {
     next_quick_check: Instant,
     next_full_check: Instant,
     last_heartbeat: Option<u64>,
+    /// The PCE took this copy of the agent for a clone (kept in `state/clone-suspected`).
+    suspected_clone: Option<state::CloneSuspicion>,
     reported_host: Option<HostReport>,
     /// When the full host report is due again, changed or not (`interface_report_interval`).
     next_host_report: Instant,
@@ -137,6 +139,7 @@ impl Manager {
             heartbeat_interval: Duration::from_secs(300),
             next_heartbeat: now,
             last_heartbeat: None,
+            suspected_clone: None,
             reported_host: None,
             next_host_report: now,
             services: Some(super::services::Scanner::new("/proc", "/etc/passwd")),
@@ -258,7 +261,7 @@ impl Manager {
     /// When the next heartbeat goes: its own schedule, or earlier when the full host report is
     /// due; a lost agent keeps its 4-hour retry.
     fn next_exchange(&self) -> Instant {
-        if self.heartbeats.connectivity() == Connectivity::LostAgent {
+        if self.heartbeats.connectivity().is_refused() {
             self.next_heartbeat
         } else {
             self.next_heartbeat.min(self.next_host_report)
@@ -324,16 +327,22 @@ impl Manager {
             }
         };
         self.stop_events();
-        let client = lifecycle::client(&identity);
+        let client = lifecycle::client(&identity, &self.data, super::clone_token::agent_instance());
         let safeguards = lifecycle::safeguards(&identity);
         // Without it, policy still arrives with the heartbeats.
         let (events_identity, events_inputs) = (identity.clone(), self.inputs.clone());
+        let events_clone_token =
+            super::clone_token::CloneToken::new(&self.data, super::clone_token::agent_instance());
         let event_stats = Arc::clone(&self.all.event_stats);
         self.monitor.start(
             "evsync",
             Box::new(move || {
-                let events =
-                    EventSync::start(&events_identity, events_inputs.clone(), Arc::clone(&event_stats))?;
+                let events = EventSync::start(
+                    &events_identity,
+                    events_clone_token.clone(),
+                    events_inputs.clone(),
+                    Arc::clone(&event_stats),
+                )?;
                 Ok(Box::new(events) as Box<dyn Worker>)
             }),
         );
@@ -341,6 +350,7 @@ impl Manager {
         self.heartbeat_interval =
             Duration::from_secs(u64::from(identity.heartbeat_interval_s)).max(MIN_HEARTBEAT);
         self.pairing = Some(Pairing { identity, client, safeguards });
+        self.suspected_clone = super::status::read_clone_suspicion(&self.data);
         self.heartbeats = HeartbeatTracker::new();
         self.next_heartbeat = Instant::now();
     }
@@ -356,7 +366,7 @@ impl Manager {
         if scanner.scan() {
             self.services_unsent = true;
         }
-        if !self.services_unsent || self.heartbeats.connectivity() == Connectivity::LostAgent {
+        if !self.services_unsent || self.heartbeats.connectivity().is_refused() {
             return;
         }
         let report = ven_proto::ServicesReport {
@@ -377,7 +387,7 @@ impl Manager {
     /// (the PCE recomputes the peers' policies), unless nothing the PCE sees changed.
     fn on_host_changed(&mut self) {
         let Some(pairing) = &self.pairing else { return };
-        if self.suspended || self.heartbeats.connectivity() == Connectivity::LostAgent {
+        if self.suspended || self.heartbeats.connectivity().is_refused() {
             return;
         }
         let host = host::report(&pairing.identity.hostname);
@@ -457,6 +467,12 @@ impl Manager {
                 }
                 self.pending_events.drain(..sent_events);
                 self.heartbeats.success();
+                if self.suspected_clone.take().is_some() {
+                    log::info!("the PCE accepts this copy of the agent again");
+                    if let Err(e) = state::remove_record(&self.data.clone_suspected_path()) {
+                        log::error!("{e}");
+                    }
+                }
                 self.last_heartbeat = Some(crate::clock::now());
                 self.all.pce_policy_version = Some(response.policy_version);
                 self.reported_host = Some(host);
@@ -473,6 +489,18 @@ impl Manager {
                 {
                     self.sync_policy(response.policy_version);
                 }
+            }
+            Err(e) if e.is_suspected_clone() => {
+                log::error!(
+                    "{e}: this copy of the agent is taken for a clone; keeping policy version {} and \
+                     retrying every 4 hours ({})",
+                    self.applied_version(),
+                    super::status::SUSPECTED_CLONE_ADVICE
+                );
+                self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
+                self.heartbeats.suspected_clone();
+                self.next_heartbeat = Instant::now() + LOST_AGENT_RETRY;
+                self.record_clone_suspicion(&e);
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
@@ -494,6 +522,27 @@ impl Manager {
                 self.next_heartbeat = Instant::now() + jitter(retry);
             }
         }
+    }
+
+    /// Keeps the PCE's verdict in the data directory, so `ven status` says it with no agent too.
+    fn record_clone_suspicion(&mut self, error: &ClientError) {
+        if self.suspected_clone.is_some() {
+            return;
+        }
+        let message = match error {
+            ClientError::Refused { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let suspicion = state::CloneSuspicion { since: crate::clock::now(), message };
+        if let Err(e) = state::write_record(
+            &self.data.clone_suspected_path(),
+            RecordKind::CloneSuspected,
+            &suspicion,
+            0o600,
+        ) {
+            log::error!("{e}");
+        }
+        self.suspected_clone = Some(suspicion);
     }
 
     fn on_event(&mut self, event: Event) {
@@ -686,7 +735,7 @@ impl Manager {
             log::warn!("event queue full: {} events dropped so far", self.dropped_events);
         }
         self.pending_events.push_back(event);
-        if self.pairing.is_some() && self.heartbeats.connectivity() != Connectivity::LostAgent {
+        if self.pairing.is_some() && !self.heartbeats.connectivity().is_refused() {
             self.next_heartbeat = self.next_heartbeat.min(Instant::now());
         }
     }
@@ -820,6 +869,7 @@ impl Manager {
         report.tamper_count = self.tamper_count;
         report.last_tamper = self.last_tamper.clone();
         report.pending_events = self.pending_events.len();
+        report.suspected_clone = self.suspected_clone.clone();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
         report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
         report.workers = self.monitor.components();

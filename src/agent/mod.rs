@@ -15,6 +15,7 @@
 //! ([`monitor`]):
 //! one that ends is counted, reported and started again with backoff.
 
+pub mod clone_token;
 pub mod control;
 pub mod evsync;
 pub mod host;
@@ -43,6 +44,7 @@ use crate::state::{self, DataDir, Identity, RecordKind, StateError};
 use control::{ControlError, ControlRequest, ControlServer};
 pub use lifecycle::{BootRestore, FirewallAfter};
 use pce_client::ClientError;
+
 use status::StatusReport;
 use tls::TlsError;
 
@@ -145,7 +147,7 @@ pub fn deactivate_offline(
     lifecycle::deactivate(
         data,
         &offline.firewall,
-        &lifecycle::client(&offline.identity),
+        &lifecycle::client(&offline.identity, data, clone_token::one_shot_instance()),
         after,
         &offline.history,
     )
@@ -158,7 +160,7 @@ pub fn suspend_offline(data: &DataDir, config: &Config) -> Result<Option<String>
     lifecycle::suspend(
         data,
         &offline.firewall,
-        &lifecycle::client(&offline.identity),
+        &lifecycle::client(&offline.identity, data, clone_token::one_shot_instance()),
         applied.as_ref(),
         &offline.history,
     )
@@ -171,7 +173,7 @@ pub fn unsuspend_offline(data: &DataDir, config: &Config) -> Result<Option<Strin
     let (_, notice) = lifecycle::unsuspend(
         data,
         &offline.firewall,
-        &lifecycle::client(&offline.identity),
+        &lifecycle::client(&offline.identity, data, clone_token::one_shot_instance()),
         &safeguards,
         &offline.history,
     )?;

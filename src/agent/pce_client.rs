@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use serde::{Serialize, de::DeserializeOwned};
+
+use super::clone_token::CloneToken;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ven_proto::{
     ActivateRequest, ActivateResponse, ErrorBody, ErrorKind, Goodbye, HeartbeatRequest, HeartbeatResponse,
@@ -38,6 +40,11 @@ impl ClientError {
         matches!(self, Self::Refused { kind: ErrorKind::Unauthorized, .. })
     }
 
+    /// Another live copy of this agent holds the workload (issue 16).
+    pub fn is_suspected_clone(&self) -> bool {
+        matches!(self, Self::Refused { kind: ErrorKind::SuspectedClone, .. })
+    }
+
     /// The PCE has no such endpoint (an older PCE).
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Refused { status: 404, .. } | Self::Status { status: 404, .. })
@@ -48,6 +55,7 @@ pub struct PceClient {
     agent: ureq::Agent,
     server: String,
     authorization: Option<String>,
+    clone_token: Option<CloneToken>,
 }
 
 impl PceClient {
@@ -69,12 +77,19 @@ impl PceClient {
             .output_buffer_size(BUFFER_BYTES)
             .user_agent(concat!("ven/", env!("CARGO_PKG_VERSION")))
             .build();
-        Self { agent: config.into(), server: server.to_string(), authorization: None }
+        Self { agent: config.into(), server: server.to_string(), authorization: None, clone_token: None }
     }
 
     /// Sends the agent's credentials on every request from now on.
     pub fn with_credentials(mut self, agent_id: u64, agent_token: &str) -> Self {
         self.authorization = Some(ven_proto::bearer(agent_id, agent_token));
+        self
+    }
+
+    /// Presents the data directory's clone token and the instance id on every request from now
+    /// on, and keeps the next token an answer carries (issue 16).
+    pub fn with_clone_token(mut self, clone_token: CloneToken) -> Self {
+        self.clone_token = Some(clone_token);
         self
     }
 
@@ -101,6 +116,12 @@ impl PceClient {
         }
         if have != 0 {
             request = request.header("if-none-match", have.to_string());
+        }
+        if let Some(clone_token) = &self.clone_token {
+            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
+            if let Some(token) = clone_token.current() {
+                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
+            }
         }
         let response = request.call().map_err(|e| self.unreachable(e))?;
         self.decode(path::POLICY, response)
@@ -164,6 +185,12 @@ impl PceClient {
         if let Some(auth) = &self.authorization {
             request = request.header("authorization", auth);
         }
+        if let Some(clone_token) = &self.clone_token {
+            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
+            if let Some(token) = clone_token.current() {
+                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
+            }
+        }
         if let Some(deadline) = deadline {
             request = request.config().timeout_global(Some(deadline)).timeout_connect(Some(deadline)).build();
         }
@@ -178,6 +205,7 @@ impl PceClient {
         mut response: ureq::http::Response<ureq::Body>,
     ) -> Result<Option<Resp>, ClientError> {
         let status = response.status().as_u16();
+        self.keep_next_token(&response);
         let body = response
             .body_mut()
             .with_config()
@@ -199,6 +227,21 @@ impl PceClient {
                 }),
                 Err(_) => Err(ClientError::Status { server: self.server.clone(), endpoint, status }),
             },
+        }
+    }
+
+    /// Persists the next clone token an answer carries before any request presents it. If it
+    /// cannot be kept, the previous one is presented again (the PCE accepts it until the new one
+    /// is used, and the instance id still names this agent).
+    fn keep_next_token(&self, response: &ureq::http::Response<ureq::Body>) {
+        let Some(clone_token) = &self.clone_token else { return };
+        let Some(next) = response.headers().get(ven_proto::NEXT_CLONE_TOKEN_HEADER) else { return };
+        let stored = match next.to_str() {
+            Ok(next) => clone_token.store(next),
+            Err(_) => Err(super::clone_token::CloneTokenError::Malformed),
+        };
+        if let Err(e) = stored {
+            log::error!("{e}; presenting the previous clone token again");
         }
     }
 

@@ -20,6 +20,10 @@ pub enum Connectivity {
     LostAgent,
     /// `ven suspend`: the firewall holds nothing of ours and the agent waits for `unsuspend`.
     Suspended,
+    /// The PCE takes this copy of the agent for a clone of another live one (a copied data
+    /// directory, issue 16): it keeps its last-known-good policy, takes nothing new and is
+    /// tried only every four hours, until it is re-paired.
+    SuspectedClone,
 }
 
 impl Connectivity {
@@ -31,7 +35,13 @@ impl Connectivity {
             Self::Diminished => "diminished",
             Self::LostAgent => "lost agent",
             Self::Suspended => "suspended",
+            Self::SuspectedClone => "suspected clone",
         }
+    }
+
+    /// The PCE refuses this agent's calls (lost agent or suspected clone): only the slow retry.
+    pub fn is_refused(self) -> bool {
+        matches!(self, Self::LostAgent | Self::SuspectedClone)
     }
 }
 
@@ -83,6 +93,11 @@ impl HeartbeatTracker {
         self.successes_in_a_row = 0;
         self.connectivity = Connectivity::LostAgent;
     }
+
+    pub fn suspected_clone(&mut self) {
+        self.successes_in_a_row = 0;
+        self.connectivity = Connectivity::SuspectedClone;
+    }
 }
 
 impl Default for HeartbeatTracker {
@@ -123,6 +138,21 @@ pub struct StatusReport {
     pub workers: Vec<super::monitor::ComponentStatus>,
     /// What only `ven status --all` shows (a running agent only).
     pub detail: Option<AgentDetail>,
+    /// The PCE takes this copy for a clone (issue 16): since when and its words.
+    pub suspected_clone: Option<state::CloneSuspicion>,
+}
+
+/// What to do about a suspected clone, for `ven status`.
+pub const SUSPECTED_CLONE_ADVICE: &str = "another live copy of this agent's data directory holds this \
+     workload at the PCE; this copy keeps its last-known-good policy and takes nothing new. Re-pair \
+     it: `ven deactivate`, then `ven activate` with a pairing code (or set `clone_reactivate = true`)";
+
+/// The clone-suspicion record, if any (a damaged one is logged and reads as none).
+pub fn read_clone_suspicion(data: &DataDir) -> Option<state::CloneSuspicion> {
+    state::read_record(&data.clone_suspected_path(), RecordKind::CloneSuspected).unwrap_or_else(|e| {
+        log::warn!("{e}");
+        None
+    })
 }
 
 impl StatusReport {
@@ -138,6 +168,7 @@ impl StatusReport {
             })
             .unwrap_or_default();
         let suspended = data.suspended_path().exists();
+        let suspected_clone = read_clone_suspicion(data);
         let mut report = Self::unpaired();
         report.connectivity = match (&identity, suspended) {
             (None, _) => Connectivity::Unpaired,
@@ -156,6 +187,10 @@ impl StatusReport {
         if suspended {
             report.policy_state = None;
         }
+        if suspected_clone.is_some() && report.connectivity == Connectivity::Offline {
+            report.connectivity = Connectivity::SuspectedClone;
+        }
+        report.suspected_clone = suspected_clone;
         Ok(report)
     }
 
@@ -180,6 +215,7 @@ impl StatusReport {
             disabled: false,
             workers: Vec::new(),
             detail: None,
+            suspected_clone: None,
         }
     }
 
@@ -198,6 +234,17 @@ impl StatusReport {
             ("management_server", json_option(self.management_server.as_deref().map(json_string))),
             ("agent_running", self.agent_running.to_string()),
             ("connectivity", json_string(self.connectivity.as_str())),
+            (
+                "suspected_clone",
+                json_option(self.suspected_clone.as_ref().map(|c| {
+                    format!(
+                        "{{\"since\":{},\"message\":{},\"advice\":{}}}",
+                        json_string(&crate::clock::rfc3339(c.since)),
+                        json_string(&c.message),
+                        json_string(SUSPECTED_CLONE_ADVICE)
+                    )
+                })),
+            ),
             ("policy_state", json_option(self.policy_state.map(|s| json_string(s.as_str())))),
             ("policy_version", json_option(self.policy_version.map(|v| v.to_string()))),
             (
@@ -335,6 +382,14 @@ impl StatusReport {
             None => "none found".to_string(),
         };
         lines.push(format!("  tampering:       {tampering}"));
+        if let Some(suspicion) = &self.suspected_clone {
+            lines.push(format!(
+                "  suspected clone: since {}: {}",
+                crate::clock::rfc3339(suspicion.since),
+                suspicion.message
+            ));
+            lines.push(format!("                   {SUSPECTED_CLONE_ADVICE}"));
+        }
         if let Some(flows) = &self.flows {
             let reading = if flows.reading { "reading NFLOG" } else { "NFLOG not bound" };
             lines.push(format!(
@@ -560,7 +615,10 @@ impl StatusReport {
         let detail = self.detail.clone().unwrap_or_default();
         let manager_state = match self.connectivity {
             Connectivity::Online | Connectivity::Unpaired | Connectivity::Suspended => Running,
-            Connectivity::Offline | Connectivity::Diminished | Connectivity::LostAgent => Degraded,
+            Connectivity::Offline
+            | Connectivity::Diminished
+            | Connectivity::LostAgent
+            | Connectivity::SuspectedClone => Degraded,
         };
         let manager = component(
             0,

@@ -133,7 +133,11 @@ fn run(data: &DataDir, store: &FlowStore, interval: Duration, stop: &OwnedFd, st
                 continue;
             }
         };
-        match upload_round(store, &super::lifecycle::client(&identity), stats) {
+        match upload_round(
+            store,
+            &super::lifecycle::client(&identity, data, super::clone_token::agent_instance()),
+            stats,
+        ) {
             Ok(0) => stats.last_success.store(crate::clock::now(), Ordering::Relaxed),
             Ok(records) => {
                 log::info!("uploaded {records} flow records to {}", identity.management_server);

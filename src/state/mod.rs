@@ -51,6 +51,10 @@ pub enum RecordKind {
     /// The host's firewall as it was at activation ([`crate::firewall::Snapshot`]).
     SavedFirewall = 4,
     Suspended = 5,
+    /// The clone token the PCE handed out last (issue 16, `agent::clone_token`).
+    CloneToken = 6,
+    /// The PCE said this copy of the agent is a suspected clone ([`CloneSuspicion`]).
+    CloneSuspected = 7,
 }
 
 /// Paths inside one agent's data directory.
@@ -108,6 +112,16 @@ impl DataDir {
     }
 
     /// Application logs and flow stores ([`crate::logdir`]).
+    /// The clone token the PCE handed out last (see `agent::clone_token`).
+    pub fn clone_token_path(&self) -> PathBuf {
+        self.state_dir().join("clone-token")
+    }
+
+    /// Present while the PCE takes this copy of the agent for a clone ([`CloneSuspicion`]).
+    pub fn clone_suspected_path(&self) -> PathBuf {
+        self.state_dir().join("clone-suspected")
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("log")
     }
@@ -306,6 +320,16 @@ pub struct SavedStatus {
     pub tamper_count: u64,
     /// When the last tampering was found, and what differed.
     pub last_tamper: Option<(u64, String)>,
+}
+
+/// The PCE refused this copy of the agent as a suspected clone (issue 16): another live copy of
+/// the data directory holds the workload. The agent keeps its last-known-good policy and takes
+/// nothing new until it is re-paired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneSuspicion {
+    pub since: u64,
+    /// The PCE's words.
+    pub message: String,
 }
 
 /// The record of a suspended VEN (the spec's `suspend`): the firewall holds nothing of ours and

@@ -39,6 +39,9 @@ pub enum AppError {
     Random(#[from] crypto::RandomError),
 }
 
+/// Heartbeat intervals of the clone-token holder's silence after which another copy takes over.
+pub const CLONE_GRACE_HEARTBEATS: u64 = 2;
+
 /// What the request handlers and sessions share. No code holds `store` and `flows` at once.
 pub struct App {
     store: Mutex<Store>,
@@ -75,6 +78,13 @@ impl App {
             started_at: clock::now(),
             jobs: Mutex::default(),
         }
+    }
+
+    /// Seconds the holder of a workload's newest clone token may be silent before another copy
+    /// of its agent takes over (a crash restart, a restored backup): [`CLONE_GRACE_HEARTBEATS`]
+    /// intervals, so a live agent (one heartbeat an interval, ±10 %) always comes back first.
+    pub fn clone_grace_s(&self) -> u64 {
+        CLONE_GRACE_HEARTBEATS * u64::from(self.heartbeat_interval_s)
     }
 
     /// Seconds since `pce serve` started.

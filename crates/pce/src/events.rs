@@ -46,6 +46,11 @@ pub enum EventError {
     UnexpectedHello,
     #[error("the VEN was too slow")]
     Timeout,
+    #[error(
+        "the Hello's clone token or instance id is longer than {} bytes",
+        ven_proto::MAX_CLONE_FIELD_BYTES
+    )]
+    CloneFieldTooLong,
 }
 
 struct Registration<'a> {
@@ -85,7 +90,15 @@ impl FrameReader {
             None => Ok(None),
             Some(_) if !self.buf.is_empty() => Err(EventError::TrailingBytes(self.buf.len())),
             Some(VenFrame::Hello { protocol_version, agent_id, agent_token }) => {
-                Ok(Some(Hello { protocol_version, agent_id, agent_token }))
+                Ok(Some(Hello { protocol_version, agent_id, agent_token, clone: None }))
+            }
+            Some(VenFrame::CloneHello { protocol_version, agent_id, agent_token, clone_token, instance }) => {
+                let too_long = clone_token.len().max(instance.len()) > ven_proto::MAX_CLONE_FIELD_BYTES;
+                if too_long {
+                    return Err(EventError::CloneFieldTooLong);
+                }
+                let clone = Some(CloneFields { clone_token, instance });
+                Ok(Some(Hello { protocol_version, agent_id, agent_token, clone }))
             }
             Some(VenFrame::Pong { .. }) => Err(EventError::NotHello),
         }
@@ -130,6 +143,15 @@ pub struct Hello {
     pub protocol_version: u16,
     pub agent_id: u64,
     pub agent_token: String,
+    /// From a `CloneHello`: which copy of the agent opens the session.
+    pub clone: Option<CloneFields>,
+}
+
+/// The clone token and instance id of a `CloneHello` (see `store::clone_guard`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneFields {
+    pub clone_token: String,
+    pub instance: String,
 }
 
 /// Reads `data` as the start of a session, in two reads split at `split` (for the fuzz target):
@@ -151,18 +173,34 @@ enum Wake {
     Ping,
 }
 
-/// The agent's current policy version if `agent_token` is its token, else `Err(())`. Runs on
-/// the blocking pool: the store's lock may be held for a while (a provision recomputes every
-/// policy), and an executor thread waiting for it would stall every connection it serves.
-async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Result<Option<u64>, ()> {
+/// The agent's current policy version if `agent_token` is its token and the session comes from
+/// the original copy of the agent (`store::clone_guard`: a copy's session must not replace the
+/// original's), else why not. Runs on the blocking pool: the store's lock may be held for a while
+/// (a provision recomputes every policy), and an executor thread waiting for it would stall every
+/// connection it serves.
+async fn authenticate(
+    app: &Arc<App>,
+    agent_id: u64,
+    agent_token: String,
+    clone: Option<CloneFields>,
+) -> Result<Option<u64>, String> {
     let app = app.clone();
     crate::http::blocking(move || {
-        let store = app.store();
-        if store.authenticate(agent_id, &agent_token) {
-            Ok(store.policy(agent_id).map(|policy| policy.version))
-        } else {
-            Err(())
+        let mut store = app.store();
+        if !store.authenticate(agent_id, &agent_token) {
+            return Err("unknown agent or wrong token".to_string());
         }
+        let (token, instance) = match &clone {
+            Some(fields) => (Some(fields.clone_token.as_str()), Some(fields.instance.as_str())),
+            None => (None, None),
+        };
+        let standing = store
+            .present_clone_token(agent_id, token, instance, crate::clock::now(), app.clone_grace_s(), false)
+            .map_err(|e| format!("the PCE could not check the session: {e}"))?;
+        if !standing.is_original() {
+            return Err(format!("{}: no event session for this copy of the agent", standing.refusal()));
+        }
+        Ok(store.policy(agent_id).map(|policy| policy.version))
     })
     .await
 }
@@ -191,10 +229,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 "protocol version {protocol_version} is not supported (this PCE speaks {PROTOCOL_VERSION})"
             )),
         ),
-        Ok(Hello { agent_id, agent_token, .. }) => match authenticate(app, agent_id, agent_token).await {
-            Ok(current) => (agent_id, current, None),
-            Err(()) => (agent_id, None, Some("unknown agent or wrong token".to_string())),
-        },
+        Ok(Hello { agent_id, agent_token, clone, .. }) => {
+            match authenticate(app, agent_id, agent_token, clone).await {
+                Ok(current) => (agent_id, current, None),
+                Err(why) => (agent_id, None, Some(why)),
+            }
+        }
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
@@ -232,7 +272,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             // Replaced by a newer session, or the agent was deactivated.
             Wake::Event(None) => return Ok(()),
             Wake::Frame(Ok(VenFrame::Pong { .. })) => last_pong = Instant::now(),
-            Wake::Frame(Ok(VenFrame::Hello { .. })) => return Err(EventError::UnexpectedHello),
+            Wake::Frame(Ok(VenFrame::Hello { .. } | VenFrame::CloneHello { .. })) => {
+                return Err(EventError::UnexpectedHello);
+            }
             Wake::Frame(Err(e)) => return Err(e),
             Wake::Ping => {
                 let silence = last_pong.elapsed();
@@ -292,7 +334,7 @@ mod tests {
     fn a_hello_must_come_alone() {
         let hello = VenFrame::Hello { protocol_version: 1, agent_id: 7, agent_token: "t".into() };
         let wire = frame::encode_frame(&hello);
-        let expected = Hello { protocol_version: 1, agent_id: 7, agent_token: "t".into() };
+        let expected = Hello { protocol_version: 1, agent_id: 7, agent_token: "t".into(), clone: None };
         for split in 0..=wire.len() {
             assert_eq!(fuzz_hello(&wire, split).unwrap(), Some(expected.clone()), "split at {split}");
         }

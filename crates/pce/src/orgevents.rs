@@ -32,10 +32,13 @@ pub enum EventType {
     AgentMissedHeartbeats,
     /// A worker thread of the VEN ended and was started again (details: component, cause).
     AgentComponentRestarted,
+    /// A second live copy of a workload's agent presented its credentials (a copied data
+    /// directory): everything it sends that would change the workload is ignored.
+    CloneDetected,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         Self::Tampering,
         Self::ServerSuspended,
         Self::ServerUnsuspended,
@@ -45,6 +48,7 @@ impl EventType {
         Self::AgentDeactivated,
         Self::AgentMissedHeartbeats,
         Self::AgentComponentRestarted,
+        Self::CloneDetected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +62,7 @@ impl EventType {
             Self::AgentDeactivated => "agent_deactivated",
             Self::AgentMissedHeartbeats => "agent_missed_heartbeats",
             Self::AgentComponentRestarted => "agent_component_restarted",
+            Self::CloneDetected => "clone_detected",
         }
     }
 
@@ -68,7 +73,8 @@ impl EventType {
             | Self::ServerUnsuspended
             | Self::WorkloadOffline
             | Self::AgentMissedHeartbeats
-            | Self::AgentComponentRestarted => Severity::Warning,
+            | Self::AgentComponentRestarted
+            | Self::CloneDetected => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
         }
     }

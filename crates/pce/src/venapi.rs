@@ -6,12 +6,19 @@
 //! wrong there is 401 `Unauthorized`, so a VEN knows it is a lost agent. Errors carry an
 //! [`ErrorBody`]. Sizes in host reports and agent events are bounded before anything reaches the
 //! store; flow batches are checked whole by [`crate::flows::check_batch`] before any record is stored.
+//!
+//! Clones (issue 16, `store::clone_guard`): every authenticated call's clone token and instance
+//! id headers decide whether it comes from the original copy of the agent. Only the original's
+//! calls change the workload; another copy's heartbeat is answered without being recorded, its
+//! goodbye ignored, its reports and uploads refused for now (503) and, once it is a suspected
+//! clone, everything it asks refused with `SuspectedClone` (409).
 
 use crate::app::App;
 use crate::clock;
 use crate::flows::FlowError;
 use crate::http::{Admission, Head, Request, Response};
 use crate::store::StoreError;
+use crate::store::clone_guard::Standing;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Instant;
@@ -20,6 +27,7 @@ use ven_proto::{
     HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, MAX_SERVICES_PER_REPORT,
     PROTOCOL_HEADER, PROTOCOL_VERSION, ServicesReport, SuspendNotice, path,
 };
+use ven_proto::{CLONE_TOKEN_HEADER, INSTANCE_HEADER, MAX_CLONE_FIELD_BYTES, NEXT_CLONE_TOKEN_HEADER};
 
 const MAX_INTERFACES: usize = 256;
 const MAX_ADDRESSES_PER_INTERFACE: usize = 64;
@@ -94,15 +102,25 @@ fn activate(app: &App, request: &Request) -> Answer {
     let activation: ActivateRequest = decode(request)?;
     check_host(&activation.host, true)?;
     let hostname = activation.host.hostname.clone();
+    let (_, instance) = clone_headers(request)?;
     let waited = Instant::now();
     let mut store = app.store();
     let held = Instant::now();
-    let activated = store.activate(&activation.activation_code, activation.host, clock::now());
+    let now = clock::now();
+    let activated = store.activate(&activation.activation_code, activation.host, now);
+    // The activating agent holds the first clone token.
+    let first_token = match (&activated, instance) {
+        (Ok(activated), Some(_)) => {
+            store.present_clone_token(activated.agent_id, None, instance, now, app.clone_grace_s(), true)
+        }
+        _ => Ok(Standing::Unguarded),
+    };
     drop(store);
     let activated = activated.map_err(|e| match e {
         StoreError::Activation(why) => error(401, ErrorKind::BadActivationCode, why),
         other => store_error(other),
     })?;
+    let first_token = first_token.map_err(store_error)?;
     // The store's time tells how pairing scales with the fleet (it recomputes and writes).
     log::info!(
         "activated workload {} ({hostname}): {} ms in the store after {} ms waiting for it",
@@ -111,7 +129,7 @@ fn activate(app: &App, request: &Request) -> Answer {
         held.duration_since(waited).as_millis()
     );
     app.publish(&activated.changes);
-    Ok(message_response(
+    let response = message_response(
         200,
         &ActivateResponse {
             agent_id: activated.agent_id,
@@ -119,12 +137,27 @@ fn activate(app: &App, request: &Request) -> Answer {
             heartbeat_interval_s: app.heartbeat_interval_s,
             event_port: app.event_port,
         },
-    ))
+    );
+    Ok(with_next_token(response, first_token))
 }
 
 fn heartbeat(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
     let mut report: HeartbeatRequest = decode(request)?;
+    let standing = clone_standing(app, request, agent_id, true)?;
+    if !standing.is_original() {
+        // Answered (a restarted original waiting for the grace period keeps its footing), not
+        // recorded: another copy's host report must not replace the original's.
+        log::info!(
+            "workload {agent_id}: heartbeat of another copy of its agent ignored: {}",
+            standing.refusal()
+        );
+        let policy_version = app.store().policy_version(agent_id).unwrap_or(0);
+        return Ok(message_response(
+            200,
+            &HeartbeatResponse { policy_version, heartbeat_interval_s: app.heartbeat_interval_s },
+        ));
+    }
     if let Some(host) = &report.host {
         // A name the PCE took before this check existed stays accepted while it is unchanged.
         let unchanged =
@@ -156,14 +189,17 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
         (changes, store.policy_version(agent_id).unwrap_or(0))
     };
     app.publish(&changes);
-    Ok(message_response(
+    let response = message_response(
         200,
         &HeartbeatResponse { policy_version, heartbeat_interval_s: app.heartbeat_interval_s },
-    ))
+    );
+    Ok(with_next_token(response, standing))
 }
 
 fn policy(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
+    // A suspected clone keeps its last-known-good policy and gets nothing new.
+    clone_standing(app, request, agent_id, false)?;
     // The encoding made once per version: the lock is held for a lookup only.
     let current = app.store().policy_bytes(agent_id);
     let Some((version, bytes)) = current else {
@@ -181,6 +217,11 @@ fn goodbye(app: &App, request: &Request) -> Answer {
     // The reason is informative only; an agent that sends none is still let go.
     let mut reason = decode::<Goodbye>(request).map(|goodbye| goodbye.reason).unwrap_or_default();
     truncate(&mut reason, MAX_EVENT_TEXT_BYTES);
+    let standing = clone_standing(app, request, agent_id, false)?;
+    if !standing.is_original() {
+        log::info!("workload {agent_id}: goodbye ({reason}) of another copy of its agent ignored");
+        return Ok(Response::empty(204));
+    }
     let changes = app.store().goodbye(agent_id, &reason, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} said goodbye ({reason}): offline");
     app.publish(&changes);
@@ -189,6 +230,7 @@ fn goodbye(app: &App, request: &Request) -> Answer {
 
 fn services(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
+    original_only(app, request, agent_id)?;
     let report = decode::<ServicesReport>(request)?;
     if report.services.len() > MAX_SERVICES_PER_REPORT {
         let message = format!(
@@ -210,6 +252,7 @@ fn services(app: &App, request: &Request) -> Answer {
 
 fn deactivate(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
+    original_only(app, request, agent_id)?;
     let changes = app.store().deactivate(agent_id, clock::now()).map_err(store_error)?;
     log::info!("workload {agent_id} deactivated");
     // Its flows stay; the cursor of an agent that can upload no more goes.
@@ -223,6 +266,7 @@ fn deactivate(app: &App, request: &Request) -> Answer {
 
 fn suspend(app: &App, request: &Request) -> Answer {
     let agent_id = authenticate(app, request)?;
+    original_only(app, request, agent_id)?;
     let notice: SuspendNotice = decode(request)?;
     let changes = app
         .store()
@@ -237,6 +281,7 @@ fn suspend(app: &App, request: &Request) -> Answer {
 /// Stores the records above the workload's cursor and acknowledges the cursor (see `flows`).
 fn upload_flows(app: &App, request: &Request, version: u16) -> Answer {
     let agent_id = authenticate(app, request)?;
+    original_only(app, request, agent_id)?;
     let batch: FlowBatch = if version < PROTOCOL_VERSION {
         FlowBatch::from(decode::<ven_proto::FlowBatchV3>(request)?)
     } else {
@@ -265,6 +310,48 @@ fn upload_flows(app: &App, request: &Request, version: u16) -> Answer {
         ingested.through
     );
     Ok(message_response(200, &FlowAck { through: ingested.through }))
+}
+
+/// The clone token and instance id a request carries (each bounded; 400 past the bound).
+fn clone_headers(request: &Request) -> Result<(Option<&str>, Option<&str>), Response> {
+    let token = request.header(CLONE_TOKEN_HEADER);
+    let instance = request.header(INSTANCE_HEADER);
+    if token.into_iter().chain(instance).any(|value| value.len() > MAX_CLONE_FIELD_BYTES) {
+        let message = format!(
+            "{CLONE_TOKEN_HEADER} and {INSTANCE_HEADER} are limited to {MAX_CLONE_FIELD_BYTES} bytes"
+        );
+        return Err(error(400, ErrorKind::BadRequest, message));
+    }
+    Ok((token, instance))
+}
+
+/// Which copy of the agent made the call (`store::clone_guard`); a suspected clone is refused
+/// here (409 `SuspectedClone`). `rotate`: the call hands the original its next token.
+fn clone_standing(app: &App, request: &Request, agent_id: u64, rotate: bool) -> Result<Standing, Response> {
+    let (token, instance) = clone_headers(request)?;
+    let standing = app
+        .store()
+        .present_clone_token(agent_id, token, instance, clock::now(), app.clone_grace_s(), rotate)
+        .map_err(store_error)?;
+    match standing {
+        Standing::Clone => Err(error(409, ErrorKind::SuspectedClone, standing.refusal())),
+        other => Ok(other),
+    }
+}
+
+/// Lets only the original copy's calls through: another copy is told to try later (503: a
+/// restarted original waits out the grace period and sends again) or refused as a clone.
+fn original_only(app: &App, request: &Request, agent_id: u64) -> Result<(), Response> {
+    let standing = clone_standing(app, request, agent_id, false)?;
+    if standing.is_original() { Ok(()) } else { Err(error(503, ErrorKind::Internal, standing.refusal())) }
+}
+
+/// Adds the next clone token to the original's answer.
+fn with_next_token(response: Response, standing: Standing) -> Response {
+    match standing {
+        Standing::Holder { next_token: Some(token) } => response.header(NEXT_CLONE_TOKEN_HEADER, token),
+        _ => response,
+    }
 }
 
 fn authenticate(app: &App, request: &Request) -> Result<u64, Response> {

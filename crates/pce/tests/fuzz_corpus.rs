@@ -105,6 +105,18 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         agent_token: String::new(),
     });
     add("pce_event_hello", "hello_version_0", with_split(0, &[&old_version]));
+    // Issue 16: the Hello with the clone token and instance id, and one whose instance is too long.
+    let clone_hello = |instance: String| {
+        frame::encode_frame(&VenFrame::CloneHello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: 7,
+            agent_token: "0123456789abcdef0123456789abcdef".into(),
+            clone_token: "5e".repeat(16),
+            instance,
+        })
+    };
+    add("pce_event_hello", "clone_hello", with_split(9, &[&clone_hello("a1".repeat(16))]));
+    add("pce_event_hello", "clone_hello_long_instance", with_split(255, &[&clone_hello("a".repeat(65))]));
 
     // Admin API inputs: first line, then the body.
     let admin: [(&str, &str); 10] = [

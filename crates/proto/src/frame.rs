@@ -16,8 +16,24 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VenFrame {
-    Hello { protocol_version: u16, agent_id: u64, agent_token: String },
-    Pong { nonce: u64 },
+    Hello {
+        protocol_version: u16,
+        agent_id: u64,
+        agent_token: String,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// A Hello with the clone token and instance id (issue 16), sent once the VEN holds a clone
+    /// token (only a PCE that knows this frame hands those out). Appended: older frames keep
+    /// their encoding.
+    CloneHello {
+        protocol_version: u16,
+        agent_id: u64,
+        agent_token: String,
+        clone_token: String,
+        instance: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,6 +38,16 @@ pub const PROTOCOL_HEADER: &str = "x-ven-protocol";
 pub const CONTENT_TYPE: &str = "application/x-ven-postcard";
 /// Largest VEN API body either side accepts (a policy for a large host fits comfortably).
 pub const MAX_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Request header: the clone token the VEN holds (issue 16; absent before the PCE handed one).
+/// Headers, not bodies, so the protocol version stays.
+pub const CLONE_TOKEN_HEADER: &str = "x-ven-clone-token";
+/// Request header: the agent process's instance id, random at every start and never stored.
+pub const INSTANCE_HEADER: &str = "x-ven-instance";
+/// Response header: the next clone token; the VEN persists it before presenting it.
+pub const NEXT_CLONE_TOKEN_HEADER: &str = "x-ven-clone-token-next";
+/// Longest clone token or instance id either side accepts.
+pub const MAX_CLONE_FIELD_BYTES: usize = 64;
+
 /// Default port of the VEN API.
 pub const DEFAULT_API_PORT: u16 = 8443;
 /// Default port of the event service.
@@ -635,6 +645,9 @@ pub enum ErrorKind {
     ProtocolMismatch,
     BadRequest,
     Internal,
+    /// Another live copy of this agent holds the workload (a copied data directory): the PCE
+    /// ignores this one, which must re-pair. Appended: only a VEN that sends an instance id gets it.
+    SuspectedClone,
 }
 
 /// Encodes a message for the wire.

@@ -39,11 +39,13 @@ use ven_proto::{
 };
 
 mod backend;
+pub mod clone_guard;
 mod pairing;
 mod redb_backend;
 mod sec_policy;
 
 use backend::{Backend, EventsMark};
+use clone_guard::{CloneGuard, Standing};
 
 pub use sec_policy::DEFAULT_RULE_SET;
 
@@ -165,6 +167,14 @@ pub struct Workload {
     /// Missed-heartbeat warning raised for the current silence (the spec: after 3 intervals).
     #[serde(default)]
     pub missed_heartbeats_reported: bool,
+    /// Which copy of the agent is the original (issue 16). Records from before clone tokens
+    /// read as an empty guard: the first guarded call hands out the first token.
+    #[serde(default)]
+    pub clone_guard: CloneGuard,
+    /// The pairing profile the workload was paired with (a suspected clone re-pairs from it);
+    /// `None` for workloads paired before it was recorded and unmanaged ones.
+    #[serde(default)]
+    pub pairing_profile: Option<u64>,
 }
 
 fn managed_by_default() -> bool {
@@ -209,6 +219,8 @@ impl Workload {
             restarting_since: None,
             services: Vec::new(),
             services_omitted: 0,
+            clone_guard: CloneGuard::default(),
+            pairing_profile: None,
         }
     }
 }
@@ -668,6 +680,44 @@ impl Store {
         })
     }
 
+    /// Classifies a VEN API call or event session of `agent_id` by the clone token and instance
+    /// id it carries ([`clone_guard`]), raising `clone_detected` for each instance it reveals as a
+    /// second live copy. The guard's record is written with the next flush (a lost rotation only
+    /// costs the holder a new token: its instance id still names it).
+    pub fn present_clone_token(
+        &mut self,
+        agent_id: u64,
+        token: Option<&str>,
+        instance: Option<&str>,
+        now: u64,
+        grace: u64,
+        rotate: bool,
+    ) -> Result<Standing, StoreError> {
+        let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        let presented = workload.clone_guard.present(token, instance, now, grace, rotate)?;
+        let hostname = workload.hostname.clone();
+        if presented.changed {
+            self.touch(agent_id);
+            self.dirty = true;
+        }
+        for suspect in presented.detected {
+            log::warn!(
+                "workload {agent_id} ({hostname}): a second live copy of its agent (instance {}) \
+                 presents its credentials; ignoring it",
+                suspect.instance
+            );
+            let message = "a copy of this workload's VEN runs elsewhere (a copied data directory): \
+                           ignoring the copy, which must re-pair"
+                .to_string();
+            let details = json!({
+                "instance": suspect.instance,
+                "first_seen": clock::rfc3339(suspect.first_seen),
+            });
+            self.record(now, EventType::CloneDetected, Some(agent_id), message, details);
+        }
+        Ok(presented.standing)
+    }
+
     /// Pairs a new workload with `code`: a profile's standing code or a key generated from it,
     /// which must be valid now (profile enabled, key not expired nor used up). The workload gets
     /// the profile's labels and policy state.
@@ -699,6 +749,7 @@ impl Store {
             token_sha256: crypto::sha256_hex(agent_token.as_bytes()),
             online: true,
             online_since: Some(now),
+            pairing_profile: Some(self.state.pairing_profiles[profile_index].id),
             ..Workload::new(agent_id, host.hostname, host.interfaces, policy_state, now, true)
         };
         self.state.workloads.insert(agent_id, workload);
@@ -803,8 +854,10 @@ impl Store {
                 workload.hostname
             );
             workload.restarting_since = Some(now);
+            workload.clone_guard.release();
             return self.commit_changed(&[agent_id]);
         }
+        workload.clone_guard.release();
         workload.restarting_since = None;
         let was_peer = workload.is_peer();
         workload.online = false;
@@ -1895,6 +1948,39 @@ mod tests {
         store.heartbeat(web.agent_id, heartbeat(None), 240).unwrap();
         store.goodbye(web.agent_id, "agent stopped", 241).unwrap();
         assert!(!store.state().workloads[&web.agent_id].online);
+    }
+
+    #[test]
+    fn a_clone_is_detected_once_and_the_guard_survives_a_restart() {
+        let dir = scratch_dir("store-clone");
+        let (mut store, web, _) = populated(&dir);
+        let id = web.agent_id;
+        let first = store.present_clone_token(id, None, Some("original"), 110, 600, true).unwrap();
+        let Standing::Holder { next_token: Some(token) } = first else { panic!("{first:?}") };
+        let copy = store.present_clone_token(id, Some(&token), Some("copy"), 120, 600, true).unwrap();
+        assert_eq!(copy, Standing::Challenger);
+        store.present_clone_token(id, Some(&token), Some("original"), 130, 600, false).unwrap();
+        store.present_clone_token(id, Some(&token), Some("original"), 131, 600, false).unwrap();
+        let detected =
+            |store: &Store| event_types(store).iter().filter(|t| **t == EventType::CloneDetected).count();
+        assert_eq!(detected(&store), 1);
+        store.flush().unwrap();
+        drop(store);
+        let (mut store, _) = Store::open(&dir).unwrap();
+        let copy = store.present_clone_token(id, Some(&token), Some("copy"), 140, 600, false).unwrap();
+        assert_eq!(copy, Standing::Clone, "kept across a PCE restart");
+        assert_eq!(store.state().workloads[&id].pairing_profile, Some(store.state().pairing_profiles[0].id));
+    }
+
+    #[test]
+    fn a_workload_record_from_before_clone_tokens_reads_unguarded() {
+        let dir = scratch_dir("store-clone-old");
+        let (store, web, _) = populated(&dir);
+        let mut record = serde_json::to_value(&store.state().workloads[&web.agent_id]).unwrap();
+        let fields = record.as_object_mut().unwrap();
+        assert!(fields.remove("clone_guard").is_some() && fields.remove("pairing_profile").is_some());
+        let old: Workload = serde_json::from_value(record).unwrap();
+        assert_eq!((old.clone_guard, old.pairing_profile), (CloneGuard::default(), None));
     }
 
     fn event_types(store: &Store) -> Vec<EventType> {
