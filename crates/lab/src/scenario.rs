@@ -50,6 +50,9 @@ pub enum Host {
     Pce,
     Web,
     Db,
+    /// A third agent host, made only with [`LabOptions::copy_host`]: where a copy of another
+    /// host's data directory runs (the clone tests, issue 16). In neither `ALL` nor `AGENTS`.
+    Copy,
 }
 
 impl Host {
@@ -63,6 +66,7 @@ impl Host {
             Host::Pce => "pce",
             Host::Web => "web",
             Host::Db => "db",
+            Host::Copy => "copy",
         }
     }
 
@@ -71,6 +75,7 @@ impl Host {
             Host::Pce => Ipv4Addr::new(198, 18, 0, 1),
             Host::Web => Ipv4Addr::new(198, 18, 0, 2),
             Host::Db => Ipv4Addr::new(198, 18, 0, 3),
+            Host::Copy => Ipv4Addr::new(198, 18, 0, 4),
         }
     }
 
@@ -112,6 +117,8 @@ pub struct LabOptions {
     pub ven_config: Option<String>,
     /// Extra environment for every `ven` command and agent (e.g. `RUST_LOG`).
     pub ven_env: Vec<(String, String)>,
+    /// Also make [`Host::Copy`] (198.18.0.4), torn down with the rest.
+    pub copy_host: bool,
 }
 
 impl Default for LabOptions {
@@ -125,6 +132,7 @@ impl Default for LabOptions {
             policy_timeout: Duration::from_secs(20),
             ven_config: None,
             ven_env: Vec::new(),
+            copy_host: false,
         }
     }
 }
@@ -280,7 +288,8 @@ impl Lab {
         let segment_name = segment.name().to_string();
         res.segment = Some(segment);
         let mut ns_names = Vec::new();
-        for host in Host::ALL {
+        let copy = opts.copy_host.then_some(Host::Copy);
+        for host in Host::ALL.into_iter().chain(copy) {
             let ns = Netns::new(&format!("{}-{}", opts.name_prefix, host.name()))?;
             ns_names.push((host, ns.name().to_string()));
             res.hosts.push((host, ns));
