@@ -124,6 +124,10 @@ pub struct Config {
     pub conntrack_established_timeout: Option<u32>,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
     pub conntrack_cut_on_tighten: bool,
+    /// A copy of the agent the PCE takes for a clone (issue 16) re-pairs on its own as a new
+    /// workload, from the pairing profile the original came from, when that profile allows it.
+    /// Off: it keeps its last-known-good policy and `ven status` says what to do.
+    pub clone_reactivate: bool,
     pub flows: FlowSettings,
     /// Sizes of the files in log/ ([`crate::logdir`]).
     pub logs: crate::logdir::LogCaps,
@@ -194,6 +198,7 @@ impl Default for Config {
             service_report_interval: Duration::from_secs(30),
             conntrack_established_timeout: Some(28_800),
             conntrack_cut_on_tighten: true,
+            clone_reactivate: false,
             flows: FlowSettings::default(),
             logs: crate::logdir::LogCaps::default(),
             unknown_keys: Vec::new(),
@@ -305,6 +310,7 @@ impl Config {
                 self.conntrack_established_timeout = (seconds > 0).then_some(seconds);
             }
             "conntrack_cut_on_tighten" => self.conntrack_cut_on_tighten = boolean(key, value)?,
+            "clone_reactivate" => self.clone_reactivate = boolean(key, value)?,
             "flow_tracked_max" => self.flows.tracked_flows = number(key, value, 16, 1_000_000)? as usize,
             "flow_flush_interval_s" => {
                 self.flows.flush_interval = Duration::from_secs(number(key, value, 1, 3600)?)
@@ -390,6 +396,7 @@ mod tests {
              nflog_group = 9\nmax_rules = 500\nmax_sets = 10\nmax_set_members = 1000\nmax_custom_rules = 0\n\
              tamper_check_interval_s = 2\ncanary_interval_s = 1\n\
              conntrack_established_timeout_s = 0\nconntrack_cut_on_tighten = false\n\
+             clone_reactivate = yes\n\
              flow_tracked_max = 1000\nflow_flush_interval_s = 2\nflow_upload_interval_s = 30\n\
              flow_sampling_threshold = 0\nlog_file_max_bytes = 2000000\nlog_total_max_bytes = 40000000\n\
              flow_tracked_connections = 5000\nflow_connection_timeout_tcp_s = 10\n\
@@ -398,6 +405,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.firewall_backend, BackendChoice::Legacy);
         assert!(!config.ipv6 && config.routes && !config.conntrack_cut_on_tighten);
+        assert!(config.clone_reactivate);
         let services: Vec<String> = config.failsafe_services.iter().map(ToString::to_string).collect();
         assert_eq!(services, ["tcp/22", "udp/67", "out:udp/53"]);
         assert_eq!(config.ignored_interfaces, ["wg0", "br-lan.1"]);

@@ -500,7 +500,15 @@ impl Manager {
                 self.all.last_heartbeat_error = Some((crate::clock::now(), e.to_string()));
                 self.heartbeats.suspected_clone();
                 self.next_heartbeat = Instant::now() + LOST_AGENT_RETRY;
-                self.record_clone_suspicion(&e);
+                let reactivation = if self.config.clone_reactivate {
+                    match self.reactivate_clone() {
+                        Ok(()) => return,
+                        Err(why) => format!("; re-pairing failed: {why}"),
+                    }
+                } else {
+                    String::new()
+                };
+                self.record_clone_suspicion(&e, &reactivation);
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
@@ -525,14 +533,14 @@ impl Manager {
     }
 
     /// Keeps the PCE's verdict in the data directory, so `ven status` says it with no agent too.
-    fn record_clone_suspicion(&mut self, error: &ClientError) {
-        if self.suspected_clone.is_some() {
+    fn record_clone_suspicion(&mut self, error: &ClientError, reactivation: &str) {
+        let message = match error {
+            ClientError::Refused { message, .. } => format!("{message}{reactivation}"),
+            other => format!("{other}{reactivation}"),
+        };
+        if self.suspected_clone.as_ref().is_some_and(|s| s.message == message) {
             return;
         }
-        let message = match error {
-            ClientError::Refused { message, .. } => message.clone(),
-            other => other.to_string(),
-        };
         let suspicion = state::CloneSuspicion { since: crate::clock::now(), message };
         if let Err(e) = state::write_record(
             &self.data.clone_suspected_path(),
@@ -543,6 +551,44 @@ impl Manager {
             log::error!("{e}");
         }
         self.suspected_clone = Some(suspicion);
+    }
+
+    /// Re-pairs this copy, which the PCE takes for a clone, as a workload of its own from the
+    /// pairing profile the original came from (`clone_reactivate`, issue 16): the new identity is
+    /// written, the event channel and client start over with it, and a heartbeat goes at once.
+    /// The host's own name is reported when the PCE would take it, else the copied one.
+    fn reactivate_clone(&mut self) -> Result<(), String> {
+        let Some(pairing) = &self.pairing else { return Err("not paired".to_string()) };
+        let own_name = host::system_hostname();
+        let hostname = if host::check_hostname(&own_name).is_ok() {
+            own_name
+        } else {
+            pairing.identity.hostname.clone()
+        };
+        let response = pairing.client.reactivate(&host::report(&hostname)).map_err(|e| e.to_string())?;
+        let identity = Identity {
+            agent_id: response.agent_id,
+            agent_token: response.agent_token,
+            hostname,
+            event_port: response.event_port,
+            heartbeat_interval_s: response.heartbeat_interval_s,
+            activated_at: crate::clock::now(),
+            ..pairing.identity.clone()
+        };
+        state::write_record(&self.data.identity_path(), RecordKind::Identity, &identity, 0o600)
+            .map_err(|e| e.to_string())?;
+        log::warn!(
+            "this copy of agent {} was taken for a clone and re-paired as agent {} ({})",
+            pairing.identity.agent_id,
+            identity.agent_id,
+            identity.hostname
+        );
+        if let Err(e) = state::remove_record(&self.data.clone_suspected_path()) {
+            log::error!("{e}");
+        }
+        self.suspected_clone = None;
+        self.load_identity();
+        Ok(())
     }
 
     fn on_event(&mut self, event: Event) {

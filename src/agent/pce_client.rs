@@ -101,6 +101,12 @@ impl PceClient {
         self.post(path::ACTIVATE, request)?.ok_or_else(|| self.malformed(path::ACTIVATE, "empty body"))
     }
 
+    /// A suspected clone re-pairs as a workload of its own (issue 16); the answer is its new
+    /// identity, and its first clone token is kept like any other.
+    pub fn reactivate(&self, host: &ven_proto::HostReport) -> Result<ActivateResponse, ClientError> {
+        self.post(path::REACTIVATE, host)?.ok_or_else(|| self.malformed(path::REACTIVATE, "empty body"))
+    }
+
     pub fn heartbeat(&self, request: &HeartbeatRequest) -> Result<HeartbeatResponse, ClientError> {
         self.post(path::HEARTBEAT, request)?.ok_or_else(|| self.malformed(path::HEARTBEAT, "empty body"))
     }

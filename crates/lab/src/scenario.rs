@@ -1042,6 +1042,7 @@ mod tests {
             apply_error: None,
             agent_status: Some("online".into()),
             suspended: Some(false),
+            addresses: Vec::new(),
         }
     }
 

@@ -173,6 +173,8 @@ pub struct Workload {
     /// `online`, `offline` or `suspended` (the PCE's view of the agent).
     pub agent_status: Option<String>,
     pub suspended: Option<bool>,
+    /// The addresses the PCE holds for the workload (its interfaces').
+    pub addresses: Vec<String>,
 }
 
 impl Workload {
@@ -225,6 +227,13 @@ impl Workload {
             apply_error: opt_str(what, item, "apply_error", text)?,
             agent_status: opt_str(what, item, "agent_status", text)?,
             suspended: opt_bool(what, item, "suspended", text)?,
+            addresses: match item.get("interfaces") {
+                Some(Value::Array(interfaces)) => interfaces
+                    .iter()
+                    .filter_map(|i| i.get("address").and_then(Value::as_str).map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            },
         })
     }
 

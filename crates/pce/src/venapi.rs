@@ -71,6 +71,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::SUSPEND) => suspend(app, request),
         ("POST", path::FLOWS) => upload_flows(app, request, version),
         ("POST", path::SERVICES) => services(app, request),
+        ("POST", path::REACTIVATE) => reactivate(app, request),
         (
             method,
             known @ (path::ACTIVATE
@@ -80,7 +81,8 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | path::DEACTIVATE
             | path::SUSPEND
             | path::FLOWS
-            | path::SERVICES),
+            | path::SERVICES
+            | path::REACTIVATE),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
@@ -127,6 +129,53 @@ fn activate(app: &App, request: &Request) -> Answer {
         activated.agent_id,
         held.elapsed().as_millis(),
         held.duration_since(waited).as_millis()
+    );
+    app.publish(&activated.changes);
+    let response = message_response(
+        200,
+        &ActivateResponse {
+            agent_id: activated.agent_id,
+            agent_token: activated.agent_token,
+            heartbeat_interval_s: app.heartbeat_interval_s,
+            event_port: app.event_port,
+        },
+    );
+    Ok(with_next_token(response, first_token))
+}
+
+/// A suspected clone re-pairs as a workload of its own (issue 16): only a copy the PCE took for a
+/// clone may, with the original's credentials; the new workload's first clone token goes to it.
+fn reactivate(app: &App, request: &Request) -> Answer {
+    let original = authenticate(app, request)?;
+    let host: HostReport = decode(request)?;
+    check_host(&host, true)?;
+    let (token, instance) = clone_headers(request)?;
+    let Some(instance) = instance else {
+        return Err(error(400, ErrorKind::BadRequest, format!("{INSTANCE_HEADER} is required")));
+    };
+    let now = clock::now();
+    let grace = app.clone_grace_s();
+    let mut store = app.store();
+    let standing = store.present_clone_token(original, token, Some(instance), now, grace, false);
+    match standing.map_err(store_error)? {
+        Standing::Clone => {}
+        other => {
+            let message = format!("only a suspected clone re-pairs; this copy is {other:?}");
+            return Err(error(409, ErrorKind::BadRequest, message));
+        }
+    }
+    let hostname = host.hostname.clone();
+    let activated = store.reactivate_clone(original, instance, host, now).map_err(|e| match e {
+        StoreError::Activation(why) => error(401, ErrorKind::BadActivationCode, why),
+        other => store_error(other),
+    })?;
+    let first_token = store
+        .present_clone_token(activated.agent_id, None, Some(instance), now, grace, true)
+        .map_err(store_error)?;
+    drop(store);
+    log::info!(
+        "a suspected clone of workload {original} re-paired as workload {} ({hostname})",
+        activated.agent_id
     );
     app.publish(&activated.changes);
     let response = message_response(

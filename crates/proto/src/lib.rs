@@ -74,6 +74,10 @@ pub mod path {
     /// POST [`ServicesReport`](super::ServicesReport) -> empty 204: the listening services,
     /// when they changed (a PCE without it answers 404; the VEN then stops sending them).
     pub const SERVICES: &str = "/ven/v1/services";
+    /// POST [`HostReport`](super::HostReport) -> [`ActivateResponse`](super::ActivateResponse):
+    /// a suspected clone (issue 16) re-pairs as a new workload from the pairing profile the
+    /// original came from, when that profile allows it (else 401 `BadActivationCode`, why).
+    pub const REACTIVATE: &str = "/ven/v1/reactivate";
 }
 
 /// Builds the `authorization` header value for an agent.

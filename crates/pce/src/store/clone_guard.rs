@@ -231,6 +231,11 @@ impl CloneGuard {
         Ok(presented)
     }
 
+    /// `instance` re-paired as a workload of its own: it no longer presents these credentials.
+    pub fn forget(&mut self, instance: &str) {
+        self.suspects.retain(|s| s.instance != instance);
+    }
+
     /// The holder said goodbye: an instance with its token may take over at once.
     pub fn release(&mut self) {
         self.holder_released = true;

@@ -723,6 +723,44 @@ impl Store {
     /// the profile's labels and policy state.
     pub fn activate(&mut self, code: &str, host: HostReport, now: u64) -> Result<Activation, StoreError> {
         let (profile_index, key_index) = self.pairing_key(code, now)?;
+        self.pair(profile_index, key_index, host, now, None)
+    }
+
+    /// A suspected clone of workload `original` (issue 16) becomes a workload of its own, paired
+    /// from the profile the original came from when that profile allows it (see
+    /// `reactivation_key`). The original is not touched, except that it forgets the clone.
+    pub fn reactivate_clone(
+        &mut self,
+        original: u64,
+        instance: &str,
+        host: HostReport,
+        now: u64,
+    ) -> Result<Activation, StoreError> {
+        let workload = self.state.workloads.get(&original).ok_or(StoreError::NoWorkload(original))?;
+        let profile = workload.pairing_profile.ok_or_else(|| {
+            StoreError::Activation(
+                "the workload was paired before its pairing profile was recorded".to_string(),
+            )
+        })?;
+        let (profile_index, key_index) = self.reactivation_key(profile, now)?;
+        let activation = self.pair(profile_index, key_index, host, now, Some(original))?;
+        if let Some(workload) = self.state.workloads.get_mut(&original) {
+            workload.clone_guard.forget(instance);
+            self.touch(original);
+        }
+        Ok(activation)
+    }
+
+    /// Creates the workload of a new pairing with profile `profile_index` (and generated key
+    /// `key_index`, whose use is counted); `clone_of`: a suspected clone of that workload re-pairs.
+    fn pair(
+        &mut self,
+        profile_index: usize,
+        key_index: Option<usize>,
+        host: HostReport,
+        now: u64,
+        clone_of: Option<u64>,
+    ) -> Result<Activation, StoreError> {
         let profile = &self.state.pairing_profiles[profile_index];
         let (policy_state, labels) = (profile.policy_state, profile.labels.clone());
         if self.state.workloads.len() >= MAX_WORKLOADS {
@@ -760,9 +798,13 @@ impl Store {
         let profile = self.state.pairing_profiles[profile_index].id;
         let mut details = json!({ "policy_state": policy_state.as_str(), "pairing_profile": profile });
         let mut message = "VEN paired".to_string();
+        if let Some(original) = clone_of {
+            details["reactivated_clone_of"] = json!(original);
+            message = format!("VEN paired: a suspected clone of workload {original} re-paired");
+        }
         if !same_name.is_empty() {
             details["duplicate_hostname"] = json!(same_name);
-            message = format!("VEN paired; workloads {same_name:?} have the same hostname");
+            message = format!("{message}; workloads {same_name:?} have the same hostname");
         }
         self.record(now, EventType::AgentActivated, Some(agent_id), message, details);
         let changes = self.commit_changed(&[agent_id])?;
@@ -1970,6 +2012,27 @@ mod tests {
         let copy = store.present_clone_token(id, Some(&token), Some("copy"), 140, 600, false).unwrap();
         assert_eq!(copy, Standing::Clone, "kept across a PCE restart");
         assert_eq!(store.state().workloads[&id].pairing_profile, Some(store.state().pairing_profiles[0].id));
+    }
+
+    #[test]
+    fn a_clone_re_pairs_from_its_profile_when_the_profile_allows() {
+        let dir = scratch_dir("store-clone-repair");
+        let (mut store, web, _) = populated(&dir);
+        let id = web.agent_id;
+        let profile = store.state().workloads[&id].pairing_profile.unwrap();
+        store.state.pairing_profiles.iter_mut().find(|p| p.id == profile).unwrap().enabled = false;
+        let refused = store.reactivate_clone(id, "copy", host("web-copy", "198.18.0.4/24"), 200);
+        assert!(matches!(refused, Err(StoreError::Activation(ref why)) if why.contains("disabled")));
+        store.state.pairing_profiles.iter_mut().find(|p| p.id == profile).unwrap().enabled = true;
+        let before = store.state().workloads[&id].clone();
+        let copy = store.reactivate_clone(id, "copy", host("web-copy", "198.18.0.4/24"), 200).unwrap();
+        assert_ne!(copy.agent_id, id);
+        let new = &store.state().workloads[&copy.agent_id];
+        let profile_labels = store.pairing_profile(profile).unwrap().labels.clone();
+        assert_eq!((new.labels.clone(), new.pairing_profile), (profile_labels, Some(profile)));
+        let original = &store.state().workloads[&id];
+        assert_eq!((&original.interfaces, original.online), (&before.interfaces, before.online));
+        assert!(store.authenticate(copy.agent_id, &copy.agent_token));
     }
 
     #[test]

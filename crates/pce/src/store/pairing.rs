@@ -126,6 +126,33 @@ impl Store {
         Err(StoreError::Activation("unknown activation code".to_string()))
     }
 
+    /// The profile (index) and key (index, `None` for its standing code) a suspected clone of a
+    /// workload paired from profile `id` re-pairs with (issue 16): the profile must be enabled
+    /// and have a standing code or a key still valid now (not expired, uses left; one is used).
+    pub(super) fn reactivation_key(&self, id: u64, now: u64) -> Result<(usize, Option<usize>), StoreError> {
+        let index = self.state.pairing_profiles.iter().position(|p| p.id == id).ok_or_else(|| {
+            StoreError::Activation(format!("the pairing profile {id} it came from is gone"))
+        })?;
+        let profile = &self.state.pairing_profiles[index];
+        if !profile.enabled {
+            return Err(StoreError::Activation(format!("pairing profile {:?} is disabled", profile.name)));
+        }
+        if !profile.activation_code.is_empty() {
+            return Ok((index, None));
+        }
+        let valid = |key: &PairingKey| {
+            profile.key_lifespan_s.is_none_or(|lifespan| now < key.created_at.saturating_add(lifespan))
+                && profile.allowed_uses_per_key.is_none_or(|allowed| key.uses < allowed)
+        };
+        match profile.keys.iter().position(valid) {
+            Some(key) => Ok((index, Some(key))),
+            None => Err(StoreError::Activation(format!(
+                "pairing profile {:?} has no key with uses left: ask the administrator for a new one",
+                profile.name
+            ))),
+        }
+    }
+
     fn check_profile(&self, profile: &PairingProfile, except: Option<u64>) -> Result<(), StoreError> {
         if self.state.pairing_profiles.iter().any(|p| p.name == profile.name && Some(p.id) != except) {
             return Err(StoreError::Rejected(format!(
