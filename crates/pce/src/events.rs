@@ -194,8 +194,17 @@ async fn authenticate(
             Some(fields) => (Some(fields.clone_token.as_str()), Some(fields.instance.as_str())),
             None => (None, None),
         };
+        let live = |holder: &str| app.sessions.has_session(agent_id, holder);
         let standing = store
-            .present_clone_token(agent_id, token, instance, crate::clock::now(), app.clone_grace_s(), false)
+            .present_clone_token(
+                agent_id,
+                token,
+                instance,
+                crate::clock::now(),
+                app.clone_grace_s(),
+                false,
+                &live,
+            )
             .map_err(|e| format!("the PCE could not check the session: {e}"))?;
         if !standing.is_original() {
             return Err(format!("{}: no event session for this copy of the agent", standing.refusal()));
@@ -220,6 +229,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e @ (EventError::TrailingBytes(_) | EventError::NotHello)) => Err(e),
         Err(other) => return Err(other),
     };
+    let instance = hello.as_ref().ok().and_then(|h| h.clone.as_ref()).map(|c| c.instance.clone());
     let (agent_id, current, refusal) = match hello {
         Err(e) => (0, None, Some(e.to_string())),
         Ok(Hello { protocol_version, .. }) if !ven_proto::protocol_supported(protocol_version) => (
@@ -238,7 +248,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
-        None => app.sessions.register(agent_id).ok_or_else(|| "the event service is full".to_string()),
+        None => {
+            app.sessions.register(agent_id, instance).ok_or_else(|| "the event service is full".to_string())
+        }
     };
     let (serial, events) = match registered {
         Ok(registered) => registered,

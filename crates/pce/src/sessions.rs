@@ -21,6 +21,8 @@ pub struct Sessions {
 struct Entry {
     serial: u64,
     events: Sender<u64>,
+    /// The agent process's instance id, from a `CloneHello` (see `store::clone_guard`).
+    instance: Option<String>,
 }
 
 impl Default for Sessions {
@@ -58,15 +60,22 @@ impl Sessions {
         self.lock().len()
     }
 
-    /// Registers a session for `agent_id`, replacing an older one. `None` when the registry is full.
-    pub fn register(&self, agent_id: u64) -> Option<(u64, Receiver<u64>)> {
+    /// Whether instance `instance` of agent `agent_id` has a session now: the clone guard's sign
+    /// that the holder of its newest token is alive (a process that dies closes its socket).
+    pub fn has_session(&self, agent_id: u64, instance: &str) -> bool {
+        self.lock().get(&agent_id).is_some_and(|entry| entry.instance.as_deref() == Some(instance))
+    }
+
+    /// Registers a session for `agent_id` (of `instance`, when the Hello named one), replacing an
+    /// older one. `None` when the registry is full.
+    pub fn register(&self, agent_id: u64, instance: Option<String>) -> Option<(u64, Receiver<u64>)> {
         let mut sessions = self.lock();
         if sessions.len() >= MAX_EVENT_SESSIONS && !sessions.contains_key(&agent_id) {
             return None;
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (events, receiver) = smol::channel::bounded(SESSION_QUEUE);
-        sessions.insert(agent_id, Entry { serial, events });
+        sessions.insert(agent_id, Entry { serial, events, instance });
         Some((serial, receiver))
     }
 
@@ -90,8 +99,10 @@ mod tests {
     #[test]
     fn sessions_replace_notify_and_unregister() {
         let sessions = Sessions::default();
-        let (old_serial, old) = sessions.register(1).unwrap();
-        let (new_serial, new) = sessions.register(1).unwrap();
+        let (old_serial, old) = sessions.register(1, Some("a".into())).unwrap();
+        assert!(sessions.has_session(1, "a"));
+        let (new_serial, new) = sessions.register(1, Some("b".into())).unwrap();
+        assert!(!sessions.has_session(1, "a") && sessions.has_session(1, "b"));
         assert!(old.is_closed(), "the replaced session's queue closes");
         sessions.unregister(1, old_serial);
         assert_eq!(sessions.len(), 1, "a stale unregister leaves the newer session");

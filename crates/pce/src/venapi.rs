@@ -112,9 +112,15 @@ fn activate(app: &App, request: &Request) -> Answer {
     let activated = store.activate(&activation.activation_code, activation.host, now);
     // The activating agent holds the first clone token.
     let first_token = match (&activated, instance) {
-        (Ok(activated), Some(_)) => {
-            store.present_clone_token(activated.agent_id, None, instance, now, app.clone_grace_s(), true)
-        }
+        (Ok(activated), Some(_)) => store.present_clone_token(
+            activated.agent_id,
+            None,
+            instance,
+            now,
+            app.clone_grace_s(),
+            true,
+            &|_| false,
+        ),
         _ => Ok(Standing::Unguarded),
     };
     drop(store);
@@ -156,7 +162,8 @@ fn reactivate(app: &App, request: &Request) -> Answer {
     let now = clock::now();
     let grace = app.clone_grace_s();
     let mut store = app.store();
-    let standing = store.present_clone_token(original, token, Some(instance), now, grace, false);
+    let live = |holder: &str| app.sessions.has_session(original, holder);
+    let standing = store.present_clone_token(original, token, Some(instance), now, grace, false, &live);
     match standing.map_err(store_error)? {
         Standing::Clone => {}
         other => {
@@ -170,7 +177,7 @@ fn reactivate(app: &App, request: &Request) -> Answer {
         other => store_error(other),
     })?;
     let first_token = store
-        .present_clone_token(activated.agent_id, None, Some(instance), now, grace, true)
+        .present_clone_token(activated.agent_id, None, Some(instance), now, grace, true, &|_| false)
         .map_err(store_error)?;
     drop(store);
     log::info!(
@@ -378,9 +385,10 @@ fn clone_headers(request: &Request) -> Result<(Option<&str>, Option<&str>), Resp
 /// here (409 `SuspectedClone`). `rotate`: the call hands the original its next token.
 fn clone_standing(app: &App, request: &Request, agent_id: u64, rotate: bool) -> Result<Standing, Response> {
     let (token, instance) = clone_headers(request)?;
+    let live = |holder: &str| app.sessions.has_session(agent_id, holder);
     let standing = app
         .store()
-        .present_clone_token(agent_id, token, instance, clock::now(), app.clone_grace_s(), rotate)
+        .present_clone_token(agent_id, token, instance, clock::now(), app.clone_grace_s(), rotate, &live)
         .map_err(store_error)?;
     match standing {
         Standing::Clone => Err(error(409, ErrorKind::SuspectedClone, standing.refusal())),

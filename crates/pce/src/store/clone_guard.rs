@@ -9,8 +9,10 @@
 //! The *holder* is the instance that the newest token was handed to. Its requests are the
 //! original's, whatever token they carry (a request sent before a rotation may arrive after it).
 //! Any other instance is a *challenger*: nothing it sends changes the workload. It becomes:
-//! - the holder at once when the holder said goodbye and it presents the newest token, or the
-//!   previous one while the newest was never used (an answer lost on the way): a restart;
+//! - the holder at once when it presents the newest token, or the previous one while the newest
+//!   was never used (an answer lost on the way), and the holder said goodbye, or the holder has
+//!   no event session and this instance is new (a process that dies closes its socket): a
+//!   restart, also after a crash;
 //! - the holder when the holder has been silent for the grace period (a few heartbeat
 //!   intervals): a crashed agent restarted, or a host that restored its own backup of the data
 //!   directory (its token is older, and the agent that held the newest never comes back);
@@ -143,8 +145,9 @@ impl CloneGuard {
         now: u64,
         grace: u64,
         rotate: bool,
+        connected: &dyn Fn(&str) -> bool,
     ) -> Result<Presented, RandomError> {
-        let presented = self.classify(token, instance, now, grace, rotate)?;
+        let presented = self.classify(token, instance, now, grace, rotate, connected)?;
         let one_shot = instance.is_some_and(|i| i.starts_with(ONE_SHOT_PREFIX));
         if one_shot && matches!(presented.standing, Standing::Holder { .. }) {
             self.holder_released = true;
@@ -159,6 +162,7 @@ impl CloneGuard {
         now: u64,
         grace: u64,
         rotate: bool,
+        connected: &dyn Fn(&str) -> bool,
     ) -> Result<Presented, RandomError> {
         let mut presented = Presented { standing: Standing::Unguarded, detected: Vec::new(), changed: false };
         let instance = match (instance, &self.current_sha256) {
@@ -202,7 +206,9 @@ impl CloneGuard {
             presented.standing = Standing::Clone;
             return Ok(presented);
         }
-        let restarted = self.holder_released && age != TokenAge::Superseded;
+        let fresh = !self.suspects.iter().any(|s| s.instance == instance);
+        let holder_connected = self.holder.as_deref().is_some_and(connected);
+        let restarted = age != TokenAge::Superseded && (self.holder_released || (fresh && !holder_connected));
         let holder_gone = now.saturating_sub(self.holder_seen) > grace;
         if restarted || holder_gone {
             self.suspects.retain(|s| s.instance != instance);
@@ -302,6 +308,21 @@ mod tests {
 
     const GRACE: u64 = 600;
 
+    std::thread_local! {
+        /// The instances with an event session now (every test's agents start connected).
+        static CONNECTED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn connect(instance: &str, up: bool) {
+        CONNECTED.with(|c| {
+            let mut c = c.borrow_mut();
+            c.retain(|i| i != instance);
+            if up {
+                c.push(instance.to_string());
+            }
+        });
+    }
+
     /// One agent process: its instance id and the token it holds.
     struct Agent {
         instance: &'static str,
@@ -310,13 +331,16 @@ mod tests {
 
     impl Agent {
         fn new(instance: &'static str) -> Self {
+            connect(instance, true);
             Agent { instance, token: None }
         }
 
         /// A heartbeat; the answer's token is kept unless `lose_answer`.
         fn heartbeat(&mut self, guard: &mut CloneGuard, now: u64, lose_answer: bool) -> Presented {
-            let presented =
-                guard.present(self.token.as_deref(), Some(self.instance), now, GRACE, true).unwrap();
+            let connected = |holder: &str| CONNECTED.with(|c| c.borrow().iter().any(|i| i == holder));
+            let presented = guard
+                .present(self.token.as_deref(), Some(self.instance), now, GRACE, true, &connected)
+                .unwrap();
             if let Standing::Holder { next_token: Some(next) } = &presented.standing {
                 if !lose_answer {
                     self.token = Some(next.clone());
@@ -327,6 +351,7 @@ mod tests {
 
         /// The same data directory started again, or copied: a new process.
         fn copy(&self, instance: &'static str) -> Self {
+            connect(instance, true);
             Agent { instance, token: self.token.clone() }
         }
     }
@@ -352,10 +377,10 @@ mod tests {
     #[test]
     fn an_agent_without_instance_ids_is_unguarded_until_tokens_exist() {
         let mut guard = CloneGuard::default();
-        let presented = guard.present(None, None, 0, GRACE, true).unwrap();
+        let presented = guard.present(None, None, 0, GRACE, true, &|_| true).unwrap();
         assert_eq!((presented.standing, presented.changed), (Standing::Unguarded, false));
         let (mut guard, _) = paired();
-        let presented = guard.present(None, None, 10, GRACE, true).unwrap();
+        let presented = guard.present(None, None, 10, GRACE, true, &|_| true).unwrap();
         assert_eq!(presented.standing, Standing::Challenger, "an unnamed agent is not the holder");
     }
 
@@ -382,6 +407,18 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_seen_before_the_holder_lost_its_session_does_not_take_over() {
+        let (mut guard, mut original) = paired();
+        let mut copy = original.copy("copy");
+        assert_eq!(standing(&copy.heartbeat(&mut guard, 10, false)), "challenger");
+        // The original's event session drops for a moment (a network blip).
+        connect("original", false);
+        assert_eq!(standing(&copy.heartbeat(&mut guard, 12, false)), "challenger");
+        connect("original", true);
+        assert_eq!(original.heartbeat(&mut guard, 14, false).detected.len(), 1);
+    }
+
+    #[test]
     fn an_older_copy_is_a_clone_too() {
         let (mut guard, mut original) = paired();
         let mut copy = original.copy("copy");
@@ -399,29 +436,36 @@ mod tests {
         // token it has, after its goodbye.
         assert_eq!(standing(&original.heartbeat(&mut guard, 30, true)), "holder");
         assert_eq!(standing(&original.heartbeat(&mut guard, 60, true)), "holder");
-        guard.present(original.token.as_deref(), Some("original"), 61, GRACE, false).unwrap();
+        guard.present(original.token.as_deref(), Some("original"), 61, GRACE, false, &|_| true).unwrap();
         guard.release();
         let mut restarted = original.copy("restarted");
         let presented = restarted.heartbeat(&mut guard, 65, false);
         assert_eq!(standing(&presented), "holder", "the previous token, its successor never used");
         assert!(presented.detected.is_empty());
         // The stopped process's last request (its uploader) is no clone either.
-        let late = guard.present(original.token.as_deref(), Some("original"), 66, GRACE, false).unwrap();
+        let late =
+            guard.present(original.token.as_deref(), Some("original"), 66, GRACE, false, &|_| true).unwrap();
         assert_eq!(late.standing, Standing::Retired);
         assert_eq!(guard.clones().count(), 0);
     }
 
     #[test]
-    fn a_restart_hands_over_at_once_and_a_crash_after_the_grace() {
+    fn a_restart_and_a_crash_hand_over_at_once_a_power_loss_after_the_grace() {
         let (mut guard, mut original) = paired();
         original.heartbeat(&mut guard, 30, false);
         guard.release();
         let mut restarted = original.copy("restarted");
         assert_eq!(standing(&restarted.heartbeat(&mut guard, 31, false)), "holder");
-        // Killed (no goodbye) and started again: the holder is silent, so after the grace.
+        // Killed (no goodbye): its event session closed with it, so the next process with the
+        // newest token takes over at once.
+        connect("restarted", false);
         let mut after_crash = restarted.copy("after-crash");
-        assert_eq!(standing(&after_crash.heartbeat(&mut guard, 40, false)), "challenger");
-        assert_eq!(standing(&after_crash.heartbeat(&mut guard, 31 + GRACE + 1, false)), "holder");
+        assert_eq!(standing(&after_crash.heartbeat(&mut guard, 40, false)), "holder");
+        // Killed on a host whose event session stays up for a while (power loss: the PCE finds
+        // the dead peer only after three pings): after the grace.
+        let mut after_power_loss = after_crash.copy("after-power-loss");
+        assert_eq!(standing(&after_power_loss.heartbeat(&mut guard, 50, false)), "challenger");
+        assert_eq!(standing(&after_power_loss.heartbeat(&mut guard, 40 + GRACE + 1, false)), "holder");
         assert_eq!(guard.clones().count(), 0);
     }
 
@@ -449,7 +493,8 @@ mod tests {
         let mut agent = activation.copy("agent");
         assert_eq!(standing(&agent.heartbeat(&mut guard, 5, false)), "holder");
         // A one-shot command of a copy, while the agent runs, is not let in.
-        let presented = guard.present(agent.token.as_deref(), Some("once-copy"), 6, GRACE, false).unwrap();
+        let presented =
+            guard.present(agent.token.as_deref(), Some("once-copy"), 6, GRACE, false, &|_| true).unwrap();
         assert_eq!(presented.standing, Standing::Challenger);
     }
 

@@ -683,7 +683,9 @@ impl Store {
     /// Classifies a VEN API call or event session of `agent_id` by the clone token and instance
     /// id it carries ([`clone_guard`]), raising `clone_detected` for each instance it reveals as a
     /// second live copy. The guard's record is written with the next flush (a lost rotation only
-    /// costs the holder a new token: its instance id still names it).
+    /// costs the holder a new token: its instance id still names it). `connected`: whether an
+    /// instance has an event session now.
+    #[allow(clippy::too_many_arguments)]
     pub fn present_clone_token(
         &mut self,
         agent_id: u64,
@@ -692,9 +694,10 @@ impl Store {
         now: u64,
         grace: u64,
         rotate: bool,
+        connected: &dyn Fn(&str) -> bool,
     ) -> Result<Standing, StoreError> {
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
-        let presented = workload.clone_guard.present(token, instance, now, grace, rotate)?;
+        let presented = workload.clone_guard.present(token, instance, now, grace, rotate, connected)?;
         let hostname = workload.hostname.clone();
         if presented.changed {
             self.touch(agent_id);
@@ -1997,19 +2000,21 @@ mod tests {
         let dir = scratch_dir("store-clone");
         let (mut store, web, _) = populated(&dir);
         let id = web.agent_id;
-        let first = store.present_clone_token(id, None, Some("original"), 110, 600, true).unwrap();
+        let first = store.present_clone_token(id, None, Some("original"), 110, 600, true, &|_| true).unwrap();
         let Standing::Holder { next_token: Some(token) } = first else { panic!("{first:?}") };
-        let copy = store.present_clone_token(id, Some(&token), Some("copy"), 120, 600, true).unwrap();
+        let copy =
+            store.present_clone_token(id, Some(&token), Some("copy"), 120, 600, true, &|_| true).unwrap();
         assert_eq!(copy, Standing::Challenger);
-        store.present_clone_token(id, Some(&token), Some("original"), 130, 600, false).unwrap();
-        store.present_clone_token(id, Some(&token), Some("original"), 131, 600, false).unwrap();
+        store.present_clone_token(id, Some(&token), Some("original"), 130, 600, false, &|_| true).unwrap();
+        store.present_clone_token(id, Some(&token), Some("original"), 131, 600, false, &|_| true).unwrap();
         let detected =
             |store: &Store| event_types(store).iter().filter(|t| **t == EventType::CloneDetected).count();
         assert_eq!(detected(&store), 1);
         store.flush().unwrap();
         drop(store);
         let (mut store, _) = Store::open(&dir).unwrap();
-        let copy = store.present_clone_token(id, Some(&token), Some("copy"), 140, 600, false).unwrap();
+        let copy =
+            store.present_clone_token(id, Some(&token), Some("copy"), 140, 600, false, &|_| true).unwrap();
         assert_eq!(copy, Standing::Clone, "kept across a PCE restart");
         assert_eq!(store.state().workloads[&id].pairing_profile, Some(store.state().pairing_profiles[0].id));
     }
