@@ -965,6 +965,37 @@ mod tests {
     }
 
     #[test]
+    fn a_suspected_clone_says_so_and_what_to_do_without_an_agent() {
+        let dir = std::env::temp_dir().join(format!("ven-status-clone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = DataDir::new(&dir);
+        data.ensure().unwrap();
+        let identity = Identity {
+            agent_id: 3,
+            agent_token: "t".into(),
+            hostname: "db".into(),
+            management_server: "198.18.0.1:8443".into(),
+            event_port: 8444,
+            ca_cert_der: Vec::new(),
+            heartbeat_interval_s: 300,
+            activated_at: 0,
+        };
+        state::write_record(&data.identity_path(), RecordKind::Identity, &identity, 0o600).unwrap();
+        assert_eq!(StatusReport::from_data_dir(&data).unwrap().connectivity, Connectivity::Offline);
+        let suspicion = state::CloneSuspicion { since: 0, message: "suspected clone: re-pair".into() };
+        state::write_record(&data.clone_suspected_path(), RecordKind::CloneSuspected, &suspicion, 0o600)
+            .unwrap();
+        let report = StatusReport::from_data_dir(&data).unwrap();
+        assert_eq!(report.connectivity, Connectivity::SuspectedClone);
+        let text = report.to_human(0);
+        assert!(text.contains("suspected clone") && text.contains(SUSPECTED_CLONE_ADVICE), "{text}");
+        let json = report.to_json();
+        assert!(json.contains(r#""connectivity":"suspected clone""#), "{json}");
+        assert!(json.contains(r#""suspected_clone":{"since":"1970-01-01T00:00:00Z""#), "{json}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn json_has_every_field_and_escapes_strings() {
         let mut report = StatusReport::unpaired();
         report.agent_id = Some(4);
