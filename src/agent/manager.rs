@@ -492,8 +492,55 @@ impl Manager {
                     self.applied_version()
                 );
                 self.next_heartbeat = Instant::now() + jitter(retry);
+                // INVARIANT: at most one retry at once per change of the name's addresses, so a
+                // PCE that is down (same addresses) is retried on the backoff above, never in a loop.
+                if matches!(e, ClientError::Unreachable { .. }) && self.follow_management_server() {
+                    self.next_heartbeat = Instant::now();
+                }
             }
         }
+    }
+
+    /// The PCE did not answer: when its name now resolves to other addresses (the PCE moved, or
+    /// DNS fails over), lets the firewall's management channel follow, so that the next
+    /// connection (which resolves the name again) gets through an enforced outbound policy. A
+    /// name that resolves to nothing keeps the addresses known before. True when they changed.
+    fn follow_management_server(&mut self) -> bool {
+        let Some(pairing) = &self.pairing else { return false };
+        let resolved = match lifecycle::resolve_safeguards(&pairing.identity) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                log::warn!("{e}; keeping the PCE's addresses known before");
+                return false;
+            }
+        };
+        if resolved == pairing.safeguards {
+            return false;
+        }
+        let addresses = |safeguards: &Safeguards| {
+            safeguards.management.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        };
+        log::info!(
+            "the PCE {} now resolves to {} (was {}): the management channel follows",
+            pairing.identity.management_server,
+            addresses(&resolved),
+            addresses(&pairing.safeguards)
+        );
+        if let Some(policy) = self.applied.clone() {
+            if let Err(e) = self.firewall.apply(&policy, &resolved) {
+                log::error!("cannot open the management channel to the PCE's new addresses: {e}");
+                return false;
+            }
+            self.record_history(
+                ChangeReason::PolicyUpdate,
+                &policy,
+                &format!("management channel moved to {}", addresses(&resolved)),
+            );
+        }
+        if let Some(pairing) = &mut self.pairing {
+            pairing.safeguards = resolved;
+        }
+        true
     }
 
     fn on_event(&mut self, event: Event) {

@@ -112,6 +112,11 @@ pub struct LabOptions {
     pub ven_config: Option<String>,
     /// Extra environment for every `ven` command and agent (e.g. `RUST_LOG`).
     pub ven_env: Vec<(String, String)>,
+    /// `pce serve --listen`: the PCE's lab address unless set (`0.0.0.0` for every address of
+    /// its namespace, e.g. one a test adds).
+    pub pce_listen: Option<String>,
+    /// More `pce serve` arguments (e.g. `--san NAME`).
+    pub pce_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -125,6 +130,8 @@ impl Default for LabOptions {
             policy_timeout: Duration::from_secs(20),
             ven_config: None,
             ven_env: Vec::new(),
+            pce_listen: None,
+            pce_args: Vec::new(),
         }
     }
 }
@@ -480,7 +487,9 @@ impl Lab {
         let data_dir = self.data_dir(Host::Pce);
         let mut command = self.command_in(Host::Pce, &self.bins.pce);
         command.arg("serve").arg("--data-dir").arg(&data_dir);
-        command.args(["--listen", &Host::Pce.address().to_string()]);
+        let listen = self.opts.pce_listen.clone().unwrap_or_else(|| Host::Pce.address().to_string());
+        command.args(["--listen", &listen]);
+        command.args(&self.opts.pce_args);
         if let Some(secs) = self.opts.heartbeat_interval {
             command.args(["--heartbeat-interval", &secs.to_string()]);
         }
