@@ -185,6 +185,7 @@ impl Manager {
         // An announcement that no stopping agent consumed is stale.
         let _ = std::fs::remove_file(self.data.restarting_path());
         self.set_conntrack_timeout();
+        self.set_conntrack_accounting();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
         if self.suspended {
@@ -289,6 +290,16 @@ impl Manager {
         }
         if self.pairing.is_some() && now >= self.next_services_scan {
             self.report_services();
+        }
+    }
+
+    fn set_conntrack_accounting(&self) {
+        if !self.config.conntrack_accounting || self.config.flows.accounted_connections() == 0 {
+            return;
+        }
+        match crate::conntrack::set_accounting(true) {
+            Ok(()) => log::info!(target: "platform", "nf_conntrack_acct set to 1 (accepted flows' bytes)"),
+            Err(e) => log::warn!(target: "platform", "cannot turn conntrack accounting on: {e}"),
         }
     }
 
