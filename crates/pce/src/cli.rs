@@ -16,6 +16,8 @@ use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 pub enum Command {
     Serve(serve::Config),
     Admin(ctl::Target, ctl::Command),
+    /// Offline: files only, no PCE needed.
+    Release(crate::release::Command),
 }
 
 /// Parses the process arguments (argh prints help and usage errors itself and exits), then
@@ -58,6 +60,86 @@ enum Sub {
     Provision(ProvisionArgs),
     Events(EventsArgs),
     Traffic(TrafficArgs),
+    ReleaseKey(ReleaseKeyArgs),
+    Release(ReleaseArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "release-key")]
+/// the Ed25519 key agent releases are signed with (offline: no PCE needed)
+struct ReleaseKeyArgs {
+    #[argh(subcommand)]
+    command: ReleaseKeySub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ReleaseKeySub {
+    Generate(ReleaseKeyGenerateArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "generate")]
+/// write a new signing key (PKCS#8, mode 0600, never overwritten) and print its public half, the
+/// `release_key` VENs pin
+struct ReleaseKeyGenerateArgs {
+    /// where to write the signing key
+    #[argh(option)]
+    output: PathBuf,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "release")]
+/// agent releases: sign and verify (offline: no PCE needed)
+struct ReleaseArgs {
+    #[argh(subcommand)]
+    command: ReleaseSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ReleaseSub {
+    Sign(ReleaseSignArgs),
+    Verify(ReleaseVerifyArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "sign")]
+/// print the detached signature (hex) of an agent binary as a release
+struct ReleaseSignArgs {
+    /// the agent binary
+    #[argh(positional)]
+    binary: PathBuf,
+    /// the signing key (from `pce release-key generate`)
+    #[argh(option)]
+    key: PathBuf,
+    /// the release's version
+    #[argh(option)]
+    version: String,
+    /// the target triple it is built for
+    #[argh(option)]
+    target: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+/// check an agent binary against its signature and a public release key, as a VEN does
+struct ReleaseVerifyArgs {
+    /// the agent binary
+    #[argh(positional)]
+    binary: PathBuf,
+    /// the signature (128 hex digits)
+    #[argh(option)]
+    signature: String,
+    /// the public release key (64 hex digits)
+    #[argh(option)]
+    key: String,
+    /// the release's version
+    #[argh(option)]
+    version: String,
+    /// the target triple it is built for
+    #[argh(option)]
+    target: String,
 }
 
 #[derive(FromArgs)]
@@ -399,6 +481,26 @@ fn convert(args: Args) -> Result<Command, String> {
                 sans: serve.san,
                 heartbeat_interval_s: serve.heartbeat_interval,
                 offline_after_heartbeats: serve.offline_after_heartbeats,
+            }));
+        }
+        Sub::ReleaseKey(ReleaseKeyArgs { command: ReleaseKeySub::Generate(generate) }) => {
+            return Ok(Command::Release(crate::release::Command::GenerateKey { output: generate.output }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Sign(sign) }) => {
+            return Ok(Command::Release(crate::release::Command::Sign {
+                binary: sign.binary,
+                key: sign.key,
+                version: sign.version,
+                target: sign.target,
+            }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Verify(verify) }) => {
+            return Ok(Command::Release(crate::release::Command::Verify {
+                binary: verify.binary,
+                signature: verify.signature,
+                public_key: verify.key,
+                version: verify.version,
+                target: verify.target,
             }));
         }
         Sub::ActivationCode(_) => ctl::Command::ActivationCode,

@@ -36,6 +36,7 @@ mod fsutil;
 mod http;
 mod orgevents;
 mod policy;
+mod release;
 mod serve;
 mod sessions;
 mod store;
@@ -53,6 +54,8 @@ enum Error {
     Serve(#[from] serve::ServeError),
     #[error(transparent)]
     Ctl(#[from] ctl::CtlError),
+    #[error(transparent)]
+    Release(#[from] release::ReleaseToolError),
 }
 
 /// The `pce` command: parses the arguments, runs the command, reports an error on stderr.
@@ -61,6 +64,7 @@ pub fn main() -> ExitCode {
     let result = cli::parse().map_err(Error::Usage).and_then(|command| match command {
         cli::Command::Serve(config) => serve::run(config).map_err(Error::from),
         cli::Command::Admin(target, command) => ctl::run(target, command).map_err(Error::from),
+        cli::Command::Release(command) => release::run(command).map_err(Error::from),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

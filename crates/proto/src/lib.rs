@@ -14,6 +14,7 @@
 pub mod clock;
 pub mod frame;
 mod net;
+pub mod release;
 
 pub use net::{IpNet, IpNetError};
 
