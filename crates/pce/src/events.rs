@@ -157,10 +157,11 @@ enum Wake {
 async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Result<Option<u64>, ()> {
     let app = app.clone();
     crate::http::blocking(move || {
-        let store = app.store();
+        let mut store = app.store();
         if store.authenticate(agent_id, &agent_token) {
             Ok(store.policy(agent_id).map(|policy| policy.version))
         } else {
+            store.lost_agent(agent_id, "event service", crate::clock::now());
             Err(())
         }
     })

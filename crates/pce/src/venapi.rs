@@ -275,7 +275,10 @@ fn authenticate_header(app: &App, authorization: Option<&str>) -> Result<u64, Re
     let credentials = authorization.and_then(ven_proto::parse_bearer);
     match credentials {
         Some((agent_id, token)) if app.store().authenticate(agent_id, token) => Ok(agent_id),
-        Some(_) => Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token")),
+        Some((agent_id, _)) => {
+            app.store().lost_agent(agent_id, "VEN API", clock::now());
+            Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token"))
+        }
         None => Err(error(401, ErrorKind::Unauthorized, "missing or malformed agent credentials")),
     }
 }
