@@ -500,15 +500,22 @@ impl Manager {
         if self.suspended {
             return;
         }
+        if let Event::PolicyChanged { version } = event {
+            self.all.pce_policy_version = Some(version);
+        }
+        if ignored_while(self.heartbeats.connectivity(), &event) {
+            log::info!("ignoring {event:?} while diminished");
+            return;
+        }
         match event {
-            // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
-                self.all.pce_policy_version = Some(version);
-                if self.heartbeats.connectivity() == Connectivity::Diminished {
-                    log::info!("ignoring policy event for version {version} while diminished");
-                } else if version != self.applied_version() && !self.recently_rejected(version) {
+                if version != self.applied_version() && !self.recently_rejected(version) {
                     self.sync_policy(version);
                 }
+            }
+            // Answered by the next commit (agent/supportreport.rs).
+            Event::SupportReportRequested { request } => {
+                log::info!("the PCE asks for a support report (request {request})")
             }
         }
     }
@@ -880,6 +887,12 @@ impl Manager {
     }
 }
 
+/// Whether `event` is ignored in `connectivity`. INVARIANT (the spec): a diminished VEN ignores
+/// every bolt but software upgrades and support reports; heartbeats still sync the policy.
+fn ignored_while(connectivity: Connectivity, event: &Event) -> bool {
+    connectivity == Connectivity::Diminished && !matches!(event, Event::SupportReportRequested { .. })
+}
+
 /// Whether going from `previous` to `next` can end connections: `next` enforces, and either
 /// enforcement starts, the rules change or set members went. A change that only adds members
 /// allows a superset of what was allowed, so the conntrack dump it would cost finds nothing.
@@ -905,6 +918,17 @@ mod tests {
 
     fn policy(state: PolicyState) -> Policy {
         Policy { version: 1, state, ip_sets: Vec::new(), rules: Vec::new(), custom_rules: Vec::new() }
+    }
+
+    #[test]
+    fn a_diminished_ven_ignores_bolts_but_support_report_requests() {
+        let policy = Event::PolicyChanged { version: 3 };
+        let report = Event::SupportReportRequested { request: 1 };
+        assert!(ignored_while(Connectivity::Diminished, &policy));
+        assert!(!ignored_while(Connectivity::Diminished, &report), "the spec's exception");
+        for connectivity in [Connectivity::Online, Connectivity::Offline] {
+            assert!(!ignored_while(connectivity, &policy) && !ignored_while(connectivity, &report));
+        }
     }
 
     #[test]

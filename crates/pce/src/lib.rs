@@ -39,6 +39,7 @@ mod policy;
 mod serve;
 mod sessions;
 mod store;
+mod supportreports;
 mod tls;
 mod traffic;
 mod venapi;
@@ -108,6 +109,9 @@ pub mod fuzzing {
             assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
         }
     }
+
+    /// `POST /ven/v1/support_report` bodies: the upload's decoder and the archive check.
+    pub use crate::supportreports::fuzz_upload as support_report_upload;
 
     /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
     /// `api::fuzz_admin_input`).
