@@ -95,6 +95,8 @@ pub struct Manager {
     monitor: Monitor,
     /// What `ven status --all` adds (issue 16).
     all: AllFigures,
+    /// The support report the PCE asked for, built and uploaded on a thread of its own.
+    support_reports: super::supportreport::SupportReporter,
 }
 
 /// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
@@ -120,6 +122,7 @@ impl Manager {
         inputs: SyncSender<Input>,
     ) -> Self {
         let history = History::new(&data);
+        let data_for_reports = data.clone();
         let now = Instant::now();
         Self {
             data,
@@ -152,6 +155,7 @@ impl Manager {
             upload_stats: None,
             monitor: Monitor::default(),
             all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
+            support_reports: super::supportreport::SupportReporter::new(data_for_reports),
         }
     }
 
@@ -473,6 +477,10 @@ impl Manager {
                 {
                     self.sync_policy(response.policy_version);
                 }
+                // Repeated until the report arrives: a lost bolt loses no request.
+                if let Some(request) = response.support_report_request {
+                    self.support_report(request);
+                }
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
@@ -513,10 +521,15 @@ impl Manager {
                     self.sync_policy(version);
                 }
             }
-            // Answered by the next commit (agent/supportreport.rs).
-            Event::SupportReportRequested { request } => {
-                log::info!("the PCE asks for a support report (request {request})")
-            }
+            Event::SupportReportRequested { request } => self.support_report(request),
+        }
+    }
+
+    /// Answers the PCE's support report request `request` (unless it is answered or being
+    /// answered: the bolt and the heartbeat answer both name it).
+    fn support_report(&mut self, request: u64) {
+        if let Some(pairing) = &self.pairing {
+            self.support_reports.request(request, &pairing.identity);
         }
     }
 
@@ -883,6 +896,7 @@ impl Manager {
             }
         }
         self.monitor.stop_all();
+        self.support_reports.stop();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
 }
