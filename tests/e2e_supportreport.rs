@@ -6,10 +6,11 @@
 //! comes back (the heartbeat answer and the new event session carry it). Bad input is refused with
 //! a clear error. Needs root, iproute2, iptables, ipset and tar; skipped loudly without them.
 
-use std::process::Command;
 use std::time::Duration;
 
-use ven::state::{self, Identity, RecordKind};
+#[path = "support/report_check.rs"]
+mod report_check;
+
 use ven_lab::scenario::Host;
 use ven_lab::{Binaries, Lab, LabOptions};
 
@@ -82,36 +83,9 @@ fn the_pce_asks_for_a_support_report_and_gets_one_without_secrets() {
     let got =
         lab.pce(&["support-report", "get", &id, "--output", output_text]).expect("pce support-report get");
     assert!(got.stdout.contains("written to"), "{}", got.stdout);
-    let tar = Command::new("tar").arg("-tf").arg(&output).output().expect("tar -tf");
-    assert!(tar.status.success(), "tar -tf: {}", String::from_utf8_lossy(&tar.stderr));
-    let members = String::from_utf8_lossy(&tar.stdout);
-    for member in [
-        "status.json",
-        "history.json",
-        "config.txt",
-        "identity.txt",
-        "log/agent.log",
-        "firewall/iptables-save.txt",
-        "firewall/ipset-list.txt",
-        "check-env.txt",
-        "version.txt",
-        "MANIFEST.txt",
-    ] {
-        assert!(members.lines().any(|l| l.ends_with(&format!("/{member}"))), "{member} missing:\n{members}");
-    }
+    report_check::listed_members(&output);
     let bytes = std::fs::read(&output).expect("the report");
-    let identity: Identity =
-        state::read_record(&lab.data_dir(Host::Web).join("state/identity"), RecordKind::Identity)
-            .expect("web's identity")
-            .expect("web is activated");
-    let pairing = lab.pairing().expect("the pairing material").clone();
-    for (what, secret) in [
-        ("agent token", identity.agent_token.as_str()),
-        ("activation code", pairing.activation_code.as_str()),
-    ] {
-        assert!(secret.len() >= 8, "{what} too short to test");
-        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the {what} is in the report");
-    }
+    report_check::assert_no_secrets(&lab, Host::Web, &bytes, &[]);
     // Answered once: the request no longer waits, and no second report comes for it.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(reports(&lab).len(), 1, "one report per request");

@@ -693,6 +693,22 @@ mod tests {
     }
 
     #[test]
+    fn support_report_commands_parse() {
+        assert!(matches!(
+            parse(&["support-report", "request", "web"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportRequest { host })) if host == "web"
+        ));
+        assert!(matches!(
+            parse(&["support-report", "get", "3", "--output", "/tmp/r.tar"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportGet { id: 3, output })) if output == std::path::Path::new("/tmp/r.tar")
+        ));
+        assert!(matches!(
+            parse(&["support-report", "list", "--json"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportList { json: true }))
+        ));
+    }
+
+    #[test]
     fn traffic_options_are_checked_like_the_api_parameters() {
         let Ok(Command::Admin(_, ctl::Command::Traffic { query, json })) = parse(&[
             "traffic",
