@@ -554,6 +554,21 @@ mod tests {
     }
 
     #[test]
+    fn support_reports_from_the_admin_api_shape() {
+        let text = r#"[{"href":"/orgs/1/support_reports/2","id":2,"request_id":3,
+            "workload":{"href":"/orgs/1/workloads/1","id":1,"hostname":"web"},
+            "received_at":"2026-12-07T13:00:00Z","size_bytes":92160,"sha256":"ab",
+            "download":"/orgs/1/support_reports/2/download"}]"#;
+        let reports = SupportReport::parse_list(text).unwrap();
+        assert_eq!(
+            reports,
+            vec![SupportReport { id: 2, request_id: 3, hostname: "web".into(), size_bytes: 92160 }]
+        );
+        assert!(SupportReport::parse_list(r#"[{"id":1}]"#).is_err());
+        assert!(SupportReport::parse_list("{}").is_err());
+    }
+
+    #[test]
     fn history_from_the_renderer_shape() {
         let text = r#"[{"seq":7,"at":"2026-11-27T12:00:00Z","unix_time":1795780800,
             "reason":"policy_update","policy_version":12,"state":"enforced",

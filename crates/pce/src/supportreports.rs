@@ -39,7 +39,10 @@ pub enum SupportReportError {
     Io { path: PathBuf, source: io::Error },
     #[error("support reports: the index {path} is damaged: {source}")]
     Index { path: PathBuf, source: serde_json::Error },
-    /// The request or upload contradicts what is stored (nothing pending, too many, bad archive).
+    /// An upload answers no request waiting for its workload (never asked, or answered).
+    #[error("no support report request {request} is waiting for workload {workload}")]
+    NotWaiting { request: u64, workload: u64 },
+    /// The request or upload is refused (too many waiting, not a whole archive, too large).
     #[error("{0}")]
     Rejected(String),
     #[error("no support report with id {0}")]
@@ -163,9 +166,7 @@ impl SupportReports {
         now: u64,
     ) -> Result<Report, SupportReportError> {
         if !self.index.pending.iter().any(|r| r.workload_id == workload_id && r.id == request_id) {
-            return Err(SupportReportError::Rejected(format!(
-                "no support report request {request_id} is waiting for workload {workload_id}"
-            )));
+            return Err(SupportReportError::NotWaiting { request: request_id, workload: workload_id });
         }
         check_archive(archive).map_err(SupportReportError::Rejected)?;
         let mut next = self.index.clone();
@@ -314,11 +315,9 @@ mod tests {
         assert_eq!(reports.request(7, 101).unwrap(), (request.clone(), false), "one waiting per workload");
         assert_eq!(reports.pending(7), Some(request.id));
         let wrong = reports.store(7, "web", request.id + 1, &archive(1), 102);
-        assert!(
-            matches!(wrong, Err(SupportReportError::Rejected(m)) if m.contains("no support report request"))
-        );
+        assert!(matches!(wrong, Err(SupportReportError::NotWaiting { .. })));
         let other = reports.store(8, "db", request.id, &archive(1), 102);
-        assert!(matches!(other, Err(SupportReportError::Rejected(_))), "another workload's request");
+        assert!(matches!(other, Err(SupportReportError::NotWaiting { .. })), "another workload's request");
         let report = reports.store(7, "web", request.id, &archive(1), 103).unwrap();
         assert_eq!(reports.pending(7), None);
         assert!(reports.store(7, "web", request.id, &archive(1), 104).is_err(), "answered once");

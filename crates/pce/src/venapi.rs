@@ -202,8 +202,8 @@ fn support_report(app: &App, request: &Request) -> Answer {
             );
             Ok(Response::empty(204))
         }
-        Err(SupportReportError::Rejected(message)) if message.starts_with("no support report request") => {
-            Err(error(409, ErrorKind::BadRequest, message))
+        Err(e @ SupportReportError::NotWaiting { .. }) => {
+            Err(error(409, ErrorKind::BadRequest, e.to_string()))
         }
         Err(SupportReportError::Rejected(message)) => Err(error(400, ErrorKind::BadRequest, message)),
         Err(other) => {
