@@ -1,8 +1,8 @@
 //! What the request handlers and the event sessions share: [`App`] (the store, the flows, the
-//! registry of connected agents, the finished jobs, the admin key's hash), its housekeeping, and
-//! the admin key file it is made from. `serve` builds one and runs the listeners over it; `api`,
-//! `venapi` and `events` take it. It depends on the state below it (`store`, `flows`,
-//! `sessions`), never on the handlers.
+//! registry of connected agents, the finished jobs, the support reports, the admin key's hash),
+//! its housekeeping, and the admin key file it is made from. `serve` builds one and runs the
+//! listeners over it; `api`, `venapi` and `events` take it. It depends on the state below it
+//! (`store`, `flows`, `sessions`, `supportreports`), never on the handlers.
 
 use crate::flows::FlowStore;
 use crate::sessions::Sessions;

@@ -14,11 +14,12 @@
 //! profiles and keys), `policy/` (the policy objects' model and the per-workload computation,
 //! pure), `orgevents`
 //! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
-//! de-duplication, bounded store, append-only log), `traffic` (the traffic query: parameters,
-//! filter, JSON), `ctl` (admin client), `clock`.
+//! de-duplication, bounded store, append-only log), `supportreports` (support reports asked of
+//! VENs: the requests waiting and the archives received, bounded, crash-safe), `traffic` (the
+//! traffic query: parameters, filter, JSON), `ctl` (admin client), `clock`.
 //!
 //! Dependencies point one way (a test below checks that `use crate::` makes no cycle):
-//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`;
+//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`, `supportreports`;
 //! `api/` -> `store/` -> `policy/` (the pure model and computation the store keeps), `orgevents`,
 //! `crypto`; `traffic` -> `flows`; `tls` -> `crypto`. `ctl` takes only constants and types.
 #![forbid(unsafe_code)]
