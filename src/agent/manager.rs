@@ -95,6 +95,8 @@ pub struct Manager {
     monitor: Monitor,
     /// What `ven status --all` adds (issue 16).
     all: AllFigures,
+    /// The support report the PCE asked for, built and uploaded on a thread of its own.
+    support_reports: super::supportreport::SupportReporter,
 }
 
 /// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
@@ -120,6 +122,7 @@ impl Manager {
         inputs: SyncSender<Input>,
     ) -> Self {
         let history = History::new(&data);
+        let data_for_reports = data.clone();
         let now = Instant::now();
         Self {
             data,
@@ -152,6 +155,7 @@ impl Manager {
             upload_stats: None,
             monitor: Monitor::default(),
             all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
+            support_reports: super::supportreport::SupportReporter::new(data_for_reports),
         }
     }
 
@@ -484,6 +488,10 @@ impl Manager {
                 {
                     self.sync_policy(response.policy_version);
                 }
+                // Repeated until the report arrives: a lost bolt loses no request.
+                if let Some(request) = response.support_report_request {
+                    self.support_report(request);
+                }
             }
             Err(e) if e.is_unauthorized() => {
                 log::error!("{e}: this VEN is a lost agent; retrying every 4 hours (re-activate to recover)");
@@ -558,16 +566,28 @@ impl Manager {
         if self.suspended {
             return;
         }
+        if let Event::PolicyChanged { version } = event {
+            self.all.pce_policy_version = Some(version);
+        }
+        if ignored_while(self.heartbeats.connectivity(), &event) {
+            log::info!("ignoring {event:?} while diminished");
+            return;
+        }
         match event {
-            // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
-                self.all.pce_policy_version = Some(version);
-                if self.heartbeats.connectivity() == Connectivity::Diminished {
-                    log::info!("ignoring policy event for version {version} while diminished");
-                } else if version != self.applied_version() && !self.recently_rejected(version) {
+                if version != self.applied_version() && !self.recently_rejected(version) {
                     self.sync_policy(version);
                 }
             }
+            Event::SupportReportRequested { request } => self.support_report(request),
+        }
+    }
+
+    /// Answers the PCE's support report request `request` (unless it is answered or being
+    /// answered: the bolt and the heartbeat answer both name it).
+    fn support_report(&mut self, request: u64) {
+        if let Some(pairing) = &self.pairing {
+            self.support_reports.request(request, &pairing.identity);
         }
     }
 
@@ -934,8 +954,15 @@ impl Manager {
             }
         }
         self.monitor.stop_all();
+        self.support_reports.stop();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
+}
+
+/// Whether `event` is ignored in `connectivity`. INVARIANT (the spec): a diminished VEN ignores
+/// every bolt but software upgrades and support reports; heartbeats still sync the policy.
+fn ignored_while(connectivity: Connectivity, event: &Event) -> bool {
+    connectivity == Connectivity::Diminished && !matches!(event, Event::SupportReportRequested { .. })
 }
 
 /// Whether going from `previous` to `next` can end connections: `next` enforces, and either
@@ -963,6 +990,17 @@ mod tests {
 
     fn policy(state: PolicyState) -> Policy {
         Policy { version: 1, state, ip_sets: Vec::new(), rules: Vec::new(), custom_rules: Vec::new() }
+    }
+
+    #[test]
+    fn a_diminished_ven_ignores_bolts_but_support_report_requests() {
+        let policy = Event::PolicyChanged { version: 3 };
+        let report = Event::SupportReportRequested { request: 1 };
+        assert!(ignored_while(Connectivity::Diminished, &policy));
+        assert!(!ignored_while(Connectivity::Diminished, &report), "the spec's exception");
+        for connectivity in [Connectivity::Online, Connectivity::Offline] {
+            assert!(!ignored_while(connectivity, &policy) && !ignored_while(connectivity, &report));
+        }
     }
 
     #[test]

@@ -28,7 +28,9 @@ use crate::firewall::FirewallDump;
 use crate::netns::{Netns, NetnsError, Segment};
 use crate::probe::{self, Expect, Verdict};
 use crate::process::{self, Captured, DEFAULT_GRACE, Daemon, ProcessError};
-use crate::status::{self, HistoryItem, OrgEvent, ParseError, PceStartup, VenStatus, Workload};
+use crate::status::{
+    self, HistoryItem, OrgEvent, ParseError, PceStartup, SupportReport, VenStatus, Workload,
+};
 use crate::workdir::Workdir;
 
 /// The PCE's admin and VEN API port (the contract's default).
@@ -652,6 +654,11 @@ impl Lab {
     /// `pce events --json`: the organisation events, oldest first.
     pub fn events(&self) -> Result<Vec<OrgEvent>, LabError> {
         Ok(OrgEvent::parse_list(&self.pce(&["events", "--json"])?.stdout)?)
+    }
+
+    /// `pce support-report list --json`: the support reports received, oldest first.
+    pub fn support_reports(&self) -> Result<Vec<SupportReport>, LabError> {
+        Ok(SupportReport::parse_list(&self.pce(&["support-report", "list", "--json"])?.stdout)?)
     }
 
     /// `ven history --json` on `host`: the recorded firewall changes, oldest first.

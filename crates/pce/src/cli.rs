@@ -62,6 +62,54 @@ enum Sub {
     Traffic(TrafficArgs),
     ReleaseKey(ReleaseKeyArgs),
     Release(ReleaseArgs),
+    SupportReport(SupportReportArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "support-report")]
+/// ask a workload's VEN for a support report, list the reports received, save one
+struct SupportReportArgs {
+    #[argh(subcommand)]
+    command: SupportReportSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum SupportReportSub {
+    Request(SupportReportRequestArgs),
+    List(SupportReportListArgs),
+    Get(SupportReportGetArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "request")]
+/// ask the workload's VEN for a support report (a lightning bolt, and every heartbeat answer
+/// until it arrives)
+struct SupportReportRequestArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the support reports received, oldest first
+struct SupportReportListArgs {
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "get")]
+/// write a support report's archive (a tar) to a file
+struct SupportReportGetArgs {
+    /// id of the report (see `pce support-report list`)
+    #[argh(positional)]
+    id: u64,
+    /// file to write (mode 0600, replaced whole)
+    #[argh(option)]
+    output: PathBuf,
 }
 
 #[derive(FromArgs)]
@@ -564,6 +612,13 @@ fn convert(args: Args) -> Result<Command, String> {
             ctl::Command::Events { format, event_type, max: events.max }
         }
         Sub::Traffic(args) => ctl::Command::Traffic { query: traffic_query(&args)?, json: args.json },
+        Sub::SupportReport(SupportReportArgs { command }) => match command {
+            SupportReportSub::Request(args) => ctl::Command::SupportReportRequest { host: args.host },
+            SupportReportSub::List(args) => ctl::Command::SupportReportList { json: args.json },
+            SupportReportSub::Get(args) => {
+                ctl::Command::SupportReportGet { id: args.id, output: args.output }
+            }
+        },
         Sub::Rule(RuleArgs { command: RuleSub::Add(add) }) => {
             if add.service.is_empty() {
                 return Err("a rule needs at least one --service PORT[-PORT]/PROTO".into());
@@ -737,6 +792,22 @@ mod tests {
         assert!(parse(&["events", "--format", "xml"]).is_err());
         assert!(parse(&["events", "--type", "nope"]).err().unwrap_or_default().contains("tampering"));
         assert!(parse(&["serve", "--offline-after-heartbeats", "0"]).is_err());
+    }
+
+    #[test]
+    fn support_report_commands_parse() {
+        assert!(matches!(
+            parse(&["support-report", "request", "web"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportRequest { host })) if host == "web"
+        ));
+        assert!(matches!(
+            parse(&["support-report", "get", "3", "--output", "/tmp/r.tar"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportGet { id: 3, output })) if output == std::path::Path::new("/tmp/r.tar")
+        ));
+        assert!(matches!(
+            parse(&["support-report", "list", "--json"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportList { json: true }))
+        ));
     }
 
     #[test]

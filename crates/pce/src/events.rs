@@ -12,7 +12,7 @@
 
 use crate::admission::Ticket;
 use crate::app::App;
-use crate::sessions::Sessions;
+use crate::sessions::{Bolt, Sessions};
 use serde::de::DeserializeOwned;
 use smol::Timer;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -146,21 +146,31 @@ pub fn fuzz_hello(data: &[u8], split: usize) -> Result<Option<Hello>, EventError
 }
 
 enum Wake {
-    Event(Option<u64>),
+    Event(Option<Bolt>),
     Frame(Result<VenFrame, EventError>),
     Ping,
 }
 
-/// The agent's current policy version if `agent_token` is its token, else `Err(())`. Runs on
+/// What a new session tells its VEN at once: the current policy version and a support report
+/// waiting to be sent.
+struct Current {
+    policy_version: Option<u64>,
+    support_report: Option<u64>,
+}
+
+/// What the agent is to be told at once if `agent_token` is its token, else `Err(())`. Runs on
 /// the blocking pool: the store's lock may be held for a while (a provision recomputes every
 /// policy), and an executor thread waiting for it would stall every connection it serves.
-async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Result<Option<u64>, ()> {
+async fn authenticate(app: &Arc<App>, agent_id: u64, agent_token: String) -> Result<Current, ()> {
     let app = app.clone();
     crate::http::blocking(move || {
-        let store = app.store();
+        let mut store = app.store();
         if store.authenticate(agent_id, &agent_token) {
-            Ok(store.policy(agent_id).map(|policy| policy.version))
+            let policy_version = store.policy(agent_id).map(|policy| policy.version);
+            drop(store);
+            Ok(Current { policy_version, support_report: app.support_reports().pending(agent_id) })
         } else {
+            store.lost_agent(agent_id, "event service", crate::clock::now());
             Err(())
         }
     })
@@ -182,23 +192,31 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e @ (EventError::TrailingBytes(_) | EventError::NotHello)) => Err(e),
         Err(other) => return Err(other),
     };
-    let (agent_id, current, refusal) = match hello {
-        Err(e) => (0, None, Some(e.to_string())),
+    let (agent_id, protocol_version, current, refusal) = match hello {
+        Err(e) => (0, 0, None, Some(e.to_string())),
         Ok(Hello { protocol_version, .. }) if !ven_proto::protocol_supported(protocol_version) => (
             0,
+            protocol_version,
             None,
             Some(format!(
                 "protocol version {protocol_version} is not supported (this PCE speaks {PROTOCOL_VERSION})"
             )),
         ),
-        Ok(Hello { agent_id, agent_token, .. }) => match authenticate(app, agent_id, agent_token).await {
-            Ok(current) => (agent_id, current, None),
-            Err(()) => (agent_id, None, Some("unknown agent or wrong token".to_string())),
-        },
+        Ok(Hello { agent_id, agent_token, protocol_version }) => {
+            match authenticate(app, agent_id, agent_token).await {
+                Ok(current) => (agent_id, protocol_version, Some(current), None),
+                Err(()) => {
+                    (agent_id, protocol_version, None, Some("unknown agent or wrong token".to_string()))
+                }
+            }
+        }
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
-        None => app.sessions.register(agent_id).ok_or_else(|| "the event service is full".to_string()),
+        None => app
+            .sessions
+            .register(agent_id, protocol_version)
+            .ok_or_else(|| "the event service is full".to_string()),
     };
     let (serial, events) = match registered {
         Ok(registered) => registered,
@@ -211,8 +229,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     ticket.authenticated();
     log::debug!("agent {agent_id} connected to the event service ({} sessions)", app.sessions.len());
     send(&mut stream, &PceFrame::Ack { ping_interval_s: PING_INTERVAL.as_secs() as u32 }).await?;
-    if let Some(version) = current {
+    let current = current.unwrap_or(Current { policy_version: None, support_report: None });
+    if let Some(version) = current.policy_version {
         send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?;
+    }
+    // INVARIANT: a VEN is sent only bolts its protocol version decodes.
+    if let Some(request) = current.support_report {
+        if protocol_version >= ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
+            send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?;
+        }
     }
 
     let (mut nonce, mut last_pong, mut next_ping) = (0u64, Instant::now(), Instant::now() + PING_INTERVAL);
@@ -226,8 +251,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
         match wake {
-            Wake::Event(Some(version)) => {
+            Wake::Event(Some(Bolt::PolicyChanged(version))) => {
                 send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?
+            }
+            // Queued only for sessions whose version knows it (`Sessions::request_support_report`).
+            Wake::Event(Some(Bolt::SupportReport(request))) => {
+                send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?
             }
             // Replaced by a newer session, or the agent was deactivated.
             Wake::Event(None) => return Ok(()),

@@ -14,11 +14,12 @@
 //! profiles and keys), `policy/` (the policy objects' model and the per-workload computation,
 //! pure), `orgevents`
 //! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
-//! de-duplication, bounded store, append-only log), `traffic` (the traffic query: parameters,
-//! filter, JSON), `ctl` (admin client), `clock`.
+//! de-duplication, bounded store, append-only log), `supportreports` (support reports asked of
+//! VENs: the requests waiting and the archives received, bounded, crash-safe), `traffic` (the
+//! traffic query: parameters, filter, JSON), `ctl` (admin client), `clock`.
 //!
 //! Dependencies point one way (a test below checks that `use crate::` makes no cycle):
-//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`;
+//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`, `supportreports`;
 //! `api/` -> `store/` -> `policy/` (the pure model and computation the store keeps), `orgevents`,
 //! `crypto`; `traffic` -> `flows`; `tls` -> `crypto`. `ctl` takes only constants and types.
 #![forbid(unsafe_code)]
@@ -40,6 +41,7 @@ mod release;
 mod serve;
 mod sessions;
 mod store;
+mod supportreports;
 mod tls;
 mod traffic;
 mod venapi;
@@ -112,6 +114,9 @@ pub mod fuzzing {
             assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
         }
     }
+
+    /// `POST /ven/v1/support_report` bodies: the upload's decoder and the archive check.
+    pub use crate::supportreports::fuzz_upload as support_report_upload;
 
     /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
     /// `api::fuzz_admin_input`).
