@@ -122,6 +122,9 @@ pub struct Config {
     pub service_report_interval: Duration,
     /// `nf_conntrack_tcp_timeout_established` set at start; `None` leaves the host's value.
     pub conntrack_established_timeout: Option<u32>,
+    /// Turn `nf_conntrack_acct` on at start (`conntrack_accounting`, default on): accepted flows'
+    /// bytes come from it. Off leaves the host's value.
+    pub conntrack_accounting: bool,
     /// Delete the conntrack entries of connections a tightened policy no longer allows.
     pub conntrack_cut_on_tighten: bool,
     /// A copy of the agent the PCE takes for a clone (issue 16) re-pairs on its own as a new
@@ -159,9 +162,23 @@ pub struct FlowSettings {
     /// packets of new tuples each count as a connection, counted as overflow in `ven status`.
     /// `None`: as many as `tracked_flows`, so a board's flow cap bounds both tables.
     pub tracked_connections: Option<usize>,
+    /// Most accepted connections waiting for conntrack's account of their bytes
+    /// (`flow_accounted_connections`; 92 bytes each plus the map's slack; 0: accepted flows
+    /// carry no bytes). `None`: `ACCOUNTED_CONNECTIONS_DEFAULT` or `tracked_flows` if smaller.
+    pub accounted_connections_setting: Option<usize>,
     /// How long a tuple not seen again stays one connection: the kernel's unreplied timeouts
     /// (`flow_connection_timeout_{tcp,udp,icmp}_s`; other protocols use the UDP one).
     pub connection_timeouts: crate::flows::Timeouts,
+}
+
+/// Accepted connections waiting for their bytes, unless configured or `tracked_flows` is smaller.
+pub const ACCOUNTED_CONNECTIONS_DEFAULT: usize = 16_384;
+
+impl FlowSettings {
+    /// Most accepted connections waiting for conntrack's account of their bytes (0: none).
+    pub fn accounted_connections(&self) -> usize {
+        self.accounted_connections_setting.unwrap_or(ACCOUNTED_CONNECTIONS_DEFAULT.min(self.tracked_flows))
+    }
 }
 
 impl Default for FlowSettings {
@@ -172,6 +189,7 @@ impl Default for FlowSettings {
             upload_interval: Duration::from_secs(600),
             sampling_threshold: 100_000,
             tracked_connections: None,
+            accounted_connections_setting: None,
             connection_timeouts: crate::flows::Timeouts::default(),
         }
     }
@@ -197,6 +215,7 @@ impl Default for Config {
             interface_report_interval: Duration::from_secs(300),
             service_report_interval: Duration::from_secs(30),
             conntrack_established_timeout: Some(28_800),
+            conntrack_accounting: true,
             conntrack_cut_on_tighten: true,
             clone_reactivate: false,
             flows: FlowSettings::default(),
@@ -321,6 +340,10 @@ impl Config {
             "flow_sampling_threshold" => {
                 self.flows.sampling_threshold = number(key, value, 0, 10_000_000)? as u32
             }
+            "flow_accounted_connections" => {
+                self.flows.accounted_connections_setting = Some(number(key, value, 0, 1_000_000)? as usize)
+            }
+            "conntrack_accounting" => self.conntrack_accounting = boolean(key, value)?,
             "flow_tracked_connections" => {
                 self.flows.tracked_connections = Some(number(key, value, 16, 1_000_000)? as usize)
             }
@@ -425,6 +448,7 @@ mod tests {
                 upload_interval: Duration::from_secs(30),
                 sampling_threshold: 0,
                 tracked_connections: Some(5000),
+                accounted_connections_setting: None,
                 connection_timeouts: crate::flows::Timeouts {
                     tcp: Duration::from_secs(10),
                     udp: Duration::from_secs(3),

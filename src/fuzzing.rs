@@ -10,7 +10,7 @@ use std::io::Cursor;
 use ven_proto::frame::{MAX_FRAME_BYTES, PceFrame, VenFrame, read_frame};
 
 use crate::agent::control::{ControlRequest, ControlResponse};
-use crate::conntrack::{DumpReader, for_each_ack, parse_connection, push_delete_request};
+use crate::conntrack::{DumpReader, for_each_ack, for_each_destroyed, parse_connection, push_delete_request};
 use crate::flows::store::{batch_from_chunks, decode_stored_chunk, decode_stored_summary};
 use crate::history::{self, Listed};
 use crate::state::{self, CloneSuspicion, Identity, RecordKind, SavedStatus, Suspension};
@@ -48,8 +48,8 @@ fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(data)
 }
 
-/// ctnetlink datagrams as a netlink socket hands them over: hostile bytes give entries or an
-/// error, never a panic; an entry that decodes re-encodes (as a delete request) to itself.
+/// ctnetlink datagrams as a netlink socket hands them over (dump replies, acks, destroy events
+/// with their counters): hostile bytes give entries or an error, never a panic; an entry that decodes re-encodes (as a delete request) to itself.
 pub fn ctnetlink(data: &[u8]) {
     // The first 4 bytes pick the dump's sequence number, so that replies both match and not.
     let (seq, datagram) = match data.split_first_chunk::<4>() {
@@ -61,6 +61,9 @@ pub fn ctnetlink(data: &[u8]) {
     // A second datagram after the first, as a multi-part dump delivers them.
     let _ = reader.feed(data, &mut |_| {});
     let _ = for_each_ack(data, &mut |_| {});
+    // Destroy events (flow accounting): counters sum without overflow.
+    let _ = for_each_destroyed(data, &mut |_, _| {});
+    let _ = for_each_destroyed(datagram, &mut |_, _| {});
     if let Ok(connection) = parse_connection(data, 0) {
         let mut request = Vec::new();
         push_delete_request(&mut request, seq, &connection);

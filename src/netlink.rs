@@ -58,6 +58,12 @@ impl NetfilterSocket {
     /// Opens and binds a socket in the calling thread's network namespace (port id assigned by
     /// the kernel).
     pub(crate) fn open(receive_timeout: Duration) -> Result<Self, SocketError> {
+        Self::open_subscribed(receive_timeout, 0)
+    }
+
+    /// [`NetfilterSocket::open`], also a member of the multicast `groups` (a bit mask: group N
+    /// is bit N - 1), whose messages the kernel sends without being asked.
+    pub(crate) fn open_subscribed(receive_timeout: Duration, groups: u32) -> Result<Self, SocketError> {
         let os = |operation| move |errno| SocketError::Os { operation, errno };
         let fd = socket(
             AddressFamily::Netlink,
@@ -66,7 +72,7 @@ impl NetfilterSocket {
             SockProtocol::NetlinkNetFilter,
         )
         .map_err(os("socket"))?;
-        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(os("bind"))?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(os("bind"))?;
         let timeout = TimeVal::milliseconds(i64::try_from(receive_timeout.as_millis()).unwrap_or(i64::MAX));
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(os("setsockopt SO_RCVTIMEO"))?;
         Ok(Self { fd })
@@ -116,15 +122,33 @@ impl NetfilterSocket {
         buffer: &mut [u8],
         operation: &'static str,
     ) -> Result<Option<usize>, SocketError> {
+        self.receive_with(buffer, operation, MsgFlags::empty())
+    }
+
+    /// [`NetfilterSocket::receive`] without waiting: [`SocketError::Timeout`] when nothing is
+    /// queued.
+    pub(crate) fn try_receive(
+        &self,
+        buffer: &mut [u8],
+        operation: &'static str,
+    ) -> Result<Option<usize>, SocketError> {
+        self.receive_with(buffer, operation, MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn receive_with(
+        &self,
+        buffer: &mut [u8],
+        operation: &'static str,
+        flags: MsgFlags,
+    ) -> Result<Option<usize>, SocketError> {
         loop {
             let mut iov = [IoSliceMut::new(buffer)];
-            let received =
-                match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, MsgFlags::empty()) {
-                    Ok(received) => received,
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EAGAIN) => return Err(SocketError::Timeout),
-                    Err(errno) => return Err(SocketError::Os { operation, errno }),
-                };
+            let received = match recvmsg::<NetlinkAddr>(self.fd.as_raw_fd(), &mut iov, None, flags) {
+                Ok(received) => received,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Err(SocketError::Timeout),
+                Err(errno) => return Err(SocketError::Os { operation, errno }),
+            };
             if received.address.is_none_or(|from| from.pid() != KERNEL_PORT) {
                 return Ok(None);
             }

@@ -6,7 +6,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use ven::state::{self, Identity, RecordKind};
+#[path = "support/report_check.rs"]
+mod report_check;
+
 use ven_lab::scenario::{self, Host};
 use ven_lab::{Binaries, Lab, LabOptions};
 
@@ -93,24 +95,7 @@ fn connectivity_test_status_all_and_support_report_on_an_enforced_workload() {
     assert!(made.stdout.contains("Support report written to"), "{}", made.stdout);
     let mode = std::fs::metadata(&path).expect("the report").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the report is root's only");
-    let listed = Command::new("tar").arg("-tf").arg(&path).output().expect("tar -tf");
-    assert!(listed.status.success(), "tar -tf: {}", String::from_utf8_lossy(&listed.stderr));
-    let listed = String::from_utf8_lossy(&listed.stdout);
-    for member in [
-        "status.json",
-        "status.txt",
-        "history.json",
-        "config.txt",
-        "identity.txt",
-        "log/agent.log",
-        "firewall/iptables-save.txt",
-        "firewall/ipset-list.txt",
-        "check-env.txt",
-        "version.txt",
-        "MANIFEST.txt",
-    ] {
-        assert!(listed.lines().any(|l| l.ends_with(&format!("/{member}"))), "{member} missing:\n{listed}");
-    }
+    let listed = report_check::listed_members(&path);
     let member = |name: &str| {
         let full = listed.lines().find(|l| l.ends_with(&format!("/{name}"))).expect("listed");
         let out = Command::new("tar").arg("-xOf").arg(&path).arg(full).output().expect("tar -xOf");
@@ -123,19 +108,7 @@ fn connectivity_test_status_all_and_support_report_on_an_enforced_workload() {
     assert!(member("config.txt").contains("signing_passphrase = [redacted]"));
 
     let bytes = std::fs::read(&path).expect("read the report");
-    let identity: Identity =
-        state::read_record(&lab.data_dir(Host::Web).join("state/identity"), RecordKind::Identity)
-            .expect("web's identity")
-            .expect("web is activated");
-    let pairing = lab.pairing().expect("the PCE's pairing material").clone();
-    for (what, secret) in [
-        ("agent token", identity.agent_token.as_str()),
-        ("activation code", pairing.activation_code.as_str()),
-        ("planted secret", PLANTED_SECRET),
-    ] {
-        assert!(secret.len() >= 8, "{what} too short to test: {secret:?}");
-        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the {what} is in the report");
-    }
+    report_check::assert_no_secrets(&lab, Host::Web, &bytes, &[("planted secret", PLANTED_SECRET)]);
 
     // With the PCE gone: the event channel goes down and says why, and connectivity-test fails on
     // the PCE while the policy still lets the allowed peer through.

@@ -46,6 +46,7 @@ fn settings(timeouts: Timeouts) -> PipelineSettings {
         sampling_threshold: 0,
         tracked_connections: 1000,
         connection_timeouts: timeouts,
+        accounted_connections: 0,
     }
 }
 
@@ -404,4 +405,94 @@ fn an_idle_agent_sweeps_expired_tuples_and_shrinks_the_table() {
     );
     assert!(grown > first_size, "{TUPLES} tuples grew the table: {grown} bytes");
     assert_eq!(find(&rows, C, B, UDP, UDP_PORT).count, u32::from(TUPLES));
+}
+
+/// Sets the conntrack sysctl `name` (below net/netfilter) to `value` in `host`'s namespace.
+fn conntrack_sysctl(host: &ven_lab::netns::Netns, name: &'static str, value: &'static str) {
+    host.run(move || std::fs::write(format!("/proc/sys/net/netfilter/{name}"), value))
+        .expect("enter namespace")
+        .unwrap_or_else(|e| panic!("setting {name}: {e}"));
+}
+
+/// Accepted connections carry their bytes from conntrack accounting once they end: UDP
+/// datagrams (every one logged while unreplied) exactly, a TCP transfer at least its payload,
+/// with its unlogged packets; IPv4 and IPv6. Conntrack's timeouts after a close are cut to 1 s
+/// in B so that the entries end (and their destroy events come) within the test.
+#[test]
+fn accepted_connections_carry_conntracks_bytes_when_they_end() {
+    if !common::require_kernel() {
+        return;
+    }
+    let lab = Lab::new("fck-acct");
+    let dir = ven_lab::workdir::scratch("fck-acct");
+    lab.apply(&policy_with_udp(1, PolicyState::Enforced, &[A, A6])).expect("apply");
+    lab.b.run(|| ven::conntrack::set_accounting(true)).expect("enter b").expect("nf_conntrack_acct");
+    for name in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_tcp_timeout_close",
+        "nf_conntrack_tcp_timeout_close_wait",
+        "nf_conntrack_tcp_timeout_fin_wait",
+        "nf_conntrack_tcp_timeout_last_ack",
+        "nf_conntrack_tcp_timeout_time_wait",
+    ] {
+        conntrack_sysctl(&lab.b, name, "1");
+    }
+    const PAYLOAD: usize = 1000;
+    const DATAGRAMS: u64 = 5;
+    const TRANSFER: usize = 64 * 1024;
+    let settings = PipelineSettings { accounted_connections: 100, ..settings(Timeouts::default()) };
+    let (rows, counters) = run_pipeline_then(
+        &lab,
+        dir.path(),
+        settings,
+        || {
+            lab.a
+                .run(|| {
+                    use std::io::Write as _;
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    for _ in 0..DATAGRAMS {
+                        socket.send_to(&[7u8; PAYLOAD], common::addr(B, UDP_PORT)).expect("send");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    for dst in [B, B6] {
+                        let to = common::addr(dst, RULED);
+                        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                            .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+                        stream.write_all(&[9u8; TRANSFER]).expect("transfer");
+                        stream.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                    }
+                })
+                .expect("enter a");
+            // B accepts and closes: the TCP entries end.
+            std::thread::sleep(Duration::from_millis(200));
+            lab.drain();
+        },
+        |stats| {
+            // Expired entries are reaped by conntrack's garbage collection, within seconds.
+            let started = Instant::now();
+            while stats.accounted.load(Ordering::Relaxed) < 3 && started.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // The destroy events' bytes land in the next flush.
+            std::thread::sleep(QUIET);
+        },
+    );
+    assert!(counters.accounting_on, "{counters:?}");
+    assert_eq!(counters.accounted, 3, "three connections ended with their counters: {counters:?}");
+    assert_eq!((counters.accounted_overflow, counters.accounted_without_counters), (0, 0), "{counters:?}");
+
+    let udp = find(&rows, A, B, UDP, UDP_PORT);
+    assert_eq!(udp.verdict, FlowVerdict::Allowed);
+    // Unreplied: every datagram is NEW and logged; the bytes are IP lengths.
+    assert_eq!((udp.count, udp.packets), (1, DATAGRAMS), "{udp:?}");
+    assert_eq!(udp.bytes, Some(DATAGRAMS * (PAYLOAD as u64 + 8 + 20)), "{udp:?}");
+    for dst in [B, B6] {
+        let src = if dst == B { A } else { A6 };
+        let tcp = find(&rows, src, dst, TCP, RULED);
+        assert_eq!((tcp.verdict, tcp.count), (FlowVerdict::Allowed, 1), "{tcp:?}");
+        let bytes = tcp.bytes.expect("conntrack's bytes");
+        assert!(bytes > TRANSFER as u64, "both directions, headers included: {tcp:?}");
+        // The handshake, the data segments and the ACKs: far more than the one logged SYN.
+        assert!(tcp.packets > 10, "{tcp:?}");
+    }
 }

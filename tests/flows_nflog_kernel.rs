@@ -230,6 +230,7 @@ fn settings(flush_interval: Duration, sampling_threshold: u32) -> PipelineSettin
         sampling_threshold,
         tracked_connections: 1000,
         connection_timeouts: ven::flows::Timeouts::default(),
+        accounted_connections: 0,
     }
 }
 

@@ -118,7 +118,7 @@ fn write_encoded_seeds() {
     use ven::agent::control::{ControlRequest, ControlResponse};
     use ven::history::{ChangeReason, History};
     use ven::state::{self, CloneSuspicion, DataDir, Identity, RecordKind, SavedStatus, Suspension};
-    use ven_proto::frame::{PceFrame, VenFrame, encode_frame};
+    use ven_proto::frame::{self, PceFrame, VenFrame, encode_frame};
     use ven_proto::*;
 
     let corpus = fuzz_dir().join("corpus");
@@ -283,6 +283,13 @@ fn write_encoded_seeds() {
     };
     write("event_frames", "clone-hello", &encode_frame(&clone_hello));
     write("event_frames", "nack", &encode_frame(&PceFrame::Nack { reason: "bad credentials".to_string() }));
+    // Protocol 5: the support report bolt, and the heartbeat answers of both versions.
+    let bolt = frame::Event::SupportReportRequested { request: 4 };
+    write("event_frames", "support-report-bolt", &encode_frame(&PceFrame::Event(bolt)));
+    let answer =
+        HeartbeatResponse { policy_version: 7, heartbeat_interval_s: 300, support_report_request: Some(4) };
+    write("ven_api_messages", "heartbeat-answer-report", &encode(&answer));
+    write("ven_api_messages", "heartbeat-answer-v4", &encode(&HeartbeatResponseV4::from(answer)));
 
     // Flow rows as the flow store keeps them (a chunk is rows back to back) and as uploaded.
     let flow = |src: &str, dst: &str, protocol, port, verdict| FlowRecord {

@@ -236,22 +236,36 @@ pub fn client(identity: &Identity, data: &DataDir, instance: &'static str) -> Pc
 }
 
 /// What stays reachable for this identity: the VEN API and the event service, on every address
-/// the management server's name resolves to now.
+/// the management server's name resolves to now (none when it resolves to nothing: logged).
 pub fn safeguards(identity: &Identity) -> Safeguards {
+    match resolve_safeguards(identity) {
+        Ok(safeguards) => safeguards,
+        Err(e) => {
+            log::error!("{e}; its channel cannot be safeguarded");
+            Safeguards::default()
+        }
+    }
+}
+
+/// [`safeguards`], or why the management server's name gave no address (a resolver failure
+/// must not take the safeguards of the addresses known before away).
+pub fn resolve_safeguards(identity: &Identity) -> Result<Safeguards, String> {
     let (host, api_port) = match identity.management_server.rsplit_once(':') {
         Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port.parse().unwrap_or(0)),
-        None => return Safeguards::default(),
+        None => return Err(format!("the PCE {} has no port", identity.management_server)),
     };
     let mut management: Vec<SocketAddr> = Vec::new();
     for port in [api_port, identity.event_port] {
-        match (host, port).to_socket_addrs() {
-            Ok(addrs) => management.extend(addrs),
-            Err(e) => log::error!("cannot resolve the PCE {host}: {e}; its channel cannot be safeguarded"),
-        }
+        let addrs =
+            (host, port).to_socket_addrs().map_err(|e| format!("cannot resolve the PCE {host}: {e}"))?;
+        management.extend(addrs);
+    }
+    if management.is_empty() {
+        return Err(format!("the PCE {host} resolves to no address"));
     }
     management.sort();
     management.dedup();
-    Safeguards { management }
+    Ok(Safeguards { management })
 }
 
 /// Records a firewall change in the history; a failure is logged, never fatal.

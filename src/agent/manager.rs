@@ -97,6 +97,8 @@ pub struct Manager {
     monitor: Monitor,
     /// What `ven status --all` adds (issue 16).
     all: AllFigures,
+    /// The support report the PCE asked for, built and uploaded on a thread of its own.
+    support_reports: super::supportreport::SupportReporter,
 }
 
 /// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
@@ -122,6 +124,7 @@ impl Manager {
         inputs: SyncSender<Input>,
     ) -> Self {
         let history = History::new(&data);
+        let data_for_reports = data.clone();
         let now = Instant::now();
         Self {
             data,
@@ -155,6 +158,7 @@ impl Manager {
             upload_stats: None,
             monitor: Monitor::default(),
             all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
+            support_reports: super::supportreport::SupportReporter::new(data_for_reports),
         }
     }
 
@@ -188,6 +192,7 @@ impl Manager {
         // An announcement that no stopping agent consumed is stale.
         let _ = std::fs::remove_file(self.data.restarting_path());
         self.set_conntrack_timeout();
+        self.set_conntrack_accounting();
         self.load_saved_status();
         self.suspended = self.data.suspended_path().exists();
         if self.suspended {
@@ -292,6 +297,16 @@ impl Manager {
         }
         if self.pairing.is_some() && now >= self.next_services_scan {
             self.report_services();
+        }
+    }
+
+    fn set_conntrack_accounting(&self) {
+        if !self.config.conntrack_accounting || self.config.flows.accounted_connections() == 0 {
+            return;
+        }
+        match crate::conntrack::set_accounting(true) {
+            Ok(()) => log::info!(target: "platform", "nf_conntrack_acct set to 1 (accepted flows' bytes)"),
+            Err(e) => log::warn!(target: "platform", "cannot turn conntrack accounting on: {e}"),
         }
     }
 
@@ -489,6 +504,10 @@ impl Manager {
                 {
                     self.sync_policy(response.policy_version);
                 }
+                // Repeated until the report arrives: a lost bolt loses no request.
+                if let Some(request) = response.support_report_request {
+                    self.support_report(request);
+                }
             }
             Err(e) if e.is_suspected_clone() => {
                 log::error!(
@@ -528,6 +547,11 @@ impl Manager {
                     self.applied_version()
                 );
                 self.next_heartbeat = Instant::now() + jitter(retry);
+                // INVARIANT: at most one retry at once per change of the name's addresses, so a
+                // PCE that is down (same addresses) is retried on the backoff above, never in a loop.
+                if matches!(e, ClientError::Unreachable { .. }) && self.follow_management_server() {
+                    self.next_heartbeat = Instant::now();
+                }
             }
         }
     }
@@ -591,20 +615,74 @@ impl Manager {
         Ok(())
     }
 
+    /// The PCE did not answer: when its name now resolves to other addresses (the PCE moved, or
+    /// DNS fails over), lets the firewall's management channel follow, so that the next
+    /// connection (which resolves the name again) gets through an enforced outbound policy. A
+    /// name that resolves to nothing keeps the addresses known before. True when they changed.
+    fn follow_management_server(&mut self) -> bool {
+        let Some(pairing) = &self.pairing else { return false };
+        let resolved = match lifecycle::resolve_safeguards(&pairing.identity) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                log::warn!("{e}; keeping the PCE's addresses known before");
+                return false;
+            }
+        };
+        if resolved == pairing.safeguards {
+            return false;
+        }
+        let addresses = |safeguards: &Safeguards| {
+            safeguards.management.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        };
+        log::info!(
+            "the PCE {} now resolves to {} (was {}): the management channel follows",
+            pairing.identity.management_server,
+            addresses(&resolved),
+            addresses(&pairing.safeguards)
+        );
+        if let Some(policy) = self.applied.clone() {
+            if let Err(e) = self.firewall.apply(&policy, &resolved) {
+                log::error!("cannot open the management channel to the PCE's new addresses: {e}");
+                return false;
+            }
+            self.record_history(
+                ChangeReason::PolicyUpdate,
+                &policy,
+                &format!("management channel moved to {}", addresses(&resolved)),
+            );
+        }
+        if let Some(pairing) = &mut self.pairing {
+            pairing.safeguards = resolved;
+        }
+        true
+    }
+
     fn on_event(&mut self, event: Event) {
         if self.suspended {
             return;
         }
+        if let Event::PolicyChanged { version } = event {
+            self.all.pce_policy_version = Some(version);
+        }
+        if ignored_while(self.heartbeats.connectivity(), &event) {
+            log::info!("ignoring {event:?} while diminished");
+            return;
+        }
         match event {
-            // INVARIANT: a diminished VEN ignores policy bolts (the spec); heartbeats still sync.
             Event::PolicyChanged { version } => {
-                self.all.pce_policy_version = Some(version);
-                if self.heartbeats.connectivity() == Connectivity::Diminished {
-                    log::info!("ignoring policy event for version {version} while diminished");
-                } else if version != self.applied_version() && !self.recently_rejected(version) {
+                if version != self.applied_version() && !self.recently_rejected(version) {
                     self.sync_policy(version);
                 }
             }
+            Event::SupportReportRequested { request } => self.support_report(request),
+        }
+    }
+
+    /// Answers the PCE's support report request `request` (unless it is answered or being
+    /// answered: the bolt and the heartbeat answer both name it).
+    fn support_report(&mut self, request: u64) {
+        if let Some(pairing) = &self.pairing {
+            self.support_reports.request(request, &pairing.identity);
         }
     }
 
@@ -972,8 +1050,15 @@ impl Manager {
             }
         }
         self.monitor.stop_all();
+        self.support_reports.stop();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
     }
+}
+
+/// Whether `event` is ignored in `connectivity`. INVARIANT (the spec): a diminished VEN ignores
+/// every bolt but software upgrades and support reports; heartbeats still sync the policy.
+fn ignored_while(connectivity: Connectivity, event: &Event) -> bool {
+    connectivity == Connectivity::Diminished && !matches!(event, Event::SupportReportRequested { .. })
 }
 
 /// Whether going from `previous` to `next` can end connections: `next` enforces, and either
@@ -1001,6 +1086,17 @@ mod tests {
 
     fn policy(state: PolicyState) -> Policy {
         Policy { version: 1, state, ip_sets: Vec::new(), rules: Vec::new(), custom_rules: Vec::new() }
+    }
+
+    #[test]
+    fn a_diminished_ven_ignores_bolts_but_support_report_requests() {
+        let policy = Event::PolicyChanged { version: 3 };
+        let report = Event::SupportReportRequested { request: 1 };
+        assert!(ignored_while(Connectivity::Diminished, &policy));
+        assert!(!ignored_while(Connectivity::Diminished, &report), "the spec's exception");
+        for connectivity in [Connectivity::Online, Connectivity::Offline] {
+            assert!(!ignored_while(connectivity, &policy) && !ignored_while(connectivity, &report));
+        }
     }
 
     #[test]

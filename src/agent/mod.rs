@@ -27,6 +27,7 @@ pub mod notify;
 pub mod pce_client;
 pub mod services;
 pub mod status;
+pub mod supportreport;
 pub mod tls;
 pub mod uploader;
 

@@ -160,6 +160,15 @@ impl PceClient {
         self.post(path::FLOWS, batch)?.ok_or_else(|| self.malformed(path::FLOWS, "empty body"))
     }
 
+    /// Sends the support report the PCE asked for, within `deadline`.
+    pub fn upload_support_report(
+        &self,
+        upload: &ven_proto::SupportReportUpload,
+        deadline: Duration,
+    ) -> Result<(), ClientError> {
+        self.post_within::<_, ()>(path::SUPPORT_REPORT, upload, Some(deadline)).map(drop)
+    }
+
     pub fn deactivate(&self) -> Result<(), ClientError> {
         self.post::<_, ()>(path::DEACTIVATE, &()).map(drop)
     }

@@ -271,7 +271,7 @@ impl StatusReport {
                         "{{\"reading\":{},\"events\":{},\"lost\":{},\"skipped\":{},\"tracked\":{},\
                          \"folded\":{},\"sampling\":{},\"sampling_scale\":{},\"sampling_episodes\":{},\
                          \"flushes\":{},\"records_stored\":{},\"records_dropped\":{},\"store_failures\":{},\
-                         \"last_store_error\":{},\"connections\":{}}}",
+                         \"last_store_error\":{},\"connections\":{},\"accounting\":{}}}",
                         f.reading,
                         f.events,
                         f.lost,
@@ -287,6 +287,7 @@ impl StatusReport {
                         f.store_failures,
                         json_option(f.last_store_error.as_deref().map(json_string)),
                         connections_json(f),
+                        accounting_json(f),
                     )
                 })),
             ),
@@ -406,6 +407,7 @@ impl StatusReport {
                 flows.tracked, flows.folded
             ));
             lines.push(connections_line(flows));
+            lines.push(accounting_line(flows));
             let mut store = format!(
                 "                   {} flow records stored in {} flushes, {} dropped",
                 flows.records_stored, flows.flushes, flows.records_dropped
@@ -913,6 +915,37 @@ fn connections_json(f: &crate::flows::FlowCounters) -> String {
         f.connections_expired,
         f.connections_table_bytes,
     )
+}
+
+/// `ven status --json`'s `flows.accounting`: conntrack's bytes of accepted connections.
+fn accounting_json(f: &crate::flows::FlowCounters) -> String {
+    format!(
+        "{{\"on\":{},\"accounted\":{},\"waiting\":{},\"overflow\":{},\"lost\":{},\"without_counters\":{}}}",
+        f.accounting_on,
+        f.accounted,
+        f.accounted_tracked,
+        f.accounted_overflow,
+        f.accounted_lost,
+        f.accounted_without_counters,
+    )
+}
+
+/// The text form of [`accounting_json`].
+fn accounting_line(f: &crate::flows::FlowCounters) -> String {
+    if !f.accounting_on {
+        return "                   accepted flows' bytes: off (no conntrack destroy events)".to_string();
+    }
+    let mut line = format!(
+        "                   accepted flows' bytes: {} connections accounted, {} open; {} not tracked (table full), {} lost",
+        f.accounted, f.accounted_tracked, f.accounted_overflow, f.accounted_lost
+    );
+    if f.accounted_without_counters > 0 {
+        line.push_str(&format!(
+            "; {} ended without counters (net.netfilter.nf_conntrack_acct is 0)",
+            f.accounted_without_counters
+        ));
+    }
+    line
 }
 
 /// The text form of [`connections_json`].

@@ -1,4 +1,6 @@
-//! `ven gen-supportreport`: one bounded tar file for the people who support this host.
+//! `ven gen-supportreport`: one bounded tar file for the people who support this host; the
+//! running agent builds the same in memory ([`build`]) when the PCE asks for it
+//! (`agent/supportreport.rs`).
 //!
 //! Parts (under one directory `ven-supportreport-HOST-TIME/`): `version.txt`, `status.txt` and
 //! `status.json` (`status --all`), `history.json` and each change's ruleset, `config.txt` (the
@@ -117,11 +119,22 @@ fn base_name(now: u64) -> String {
 
 /// Builds the report and writes it to `path` (mode 0600, replacing nothing half-written).
 pub fn generate(data: &DataDir, path: &Path, now: u64) -> Result<Written, SupportError> {
-    let scrubber = Scrubber::for_host(data);
-    let parts = gather(data, now);
-    let (archive, parts, cut) = assemble(&base_name(now), parts, &scrubber, now)?;
+    let (archive, parts, cut) = build_counted(data, now)?;
     write_private(path, &archive)?;
     Ok(Written { path: path.to_path_buf(), bytes: archive.len(), parts, cut })
+}
+
+/// Builds the report in memory (at most [`MAX_REPORT_BYTES`]): what the agent uploads when the
+/// PCE asks for one.
+pub fn build(data: &DataDir, now: u64) -> Result<Vec<u8>, SupportError> {
+    build_counted(data, now).map(|(archive, _, _)| archive)
+}
+
+/// The archive, its number of parts and how many were cut or left out.
+fn build_counted(data: &DataDir, now: u64) -> Result<(Vec<u8>, usize, usize), SupportError> {
+    let scrubber = Scrubber::for_host(data);
+    let parts = gather(data, now);
+    Ok(assemble(&base_name(now), parts, &scrubber, now)?)
 }
 
 /// Bounds and scrubs each part, tars them with the manifest; returns the archive, the number of

@@ -29,7 +29,10 @@ use nix::errno::Errno;
 
 pub use netlink::{Ctnetlink, DELETE_BATCH, RECEIVE_TIMEOUT, RECV_BUFFER_BYTES};
 pub use sysctl::{ESTABLISHED_TIMEOUT_S, established_timeout_in, set_established_timeout_in};
-pub use wire::{Ack, DumpProgress, DumpReader, for_each_ack, parse_connection, push_delete_request};
+pub use wire::{
+    Ack, DumpProgress, DumpReader, NFNLGRP_CONNTRACK_DESTROY, Totals, for_each_ack, for_each_destroyed,
+    parse_connection, push_delete_request,
+};
 
 /// Most conntrack entries one cut judges; entries past it are counted in
 /// [`CutSummary::skipped_over_cap`], not stored. Also bounds the entries one cut deletes.
@@ -152,6 +155,11 @@ pub struct DeleteReport {
 /// kernel modules).
 pub fn set_established_timeout(seconds: u32) -> Result<(), ConntrackError> {
     set_established_timeout_in(Path::new("/proc"), seconds)
+}
+
+/// Sets `net.netfilter.nf_conntrack_acct` of the calling thread's namespace.
+pub fn set_accounting(on: bool) -> Result<(), ConntrackError> {
+    sysctl::set_accounting_in(Path::new("/proc"), on)
 }
 
 /// Reads `net.netfilter.nf_conntrack_tcp_timeout_established` of the calling thread's namespace.

@@ -1,4 +1,4 @@
-//! The established-TCP conntrack timeout (a per-network-namespace sysctl).
+//! The established-TCP conntrack timeout and conntrack accounting (per-network-namespace sysctls).
 //!
 //! /proc/sys/net resolves to the network namespace of the calling thread, so these functions act
 //! on the namespace the caller runs in. The proc root is a parameter so that tests can point it
@@ -11,6 +11,8 @@ use super::ConntrackError;
 
 /// The sysctl below the proc root.
 pub const ESTABLISHED_TIMEOUT_SYSCTL: &str = "sys/net/netfilter/nf_conntrack_tcp_timeout_established";
+/// Per-connection packet and byte counters (what accepted flows' bytes come from).
+pub const ACCOUNTING_SYSCTL: &str = "sys/net/netfilter/nf_conntrack_acct";
 /// What the VEN sets at start (spec: 8 hours).
 pub const ESTABLISHED_TIMEOUT_S: u32 = 28800;
 /// A sysctl value is one decimal number; anything longer is not what we expect.
@@ -27,14 +29,23 @@ pub fn set_established_timeout_in(proc_root: &Path, seconds: u32) -> Result<(), 
     if seconds == 0 {
         return Err(ConntrackError::ZeroTimeout);
     }
-    let path = path(proc_root);
+    write_value(path(proc_root), &seconds.to_string())
+}
+
+/// Turns conntrack accounting on or off below `proc_root`; it applies to connections that
+/// start afterwards.
+pub fn set_accounting_in(proc_root: &Path, on: bool) -> Result<(), ConntrackError> {
+    write_value(proc_root.join(ACCOUNTING_SYSCTL), if on { "1" } else { "0" })
+}
+
+fn write_value(path: PathBuf, value: &str) -> Result<(), ConntrackError> {
     let mut file = match std::fs::OpenOptions::new().write(true).truncate(true).open(&path) {
         Ok(file) => file,
         Err(cause) if cause.kind() == ErrorKind::NotFound => return Err(ConntrackError::NotLoaded { path }),
         Err(cause) => return Err(ConntrackError::Sysctl { path, cause }),
     };
     // One write: procfs parses what one write(2) carries.
-    file.write_all(format!("{seconds}\n").as_bytes()).map_err(|cause| ConntrackError::Sysctl { path, cause })
+    file.write_all(format!("{value}\n").as_bytes()).map_err(|cause| ConntrackError::Sysctl { path, cause })
 }
 
 /// Reads the timeout of established TCP entries, in seconds, below `proc_root`.

@@ -488,3 +488,51 @@ fn listing_keeps_at_most_the_limit() {
     assert_eq!(list.connections, [kept(), doomed()]);
     assert_eq!(list.over_limit, 3);
 }
+
+/// A destroy event as the kernel multicasts it: a DELETE message (not a request) carrying the
+/// tuple and, with `nf_conntrack_acct`, CTA_COUNTERS_ORIG/REPLY (packets, bytes: be64).
+fn destroy_event(connection: &Connection, counters: Option<[(u64, u64); 2]>) -> Vec<u8> {
+    let mut message = Vec::new();
+    wire::push_delete_request(&mut message, 0, connection);
+    // The kernel's event has no request flags.
+    message[6..8].copy_from_slice(&0u16.to_ne_bytes());
+    for (kind, (packets, bytes)) in [9u16, 10].into_iter().zip(counters.into_iter().flatten()) {
+        let mut nest = Vec::new();
+        for (counter, value) in [(1u16, packets), (2, bytes)] {
+            nest.extend_from_slice(&12u16.to_ne_bytes());
+            nest.extend_from_slice(&counter.to_ne_bytes());
+            nest.extend_from_slice(&value.to_be_bytes());
+        }
+        message.extend_from_slice(&u16::try_from(4 + nest.len()).unwrap().to_ne_bytes());
+        message.extend_from_slice(&(kind | 0x8000).to_ne_bytes());
+        message.extend_from_slice(&nest);
+    }
+    let len = u32::try_from(message.len()).unwrap();
+    message[..4].copy_from_slice(&len.to_ne_bytes());
+    message
+}
+
+#[test]
+fn destroy_events_give_the_connection_and_both_directions_counters() {
+    let tcp = entry(IPPROTO_TCP, "198.18.0.1", "198.18.0.2", Some((40000, 5432)), None);
+    let udp = entry(17, "2001:2::1", "2001:2::2", Some((40001, 53)), None);
+    let mut datagram = destroy_event(&tcp, Some([(10, 1_000), (8, 70_000)]));
+    datagram.extend(destroy_event(&udp, None));
+    let mut seen = Vec::new();
+    for_each_destroyed(&datagram, &mut |connection, totals| seen.push((connection, totals))).unwrap();
+    assert_eq!(
+        seen,
+        [(tcp.clone(), Some(Totals { packets: 18, bytes: 71_000 })), (udp, None)],
+        "counters summed over both directions; none without accounting"
+    );
+    // Counters near the top saturate instead of overflowing.
+    let huge = destroy_event(&tcp, Some([(u64::MAX, u64::MAX), (1, 1)]));
+    let mut totals = None;
+    for_each_destroyed(&huge, &mut |_, t| totals = t).unwrap();
+    assert_eq!(totals, Some(Totals { packets: u64::MAX, bytes: u64::MAX }));
+    // A dump reply or an ack in the group is skipped; a cut counter is an error.
+    let mut cut = destroy_event(&tcp, Some([(1, 60), (1, 60)]));
+    let at = cut.len() - 12; // the reply's byte counter: 4 bytes of payload instead of 8
+    cut[at..at + 2].copy_from_slice(&8u16.to_ne_bytes());
+    assert!(for_each_destroyed(&cut, &mut |_, _| {}).is_err());
+}

@@ -40,7 +40,15 @@ const NLA_F_NESTED: u16 = 0x8000;
 /// Clears NLA_F_NESTED and NLA_F_NET_BYTEORDER.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_COUNTERS_ORIG: u16 = 9;
+const CTA_COUNTERS_REPLY: u16 = 10;
 const CTA_ID: u16 = 12;
+const CTA_COUNTERS_PACKETS: u16 = 1;
+const CTA_COUNTERS_BYTES: u16 = 2;
+const CTA_COUNTERS32_PACKETS: u16 = 3;
+const CTA_COUNTERS32_BYTES: u16 = 4;
+/// The multicast group of destroyed entries (NFNLGRP_CONNTRACK_DESTROY).
+pub const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -507,6 +515,67 @@ impl DumpReader {
         }
         Ok(DumpProgress::More)
     }
+}
+
+/// What conntrack accounting (`nf_conntrack_acct`) counted for one connection, both directions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Calls `visit` for every destroyed entry in one datagram of the NFNLGRP_CONNTRACK_DESTROY
+/// group, with its accounting when the kernel sent it (`None`: accounting is off). Other
+/// messages are skipped. Malformed bytes give an error; entries before them were visited.
+pub fn for_each_destroyed(
+    datagram: &[u8],
+    visit: &mut dyn FnMut(Connection, Option<Totals>),
+) -> Result<(), ConntrackError> {
+    for message in Messages::new(datagram) {
+        let message = message?;
+        if message.kind != ctnetlink_type(IPCTNL_MSG_CT_DELETE) {
+            continue;
+        }
+        let connection = parse_connection(message.payload, message.offset)?;
+        let totals = parse_totals(message.payload, message.offset)?;
+        visit(connection, totals);
+    }
+    Ok(())
+}
+
+/// CTA_COUNTERS_ORIG and CTA_COUNTERS_REPLY of one conntrack message, summed (saturating);
+/// `None` when neither is there.
+fn parse_totals(payload: &[u8], base: usize) -> Result<Option<Totals>, ConntrackError> {
+    let Some(attributes) = payload.get(NFGENMSG_LEN..) else {
+        return Err(malformed("nfgenmsg header cut short", base));
+    };
+    let mut totals: Option<Totals> = None;
+    for attr in Attrs::new(attributes, base + NFGENMSG_LEN) {
+        let attr = attr?;
+        if attr.kind != CTA_COUNTERS_ORIG && attr.kind != CTA_COUNTERS_REPLY {
+            continue;
+        }
+        let sum = totals.get_or_insert_with(Totals::default);
+        for counter in Attrs::new(attr.payload, attr.offset) {
+            let counter = counter?;
+            let value = match counter.kind {
+                CTA_COUNTERS_PACKETS | CTA_COUNTERS_BYTES => {
+                    u64::from_be_bytes(counter.array("counter is not 8 bytes")?)
+                }
+                CTA_COUNTERS32_PACKETS | CTA_COUNTERS32_BYTES => {
+                    u64::from(counter.be32("counter is not 4 bytes")?)
+                }
+                _ => continue,
+            };
+            match counter.kind {
+                CTA_COUNTERS_PACKETS | CTA_COUNTERS32_PACKETS => {
+                    sum.packets = sum.packets.saturating_add(value)
+                }
+                _ => sum.bytes = sum.bytes.saturating_add(value),
+            }
+        }
+    }
+    Ok(totals)
 }
 
 /// The status in an NLMSG_ERROR payload: 0 for an ACK, else -errno.

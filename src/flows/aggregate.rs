@@ -179,11 +179,36 @@ struct Tally {
     scale: u16,
 }
 
+/// What one call adds to a flow: a logged packet, or conntrack's account of a connection that
+/// ended.
+#[derive(Debug, Clone, Copy)]
+enum Change<'a> {
+    Logged(&'a Event),
+    /// Packets not logged (the connection's, less those its log rule saw) and all its bytes.
+    Accounted {
+        packets: u64,
+        bytes: u64,
+    },
+}
+
 impl Tally {
-    fn new(now: u32, event: &Event) -> Self {
+    fn new(now: u32, change: Change<'_>) -> Self {
         let mut tally = Self { count: 0, packets: 0, bytes: 0, first_seen: now, last_seen: now, scale: 1 };
-        tally.add(now, event);
+        tally.apply(now, change);
         tally
+    }
+
+    fn apply(&mut self, now: u32, change: Change<'_>) {
+        match change {
+            Change::Logged(event) => self.add(now, event),
+            Change::Accounted { packets, bytes } => {
+                let packets = u32::try_from(packets).unwrap_or(u32::MAX);
+                self.packets = self.packets.saturating_add(packets);
+                self.bytes = self.bytes.saturating_add(bytes);
+                self.first_seen = self.first_seen.min(now);
+                self.last_seen = self.last_seen.max(now);
+            }
+        }
     }
 
     fn add(&mut self, now: u32, event: &Event) {
@@ -250,9 +275,9 @@ impl Entry {
         Tally { count, packets, bytes, first_seen, last_seen, scale }
     }
 
-    fn add(&mut self, now: u32, event: &Event) {
+    fn apply(&mut self, now: u32, change: Change<'_>) {
         let mut tally = self.tally();
-        tally.add(now, event);
+        tally.apply(now, change);
         let Tally { count, packets, bytes, first_seen, last_seen, scale } = tally;
         (self.count, self.packets, self.bytes) = (count, packets, bytes);
         (self.first_seen, self.last_seen, self.scale) = (first_seen, last_seen, scale);
@@ -394,8 +419,19 @@ impl<S: BuildHasher> Aggregator<S> {
 
     /// Counts one logged packet: a connection or a packet of one counted already.
     pub fn record_event(&mut self, key: &FlowKey, event: &Event) {
-        let now = u32::try_from(event.unix_secs).unwrap_or(u32::MAX);
         self.counters.events = self.counters.events.saturating_add(1);
+        self.update(key, event.unix_secs, Change::Logged(event));
+    }
+
+    /// Adds what conntrack accounting counted for one ended connection of `key` (whose first
+    /// packet was counted already, maybe in an earlier interval): `packets` beyond those logged,
+    /// and `bytes`. No connection is counted.
+    pub fn record_accounted(&mut self, key: &FlowKey, unix_secs: u64, packets: u64, bytes: u64) {
+        self.update(key, unix_secs, Change::Accounted { packets, bytes });
+    }
+
+    fn update(&mut self, key: &FlowKey, unix_secs: u64, change: Change<'_>) {
+        let now = u32::try_from(unix_secs).unwrap_or(u32::MAX);
         let compact = CompactKey::new(key);
         let len = self.slots.len();
         if len > 0 {
@@ -404,7 +440,7 @@ impl<S: BuildHasher> Aggregator<S> {
             for _ in 0..len {
                 match &mut self.slots[index] {
                     Some(entry) if entry.key() == compact => {
-                        entry.add(now, event);
+                        entry.apply(now, change);
                         return;
                     }
                     Some(_) => index = if index + 1 == len { 0 } else { index + 1 },
@@ -412,7 +448,7 @@ impl<S: BuildHasher> Aggregator<S> {
                         if self.counters.tracked >= self.capacity {
                             break;
                         }
-                        let entry = Entry::new(compact, Tally::new(now, event));
+                        let entry = Entry::new(compact, Tally::new(now, change));
                         if self.needs_growth() {
                             self.grow();
                             self.insert_new(hash, entry);
@@ -428,8 +464,8 @@ impl<S: BuildHasher> Aggregator<S> {
         }
         self.counters.folded = self.counters.folded.saturating_add(1);
         match &mut self.other[verdict_index(key.verdict)] {
-            Some(tally) => tally.add(now, event),
-            bucket @ None => *bucket = Some(Tally::new(now, event)),
+            Some(tally) => tally.apply(now, change),
+            bucket @ None => *bucket = Some(Tally::new(now, change)),
         }
     }
 

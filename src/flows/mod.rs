@@ -20,6 +20,8 @@
 //!   5-tuples (ICMP: type, code, echo id) with the kernel's unreplied timeouts, so that a
 //!   retransmitted SYN or a repeated datagram counts a packet, not a connection; when full, new
 //!   tuples count as connections and as counted overflow.
+//! - [`accounting`]: the bytes of accepted connections, from conntrack's destroy events
+//!   (`nf_conntrack_acct`), added to the flow each connection was counted under.
 //! - [`pipeline`]: the agent's `flows` thread: binds the group, sleeps in `poll` (no wake-ups
 //!   on an idle host, an immediate stop), counts events, loss and skipped messages into shared
 //!   counters that `ven status` shows, and binds again with backoff when it cannot.
@@ -29,6 +31,7 @@
 //! and the 390 MB cap; `ven flows`; rotated application logs; the upload to the PCE. Until then
 //! the agent counts logged packets but records no flows.
 
+pub mod accounting;
 pub mod aggregate;
 pub mod connections;
 pub mod nflog;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use ven_proto::{FlowRecord, FlowVerdict};
 
+use super::accounting::{Accounting, DestroyEvents};
 use super::aggregate::{Aggregator, Event, Summary, SummaryKey};
 use super::connections::{Connections, Timeouts};
 use super::nflog::NflogReader;
@@ -50,6 +51,9 @@ pub struct PipelineSettings {
     /// Most tuples the connection table tracks, and how long a tuple stays one connection.
     pub tracked_connections: usize,
     pub connection_timeouts: Timeouts,
+    /// Most accepted connections waiting for conntrack's account of their bytes (0: none are:
+    /// accepted flows' bytes stay unknown). See [`super::accounting`].
+    pub accounted_connections: usize,
 }
 
 impl PipelineSettings {
@@ -61,6 +65,7 @@ impl PipelineSettings {
             sampling_threshold: config.flows.sampling_threshold,
             tracked_connections: config.flows.tracked_connections.unwrap_or(config.flows.tracked_flows),
             connection_timeouts: config.flows.connection_timeouts,
+            accounted_connections: config.flows.accounted_connections(),
         }
     }
 }
@@ -122,6 +127,16 @@ pub struct FlowStats {
     pub connections_expired: AtomicU64,
     pub connections_capacity: AtomicU64,
     pub connections_table_bytes: AtomicU64,
+    /// Conntrack accounting of accepted connections (`flows/accounting.rs`): whether destroy
+    /// events are read, connections waiting for theirs, connections whose bytes were added,
+    /// connections not remembered (table full), events lost or entries forgotten without
+    /// theirs, and events that came without counters (`nf_conntrack_acct` off).
+    pub accounting_on: AtomicBool,
+    pub accounted_tracked: AtomicU64,
+    pub accounted: AtomicU64,
+    pub accounted_overflow: AtomicU64,
+    pub accounted_lost: AtomicU64,
+    pub accounted_without_counters: AtomicU64,
     /// 1 while every packet is counted, N while 1 in N is.
     pub sampling_scale: AtomicU32,
     /// Times sampling started.
@@ -151,6 +166,12 @@ pub struct FlowCounters {
     pub connections_expired: u64,
     pub connections_capacity: u64,
     pub connections_table_bytes: u64,
+    pub accounting_on: bool,
+    pub accounted_tracked: u64,
+    pub accounted: u64,
+    pub accounted_overflow: u64,
+    pub accounted_lost: u64,
+    pub accounted_without_counters: u64,
     pub sampling_scale: u32,
     pub sampling_episodes: u64,
     pub flushes: u64,
@@ -181,6 +202,12 @@ impl FlowStats {
             connections_expired: load(&self.connections_expired),
             connections_capacity: load(&self.connections_capacity),
             connections_table_bytes: load(&self.connections_table_bytes),
+            accounting_on: self.accounting_on.load(Ordering::Relaxed),
+            accounted_tracked: load(&self.accounted_tracked),
+            accounted: load(&self.accounted),
+            accounted_overflow: load(&self.accounted_overflow),
+            accounted_lost: load(&self.accounted_lost),
+            accounted_without_counters: load(&self.accounted_without_counters),
             sampling_scale: self.sampling_scale.load(Ordering::Relaxed),
             sampling_episodes: load(&self.sampling_episodes),
             flushes: load(&self.flushes),
@@ -263,6 +290,9 @@ struct Reader {
     settings: PipelineSettings,
     aggregator: Aggregator,
     connections: Connections,
+    accounting: Accounting,
+    /// The conntrack destroy events while they can be read.
+    destroy_events: Option<DestroyEvents>,
     sampler: Sampler,
     /// When the current interval is flushed (`None`: nothing counted yet).
     flush_at: Option<Instant>,
@@ -282,6 +312,8 @@ impl Reader {
         Self {
             aggregator: Aggregator::new(settings.tracked_flows),
             connections: Connections::new(settings.tracked_connections, settings.connection_timeouts),
+            accounting: Accounting::new(settings.accounted_connections),
+            destroy_events: None,
             sampler: Sampler::new(settings.sampling_threshold, 0),
             settings,
             flush_at: None,
@@ -332,6 +364,12 @@ impl Reader {
                 }
             };
             retry = FIRST_RETRY;
+            if self.settings.accounted_connections > 0 && self.destroy_events.is_none() {
+                match DestroyEvents::open() {
+                    Ok(events) => self.destroy_events = Some(events),
+                    Err(e) => log::warn!("{e}; accepted flows carry no bytes"),
+                }
+            }
             self.stats.reading.store(true, Ordering::Relaxed);
             log::info!("reading NFLOG group {group}");
             let stopped = self.read(reader, stop);
@@ -372,9 +410,12 @@ impl Reader {
         let mut counted = reader.loss();
         loop {
             let timeout = self.timeout(Instant::now());
+            // Without destroy events, the stop pipe takes their place (read once, harmlessly).
+            let destroy_fd = self.destroy_events.as_ref().map_or(stop.as_fd(), DestroyEvents::as_fd);
             let mut fds = [
                 PollFd::new(reader.as_fd(), PollFlags::POLLIN),
                 PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(destroy_fd, PollFlags::POLLIN),
             ];
             match poll(&mut fds, poll_timeout(timeout)) {
                 Ok(_) => {}
@@ -384,24 +425,38 @@ impl Reader {
                     return false;
                 }
             }
-            if fds[1].revents().is_some_and(|events| !events.is_empty()) {
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|events| !events.is_empty());
+            let (packets_ready, stopped, ended_ready) = (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]));
+            if stopped {
                 return true;
             }
-            if fds[0].revents().is_some_and(|events| !events.is_empty()) {
+            // Destroy events first: a connection that ended is accounted before a packet of a
+            // new one reusing its tuple is logged.
+            if ended_ready && self.destroy_events.is_some() {
+                self.read_destroy_events();
+            }
+            if packets_ready {
                 let now_secs = crate::clock::now();
                 let mono = self.now_mono_secs();
-                let (aggregator, connections, sampler) =
-                    (&mut self.aggregator, &mut self.connections, &mut self.sampler);
+                let (aggregator, connections, sampler, accounting) =
+                    (&mut self.aggregator, &mut self.connections, &mut self.sampler, &mut self.accounting);
+                let accounting_on = self.destroy_events.is_some();
                 let mut events = 0u64;
                 let result = reader.read_batch(|event| {
                     events += 1;
                     if let Some(scale) = sampler.admit() {
                         let seen = connections.observe(&event.key, &event.packet, mono);
+                        let dropped = event.key.verdict == LogVerdict::Dropped;
+                        if accounting_on && !dropped && scale <= 1 {
+                            accounting.logged(&event.key, &event.packet, seen.is_connection(), mono);
+                        }
                         let counted = Event {
                             unix_secs: now_secs,
                             scale,
                             connection: seen.is_connection(),
-                            length: event.packet.length,
+                            // Dropped: every packet is logged, its length is the flow's. Else
+                            // the bytes are conntrack's (accounting), not those of NEW packets.
+                            length: if dropped { event.packet.length } else { 0 },
                         };
                         aggregator.record_event(&event.key, &counted);
                     }
@@ -433,6 +488,43 @@ impl Reader {
             }
             self.on_timers();
         }
+    }
+
+    /// Adds the bytes of the accepted connections that ended to their flows.
+    fn read_destroy_events(&mut self) {
+        let Some(events) = self.destroy_events.as_mut() else { return };
+        let now_secs = crate::clock::now();
+        let (aggregator, accounting) = (&mut self.aggregator, &mut self.accounting);
+        let mut added = false;
+        let result = events.read(&mut |connection, totals| {
+            if let Some((key, packets, bytes)) = accounting.ended(&connection, totals) {
+                aggregator.record_accounted(&key, now_secs, packets, bytes);
+                added = true;
+            }
+        });
+        match result {
+            Ok(lost) => self.accounting.lost(lost),
+            Err(e) => {
+                log::warn!("{e}; accepted flows carry no bytes from now on");
+                self.destroy_events = None;
+            }
+        }
+        if added && self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + self.settings.flush_interval);
+        }
+        self.publish_accounting();
+    }
+
+    /// Publishes the accounting counters for `ven status`.
+    fn publish_accounting(&self) {
+        let counters = self.accounting.counters();
+        let stats = &self.stats;
+        stats.accounting_on.store(self.destroy_events.is_some(), Ordering::Relaxed);
+        stats.accounted_tracked.store(counters.tracked as u64, Ordering::Relaxed);
+        stats.accounted.store(counters.accounted, Ordering::Relaxed);
+        stats.accounted_overflow.store(counters.overflow, Ordering::Relaxed);
+        stats.accounted_lost.store(counters.lost.saturating_add(counters.expired), Ordering::Relaxed);
+        stats.accounted_without_counters.store(counters.without_counters, Ordering::Relaxed);
     }
 
     /// How long `poll` may sleep: until the flush or the connection table's sweep, or the next
@@ -494,6 +586,8 @@ impl Reader {
     fn flush(&mut self) {
         self.flush_at = None;
         let mut records = self.drain_records();
+        self.accounting.sweep(self.now_mono_secs());
+        self.publish_accounting();
         self.stats.tracked.store(0, Ordering::Relaxed);
         // The flush timer sweeps too; after the last flush, one more wake-up at most.
         self.sweep_connections();
@@ -597,8 +691,9 @@ pub fn record_of(summary: &Summary) -> FlowRecord {
         overflow,
         packets: u64::from(summary.packets),
         // Dropped traffic: every packet is logged, so the bytes are the flow's. Accepted
-        // traffic is logged while NEW only: its bytes are conntrack's to tell.
-        bytes: (verdict == LogVerdict::Dropped).then_some(summary.bytes),
+        // traffic is logged while NEW only: its bytes are conntrack's to tell, known once one
+        // of its connections ended with accounting on (a connection is never 0 bytes).
+        bytes: (verdict == LogVerdict::Dropped || summary.bytes > 0).then_some(summary.bytes),
     }
 }
 

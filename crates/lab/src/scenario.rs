@@ -28,7 +28,9 @@ use crate::firewall::FirewallDump;
 use crate::netns::{Netns, NetnsError, Segment};
 use crate::probe::{self, Expect, Verdict};
 use crate::process::{self, Captured, DEFAULT_GRACE, Daemon, ProcessError};
-use crate::status::{self, HistoryItem, OrgEvent, ParseError, PceStartup, VenStatus, Workload};
+use crate::status::{
+    self, HistoryItem, OrgEvent, ParseError, PceStartup, SupportReport, VenStatus, Workload,
+};
 use crate::workdir::Workdir;
 
 /// The PCE's admin and VEN API port (the contract's default).
@@ -117,6 +119,11 @@ pub struct LabOptions {
     pub ven_config: Option<String>,
     /// Extra environment for every `ven` command and agent (e.g. `RUST_LOG`).
     pub ven_env: Vec<(String, String)>,
+    /// `pce serve --listen`: the PCE's lab address unless set (`0.0.0.0` for every address of
+    /// its namespace, e.g. one a test adds).
+    pub pce_listen: Option<String>,
+    /// More `pce serve` arguments (e.g. `--san NAME`).
+    pub pce_args: Vec<String>,
     /// Also make [`Host::Copy`] (198.18.0.4), torn down with the rest.
     pub copy_host: bool,
 }
@@ -132,6 +139,8 @@ impl Default for LabOptions {
             policy_timeout: Duration::from_secs(20),
             ven_config: None,
             ven_env: Vec::new(),
+            pce_listen: None,
+            pce_args: Vec::new(),
             copy_host: false,
         }
     }
@@ -489,7 +498,9 @@ impl Lab {
         let data_dir = self.data_dir(Host::Pce);
         let mut command = self.command_in(Host::Pce, &self.bins.pce);
         command.arg("serve").arg("--data-dir").arg(&data_dir);
-        command.args(["--listen", &Host::Pce.address().to_string()]);
+        let listen = self.opts.pce_listen.clone().unwrap_or_else(|| Host::Pce.address().to_string());
+        command.args(["--listen", &listen]);
+        command.args(&self.opts.pce_args);
         if let Some(secs) = self.opts.heartbeat_interval {
             command.args(["--heartbeat-interval", &secs.to_string()]);
         }
@@ -652,6 +663,11 @@ impl Lab {
     /// `pce events --json`: the organisation events, oldest first.
     pub fn events(&self) -> Result<Vec<OrgEvent>, LabError> {
         Ok(OrgEvent::parse_list(&self.pce(&["events", "--json"])?.stdout)?)
+    }
+
+    /// `pce support-report list --json`: the support reports received, oldest first.
+    pub fn support_reports(&self) -> Result<Vec<SupportReport>, LabError> {
+        Ok(SupportReport::parse_list(&self.pce(&["support-report", "list", "--json"])?.stdout)?)
     }
 
     /// `ven history --json` on `host`: the recorded firewall changes, oldest first.

@@ -287,6 +287,41 @@ impl OrgEvent {
     }
 }
 
+/// One element of `pce support-report list --json` (a support report the PCE received).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupportReport {
+    pub id: u64,
+    pub request_id: u64,
+    /// The workload's hostname when the report arrived.
+    pub hostname: String,
+    pub size_bytes: u64,
+}
+
+impl SupportReport {
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, ParseError> {
+        const WHAT: &str = "`pce support-report list --json`";
+        let value = parse_json(WHAT, text)?;
+        let items = value.as_array().ok_or_else(|| field_error(WHAT, "(top level)", "an array", text))?;
+        let number = |item: &Value, field: &'static str| {
+            item.get(field)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| field_error(WHAT, field, "an integer", text))
+        };
+        items
+            .iter()
+            .map(|item| {
+                let workload = item.get("workload").cloned().unwrap_or(Value::Null);
+                Ok(Self {
+                    id: number(item, "id")?,
+                    request_id: number(item, "request_id")?,
+                    hostname: opt_str(WHAT, &workload, "hostname", text)?.unwrap_or_default(),
+                    size_bytes: number(item, "size_bytes")?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// One element of `ven history --json` (a recorded firewall change, or a file it cannot read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryItem {
@@ -525,6 +560,21 @@ mod tests {
         assert_eq!(events[2].hostname, None);
         assert!(OrgEvent::parse_list(r#"[{"id":1}]"#).is_err());
         assert!(OrgEvent::parse_list("{}").is_err());
+    }
+
+    #[test]
+    fn support_reports_from_the_admin_api_shape() {
+        let text = r#"[{"href":"/orgs/1/support_reports/2","id":2,"request_id":3,
+            "workload":{"href":"/orgs/1/workloads/1","id":1,"hostname":"web"},
+            "received_at":"2026-12-07T13:00:00Z","size_bytes":92160,"sha256":"ab",
+            "download":"/orgs/1/support_reports/2/download"}]"#;
+        let reports = SupportReport::parse_list(text).unwrap();
+        assert_eq!(
+            reports,
+            vec![SupportReport { id: 2, request_id: 3, hostname: "web".into(), size_bytes: 92160 }]
+        );
+        assert!(SupportReport::parse_list(r#"[{"id":1}]"#).is_err());
+        assert!(SupportReport::parse_list("{}").is_err());
     }
 
     #[test]

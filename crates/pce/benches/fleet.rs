@@ -870,6 +870,8 @@ async fn event_session_once(
                 }
                 let _ = bolts.try_send(version);
             }
+            // The fleet asks for no support reports.
+            PceFrame::Event(Event::SupportReportRequested { .. }) => {}
             PceFrame::Ping { nonce } => {
                 stream.write_all(&frame::encode_frame(&VenFrame::Pong { nonce })).await?;
                 stream.flush().await?;

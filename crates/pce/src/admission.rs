@@ -21,9 +21,9 @@
 //!
 //! Past `total`, new connections wait in the listen backlog, as before.
 
+use smol::Timer;
 use smol::channel::{Receiver, Sender};
 use smol::lock::{Semaphore, SemaphoreGuardArc};
-use smol::Timer;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -312,7 +312,8 @@ impl Pending {
             return Candidate::Evict(*source);
         }
         match self.by_age.first_key_value() {
-            Some((_, (source, accepted))) => match EVICTABLE_AFTER.checked_sub(now.duration_since(*accepted)) {
+            Some((_, (source, accepted))) => match EVICTABLE_AFTER.checked_sub(now.duration_since(*accepted))
+            {
                 Some(left) if !left.is_zero() => Candidate::WaitFor(left),
                 _ => Candidate::Evict(*source),
             },
@@ -479,7 +480,8 @@ mod tests {
         let gate = Gate::new("test", 8);
         assert_eq!(gate.caps(), (8, 6, 3));
         // A fetch storm: every source holds one pending connection.
-        let held: Vec<Ticket> = (1..=6).map(|n| gate.admit(slot(&gate), ip(&format!("10.0.0.{n}"))).unwrap()).collect();
+        let held: Vec<Ticket> =
+            (1..=6).map(|n| gate.admit(slot(&gate), ip(&format!("10.0.0.{n}"))).unwrap()).collect();
         let now = Instant::now();
         let oldest = Source::of(ip("10.0.0.1"));
         match gate.lock().eviction_candidate(now) {

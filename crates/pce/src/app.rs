@@ -1,12 +1,13 @@
 //! What the request handlers and the event sessions share: [`App`] (the store, the flows, the
-//! registry of connected agents, the finished jobs, the admin key's hash), its housekeeping, and
-//! the admin key file it is made from. `serve` builds one and runs the listeners over it; `api`,
-//! `venapi` and `events` take it. It depends on the state below it (`store`, `flows`,
-//! `sessions`), never on the handlers.
+//! registry of connected agents, the finished jobs, the support reports, the admin key's hash),
+//! its housekeeping, and the admin key file it is made from. `serve` builds one and runs the
+//! listeners over it; `api`, `venapi` and `events` take it. It depends on the state below it
+//! (`store`, `flows`, `sessions`, `supportreports`), never on the handlers.
 
 use crate::flows::FlowStore;
 use crate::sessions::Sessions;
 use crate::store::{Changes, Store};
+use crate::supportreports::SupportReports;
 use crate::{clock, crypto};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -42,7 +43,8 @@ pub enum AppError {
 /// Heartbeat intervals of the clone-token holder's silence after which another copy takes over.
 pub const CLONE_GRACE_HEARTBEATS: u64 = 2;
 
-/// What the request handlers and sessions share. No code holds `store` and `flows` at once.
+/// What the request handlers and sessions share. No code holds two of `store`, `flows` and
+/// `support_reports` at once.
 pub struct App {
     store: Mutex<Store>,
     /// The uploaded flows: a lock of their own, so uploads and queries do not hold up heartbeats.
@@ -56,12 +58,15 @@ pub struct App {
     started_at: u64,
     /// Finished asynchronous requests (bounded; see `api::jobs`).
     jobs: Mutex<Jobs>,
+    /// Support reports asked for and received (a lock of their own: uploads write megabytes).
+    support_reports: Mutex<SupportReports>,
 }
 
 impl App {
     pub fn new(
         store: Store,
         flows: FlowStore,
+        support_reports: SupportReports,
         admin_key: &str,
         heartbeat_interval_s: u32,
         offline_after_heartbeats: u32,
@@ -77,6 +82,7 @@ impl App {
             event_port,
             started_at: clock::now(),
             jobs: Mutex::default(),
+            support_reports: Mutex::new(support_reports),
         }
     }
 
@@ -98,6 +104,10 @@ impl App {
 
     pub fn flows(&self) -> MutexGuard<'_, FlowStore> {
         self.flows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn support_reports(&self) -> MutexGuard<'_, SupportReports> {
+        self.support_reports.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn jobs(&self) -> MutexGuard<'_, Jobs> {

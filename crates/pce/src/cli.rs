@@ -16,6 +16,8 @@ use ven_proto::{CustomChain, PolicyState, Protocol, RuleFamily};
 pub enum Command {
     Serve(serve::Config),
     Admin(ctl::Target, ctl::Command),
+    /// Offline: files only, no PCE needed.
+    Release(crate::release::Command),
 }
 
 /// Parses the process arguments (argh prints help and usage errors itself and exits), then
@@ -58,6 +60,134 @@ enum Sub {
     Provision(ProvisionArgs),
     Events(EventsArgs),
     Traffic(TrafficArgs),
+    ReleaseKey(ReleaseKeyArgs),
+    Release(ReleaseArgs),
+    SupportReport(SupportReportArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "support-report")]
+/// ask a workload's VEN for a support report, list the reports received, save one
+struct SupportReportArgs {
+    #[argh(subcommand)]
+    command: SupportReportSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum SupportReportSub {
+    Request(SupportReportRequestArgs),
+    List(SupportReportListArgs),
+    Get(SupportReportGetArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "request")]
+/// ask the workload's VEN for a support report (a lightning bolt, and every heartbeat answer
+/// until it arrives)
+struct SupportReportRequestArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the support reports received, oldest first
+struct SupportReportListArgs {
+    /// print the raw JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "get")]
+/// write a support report's archive (a tar) to a file
+struct SupportReportGetArgs {
+    /// id of the report (see `pce support-report list`)
+    #[argh(positional)]
+    id: u64,
+    /// file to write (mode 0600, replaced whole)
+    #[argh(option)]
+    output: PathBuf,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "release-key")]
+/// the Ed25519 key agent releases are signed with (offline: no PCE needed)
+struct ReleaseKeyArgs {
+    #[argh(subcommand)]
+    command: ReleaseKeySub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ReleaseKeySub {
+    Generate(ReleaseKeyGenerateArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "generate")]
+/// write a new signing key (PKCS#8, mode 0600, never overwritten) and print its public half, the
+/// `release_key` VENs pin
+struct ReleaseKeyGenerateArgs {
+    /// where to write the signing key
+    #[argh(option)]
+    output: PathBuf,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "release")]
+/// agent releases: sign and verify (offline: no PCE needed)
+struct ReleaseArgs {
+    #[argh(subcommand)]
+    command: ReleaseSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ReleaseSub {
+    Sign(ReleaseSignArgs),
+    Verify(ReleaseVerifyArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "sign")]
+/// print the detached signature (hex) of an agent binary as a release
+struct ReleaseSignArgs {
+    /// the agent binary
+    #[argh(positional)]
+    binary: PathBuf,
+    /// the signing key (from `pce release-key generate`)
+    #[argh(option)]
+    key: PathBuf,
+    /// the release's version
+    #[argh(option)]
+    version: String,
+    /// the target triple it is built for
+    #[argh(option)]
+    target: String,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+/// check an agent binary against its signature and a public release key, as a VEN does
+struct ReleaseVerifyArgs {
+    /// the agent binary
+    #[argh(positional)]
+    binary: PathBuf,
+    /// the signature (128 hex digits)
+    #[argh(option)]
+    signature: String,
+    /// the public release key (64 hex digits)
+    #[argh(option)]
+    key: String,
+    /// the release's version
+    #[argh(option)]
+    version: String,
+    /// the target triple it is built for
+    #[argh(option)]
+    target: String,
 }
 
 #[derive(FromArgs)]
@@ -401,6 +531,26 @@ fn convert(args: Args) -> Result<Command, String> {
                 offline_after_heartbeats: serve.offline_after_heartbeats,
             }));
         }
+        Sub::ReleaseKey(ReleaseKeyArgs { command: ReleaseKeySub::Generate(generate) }) => {
+            return Ok(Command::Release(crate::release::Command::GenerateKey { output: generate.output }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Sign(sign) }) => {
+            return Ok(Command::Release(crate::release::Command::Sign {
+                binary: sign.binary,
+                key: sign.key,
+                version: sign.version,
+                target: sign.target,
+            }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Verify(verify) }) => {
+            return Ok(Command::Release(crate::release::Command::Verify {
+                binary: verify.binary,
+                signature: verify.signature,
+                public_key: verify.key,
+                version: verify.version,
+                target: verify.target,
+            }));
+        }
         Sub::ActivationCode(_) => ctl::Command::ActivationCode,
         Sub::CaFingerprint(_) => ctl::Command::CaFingerprint,
         Sub::Label(LabelArgs { command: LabelSub::Create(create) }) => {
@@ -462,6 +612,13 @@ fn convert(args: Args) -> Result<Command, String> {
             ctl::Command::Events { format, event_type, max: events.max }
         }
         Sub::Traffic(args) => ctl::Command::Traffic { query: traffic_query(&args)?, json: args.json },
+        Sub::SupportReport(SupportReportArgs { command }) => match command {
+            SupportReportSub::Request(args) => ctl::Command::SupportReportRequest { host: args.host },
+            SupportReportSub::List(args) => ctl::Command::SupportReportList { json: args.json },
+            SupportReportSub::Get(args) => {
+                ctl::Command::SupportReportGet { id: args.id, output: args.output }
+            }
+        },
         Sub::Rule(RuleArgs { command: RuleSub::Add(add) }) => {
             if add.service.is_empty() {
                 return Err("a rule needs at least one --service PORT[-PORT]/PROTO".into());
@@ -635,6 +792,22 @@ mod tests {
         assert!(parse(&["events", "--format", "xml"]).is_err());
         assert!(parse(&["events", "--type", "nope"]).err().unwrap_or_default().contains("tampering"));
         assert!(parse(&["serve", "--offline-after-heartbeats", "0"]).is_err());
+    }
+
+    #[test]
+    fn support_report_commands_parse() {
+        assert!(matches!(
+            parse(&["support-report", "request", "web"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportRequest { host })) if host == "web"
+        ));
+        assert!(matches!(
+            parse(&["support-report", "get", "3", "--output", "/tmp/r.tar"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportGet { id: 3, output })) if output == std::path::Path::new("/tmp/r.tar")
+        ));
+        assert!(matches!(
+            parse(&["support-report", "list", "--json"]),
+            Ok(Command::Admin(_, ctl::Command::SupportReportList { json: true }))
+        ));
     }
 
     #[test]

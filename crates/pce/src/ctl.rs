@@ -96,6 +96,9 @@ pub enum Command {
     Provision,
     Events { format: EventFormat, event_type: Option<EventType>, max: Option<usize> },
     Traffic { query: traffic::Query, json: bool },
+    SupportReportRequest { host: String },
+    SupportReportList { json: bool },
+    SupportReportGet { id: u64, output: PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,8 @@ pub enum CtlError {
     Answer { method: &'static str, path: String, reason: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
 }
 
 pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
@@ -226,6 +231,42 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                     );
                 }
             }
+        }
+        Command::SupportReportRequest { host } => {
+            let workload = find_workload(&client, &host)?;
+            let body = json!({ "workload": { "href": workload["href"] } });
+            let asked = client.send("POST", "support_report_requests", &body)?;
+            out!(
+                "support report request {} for {} (delivery: {})",
+                text(&asked["id"]),
+                text(&workload["hostname"]),
+                text(&asked["delivery"])
+            );
+        }
+        Command::SupportReportList { json } => {
+            let reports = client.get("support_reports")?;
+            if json {
+                out!("{reports:#}");
+            } else {
+                let rows = items(&reports)
+                    .map(|r| {
+                        vec![
+                            text(&r["id"]),
+                            text(&r["workload"]["hostname"]),
+                            text(&r["received_at"]),
+                            text(&r["size_bytes"]),
+                            text(&r["request_id"]),
+                        ]
+                    })
+                    .collect();
+                print_table(&["ID", "HOSTNAME", "RECEIVED", "BYTES", "REQUEST"], rows);
+            }
+        }
+        Command::SupportReportGet { id, output } => {
+            let bytes = client.get_bytes(&format!("support_reports/{id}/download"))?;
+            crate::fsutil::write_atomic(&output, &bytes, 0o600)
+                .map_err(|source| CtlError::Write { path: output.clone(), source })?;
+            out!("support report {id} written to {} ({} bytes)", output.display(), bytes.len());
         }
         Command::CustomRuleList { host, json } => {
             let workload = find_workload(&client, &host)?;
@@ -571,6 +612,27 @@ impl Client {
         let url = format!("{}{path}", self.base);
         let answer = self.agent.get(&url).header("authorization", &self.authorization).call();
         self.answer_text("GET", path, &url, answer)
+    }
+
+    /// GET an answer that is bytes (a support report's archive), within the largest report.
+    fn get_bytes(&self, path: &str) -> Result<Vec<u8>, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let answer = self.agent.get(&url).header("authorization", &self.authorization).call();
+        let request_error = |source| CtlError::Request { method: "GET", url: url.clone(), source };
+        let mut response = answer.map_err(request_error)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            // Errors are small JSON; answer_text reads and words them.
+            return Err(self.answer_text("GET", path, &url, Ok(response)).err().unwrap_or(
+                CtlError::Answer {
+                    method: "GET",
+                    path: format!("/api/v2/{path}"),
+                    reason: format!("HTTP {status}"),
+                },
+            ));
+        }
+        let limit = ven_proto::MAX_SUPPORT_REPORT_BYTES as u64;
+        response.body_mut().with_config().limit(limit).read_to_vec().map_err(request_error)
     }
 
     /// POST or PUT a JSON body, or DELETE; returns the answer's JSON (null when empty).

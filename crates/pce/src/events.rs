@@ -12,7 +12,7 @@
 
 use crate::admission::Ticket;
 use crate::app::App;
-use crate::sessions::Sessions;
+use crate::sessions::{Bolt, Sessions};
 use serde::de::DeserializeOwned;
 use smol::Timer;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -168,12 +168,19 @@ pub fn fuzz_hello(data: &[u8], split: usize) -> Result<Option<Hello>, EventError
 }
 
 enum Wake {
-    Event(Option<u64>),
+    Event(Option<Bolt>),
     Frame(Result<VenFrame, EventError>),
     Ping,
 }
 
-/// The agent's current policy version if `agent_token` is its token and the session comes from
+/// What a new session tells its VEN at once: the current policy version and a support report
+/// waiting to be sent.
+struct Current {
+    policy_version: Option<u64>,
+    support_report: Option<u64>,
+}
+
+/// What the agent is to be told at once if `agent_token` is its token and the session comes from
 /// the original copy of the agent (`store::clone_guard`: a copy's session must not replace the
 /// original's), else why not. Runs on the blocking pool: the store's lock may be held for a while
 /// (a provision recomputes every policy), and an executor thread waiting for it would stall every
@@ -183,11 +190,12 @@ async fn authenticate(
     agent_id: u64,
     agent_token: String,
     clone: Option<CloneFields>,
-) -> Result<Option<u64>, String> {
+) -> Result<Current, String> {
     let app = app.clone();
     crate::http::blocking(move || {
         let mut store = app.store();
         if !store.authenticate(agent_id, &agent_token) {
+            store.lost_agent(agent_id, "event service", crate::clock::now());
             return Err("unknown agent or wrong token".to_string());
         }
         let (token, instance) = match &clone {
@@ -209,7 +217,9 @@ async fn authenticate(
         if !standing.is_original() {
             return Err(format!("{}: no event session for this copy of the agent", standing.refusal()));
         }
-        Ok(store.policy(agent_id).map(|policy| policy.version))
+        let policy_version = store.policy(agent_id).map(|policy| policy.version);
+        drop(store);
+        Ok(Current { policy_version, support_report: app.support_reports().pending(agent_id) })
     })
     .await
 }
@@ -230,27 +240,29 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         Err(other) => return Err(other),
     };
     let instance = hello.as_ref().ok().and_then(|h| h.clone.as_ref()).map(|c| c.instance.clone());
-    let (agent_id, current, refusal) = match hello {
-        Err(e) => (0, None, Some(e.to_string())),
+    let (agent_id, protocol_version, current, refusal) = match hello {
+        Err(e) => (0, 0, None, Some(e.to_string())),
         Ok(Hello { protocol_version, .. }) if !ven_proto::protocol_supported(protocol_version) => (
             0,
+            protocol_version,
             None,
             Some(format!(
                 "protocol version {protocol_version} is not supported (this PCE speaks {PROTOCOL_VERSION})"
             )),
         ),
-        Ok(Hello { agent_id, agent_token, clone, .. }) => {
+        Ok(Hello { agent_id, agent_token, protocol_version, clone }) => {
             match authenticate(app, agent_id, agent_token, clone).await {
-                Ok(current) => (agent_id, current, None),
-                Err(why) => (agent_id, None, Some(why)),
+                Ok(current) => (agent_id, protocol_version, Some(current), None),
+                Err(why) => (agent_id, protocol_version, None, Some(why)),
             }
         }
     };
     let registered = match refusal {
         Some(reason) => Err(reason),
-        None => {
-            app.sessions.register(agent_id, instance).ok_or_else(|| "the event service is full".to_string())
-        }
+        None => app
+            .sessions
+            .register(agent_id, protocol_version, instance)
+            .ok_or_else(|| "the event service is full".to_string()),
     };
     let (serial, events) = match registered {
         Ok(registered) => registered,
@@ -263,8 +275,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     ticket.authenticated();
     log::debug!("agent {agent_id} connected to the event service ({} sessions)", app.sessions.len());
     send(&mut stream, &PceFrame::Ack { ping_interval_s: PING_INTERVAL.as_secs() as u32 }).await?;
-    if let Some(version) = current {
+    let current = current.unwrap_or(Current { policy_version: None, support_report: None });
+    if let Some(version) = current.policy_version {
         send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?;
+    }
+    // INVARIANT: a VEN is sent only bolts its protocol version decodes.
+    if let Some(request) = current.support_report {
+        if protocol_version >= ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
+            send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?;
+        }
     }
 
     let (mut nonce, mut last_pong, mut next_ping) = (0u64, Instant::now(), Instant::now() + PING_INTERVAL);
@@ -278,8 +297,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
         match wake {
-            Wake::Event(Some(version)) => {
+            Wake::Event(Some(Bolt::PolicyChanged(version))) => {
                 send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?
+            }
+            // Queued only for sessions whose version knows it (`Sessions::request_support_report`).
+            Wake::Event(Some(Bolt::SupportReport(request))) => {
+                send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?
             }
             // Replaced by a newer session, or the agent was deactivated.
             Wake::Event(None) => return Ok(()),

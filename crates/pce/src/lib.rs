@@ -14,11 +14,12 @@
 //! profiles and keys), `policy/` (the policy objects' model and the per-workload computation,
 //! pure), `orgevents`
 //! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
-//! de-duplication, bounded store, append-only log), `traffic` (the traffic query: parameters,
-//! filter, JSON), `ctl` (admin client), `clock`.
+//! de-duplication, bounded store, append-only log), `supportreports` (support reports asked of
+//! VENs: the requests waiting and the archives received, bounded, crash-safe), `traffic` (the
+//! traffic query: parameters, filter, JSON), `ctl` (admin client), `clock`.
 //!
 //! Dependencies point one way (a test below checks that `use crate::` makes no cycle):
-//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`;
+//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`, `supportreports`;
 //! `api/` -> `store/` -> `policy/` (the pure model and computation the store keeps), `orgevents`,
 //! `crypto`; `traffic` -> `flows`; `tls` -> `crypto`. `ctl` takes only constants and types.
 #![forbid(unsafe_code)]
@@ -36,9 +37,11 @@ mod fsutil;
 mod http;
 mod orgevents;
 mod policy;
+mod release;
 mod serve;
 mod sessions;
 mod store;
+mod supportreports;
 mod tls;
 mod traffic;
 mod venapi;
@@ -53,6 +56,8 @@ enum Error {
     Serve(#[from] serve::ServeError),
     #[error(transparent)]
     Ctl(#[from] ctl::CtlError),
+    #[error(transparent)]
+    Release(#[from] release::ReleaseToolError),
 }
 
 /// The `pce` command: parses the arguments, runs the command, reports an error on stderr.
@@ -61,6 +66,7 @@ pub fn main() -> ExitCode {
     let result = cli::parse().map_err(Error::Usage).and_then(|command| match command {
         cli::Command::Serve(config) => serve::run(config).map_err(Error::from),
         cli::Command::Admin(target, command) => ctl::run(target, command).map_err(Error::from),
+        cli::Command::Release(command) => release::run(command).map_err(Error::from),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +114,9 @@ pub mod fuzzing {
             assert!(hello.agent_token.len() <= ven_proto::frame::MAX_FRAME_BYTES);
         }
     }
+
+    /// `POST /ven/v1/support_report` bodies: the upload's decoder and the archive check.
+    pub use crate::supportreports::fuzz_upload as support_report_upload;
 
     /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
     /// `api::fuzz_admin_input`).

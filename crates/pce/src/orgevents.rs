@@ -32,13 +32,16 @@ pub enum EventType {
     AgentMissedHeartbeats,
     /// A worker thread of the VEN ended and was started again (details: component, cause).
     AgentComponentRestarted,
+    /// A VEN presented its agent id with a wrong token (the spec's "lost agent": it must be
+    /// reinstalled or paired again). At most one per agent per [`LOST_AGENT_WINDOW_S`].
+    LostAgent,
     /// A second live copy of a workload's agent presented its credentials (a copied data
     /// directory): everything it sends that would change the workload is ignored.
     CloneDetected,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         Self::Tampering,
         Self::ServerSuspended,
         Self::ServerUnsuspended,
@@ -48,6 +51,7 @@ impl EventType {
         Self::AgentDeactivated,
         Self::AgentMissedHeartbeats,
         Self::AgentComponentRestarted,
+        Self::LostAgent,
         Self::CloneDetected,
     ];
 
@@ -62,6 +66,7 @@ impl EventType {
             Self::AgentDeactivated => "agent_deactivated",
             Self::AgentMissedHeartbeats => "agent_missed_heartbeats",
             Self::AgentComponentRestarted => "agent_component_restarted",
+            Self::LostAgent => "lost_agent",
             Self::CloneDetected => "clone_detected",
         }
     }
@@ -74,6 +79,7 @@ impl EventType {
             | Self::WorkloadOffline
             | Self::AgentMissedHeartbeats
             | Self::AgentComponentRestarted
+            | Self::LostAgent
             | Self::CloneDetected => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
         }
@@ -200,6 +206,43 @@ impl EventLog {
         let events: VecDeque<OrgEvent> = events.into_iter().skip(excess).collect();
         let last_id = last_id.max(events.back().map_or(0, |event| event.id));
         Self { last_id, dropped: dropped + excess as u64, events }
+    }
+}
+
+/// A VEN whose credentials are refused retries (every 4 hours in the spec's lost agent state,
+/// far more often when it loops): one `lost_agent` event per agent in this many seconds.
+pub const LOST_AGENT_WINDOW_S: u64 = 3600;
+/// Most `lost_agent` events in any [`LOST_AGENT_WINDOW_S`], all agents together: agent ids are
+/// small consecutive numbers, so a client guessing them cannot push the other events out of
+/// the ring.
+pub const MAX_LOST_AGENT_EVENTS_PER_WINDOW: usize = 64;
+
+/// Decides which authentication failures become `lost_agent` events: one per agent per
+/// window, [`MAX_LOST_AGENT_EVENTS_PER_WINDOW`] in all. Kept in memory only (a restarted PCE
+/// may raise one more).
+#[derive(Debug, Default)]
+pub struct LostAgentLimiter {
+    /// (agent id, when raised) of the events raised in the last window, oldest first.
+    /// INVARIANT: at most [`MAX_LOST_AGENT_EVENTS_PER_WINDOW`] entries.
+    raised: VecDeque<(u64, u64)>,
+    /// Failures not raised since the last event that was, reported in its details.
+    suppressed: u64,
+}
+
+impl LostAgentLimiter {
+    /// Whether the failure of `agent_id` at `now` is to be raised; `Some(n)` with the failures
+    /// suppressed before it (any agent), `None` when it is suppressed itself.
+    pub fn admit(&mut self, agent_id: u64, now: u64) -> Option<u64> {
+        while self.raised.front().is_some_and(|&(_, at)| at.saturating_add(LOST_AGENT_WINDOW_S) <= now) {
+            self.raised.pop_front();
+        }
+        let already = self.raised.iter().any(|&(id, _)| id == agent_id);
+        if already || self.raised.len() >= MAX_LOST_AGENT_EVENTS_PER_WINDOW {
+            self.suppressed += 1;
+            return None;
+        }
+        self.raised.push_back((agent_id, now));
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
@@ -364,6 +407,23 @@ mod tests {
         assert_eq!((log.iter().len(), log.dropped, log.last_id), (3, 2, 5));
         let ids: Vec<u64> = log.iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn lost_agent_events_are_limited_per_agent_and_in_all() {
+        let mut limiter = LostAgentLimiter::default();
+        assert_eq!(limiter.admit(7, 1000), Some(0));
+        for second in 1..100 {
+            assert_eq!(limiter.admit(7, 1000 + second), None, "a looping VEN raises one per window");
+        }
+        assert_eq!(limiter.admit(8, 1100), Some(99), "another agent is raised, with the count");
+        assert_eq!(limiter.admit(7, 1000 + LOST_AGENT_WINDOW_S - 1), None);
+        assert_eq!(limiter.admit(7, 1000 + LOST_AGENT_WINDOW_S), Some(1), "the next window");
+        let mut flood = LostAgentLimiter::default();
+        let raised = (0..10_000u64).filter(|id| flood.admit(*id, 5).is_some()).count();
+        assert_eq!(raised, MAX_LOST_AGENT_EVENTS_PER_WINDOW, "guessed ids cannot flood the ring");
+        assert!(flood.raised.len() <= MAX_LOST_AGENT_EVENTS_PER_WINDOW);
+        assert_eq!(flood.admit(20_000, 5 + LOST_AGENT_WINDOW_S), Some(10_000 - 64));
     }
 
     #[test]

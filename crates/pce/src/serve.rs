@@ -74,6 +74,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Flows(#[from] FlowError),
+    #[error(transparent)]
+    SupportReports(#[from] crate::supportreports::SupportReportError),
     #[error("binding the {what} to {addr}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: io::Error },
     #[error("blocking SIGTERM and SIGINT: {0}")]
@@ -103,6 +105,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let admin_key = app::admin_key(dir)?;
     let (store, created) = Store::open(dir)?;
     let flows = FlowStore::open(dir)?;
+    let support_reports = crate::supportreports::SupportReports::open(dir)?;
 
     let mut stdout = io::stdout().lock();
     if created {
@@ -131,6 +134,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let app = Arc::new(App::new(
         store,
         flows,
+        support_reports,
         &admin_key,
         config.heartbeat_interval_s,
         config.offline_after_heartbeats,

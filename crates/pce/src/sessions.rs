@@ -1,5 +1,5 @@
-//! The registry of agents connected to the event service: who is connected, and a short queue of
-//! policy versions to tell each (see `events` for the sessions themselves).
+//! The registry of agents connected to the event service: who is connected, with which protocol
+//! version, and a short queue of bolts to tell each (see `events` for the sessions themselves).
 
 use smol::channel::{Receiver, Sender};
 use std::collections::HashMap;
@@ -8,8 +8,29 @@ use std::sync::{Mutex, PoisonError};
 
 /// Most agents registered at once.
 pub const MAX_EVENT_SESSIONS: usize = 16_384;
-/// Pending events per session; versions only grow, so a short queue loses nothing that matters.
+/// Pending events per session; versions only grow, so a short queue loses nothing that matters
+/// (and a support-report request is repeated by every heartbeat answer until it is answered).
 pub const SESSION_QUEUE: usize = 4;
+
+/// What a session is to tell its VEN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bolt {
+    PolicyChanged(u64),
+    /// A support report is asked for (the request's id).
+    SupportReport(u64),
+}
+
+/// Whether a bolt reached a session's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// The VEN is not connected, or its queue is full.
+    NotConnected,
+    /// The VEN's protocol version cannot decode this bolt; it is not sent.
+    TooOld {
+        protocol_version: u16,
+    },
+}
 
 /// The registry of connected agents.
 pub struct Sessions {
@@ -20,7 +41,9 @@ pub struct Sessions {
 
 struct Entry {
     serial: u64,
-    events: Sender<u64>,
+    /// What the VEN's Hello announced: bolts it could not decode are never queued.
+    protocol_version: u16,
+    events: Sender<Bolt>,
     /// The agent process's instance id, from a `CloneHello` (see `store::clone_guard`).
     instance: Option<String>,
 }
@@ -41,13 +64,27 @@ impl Sessions {
         let sessions = self.lock();
         for (agent_id, version) in changes {
             if let Some(entry) = sessions.get(agent_id) {
-                if entry.events.try_send(*version).is_err() {
+                if entry.events.try_send(Bolt::PolicyChanged(*version)).is_err() {
                     let dropped = self.dropped_events.fetch_add(1, Ordering::Relaxed) + 1;
                     if dropped.is_power_of_two() {
                         log::warn!("event queue of agent {agent_id} full: {dropped} events dropped so far");
                     }
                 }
             }
+        }
+    }
+
+    /// Queues a support-report bolt for `agent_id` if it is connected with a protocol version that
+    /// knows it (an older VEN could not decode the frame and would drop its session).
+    pub fn request_support_report(&self, agent_id: u64, request: u64) -> Delivery {
+        let sessions = self.lock();
+        let Some(entry) = sessions.get(&agent_id) else { return Delivery::NotConnected };
+        if entry.protocol_version < ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
+            return Delivery::TooOld { protocol_version: entry.protocol_version };
+        }
+        match entry.events.try_send(Bolt::SupportReport(request)) {
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::NotConnected,
         }
     }
 
@@ -66,16 +103,21 @@ impl Sessions {
         self.lock().get(&agent_id).is_some_and(|entry| entry.instance.as_deref() == Some(instance))
     }
 
-    /// Registers a session for `agent_id` (of `instance`, when the Hello named one), replacing an
-    /// older one. `None` when the registry is full.
-    pub fn register(&self, agent_id: u64, instance: Option<String>) -> Option<(u64, Receiver<u64>)> {
+    /// Registers a session for `agent_id` (speaking `protocol_version`; of `instance`, when the
+    /// Hello named one), replacing an older one. `None` when the registry is full.
+    pub fn register(
+        &self,
+        agent_id: u64,
+        protocol_version: u16,
+        instance: Option<String>,
+    ) -> Option<(u64, Receiver<Bolt>)> {
         let mut sessions = self.lock();
         if sessions.len() >= MAX_EVENT_SESSIONS && !sessions.contains_key(&agent_id) {
             return None;
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let (events, receiver) = smol::channel::bounded(SESSION_QUEUE);
-        sessions.insert(agent_id, Entry { serial, events, instance });
+        sessions.insert(agent_id, Entry { serial, protocol_version, events, instance });
         Some((serial, receiver))
     }
 
@@ -99,20 +141,33 @@ mod tests {
     #[test]
     fn sessions_replace_notify_and_unregister() {
         let sessions = Sessions::default();
-        let (old_serial, old) = sessions.register(1, Some("a".into())).unwrap();
+        let version = ven_proto::PROTOCOL_VERSION;
+        let (old_serial, old) = sessions.register(1, version, Some("a".into())).unwrap();
         assert!(sessions.has_session(1, "a"));
-        let (new_serial, new) = sessions.register(1, Some("b".into())).unwrap();
+        let (new_serial, new) = sessions.register(1, version, Some("b".into())).unwrap();
         assert!(!sessions.has_session(1, "a") && sessions.has_session(1, "b"));
         assert!(old.is_closed(), "the replaced session's queue closes");
         sessions.unregister(1, old_serial);
         assert_eq!(sessions.len(), 1, "a stale unregister leaves the newer session");
         sessions.notify(&[(1, 5), (2, 6)]);
-        assert_eq!(new.try_recv(), Ok(5));
+        assert_eq!(new.try_recv(), Ok(Bolt::PolicyChanged(5)));
         for version in 0..(SESSION_QUEUE as u64 + 2) {
             sessions.notify(&[(1, version)]);
         }
         assert_eq!(sessions.dropped_events.load(Ordering::Relaxed), 2);
         sessions.unregister(1, new_serial);
         assert_eq!(sessions.len(), 0);
+    }
+
+    #[test]
+    fn support_report_bolts_go_only_to_vens_that_know_them() {
+        let sessions = Sessions::default();
+        assert_eq!(sessions.request_support_report(1, 9), Delivery::NotConnected);
+        let (_, old) = sessions.register(1, 4, None).unwrap();
+        assert_eq!(sessions.request_support_report(1, 9), Delivery::TooOld { protocol_version: 4 });
+        assert!(old.try_recv().is_err(), "nothing an old VEN cannot decode is queued");
+        let (_, new) = sessions.register(1, ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION, None).unwrap();
+        assert_eq!(sessions.request_support_report(1, 9), Delivery::Queued);
+        assert_eq!(new.try_recv(), Ok(Bolt::SupportReport(9)));
     }
 }

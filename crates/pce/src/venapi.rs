@@ -1,5 +1,5 @@
 //! The VEN API (paths under `/ven/v1/`): activation, heartbeats (with the VEN's events), policy,
-//! goodbye, deactivation, suspend notices, flow uploads.
+//! goodbye, deactivation, suspend notices, flow uploads, listening services, support reports.
 //!
 //! Bodies are postcard messages from `ven_proto`; every request must name [`PROTOCOL_VERSION`] in
 //! `x-ven-protocol` (else 409). Authenticated calls carry `Bearer <agent_id>.<token>`; anything
@@ -19,13 +19,14 @@ use crate::flows::FlowError;
 use crate::http::{Admission, Head, Request, Response};
 use crate::store::StoreError;
 use crate::store::clone_guard::Standing;
+use crate::supportreports::SupportReportError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Instant;
 use ven_proto::{
     ActivateRequest, ActivateResponse, AgentEventKind, ErrorBody, ErrorKind, FlowAck, FlowBatch, Goodbye,
     HeartbeatRequest, HeartbeatResponse, HostReport, MAX_EVENTS_PER_HEARTBEAT, MAX_SERVICES_PER_REPORT,
-    PROTOCOL_HEADER, PROTOCOL_VERSION, ServicesReport, SuspendNotice, path,
+    PROTOCOL_HEADER, PROTOCOL_VERSION, ServicesReport, SupportReportUpload, SuspendNotice, path,
 };
 use ven_proto::{CLONE_TOKEN_HEADER, INSTANCE_HEADER, MAX_CLONE_FIELD_BYTES, NEXT_CLONE_TOKEN_HEADER};
 
@@ -64,7 +65,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
     };
     let result = match (request.head.method.as_str(), request.head.path.as_str()) {
         ("POST", path::ACTIVATE) => activate(app, request),
-        ("POST", path::HEARTBEAT) => heartbeat(app, request),
+        ("POST", path::HEARTBEAT) => heartbeat(app, request, version),
         ("GET", path::POLICY) => policy(app, request),
         ("POST", path::GOODBYE) => goodbye(app, request),
         ("POST", path::DEACTIVATE) => deactivate(app, request),
@@ -72,6 +73,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::FLOWS) => upload_flows(app, request, version),
         ("POST", path::SERVICES) => services(app, request),
         ("POST", path::REACTIVATE) => reactivate(app, request),
+        ("POST", path::SUPPORT_REPORT) => support_report(app, request),
         (
             method,
             known @ (path::ACTIVATE
@@ -82,7 +84,8 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | path::SUSPEND
             | path::FLOWS
             | path::SERVICES
-            | path::REACTIVATE),
+            | path::REACTIVATE
+            | path::SUPPORT_REPORT),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
@@ -197,7 +200,7 @@ fn reactivate(app: &App, request: &Request) -> Answer {
     Ok(with_next_token(response, first_token))
 }
 
-fn heartbeat(app: &App, request: &Request) -> Answer {
+fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
     let agent_id = authenticate(app, request)?;
     let mut report: HeartbeatRequest = decode(request)?;
     let standing = clone_standing(app, request, agent_id, true)?;
@@ -209,10 +212,15 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
             standing.refusal()
         );
         let policy_version = app.store().policy_version(agent_id).unwrap_or(0);
-        return Ok(message_response(
-            200,
-            &HeartbeatResponse { policy_version, heartbeat_interval_s: app.heartbeat_interval_s },
-        ));
+        let response = HeartbeatResponse {
+            policy_version,
+            heartbeat_interval_s: app.heartbeat_interval_s,
+            support_report_request: None,
+        };
+        if version < ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
+            return Ok(message_response(200, &ven_proto::HeartbeatResponseV4::from(response)));
+        }
+        return Ok(message_response(200, &response));
     }
     if let Some(host) = &report.host {
         // A name the PCE took before this check existed stays accepted while it is unchanged.
@@ -245,11 +253,60 @@ fn heartbeat(app: &App, request: &Request) -> Answer {
         (changes, store.policy_version(agent_id).unwrap_or(0))
     };
     app.publish(&changes);
-    let response = message_response(
-        200,
-        &HeartbeatResponse { policy_version, heartbeat_interval_s: app.heartbeat_interval_s },
-    );
-    Ok(with_next_token(response, standing))
+    let support_report_request = app.support_reports().pending(agent_id);
+    let response = HeartbeatResponse {
+        policy_version,
+        heartbeat_interval_s: app.heartbeat_interval_s,
+        support_report_request,
+    };
+    // A VEN before protocol 5 decodes the answer without the request (it cannot make reports).
+    if version < ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
+        let response = message_response(200, &ven_proto::HeartbeatResponseV4::from(response));
+        return Ok(with_next_token(response, standing));
+    }
+    Ok(with_next_token(message_response(200, &response), standing))
+}
+
+/// Stores the support report the PCE asked for; 409 when no such request waits for this
+/// workload, 400 for an archive that is not whole, 413 past the size cap (nothing stored).
+fn support_report(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    original_only(app, request, agent_id)?;
+    // The body's length prefix and bytes: more than the archive's cap is refused before decoding.
+    if request.body.len() > ven_proto::MAX_SUPPORT_REPORT_BYTES + 32 {
+        let message = format!(
+            "a support report upload of {} bytes exceeds the limit of {}",
+            request.body.len(),
+            ven_proto::MAX_SUPPORT_REPORT_BYTES
+        );
+        return Err(error(413, ErrorKind::BadRequest, message));
+    }
+    let upload: SupportReportUpload = decode(request)?;
+    let hostname = app.store().state().workloads.get(&agent_id).map(|workload| workload.hostname.clone());
+    let Some(hostname) = hostname else {
+        return Err(error(401, ErrorKind::Unauthorized, "unknown agent"));
+    };
+    let stored =
+        app.support_reports().store(agent_id, &hostname, upload.request, &upload.report, clock::now());
+    match stored {
+        Ok(report) => {
+            log::info!(
+                "workload {agent_id} ({hostname}): support report {} received ({} bytes, request {})",
+                report.id,
+                report.bytes,
+                report.request_id
+            );
+            Ok(Response::empty(204))
+        }
+        Err(e @ SupportReportError::NotWaiting { .. }) => {
+            Err(error(409, ErrorKind::BadRequest, e.to_string()))
+        }
+        Err(SupportReportError::Rejected(message)) => Err(error(400, ErrorKind::BadRequest, message)),
+        Err(other) => {
+            log::error!("VEN API: storing the support report of workload {agent_id}: {other}");
+            Err(error(500, ErrorKind::Internal, "the PCE could not store the support report"))
+        }
+    }
 }
 
 fn policy(app: &App, request: &Request) -> Answer {
@@ -316,6 +373,9 @@ fn deactivate(app: &App, request: &Request) -> Answer {
         log::error!("forgetting the flow cursor of workload {agent_id}: {e}");
     }
     app.sessions.disconnect(agent_id);
+    if let Err(e) = app.support_reports().cancel(agent_id) {
+        log::error!("forgetting the support report request of workload {agent_id}: {e}");
+    }
     app.publish(&changes);
     Ok(Response::empty(204))
 }
@@ -419,7 +479,10 @@ fn authenticate_header(app: &App, authorization: Option<&str>) -> Result<u64, Re
     let credentials = authorization.and_then(ven_proto::parse_bearer);
     match credentials {
         Some((agent_id, token)) if app.store().authenticate(agent_id, token) => Ok(agent_id),
-        Some(_) => Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token")),
+        Some((agent_id, _)) => {
+            app.store().lost_agent(agent_id, "VEN API", clock::now());
+            Err(error(401, ErrorKind::Unauthorized, "unknown agent or wrong token"))
+        }
         None => Err(error(401, ErrorKind::Unauthorized, "missing or malformed agent credentials")),
     }
 }

@@ -1,5 +1,5 @@
 //! Replays the seed corpora of the PCE's network-facing fuzz targets (fuzz/corpus/pce_http_head,
-//! pce_event_hello, pce_admin_json) through the same entry points the targets call, on the stable
+//! pce_event_hello, pce_admin_json, pce_support_report) through the same entry points the targets call, on the stable
 //! toolchain: every file there, seeds and any crash input committed after a fix, must pass
 //! without a panic, so a fixed bug stays fixed without a fuzzer in CI.
 //!
@@ -18,10 +18,11 @@ fn corpus(target: &str) -> PathBuf {
 
 type Entry = fn(&[u8]);
 
-const TARGETS: [(&str, Entry); 3] = [
+const TARGETS: [(&str, Entry); 4] = [
     ("pce_http_head", pce::fuzzing::http_connection),
     ("pce_event_hello", pce::fuzzing::event_hello),
     ("pce_admin_json", pce::fuzzing::admin_input),
+    ("pce_support_report", pce::fuzzing::support_report_upload),
 ];
 
 /// (target, file name, bytes) of every seed.
@@ -135,6 +136,18 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         add("pce_admin_json", name, text.as_bytes().to_vec());
     }
     add("pce_admin_json", "deep_nesting", format!("\n{}{}", "[".repeat(200), "]".repeat(200)).into_bytes());
+
+    // Support report uploads: a whole (minimal) ustar archive, the same truncated, not a tar, a
+    // length prefix far past the cap with few bytes behind it.
+    let mut archive = vec![0u8; 4 * 512];
+    archive[..8].copy_from_slice(b"MANIFEST");
+    archive[257..262].copy_from_slice(b"ustar");
+    archive[512..520].copy_from_slice(b"contents");
+    let upload = |report: Vec<u8>| ven_proto::encode(&ven_proto::SupportReportUpload { request: 3, report });
+    add("pce_support_report", "whole_archive", upload(archive.clone()));
+    add("pce_support_report", "truncated_archive", upload(archive[..3 * 512].to_vec()));
+    add("pce_support_report", "not_a_tar", upload(b"hello".to_vec()));
+    add("pce_support_report", "huge_length_prefix", vec![3, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]);
     seeds
 }
 

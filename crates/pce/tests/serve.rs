@@ -613,3 +613,88 @@ fn flow_uploads_are_stored_once_queried_and_kept_across_a_restart() {
     assert_eq!(status, 409);
     server.stop();
 }
+
+/// Support reports over the wire: a request reaches a protocol-5 session as a bolt and every
+/// heartbeat answer until the upload; a VEN of protocol 4 gets neither (its heartbeat answer is
+/// the version-4 body, exactly); uploads for no request, truncated or oversized are refused and
+/// store nothing; a good one is listed and downloaded byte for byte.
+#[test]
+fn support_reports_are_requested_uploaded_and_checked() {
+    let dir = DataDir(std::env::temp_dir().join(format!("pce-e2e-report-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let d = dir.0.as_path();
+    let (api, events) = (free_port(), free_port());
+    let server = Server::start(d, api, events);
+    let code = server.line("activation code: ").expect("activation code line");
+    let ven = Ven::new(d, api);
+    let (status, body) = ven.activate(&code, "web", "198.18.0.2/24");
+    assert_eq!(status, 200);
+    let web: ActivateResponse = decode(&body);
+    let auth = ven_proto::bearer(web.agent_id, &web.agent_token);
+    let mut session = event_session(d, events, web.agent_id, &web.agent_token);
+    assert_eq!(read_event(&mut session), PceFrame::Ack { ping_interval_s: 30 });
+    assert!(matches!(read_event(&mut session), PceFrame::Event(Event::PolicyChanged { .. })));
+
+    let nobody = cli(d, api, &["support-report", "request", "nosuchhost"]);
+    assert!(!nobody.status.success());
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no workload"));
+    let asked = cli_ok(d, api, &["support-report", "request", "web"]);
+    assert!(asked.contains("delivery: lightning_bolt"), "{asked}");
+    let PceFrame::Event(Event::SupportReportRequested { request }) = read_event(&mut session) else {
+        panic!("expected the support report bolt");
+    };
+    let (status, body) = ven.heartbeat(&auth, 0);
+    assert_eq!(status, 200);
+    assert_eq!(decode::<HeartbeatResponse>(&body).support_report_request, Some(request));
+    // A VEN of protocol 4 decodes the version-4 answer: the same bytes, without the request.
+    let beat = ven_proto::encode(&ven_proto::HeartbeatRequest {
+        applied_policy_version: 0,
+        applied_state: PolicyState::Idle,
+        apply_error: None,
+        host: None,
+        events: Vec::new(),
+    });
+    let (status, body) =
+        ven.call("POST", path::HEARTBEAT, Some(&auth), &[(ven_proto::PROTOCOL_HEADER, "4")], beat);
+    assert_eq!(status, 200);
+    let old: ven_proto::HeartbeatResponseV4 = decode(&body);
+    assert_eq!(body, ven_proto::encode(&old), "nothing a version-4 VEN does not know");
+
+    // Bad uploads: nothing stored, the request still waits.
+    let mut archive = vec![0u8; 4 * 512];
+    archive[..8].copy_from_slice(b"MANIFEST");
+    archive[257..262].copy_from_slice(b"ustar");
+    archive[512..520].copy_from_slice(b"contents");
+    let upload = |request: u64, report: Vec<u8>| ven_proto::SupportReportUpload { request, report };
+    let (status, body) = ven.post(path::SUPPORT_REPORT, Some(&auth), &upload(request + 1, archive.clone()));
+    assert_eq!((status, decode::<ErrorBody>(&body).kind), (409, ErrorKind::BadRequest));
+    let (status, _) = ven.post(path::SUPPORT_REPORT, Some(&auth), &upload(request, archive[..1024].to_vec()));
+    assert_eq!(status, 400, "a truncated archive");
+    let oversized = vec![0u8; ven_proto::MAX_SUPPORT_REPORT_BYTES + 512];
+    let (status, _) = ven.post(path::SUPPORT_REPORT, Some(&auth), &upload(request, oversized));
+    assert_eq!(status, 413);
+    let mut cut = ven_proto::encode(&upload(request, archive.clone()));
+    cut.truncate(cut.len() - 10);
+    let headers = [(ven_proto::PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _) = ven.call("POST", path::SUPPORT_REPORT, Some(&auth), &headers, cut);
+    assert_eq!(status, 400, "a truncated body");
+    assert_eq!(cli_ok(d, api, &["support-report", "list", "--json"]), "[]");
+    let (_, body) = ven.heartbeat(&auth, 0);
+    assert_eq!(decode::<HeartbeatResponse>(&body).support_report_request, Some(request), "still waiting");
+
+    // The good one: stored, answered, downloadable.
+    let (status, _) = ven.post(path::SUPPORT_REPORT, Some(&auth), &upload(request, archive.clone()));
+    assert_eq!(status, 204);
+    let (_, body) = ven.heartbeat(&auth, 0);
+    assert_eq!(decode::<HeartbeatResponse>(&body).support_report_request, None, "answered");
+    let (status, _) = ven.post(path::SUPPORT_REPORT, Some(&auth), &upload(request, archive.clone()));
+    assert_eq!(status, 409, "a request is answered once");
+    let listed = cli_ok(d, api, &["support-report", "list"]);
+    assert!(listed.lines().nth(1).is_some_and(|row| row.contains("web") && row.contains("2048")), "{listed}");
+    let output = d.join("report.tar");
+    let written = cli_ok(d, api, &["support-report", "get", "1", "--output", output.to_str().unwrap()]);
+    assert!(written.contains("written to"), "{written}");
+    assert_eq!(std::fs::read(&output).unwrap(), archive);
+    server.stop();
+}

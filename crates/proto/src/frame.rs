@@ -56,6 +56,9 @@ pub enum PceFrame {
 pub enum Event {
     /// A new policy version exists for this VEN; fetch it over the VEN API.
     PolicyChanged { version: u64 },
+    /// The PCE asks for a support report (protocol 5: sent only to VENs whose Hello names 5 or
+    /// more; an older VEN could not decode it). The heartbeat answer repeats the request.
+    SupportReportRequested { request: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]

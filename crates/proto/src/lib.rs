@@ -14,6 +14,7 @@
 pub mod clock;
 pub mod frame;
 mod net;
+pub mod release;
 
 pub use net::{IpNet, IpNetError};
 
@@ -23,10 +24,16 @@ use serde::{Deserialize, Serialize};
 /// `409 Conflict` and an [`ErrorBody`] of kind [`ErrorKind::ProtocolMismatch`].
 // History: 1 = walking skeleton; 2 = custom rules in policies, agent events in heartbeats,
 // suspend notices; 3 = flow uploads; 4 = flow records carry packets and bytes (a PCE still takes
-// version 3 requests: only the flow batch changed, see [`FlowBatchV3`]).
-pub const PROTOCOL_VERSION: u16 = 4;
-/// Oldest version a PCE still answers: version 3 differs only in [`FlowRecordV3`].
+// version 3 requests: only the flow batch changed, see [`FlowBatchV3`]); 5 = support reports the
+// PCE requests: the heartbeat answer names a pending request ([`HeartbeatResponseV4`] is what
+// older VENs get), the bolt [`frame::Event::SupportReportRequested`] (sent only to VENs whose
+// Hello says 5 or more), and [`path::SUPPORT_REPORT`].
+pub const PROTOCOL_VERSION: u16 = 5;
+/// Oldest version a PCE still answers: version 3 differs only in [`FlowRecordV3`] and
+/// [`HeartbeatResponseV4`], version 4 in the latter.
 pub const OLDEST_PROTOCOL_VERSION: u16 = 3;
+/// First version that knows support-report requests (heartbeat field, bolt, upload).
+pub const SUPPORT_REPORT_PROTOCOL_VERSION: u16 = 5;
 
 /// Whether a PCE of this version answers a request naming `version`.
 pub fn protocol_supported(version: u16) -> bool {
@@ -74,6 +81,9 @@ pub mod path {
     /// POST [`ServicesReport`](super::ServicesReport) -> empty 204: the listening services,
     /// when they changed (a PCE without it answers 404; the VEN then stops sending them).
     pub const SERVICES: &str = "/ven/v1/services";
+    /// POST [`SupportReportUpload`](super::SupportReportUpload) -> empty 204: the support report
+    /// the PCE asked for (protocol 5); 409 when no such request is pending for this workload.
+    pub const SUPPORT_REPORT: &str = "/ven/v1/support_report";
     /// POST [`HostReport`](super::HostReport) -> [`ActivateResponse`](super::ActivateResponse):
     /// a suspected clone (issue 16) re-pairs as a new workload from the pairing profile the
     /// original came from, when that profile allows it (else 401 `BadActivationCode`, why).
@@ -215,6 +225,33 @@ pub struct HeartbeatResponse {
     /// The policy version the PCE holds for this VEN; the VEN fetches it when it differs.
     pub policy_version: u64,
     pub heartbeat_interval_s: u32,
+    /// A support report the PCE asked for and has not received yet (its request id): repeated in
+    /// every answer until the upload arrives, so a lost bolt loses no request.
+    pub support_report_request: Option<u64>,
+}
+
+/// [`HeartbeatResponse`] as VENs of protocol versions 3 and 4 decode it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponseV4 {
+    pub policy_version: u64,
+    pub heartbeat_interval_s: u32,
+}
+
+impl From<HeartbeatResponse> for HeartbeatResponseV4 {
+    fn from(response: HeartbeatResponse) -> Self {
+        Self { policy_version: response.policy_version, heartbeat_interval_s: response.heartbeat_interval_s }
+    }
+}
+
+/// Largest support report a VEN uploads and a PCE accepts (the VEN's own cap is 4 MiB).
+pub const MAX_SUPPORT_REPORT_BYTES: usize = 8 * 1024 * 1024;
+
+/// A support report (`ven gen-supportreport`'s tar) answering request `request`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupportReportUpload {
+    pub request: u64,
+    /// The archive, at most [`MAX_SUPPORT_REPORT_BYTES`] (postcard: a length, then the bytes).
+    pub report: Vec<u8>,
 }
 
 /// A process accepting connections on the host: a TCP socket in LISTEN or an unconnected UDP
@@ -775,6 +812,24 @@ mod tests {
         assert_eq!((batch.first, batch.records[0].packets, batch.records[0].bytes), (7, 1, None));
         assert!(protocol_supported(3) && protocol_supported(PROTOCOL_VERSION));
         assert!(!protocol_supported(2) && !protocol_supported(PROTOCOL_VERSION + 1));
+    }
+
+    #[test]
+    fn older_vens_get_the_heartbeat_answer_they_decode() {
+        let answer = HeartbeatResponse {
+            policy_version: 9,
+            heartbeat_interval_s: 300,
+            support_report_request: Some(4),
+        };
+        let old = decode::<HeartbeatResponseV4>(&encode(&HeartbeatResponseV4::from(answer.clone()))).unwrap();
+        assert_eq!((old.policy_version, old.heartbeat_interval_s), (9, 300));
+        assert_eq!(decode::<HeartbeatResponse>(&encode(&answer)).unwrap(), answer);
+        assert!(protocol_supported(4) && SUPPORT_REPORT_PROTOCOL_VERSION <= PROTOCOL_VERSION);
+        let upload = SupportReportUpload { request: 4, report: vec![0, 1, 255] };
+        let bytes = encode(&upload);
+        assert_eq!(bytes.len(), 1 + 1 + 3, "a length and the bytes as they are");
+        assert_eq!(decode::<SupportReportUpload>(&bytes).unwrap(), upload);
+        assert!(decode::<SupportReportUpload>(&bytes[..bytes.len() - 1]).is_err(), "a truncated upload");
     }
 
     #[test]

@@ -110,7 +110,9 @@ fn verdict_byte(verdict: FlowVerdict) -> u8 {
 }
 
 /// Folds `newer` into the aggregate `stored` of the same key: counts, packets and bytes add
-/// (saturating; bytes stay unknown once either is), the earliest first and latest last
+/// (saturating; the known bytes add up, unknown only when neither knows: an accepted flow's
+/// bytes come from conntrack in the interval its connections end in, so the record of the
+/// interval its first packet was logged in has none of its own), the earliest first and latest last
 /// sighting, the largest sampling scale, overflow if either was, and the rule of `newer` (the
 /// latest appended).
 pub(super) fn merge(stored: &FlowRecord, newer: &FlowRecord) -> FlowRecord {
@@ -119,7 +121,7 @@ pub(super) fn merge(stored: &FlowRecord, newer: &FlowRecord) -> FlowRecord {
         packets: stored.packets.saturating_add(newer.packets),
         bytes: match (stored.bytes, newer.bytes) {
             (Some(a), Some(b)) => Some(a.saturating_add(b)),
-            _ => None,
+            (known @ Some(_), None) | (None, known) => known,
         },
         first_seen: stored.first_seen.min(newer.first_seen),
         last_seen: stored.last_seen.max(newer.last_seen),

@@ -501,7 +501,7 @@ fn a_store_written_before_packets_and_bytes_stays_readable() {
     assert_eq!(raw.rows.iter().map(|row| row.record).collect::<Vec<_>>(), [old(a), old(b)]);
     assert_eq!(store.usage().undecodable_rows, 0);
 
-    // New rows beside old ones: both read, aggregates merge (bytes stay unknown once unknown).
+    // New rows beside old ones: both read, aggregates merge (the known bytes add up).
     let newer = FlowRecord { count: 1, packets: 4, bytes: Some(240), ..a };
     store.append(&[newer]).unwrap();
     let raw = store.query(&FlowQuery { view: View::Raw, ..query(VerdictFilter::Any) }).unwrap();
@@ -509,7 +509,7 @@ fn a_store_written_before_packets_and_bytes_stays_readable() {
     let summary =
         store.query(&FlowQuery { view: View::Aggregated, ..query(VerdictFilter::Unallowed) }).unwrap();
     let merged = summary.rows[0].record;
-    assert_eq!((merged.count, merged.packets, merged.bytes), (4, 7, None));
+    assert_eq!((merged.count, merged.packets, merged.bytes), (4, 7, Some(240)));
     let batch = store.pending(10).unwrap().expect("three rows to upload");
     assert_eq!((batch.first, batch.records.len(), batch.records[0].packets), (1, 3, 3));
 }

@@ -16,7 +16,7 @@
 //! One module per resource: `auth` (credentials, API keys), `labels`, `workloads` (and their
 //! custom iptables rules), `sec_policy` (draft and active versions, provisioning, policy
 //! versions) with `ip_lists`, `services` and `rule_sets` (and their rules), `pairing`, `events`,
-//! `traffic`.
+//! `traffic`, `support_reports` (requests to VENs and the reports received).
 
 mod auth;
 mod events;
@@ -27,6 +27,7 @@ mod pairing;
 mod rule_sets;
 mod sec_policy;
 mod services;
+mod support_reports;
 mod traffic;
 mod workloads;
 
@@ -94,6 +95,8 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         }
         ["sec_policy", rest @ ..] => sec_policy::route(app, method, rest, request),
         ["pairing_profiles", rest @ ..] => pairing::route(app, method, rest, request),
+        ["support_report_requests", rest @ ..] => support_reports::requests(app, method, rest, request),
+        ["support_reports", rest @ ..] => support_reports::reports(app, method, rest, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
         [kind] if method == "GET" && UNMODELLED_ORG_KINDS.contains(kind) => {
             Ok(collection(Vec::new(), request))

@@ -23,7 +23,7 @@
 
 use crate::clock;
 use crate::crypto::{self, RandomError};
-use crate::orgevents::{EventLog, EventType};
+use crate::orgevents::{EventLog, EventType, LostAgentLimiter};
 use crate::policy::model::{self, PolicyObjects};
 use crate::policy::{self, Label, Member, Service};
 use serde::{Deserialize, Serialize};
@@ -378,6 +378,8 @@ pub struct Store {
     policies: HashMap<u64, CurrentPolicy>,
     dirty: bool,
     events: EventLog,
+    /// Which refused credentials become `lost_agent` events (memory only, bounded).
+    lost_agents: LostAgentLimiter,
 }
 
 /// Workload records taken by [`Store::take_workload_flush`], holding the backend until written.
@@ -464,6 +466,7 @@ impl Store {
             policies: HashMap::new(),
             dirty: true,
             events,
+            lost_agents: LostAgentLimiter::default(),
         };
         if let Some(stored) = stored {
             // Workload records are tracked by their dirty marks, not by this copy.
@@ -719,6 +722,27 @@ impl Store {
             self.record(now, EventType::CloneDetected, Some(agent_id), message, details);
         }
         Ok(presented.standing)
+    }
+
+    /// A request or session named the paired workload `agent_id` with a wrong token (`channel`:
+    /// where): raises the spec's lost-agent event, at most once per agent per window
+    /// ([`LostAgentLimiter`]); the next write persists it. Unknown ids and workloads without an
+    /// agent raise nothing. Returns whether an event was raised.
+    pub fn lost_agent(&mut self, agent_id: u64, channel: &str, now: u64) -> bool {
+        if !self.state.workloads.get(&agent_id).is_some_and(|w| w.managed) {
+            return false;
+        }
+        let Some(suppressed) = self.lost_agents.admit(agent_id, now) else { return false };
+        log::warn!(
+            "workload {agent_id}: its VEN presented a wrong agent token on the {channel} (lost agent)"
+        );
+        let message = "VEN failed authentication (wrong agent token): it is a lost agent; \
+                       uninstall and reinstall or pair the VEN on this workload again"
+            .to_string();
+        let details = json!({ "channel": channel, "suppressed_since_last": suppressed });
+        self.record(now, EventType::LostAgent, Some(agent_id), message, details);
+        self.dirty = true;
+        true
     }
 
     /// Pairs a new workload with `code`: a profile's standing code or a key generated from it,
@@ -2053,6 +2077,25 @@ mod tests {
 
     fn event_types(store: &Store) -> Vec<EventType> {
         store.events().iter().map(|e| e.event_type).collect()
+    }
+
+    #[test]
+    fn a_wrong_token_for_a_paired_workload_is_a_lost_agent_once_per_window() {
+        let dir = scratch_dir("store-lost-agent");
+        let (mut store, web, _) = populated(&dir);
+        let before = store.events().iter().len();
+        assert!(store.lost_agent(web.agent_id, "VEN API", 100));
+        for at in 101..110 {
+            assert!(!store.lost_agent(web.agent_id, "VEN API", at), "rate-limited");
+        }
+        assert!(!store.lost_agent(9_999, "VEN API", 100), "an unknown id is no lost agent");
+        assert_eq!(store.events().iter().len(), before + 1);
+        let event = store.events().iter().last().cloned().unwrap();
+        assert_eq!((event.event_type, event.workload_id), (EventType::LostAgent, Some(web.agent_id)));
+        store.flush().unwrap();
+        drop(store);
+        let (reopened, _) = Store::open(&dir).unwrap();
+        assert_eq!(reopened.events().iter().last().map(|e| e.event_type), Some(EventType::LostAgent));
     }
 
     #[test]
