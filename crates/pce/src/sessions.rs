@@ -103,6 +103,17 @@ impl Sessions {
         self.lock().get(&agent_id).is_some_and(|entry| entry.instance.as_deref() == Some(instance))
     }
 
+    /// Names the instance of an agent's session that came without one (a plain Hello from before
+    /// the agent held a clone token): the original's, since a plain Hello is refused once tokens
+    /// exist. Without it the holder would look disconnected until its session reconnects.
+    pub fn adopt(&self, agent_id: u64, instance: &str) {
+        if let Some(entry) = self.lock().get_mut(&agent_id) {
+            if entry.instance.is_none() {
+                entry.instance = Some(instance.to_string());
+            }
+        }
+    }
+
     /// Registers a session for `agent_id` (speaking `protocol_version`; of `instance`, when the
     /// Hello named one), replacing an older one. `None` when the registry is full.
     pub fn register(
@@ -146,6 +157,12 @@ mod tests {
         assert!(sessions.has_session(1, "a"));
         let (new_serial, new) = sessions.register(1, version, Some("b".into())).unwrap();
         assert!(!sessions.has_session(1, "a") && sessions.has_session(1, "b"));
+        sessions.adopt(1, "c");
+        assert!(sessions.has_session(1, "b"), "a named session keeps its instance");
+        let (unnamed_serial, _unnamed) = sessions.register(2, version, None).unwrap();
+        sessions.adopt(2, "d");
+        assert!(sessions.has_session(2, "d"));
+        sessions.unregister(2, unnamed_serial);
         assert!(old.is_closed(), "the replaced session's queue closes");
         sessions.unregister(1, old_serial);
         assert_eq!(sessions.len(), 1, "a stale unregister leaves the newer session");

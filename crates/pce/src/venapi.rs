@@ -450,6 +450,9 @@ fn clone_standing(app: &App, request: &Request, agent_id: u64, rotate: bool) -> 
         .store()
         .present_clone_token(agent_id, token, instance, clock::now(), app.clone_grace_s(), rotate, &live)
         .map_err(store_error)?;
+    if let (Standing::Holder { .. }, Some(instance)) = (&standing, instance) {
+        app.sessions.adopt(agent_id, instance);
+    }
     match standing {
         Standing::Clone => Err(error(409, ErrorKind::SuspectedClone, standing.refusal())),
         other => Ok(other),
