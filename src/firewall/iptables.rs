@@ -194,7 +194,9 @@ fn holds(chain: &OurChain, current: &FilterState) -> bool {
 
 /// The `ven:<hash>` comment of a rule (a full `-A` line or a saved spec), if it has one.
 pub(crate) fn hash_of(rule: &str) -> Option<&str> {
-    let at = rule.find("--comment ")? + "--comment ".len();
+    // A whole word: "--comment" inside another word (a custom rule's `-d--comment`) is not it;
+    // the word itself is forbidden in custom rules, so the only one is ours.
+    let at = rule.find(" --comment ")? + " --comment ".len();
     let rest = rule[at..].trim_start_matches('"');
     let hash = rest.strip_prefix("ven:")?.get(..16)?;
     hash.bytes().all(|b| b.is_ascii_hexdigit()).then_some(hash)
@@ -578,6 +580,13 @@ mod tests {
         assert_eq!(hash_of("-m comment --comment ven:2976ea3491b8bb45 -j ACCEPT"), Some("2976ea3491b8bb45"));
         assert_eq!(hash_of(&jump_spec("VEN-INPUT")), None);
         assert_eq!(hash_of("-m comment --comment \"ven:xyz\" -j ACCEPT"), None);
+        // Found by the policy_rendering fuzz target: "--comment" inside a custom rule's word.
+        assert_eq!(
+            hash_of(
+                "-A VEN-CUSTOM-OUT -p tcr- -d--comment -m comment --comment \"ven:0774fd492f766474\" -j ACCEPT"
+            ),
+            Some("0774fd492f766474")
+        );
         assert_eq!(hash_of("-j ACCEPT"), None);
     }
 
