@@ -17,8 +17,8 @@ use crate::app::App;
 use crate::clock;
 use crate::flows::FlowError;
 use crate::http::{Admission, Head, Request, Response};
-use crate::store::StoreError;
 use crate::store::clone_guard::Standing;
+use crate::store::{Activation, StoreError};
 use crate::supportreports::SupportReportError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -139,17 +139,7 @@ fn activate(app: &App, request: &Request) -> Answer {
         held.elapsed().as_millis(),
         held.duration_since(waited).as_millis()
     );
-    app.publish(&activated.changes);
-    let response = message_response(
-        200,
-        &ActivateResponse {
-            agent_id: activated.agent_id,
-            agent_token: activated.agent_token,
-            heartbeat_interval_s: app.heartbeat_interval_s,
-            event_port: app.event_port,
-        },
-    );
-    Ok(with_next_token(response, first_token))
+    Ok(paired(app, activated, first_token))
 }
 
 /// A suspected clone re-pairs as a workload of its own (issue 16): only a copy the PCE took for a
@@ -187,6 +177,12 @@ fn reactivate(app: &App, request: &Request) -> Answer {
         "a suspected clone of workload {original} re-paired as workload {} ({hostname})",
         activated.agent_id
     );
+    Ok(paired(app, activated, first_token))
+}
+
+/// The answer to a pairing (activation or a clone's re-pairing): the peers told, the
+/// credentials and the first clone token to the new workload's agent.
+fn paired(app: &App, activated: Activation, first_token: Standing) -> Response {
     app.publish(&activated.changes);
     let response = message_response(
         200,
@@ -197,7 +193,7 @@ fn reactivate(app: &App, request: &Request) -> Answer {
             event_port: app.event_port,
         },
     );
-    Ok(with_next_token(response, first_token))
+    with_next_token(response, first_token)
 }
 
 fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
