@@ -385,7 +385,9 @@ pub fn ven_api_messages(data: &[u8]) {
     let _ = decode::<ActivateRequest>(data);
     let _ = decode::<ActivateResponse>(data);
     let _ = decode::<HeartbeatRequest>(data);
+    let _ = decode::<HeartbeatRequestV5>(data);
     let _ = decode::<HeartbeatResponse>(data);
+    let _ = decode::<HeartbeatResponseV5>(data);
     let _ = decode::<ErrorBody>(data);
     let _ = decode::<Goodbye>(data);
 }

@@ -286,10 +286,35 @@ fn write_encoded_seeds() {
     // Protocol 5: the support report bolt, and the heartbeat answers of both versions.
     let bolt = frame::Event::SupportReportRequested { request: 4 };
     write("event_frames", "support-report-bolt", &encode_frame(&PceFrame::Event(bolt)));
-    let answer =
-        HeartbeatResponse { policy_version: 7, heartbeat_interval_s: 300, support_report_request: Some(4) };
+    let answer = HeartbeatResponse {
+        policy_version: 7,
+        heartbeat_interval_s: 300,
+        support_report_request: Some(4),
+        upgrade: Some("0.3.0".to_string()),
+    };
     write("ven_api_messages", "heartbeat-answer-report", &encode(&answer));
+    write("ven_api_messages", "heartbeat-answer-v5", &encode(&HeartbeatResponseV5::from(answer.clone())));
     write("ven_api_messages", "heartbeat-answer-v4", &encode(&HeartbeatResponseV4::from(answer)));
+    // Protocol 6: the upgrade bolt, and a heartbeat with the host's uptime and the agent's target.
+    let bolt = frame::Event::UpgradeRequested { version: "0.3.0".to_string() };
+    write("event_frames", "upgrade-bolt", &encode_frame(&PceFrame::Event(bolt)));
+    let beat = HeartbeatRequest {
+        applied_policy_version: 4,
+        applied_state: PolicyState::Enforced,
+        apply_error: None,
+        host: None,
+        events: vec![AgentEvent {
+            at: 1_764_000_000,
+            kind: AgentEventKind::Upgrade {
+                version: "0.3.0".to_string(),
+                step: UpgradeStep::RolledBack,
+                detail: "no healthy report within 120 s".to_string(),
+            },
+        }],
+        host_uptime_s: Some(86_400),
+        target: Some("aarch64-unknown-linux-musl".to_string()),
+    };
+    write("ven_api_messages", "heartbeat-upgrade-event", &encode(&beat));
 
     // Flow rows as the flow store keeps them (a chunk is rows back to back) and as uploaded.
     let flow = |src: &str, dst: &str, protocol, port, verdict| FlowRecord {

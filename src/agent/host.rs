@@ -34,6 +34,17 @@ pub fn check_hostname(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Seconds since the host booted (`/proc/uptime`'s first field), `None` when unreadable.
+pub fn uptime_s() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    parse_uptime(&text)
+}
+
+fn parse_uptime(text: &str) -> Option<u64> {
+    let seconds: f64 = text.split_ascii_whitespace().next()?.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then_some(seconds as u64)
+}
+
 pub fn report(hostname: &str) -> HostReport {
     HostReport {
         hostname: hostname.to_string(),
@@ -106,6 +117,15 @@ fn reportable(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uptime_is_the_first_field_of_proc_uptime() {
+        assert_eq!(parse_uptime("350735.47 234388.90\n"), Some(350_735));
+        for bad in ["", "-1 2", "nan 1", "x 1"] {
+            assert_eq!(parse_uptime(bad), None, "{bad:?}");
+        }
+        assert!(uptime_s().is_some_and(|s| s > 0));
+    }
 
     #[test]
     fn loopback_and_link_local_are_not_reported() {

@@ -474,6 +474,8 @@ impl Manager {
             apply_error: self.apply_error.clone(),
             host: host_changed.then(|| host.clone()),
             events: self.pending_events.iter().take(sent_events).cloned().collect(),
+            host_uptime_s: host::uptime_s(),
+            target: Some(crate::cli::TARGET.to_string()),
         };
         match pairing.client.heartbeat(&request) {
             Ok(response) => {
@@ -675,6 +677,7 @@ impl Manager {
                 }
             }
             Event::SupportReportRequested { request } => self.support_report(request),
+            Event::UpgradeRequested { version } => log::info!("the PCE asks for an upgrade to {version}"),
         }
     }
 

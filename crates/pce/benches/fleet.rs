@@ -731,6 +731,8 @@ async fn heartbeat_cycle(shared: &Shared, agent: &Agent) -> Result<(), SimError>
         apply_error: None,
         host: None,
         events: Vec::new(),
+        host_uptime_s: Some(86_400),
+        target: Some("aarch64-unknown-linux-musl".to_string()),
     });
     let upload = shared.uploading.load(Ordering::Relaxed) && !agent.uploaded.load(Ordering::Relaxed);
     let authorization = lock(&agent.authorization).clone();
@@ -870,8 +872,8 @@ async fn event_session_once(
                 }
                 let _ = bolts.try_send(version);
             }
-            // The fleet asks for no support reports.
-            PceFrame::Event(Event::SupportReportRequested { .. }) => {}
+            // The fleet asks for no support reports and orders no upgrades.
+            PceFrame::Event(Event::SupportReportRequested { .. } | Event::UpgradeRequested { .. }) => {}
             PceFrame::Ping { nonce } => {
                 stream.write_all(&frame::encode_frame(&VenFrame::Pong { nonce })).await?;
                 stream.flush().await?;

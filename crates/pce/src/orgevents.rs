@@ -38,10 +38,13 @@ pub enum EventType {
     /// A second live copy of a workload's agent presented its credentials (a copied data
     /// directory): everything it sends that would change the workload is ignored.
     CloneDetected,
+    /// A step of a VEN's self-upgrade (details: version, step, detail): staged, committed,
+    /// deferred to the package manager, refused or rolled back.
+    AgentUpgrade,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 12] = [
         Self::Tampering,
         Self::ServerSuspended,
         Self::ServerUnsuspended,
@@ -53,6 +56,7 @@ impl EventType {
         Self::AgentComponentRestarted,
         Self::LostAgent,
         Self::CloneDetected,
+        Self::AgentUpgrade,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +72,7 @@ impl EventType {
             Self::AgentComponentRestarted => "agent_component_restarted",
             Self::LostAgent => "lost_agent",
             Self::CloneDetected => "clone_detected",
+            Self::AgentUpgrade => "agent_upgrade",
         }
     }
 
@@ -82,6 +87,8 @@ impl EventType {
             | Self::LostAgent
             | Self::CloneDetected => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
+            // Refusals and rollbacks are raised as warnings where they are recorded.
+            Self::AgentUpgrade => Severity::Info,
         }
     }
 }

@@ -198,7 +198,11 @@ fn paired(app: &App, activated: Activation, first_token: Standing) -> Response {
 
 fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
     let agent_id = authenticate(app, request)?;
-    let mut report: HeartbeatRequest = decode(request)?;
+    let mut report: HeartbeatRequest = if version < ven_proto::UPGRADE_PROTOCOL_VERSION {
+        decode::<ven_proto::HeartbeatRequestV5>(request)?.into()
+    } else {
+        decode(request)?
+    };
     let standing = clone_standing(app, request, agent_id, true)?;
     if !standing.is_original() {
         // Answered (a restarted original waiting for the grace period keeps its footing), not
@@ -212,11 +216,9 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
             policy_version,
             heartbeat_interval_s: app.heartbeat_interval_s,
             support_report_request: None,
+            upgrade: None,
         };
-        if version < ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
-            return Ok(message_response(200, &ven_proto::HeartbeatResponseV4::from(response)));
-        }
-        return Ok(message_response(200, &response));
+        return Ok(heartbeat_answer(response, version));
     }
     if let Some(host) = &report.host {
         // A name the PCE took before this check existed stays accepted while it is unchanged.
@@ -241,6 +243,10 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
                 truncate(component, MAX_EVENT_TEXT_BYTES);
                 truncate(cause, MAX_EVENT_TEXT_BYTES);
             }
+            AgentEventKind::Upgrade { version, detail, .. } => {
+                truncate(version, MAX_EVENT_TEXT_BYTES);
+                truncate(detail, MAX_EVENT_TEXT_BYTES);
+            }
         }
     }
     let (changes, policy_version) = {
@@ -254,13 +260,21 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
         policy_version,
         heartbeat_interval_s: app.heartbeat_interval_s,
         support_report_request,
+        upgrade: None,
     };
-    // A VEN before protocol 5 decodes the answer without the request (it cannot make reports).
+    Ok(with_next_token(heartbeat_answer(response, version), standing))
+}
+
+/// The heartbeat answer in the shape a VEN of protocol `version` decodes: before 5 without the
+/// support-report request, before 6 without the upgrade (it can do neither).
+fn heartbeat_answer(response: HeartbeatResponse, version: u16) -> Response {
     if version < ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
-        let response = message_response(200, &ven_proto::HeartbeatResponseV4::from(response));
-        return Ok(with_next_token(response, standing));
+        message_response(200, &ven_proto::HeartbeatResponseV4::from(response))
+    } else if version < ven_proto::UPGRADE_PROTOCOL_VERSION {
+        message_response(200, &ven_proto::HeartbeatResponseV5::from(response))
+    } else {
+        message_response(200, &response)
     }
-    Ok(with_next_token(message_response(200, &response), standing))
 }
 
 /// Stores the support report the PCE asked for; 409 when no such request waits for this

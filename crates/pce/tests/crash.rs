@@ -61,6 +61,8 @@ fn heartbeat(ven: &Ven, auth: &str) -> Option<u16> {
         apply_error: None,
         host: None,
         events: Vec::new(),
+        host_uptime_s: Some(60),
+        target: None,
     };
     let version = common::protocol();
     let sent = ven.try_call(

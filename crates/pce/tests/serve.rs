@@ -647,7 +647,7 @@ fn support_reports_are_requested_uploaded_and_checked() {
     assert_eq!(status, 200);
     assert_eq!(decode::<HeartbeatResponse>(&body).support_report_request, Some(request));
     // A VEN of protocol 4 decodes the version-4 answer: the same bytes, without the request.
-    let beat = ven_proto::encode(&ven_proto::HeartbeatRequest {
+    let beat = ven_proto::encode(&ven_proto::HeartbeatRequestV5 {
         applied_policy_version: 0,
         applied_state: PolicyState::Idle,
         apply_error: None,

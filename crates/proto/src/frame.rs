@@ -59,6 +59,9 @@ pub enum Event {
     /// The PCE asks for a support report (protocol 5: sent only to VENs whose Hello names 5 or
     /// more; an older VEN could not decode it). The heartbeat answer repeats the request.
     SupportReportRequested { request: u64 },
+    /// The PCE wants the VEN to run release `version` (protocol 6: sent only to VENs whose Hello
+    /// names 6 or more). The heartbeat answer repeats it.
+    UpgradeRequested { version: String },
 }
 
 #[derive(Debug, thiserror::Error)]

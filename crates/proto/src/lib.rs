@@ -27,13 +27,19 @@ use serde::{Deserialize, Serialize};
 // version 3 requests: only the flow batch changed, see [`FlowBatchV3`]); 5 = support reports the
 // PCE requests: the heartbeat answer names a pending request ([`HeartbeatResponseV4`] is what
 // older VENs get), the bolt [`frame::Event::SupportReportRequested`] (sent only to VENs whose
-// Hello says 5 or more), and [`path::SUPPORT_REPORT`].
-pub const PROTOCOL_VERSION: u16 = 5;
+// Hello says 5 or more), and [`path::SUPPORT_REPORT`]; 6 = signed self-upgrade: the heartbeat
+// answer names the release the PCE wants the VEN to run ([`HeartbeatResponseV5`] for older VENs),
+// the bolt [`frame::Event::UpgradeRequested`], [`path::RELEASE`], [`AgentEventKind::Upgrade`],
+// and the heartbeat carries the host's uptime and the agent's target ([`HeartbeatRequestV5`] is
+// what older VENs send).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Oldest version a PCE still answers: version 3 differs only in [`FlowRecordV3`] and
 /// [`HeartbeatResponseV4`], version 4 in the latter.
 pub const OLDEST_PROTOCOL_VERSION: u16 = 3;
 /// First version that knows support-report requests (heartbeat field, bolt, upload).
 pub const SUPPORT_REPORT_PROTOCOL_VERSION: u16 = 5;
+/// First version that knows upgrades (heartbeat fields, bolt, release download).
+pub const UPGRADE_PROTOCOL_VERSION: u16 = 6;
 
 /// Whether a PCE of this version answers a request naming `version`.
 pub fn protocol_supported(version: u16) -> bool {
@@ -88,7 +94,15 @@ pub mod path {
     /// a suspected clone (issue 16) re-pairs as a new workload from the pairing profile the
     /// original came from, when that profile allows it (else 401 `BadActivationCode`, why).
     pub const REACTIVATE: &str = "/ven/v1/reactivate";
+    /// GET `?version=V&target=T` -> the release's binary as it is (`application/octet-stream`),
+    /// its detached signature in [`RELEASE_SIGNATURE_HEADER`](super::RELEASE_SIGNATURE_HEADER)
+    /// (protocol 6). 404 `NotFound` when the PCE holds no such release. The VEN trusts none of it
+    /// until the signature verifies with its pinned release key.
+    pub const RELEASE: &str = "/ven/v1/release";
 }
+
+/// Response header of [`path::RELEASE`]: the release's Ed25519 signature, 128 hex digits.
+pub const RELEASE_SIGNATURE_HEADER: &str = "x-ven-release-signature";
 
 /// Builds the `authorization` header value for an agent.
 pub fn bearer(agent_id: u64, agent_token: &str) -> String {
@@ -189,6 +203,36 @@ pub struct HeartbeatRequest {
     /// What happened on the VEN since the last accepted heartbeat, oldest first (at most
     /// [`MAX_EVENTS_PER_HEARTBEAT`]); the VEN drops them only once a heartbeat is accepted.
     pub events: Vec<AgentEvent>,
+    /// Seconds since the host booted (`None` from VENs before protocol 6).
+    pub host_uptime_s: Option<u64>,
+    /// The Rust target triple the agent was built for: the releases it can run (`None` from VENs
+    /// before protocol 6).
+    pub target: Option<String>,
+}
+
+/// [`HeartbeatRequest`] as VENs of protocol versions 3 to 5 encode it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequestV5 {
+    pub applied_policy_version: u64,
+    pub applied_state: PolicyState,
+    pub apply_error: Option<String>,
+    pub host: Option<HostReport>,
+    pub events: Vec<AgentEvent>,
+}
+
+impl From<HeartbeatRequestV5> for HeartbeatRequest {
+    fn from(old: HeartbeatRequestV5) -> Self {
+        let HeartbeatRequestV5 { applied_policy_version, applied_state, apply_error, host, events } = old;
+        Self {
+            applied_policy_version,
+            applied_state,
+            apply_error,
+            host,
+            events,
+            host_uptime_s: None,
+            target: None,
+        }
+    }
 }
 
 /// Most [`AgentEvent`]s one heartbeat carries.
@@ -210,6 +254,37 @@ pub enum AgentEventKind {
     /// A worker thread of the agent (`component`: flows, uploader, evsync, ...) ended and is
     /// being started again; `restarts` counts them since the agent started.
     ComponentRestarted { component: String, restarts: u64, cause: String },
+    /// A step of a self-upgrade to release `version` (protocol 6); `detail` says what happened
+    /// (why it was refused, what it rolled back from).
+    Upgrade { version: String, step: UpgradeStep, detail: String },
+}
+
+/// The steps of a self-upgrade a VEN reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpgradeStep {
+    /// The VEN was installed by a package manager and leaves upgrades to it (configuration).
+    Deferred,
+    /// The release was downloaded, verified and written beside the running binary.
+    Staged,
+    /// The download or a check failed (length, digest, signature, architecture, disk); the
+    /// running binary stays.
+    Refused,
+    /// The new binary reported healthy and replaced the old one.
+    Committed,
+    /// The new binary did not report healthy in time, or stopped: the old one runs again.
+    RolledBack,
+}
+
+impl UpgradeStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deferred => "deferred",
+            Self::Staged => "staged",
+            Self::Refused => "refused",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled-back",
+        }
+    }
 }
 
 /// Sent when the operator suspends (`suspended: true`) or unsuspends the VEN.
@@ -228,6 +303,27 @@ pub struct HeartbeatResponse {
     /// A support report the PCE asked for and has not received yet (its request id): repeated in
     /// every answer until the upload arrives, so a lost bolt loses no request.
     pub support_report_request: Option<u64>,
+    /// The release the PCE wants this VEN to run (only one the PCE holds for the VEN's target),
+    /// repeated in every answer while the VEN runs another version.
+    pub upgrade: Option<String>,
+}
+
+/// [`HeartbeatResponse`] as VENs of protocol version 5 decode it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponseV5 {
+    pub policy_version: u64,
+    pub heartbeat_interval_s: u32,
+    pub support_report_request: Option<u64>,
+}
+
+impl From<HeartbeatResponse> for HeartbeatResponseV5 {
+    fn from(response: HeartbeatResponse) -> Self {
+        Self {
+            policy_version: response.policy_version,
+            heartbeat_interval_s: response.heartbeat_interval_s,
+            support_report_request: response.support_report_request,
+        }
+    }
 }
 
 /// [`HeartbeatResponse`] as VENs of protocol versions 3 and 4 decode it.
@@ -820,7 +916,10 @@ mod tests {
             policy_version: 9,
             heartbeat_interval_s: 300,
             support_report_request: Some(4),
+            upgrade: Some("1.2.0".into()),
         };
+        let v5 = decode::<HeartbeatResponseV5>(&encode(&HeartbeatResponseV5::from(answer.clone()))).unwrap();
+        assert_eq!(v5.support_report_request, Some(4));
         let old = decode::<HeartbeatResponseV4>(&encode(&HeartbeatResponseV4::from(answer.clone()))).unwrap();
         assert_eq!((old.policy_version, old.heartbeat_interval_s), (9, 300));
         assert_eq!(decode::<HeartbeatResponse>(&encode(&answer)).unwrap(), answer);
@@ -830,6 +929,26 @@ mod tests {
         assert_eq!(bytes.len(), 1 + 1 + 3, "a length and the bytes as they are");
         assert_eq!(decode::<SupportReportUpload>(&bytes).unwrap(), upload);
         assert!(decode::<SupportReportUpload>(&bytes[..bytes.len() - 1]).is_err(), "a truncated upload");
+    }
+
+    #[test]
+    fn a_pce_reads_the_heartbeat_of_a_ven_before_protocol_6() {
+        let old = HeartbeatRequestV5 {
+            applied_policy_version: 3,
+            applied_state: PolicyState::Test,
+            apply_error: None,
+            host: None,
+            events: vec![AgentEvent {
+                at: 1,
+                kind: AgentEventKind::Tampering { summary: "x".into(), repaired: true },
+            }],
+        };
+        let read = HeartbeatRequest::from(decode::<HeartbeatRequestV5>(&encode(&old)).unwrap());
+        assert_eq!((read.applied_policy_version, read.host_uptime_s, read.target), (3, None, None));
+        assert_eq!(read.events, old.events);
+        // The new shape does not decode as the old (the header's version tells them apart).
+        let new = HeartbeatRequest { host_uptime_s: Some(86_400), target: Some("a-b".into()), ..read };
+        assert_eq!(decode::<HeartbeatRequest>(&encode(&new)).unwrap(), new);
     }
 
     #[test]

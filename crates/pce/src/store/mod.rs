@@ -900,6 +900,16 @@ impl Store {
                     });
                     self.record(now, EventType::AgentComponentRestarted, Some(agent_id), message, details);
                 }
+                AgentEventKind::Upgrade { version, step, detail } => {
+                    let message = format!("VEN upgrade to {version}: {}: {detail}", step.as_str());
+                    let details = json!({
+                        "version": version,
+                        "step": step.as_str(),
+                        "detail": detail,
+                        "detected_at": clock::rfc3339(event.at),
+                    });
+                    self.record(now, EventType::AgentUpgrade, Some(agent_id), message, details);
+                }
             }
         }
         if affects_policy {
@@ -1668,6 +1678,8 @@ pub fn fuzz_seed_records() -> Result<Vec<u8>, StoreError> {
             at: 250,
             kind: AgentEventKind::Tampering { summary: "+0 -1 rules".to_string(), repaired: true },
         }],
+        host_uptime_s: None,
+        target: None,
     };
     store.heartbeat(web.agent_id, report, 250)?;
     store.suspend(db.agent_id, true, Some(PolicyState::Idle), 300)?;
@@ -1708,6 +1720,8 @@ mod tests {
             apply_error: None,
             host,
             events: Vec::new(),
+            host_uptime_s: None,
+            target: None,
         }
     }
 

@@ -245,6 +245,8 @@ impl Ven {
             apply_error: None,
             host: None,
             events,
+            host_uptime_s: Some(3600),
+            target: Some("x86_64-unknown-linux-gnu".into()),
         };
         self.post(path::HEARTBEAT, Some(auth), &beat)
     }
