@@ -140,6 +140,41 @@ pub struct Config {
     /// Test-only fault switch (`test_fault`): makes a named thread fail at its start, to test
     /// the agent's supervision ([`crate::agent::monitor`]). Off unless set.
     pub test_fault: Option<crate::agent::monitor::Fault>,
+    /// The Ed25519 public key agent releases must be signed with (`release_key`, 64 hex
+    /// digits); unset: the one `ven activate --release-key` pinned, if any.
+    pub release_key: Option<[u8; 32]>,
+    /// Who installs new releases the PCE orders (`upgrade_mode`).
+    pub upgrade_mode: UpgradeMode,
+    /// How long a new release has to report healthy before it is rolled back
+    /// (`upgrade_health_deadline_s`).
+    pub upgrade_health_deadline: Duration,
+    /// Test-only switch (`test_upgrade_kill`): SIGKILL at an upgrade step, as a power loss would.
+    pub test_upgrade_kill: Option<crate::agent::upgrade::KillStep>,
+}
+
+/// Who installs the releases the PCE orders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeMode {
+    /// `package` when a package manager (dpkg, opkg) installed the agent, else `self`.
+    Auto,
+    /// The agent upgrades itself: signed download, trial, commit or rollback.
+    SelfUpgrade,
+    /// The package manager does: the agent reports the order as deferred and changes nothing.
+    Package,
+}
+
+/// Where dpkg and opkg list the files of the installed `ven` package.
+const PACKAGE_FILE_LISTS: [&str; 2] = ["/var/lib/dpkg/info/ven.list", "/usr/lib/opkg/info/ven.list"];
+
+impl UpgradeMode {
+    /// `Auto` decided for this host.
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto if PACKAGE_FILE_LISTS.iter().any(|list| Path::new(list).exists()) => Self::Package,
+            Self::Auto => Self::SelfUpgrade,
+            decided => decided,
+        }
+    }
 }
 
 /// Unknown keys remembered for the warning (all of them are ignored).
@@ -222,6 +257,10 @@ impl Default for Config {
             logs: crate::logdir::LogCaps::default(),
             unknown_keys: Vec::new(),
             test_fault: None,
+            release_key: None,
+            upgrade_mode: UpgradeMode::Auto,
+            upgrade_health_deadline: Duration::from_secs(300),
+            test_upgrade_kill: None,
         }
     }
 }
@@ -365,6 +404,23 @@ impl Config {
                 self.logs.total_max_bytes = number(key, value, min, 1 << 40)?
             }
             "test_fault" => self.test_fault = Some(crate::agent::monitor::Fault::parse(value)?),
+            "release_key" => {
+                self.release_key = Some(ven_proto::release::parse_key(value).map_err(|e| e.to_string())?)
+            }
+            "upgrade_mode" => {
+                self.upgrade_mode = match value {
+                    "auto" => UpgradeMode::Auto,
+                    "self" => UpgradeMode::SelfUpgrade,
+                    "package" => UpgradeMode::Package,
+                    _ => return Err(format!("upgrade_mode is auto, self or package, not {value:?}")),
+                }
+            }
+            "upgrade_health_deadline_s" => {
+                self.upgrade_health_deadline = Duration::from_secs(number(key, value, 10, 86_400)?)
+            }
+            "test_upgrade_kill" => {
+                self.test_upgrade_kill = Some(crate::agent::upgrade::KillStep::parse(value)?)
+            }
             _ if key.starts_with("board.") => {}
             _ => return Ok(false),
         }
@@ -487,6 +543,30 @@ mod tests {
             let (got_line, got_problem) = Config::parse(text).unwrap_err();
             assert_eq!(got_line, line, "{text}");
             assert!(got_problem.contains(problem), "{text}: {got_problem}");
+        }
+    }
+
+    #[test]
+    fn upgrade_settings_parse_and_refuse_what_is_not_theirs() {
+        let key = "ab".repeat(32);
+        let config = Config::parse(&format!(
+            "release_key = {key}\nupgrade_mode = package\nupgrade_health_deadline_s = 60\n\
+             test_upgrade_kill = renamed\n"
+        ))
+        .unwrap();
+        assert_eq!(config.release_key, Some([0xab; 32]));
+        assert_eq!(config.upgrade_mode, UpgradeMode::Package);
+        assert_eq!(config.upgrade_mode.resolve(), UpgradeMode::Package);
+        assert_eq!(config.upgrade_health_deadline, Duration::from_secs(60));
+        assert_eq!(config.test_upgrade_kill, Some(crate::agent::upgrade::KillStep::Renamed));
+        assert_eq!(Config::default().test_upgrade_kill, None, "the kill switch ships off");
+        for bad in [
+            "release_key = abcd",
+            "upgrade_mode = sometimes",
+            "upgrade_health_deadline_s = 5",
+            "test_upgrade_kill = now",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
         }
     }
 

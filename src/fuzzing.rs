@@ -310,6 +310,12 @@ pub fn state_payloads(data: &[u8]) {
     let _ = round_trip::<SavedStatus>(data, RecordKind::Status);
     let _ = round_trip::<crate::firewall::Snapshot>(data, RecordKind::SavedFirewall);
     let _ = round_trip::<Suspension>(data, RecordKind::Suspended);
+    if let Some(record) = round_trip::<crate::agent::upgrade::UpgradeRecord>(data, RecordKind::Upgrade) {
+        // What `ven status` prints of it, whatever the record holds.
+        let _ = crate::agent::upgrade::describe(&record);
+        let _ = crate::agent::upgrade::staged_path(&record.installed);
+    }
+    let _ = round_trip::<[u8; 32]>(data, RecordKind::ReleaseKey);
     let _ = round_trip::<String>(data, RecordKind::CloneToken);
     let _ = round_trip::<CloneSuspicion>(data, RecordKind::CloneSuspected);
 }
@@ -324,6 +330,8 @@ pub fn state_records(data: &[u8]) {
     let _ = state::decode_record::<Suspension>(data, RecordKind::Suspended);
     let _ = state::decode_record::<String>(data, RecordKind::CloneToken);
     let _ = state::decode_record::<CloneSuspicion>(data, RecordKind::CloneSuspected);
+    let _ = state::decode_record::<crate::agent::upgrade::UpgradeRecord>(data, RecordKind::Upgrade);
+    let _ = state::decode_record::<[u8; 32]>(data, RecordKind::ReleaseKey);
 }
 
 /// The configuration file (`/etc/ven/ven.conf`, any text): a value is accepted within its bounds

@@ -207,6 +207,20 @@ fn write_encoded_seeds() {
         since: 1_764_000_300,
         message: "suspected clone: another live copy of this agent holds the workload".to_string(),
     };
+    let upgrade = ven::agent::upgrade::UpgradeRecord {
+        phase: ven::agent::upgrade::Phase::Trial,
+        version: "0.3.0".to_string(),
+        sha256: [3; 32],
+        from_version: "0.2.0".to_string(),
+        from_sha256: [2; 32],
+        installed: "/usr/sbin/ven".into(),
+        starts: 1,
+        health_deadline_s: 300,
+        at: 1_764_000_400,
+        detail: "2961432 bytes".to_string(),
+        reported: false,
+    };
+    let release_key = [0x5a_u8; 32];
     let records: Vec<(&str, RecordKind, Vec<u8>)> = vec![
         ("identity", RecordKind::Identity, postcard::to_allocvec(&identity).unwrap()),
         ("policy-enforced", RecordKind::Policy, postcard::to_allocvec(&enforced).unwrap()),
@@ -216,6 +230,8 @@ fn write_encoded_seeds() {
         ("suspended", RecordKind::Suspended, postcard::to_allocvec(&suspension).unwrap()),
         ("clone-token", RecordKind::CloneToken, postcard::to_allocvec(&clone_token).unwrap()),
         ("clone-suspected", RecordKind::CloneSuspected, postcard::to_allocvec(&suspicion).unwrap()),
+        ("upgrade-trial", RecordKind::Upgrade, postcard::to_allocvec(&upgrade).unwrap()),
+        ("release-key", RecordKind::ReleaseKey, postcard::to_allocvec(&release_key).unwrap()),
     ];
     for (name, kind, payload) in &records {
         let path = scratch.join(name);
@@ -228,6 +244,8 @@ fn write_encoded_seeds() {
             RecordKind::Suspended => state::write_record(&path, *kind, &suspension, 0o600),
             RecordKind::CloneToken => state::write_record(&path, *kind, &clone_token, 0o600),
             RecordKind::CloneSuspected => state::write_record(&path, *kind, &suspicion, 0o600),
+            RecordKind::Upgrade => state::write_record(&path, *kind, &upgrade, 0o600),
+            RecordKind::ReleaseKey => state::write_record(&path, *kind, &release_key, 0o600),
         }
         .unwrap();
         write("state_records", name, &fs::read(&path).unwrap());
@@ -244,6 +262,7 @@ fn write_encoded_seeds() {
         ("deactivate-saved", ControlRequest::Deactivate { saved: true }),
         ("suspend", ControlRequest::Suspend),
         ("unsuspend", ControlRequest::Unsuspend),
+        ("upgrade", ControlRequest::Upgrade { version: Some("0.3.0".to_string()) }),
     ];
     for (name, request) in &requests {
         write("control_requests", &format!("request-{name}"), &encode_frame(request));

@@ -36,6 +36,10 @@ pub enum ControlRequest {
     Suspend,
     /// Put the last-known-good policy back and resume.
     Unsuspend,
+    /// Upgrade to release `version` (default: the one the PCE ordered), even one rolled back.
+    Upgrade {
+        version: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,8 @@ pub enum ControlResponse {
         pce_notice: Option<String>,
     },
     Failed(String),
+    /// The upgrade order was taken: what is being done.
+    Upgrading(String),
 }
 
 /// Counters the worker threads update as they go. A status request reads them at the moment it

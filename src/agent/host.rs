@@ -49,7 +49,7 @@ pub fn report(hostname: &str) -> HostReport {
     HostReport {
         hostname: hostname.to_string(),
         os: os_description(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        agent_version: super::upgrade::agent_version().to_string(),
         interfaces: interfaces(),
     }
 }

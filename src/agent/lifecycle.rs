@@ -139,6 +139,8 @@ pub fn deactivate(
         data.saved_firewall_path(),
         data.clone_token_path(),
         data.clone_suspected_path(),
+        // Pinned for this pairing; the next one pins its own.
+        data.release_key_path(),
     ] {
         state::remove_record(&path)?;
     }

@@ -99,6 +99,16 @@ pub struct Manager {
     all: AllFigures,
     /// The support report the PCE asked for, built and uploaded on a thread of its own.
     support_reports: super::supportreport::SupportReporter,
+    /// Releases the PCE orders, downloaded and staged on a thread of its own.
+    upgrader: super::upgrade::Upgrader,
+    /// The last release the PCE ordered (what `ven upgrade` without a version asks for).
+    upgrade_order: Option<String>,
+    /// This process is a new release on trial: it commits once healthy, or rolls back.
+    trial: Option<super::upgrade::Trial>,
+    /// The binary to start when the manager stops (an upgrade staged or rolled back).
+    relaunch: Option<std::path::PathBuf>,
+    /// The last self-upgrade, for `ven status`.
+    upgrade_note: Option<String>,
 }
 
 /// The manager's figures behind `ven status --all` ([`super::status::AgentDetail`]).
@@ -125,6 +135,7 @@ impl Manager {
     ) -> Self {
         let history = History::new(&data);
         let data_for_reports = data.clone();
+        let upgrader = super::upgrade::Upgrader::new(data.clone(), config.clone());
         let now = Instant::now();
         Self {
             data,
@@ -158,6 +169,11 @@ impl Manager {
             upload_stats: None,
             monitor: Monitor::default(),
             all: AllFigures { started_at: crate::clock::now(), ..AllFigures::default() },
+            upgrader,
+            upgrade_order: None,
+            trial: None,
+            relaunch: None,
+            upgrade_note: None,
             support_reports: super::supportreport::SupportReporter::new(data_for_reports),
         }
     }
@@ -187,7 +203,9 @@ impl Manager {
         self
     }
 
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    /// Runs until stopped; returns the binary to start in this process's place when an upgrade
+    /// asks for it (staged, or rolled back).
+    pub fn run(mut self, inputs: Receiver<Input>) -> Option<std::path::PathBuf> {
         let mut supervisor = super::notify::Supervisor::from_env();
         // An announcement that no stopping agent consumed is stale.
         let _ = std::fs::remove_file(self.data.restarting_path());
@@ -201,6 +219,7 @@ impl Manager {
             self.load_identity();
             self.restore_last_known_good();
         }
+        self.start_upgrade_bookkeeping();
         self.publish_status();
         // Up: the last-known-good policy is in force (or there is none to restore).
         supervisor.ready(&self.state_line());
@@ -224,12 +243,112 @@ impl Manager {
                 Err(RecvTimeoutError::Timeout) => self.on_timer(),
             }
             self.supervise();
+            self.poll_upgrade();
+            if self.relaunch.is_some() {
+                break;
+            }
             self.publish_status();
             supervisor.ping_if_due(Instant::now());
             supervisor.status(&self.state_line());
         }
         supervisor.stopping();
-        self.shutdown();
+        self.shutdown()
+    }
+
+    /// At start: the outcome of an upgrade settled while no agent ran goes to the PCE, and a
+    /// trial says it started.
+    fn start_upgrade_bookkeeping(&mut self) {
+        if let Some(event) = super::upgrade::unreported_outcome(&self.data) {
+            self.push_event(event);
+        }
+        self.trial = super::upgrade::Trial::of_this_process(&self.data);
+        if let Some(trial) = &self.trial {
+            self.push_event(trial.started_event());
+        }
+        self.upgrade_note =
+            super::upgrade::read_record(&self.data).ok().flatten().as_ref().map(super::upgrade::describe);
+    }
+
+    /// The PCE (or `ven upgrade`, `forced`) orders release `version`.
+    fn order_upgrade(&mut self, version: &str, forced: bool) -> Result<super::upgrade::Ordered, String> {
+        let Some(pairing) = &self.pairing else { return Err("not paired with a PCE".to_string()) };
+        if self.trial.is_some() {
+            return Err(format!("release {} is on trial; it settles first", super::upgrade::agent_version()));
+        }
+        let client =
+            super::lifecycle::client(&pairing.identity, &self.data, super::clone_token::agent_instance());
+        let answer = self.upgrader.order(version, client, forced);
+        // Said once per order, not at every heartbeat that repeats it.
+        let new_order = self.upgrade_order.as_deref() != Some(version);
+        match &answer {
+            Ok(deferred @ super::upgrade::Ordered::Deferred(_)) if new_order => {
+                log::info!("{deferred}");
+                self.push_event(AgentEvent {
+                    at: crate::clock::now(),
+                    kind: ven_proto::AgentEventKind::Upgrade {
+                        version: version.to_string(),
+                        step: ven_proto::UpgradeStep::Deferred,
+                        detail: deferred.to_string(),
+                    },
+                });
+            }
+            Ok(super::upgrade::Ordered::Deferred(_)) => {}
+            Ok(done) if new_order || forced => log::info!("upgrade: {done}"),
+            Ok(_) => {}
+            Err(why) if new_order || forced => {
+                log::warn!("upgrade to {version}: {why}")
+            }
+            Err(_) => {}
+        }
+        self.upgrade_order = Some(version.to_string());
+        answer
+    }
+
+    /// A finished download: the trial starts (this agent stops and the installed binary
+    /// launches it), or the refusal is reported.
+    fn poll_upgrade(&mut self) {
+        match self.upgrader.poll() {
+            super::upgrade::Outcome::Relaunch(binary) => self.relaunch = Some(binary),
+            super::upgrade::Outcome::Report(Some(event)) => {
+                if let ven_proto::AgentEventKind::Upgrade { version, detail, .. } = &event.kind {
+                    self.upgrade_note = Some(format!("{version} refused: {detail}"));
+                }
+                self.push_event(event);
+            }
+            super::upgrade::Outcome::Report(None) => {}
+        }
+    }
+
+    /// A trial that is healthy (a heartbeat accepted, no apply error) commits.
+    fn commit_trial_if_healthy(&mut self) {
+        if self.apply_error.is_some() {
+            return;
+        }
+        let Some(trial) = self.trial.take() else { return };
+        let version = trial.version().to_string();
+        match trial.commit(&self.data, &self.config) {
+            Ok(event) => {
+                self.upgrade_note = super::upgrade::read_record(&self.data)
+                    .ok()
+                    .flatten()
+                    .as_ref()
+                    .map(super::upgrade::describe);
+                self.push_event(event);
+                // Report it now rather than a heartbeat interval later.
+                self.next_heartbeat = Instant::now();
+            }
+            Err(e) => {
+                log::error!("upgrade to {version}: cannot commit: {e}; rolling back");
+                self.roll_back_trial_now(super::upgrade::Trial::of_this_process(&self.data));
+            }
+        }
+    }
+
+    /// A trial past its deadline (or unable to commit) rolls back: the old binary is started.
+    fn roll_back_trial_now(&mut self, trial: Option<super::upgrade::Trial>) {
+        if let Some(trial) = trial {
+            self.relaunch = Some(trial.roll_back(&self.data, &self.config));
+        }
     }
 
     /// One line for the init system (`systemctl status`): connectivity and what is enforced.
@@ -259,7 +378,8 @@ impl Manager {
         };
         let checks = self.enforcing().then(|| self.next_quick_check.min(self.next_full_check));
         let services = (self.pairing.is_some() && self.services.is_some()).then_some(self.next_services_scan);
-        let due = [Some(heartbeat), checks, services].into_iter().flatten().min();
+        let trial = self.trial.as_ref().map(super::upgrade::Trial::deadline);
+        let due = [Some(heartbeat), checks, services, trial].into_iter().flatten().min();
         Some(due.unwrap_or(heartbeat))
     }
 
@@ -285,6 +405,11 @@ impl Manager {
             return;
         }
         let now = Instant::now();
+        if self.trial.as_ref().is_some_and(|trial| now >= trial.deadline()) {
+            let trial = self.trial.take();
+            self.roll_back_trial_now(trial);
+            return;
+        }
         if self.enforcing() && now >= self.next_full_check {
             self.check_tamper(CheckDepth::Full);
         } else if self.enforcing() && now >= self.next_quick_check {
@@ -510,6 +635,12 @@ impl Manager {
                 if let Some(request) = response.support_report_request {
                     self.support_report(request);
                 }
+                if self.trial.is_some() {
+                    self.commit_trial_if_healthy();
+                } else if let Some(version) = response.upgrade {
+                    // Repeated while this agent runs another release.
+                    let _ = self.order_upgrade(&version, false);
+                }
             }
             Err(e) if e.is_suspected_clone() => {
                 log::error!(
@@ -677,7 +808,10 @@ impl Manager {
                 }
             }
             Event::SupportReportRequested { request } => self.support_report(request),
-            Event::UpgradeRequested { version } => log::info!("the PCE asks for an upgrade to {version}"),
+            Event::UpgradeRequested { version } => {
+                log::info!("the PCE asks for an upgrade to {version}");
+                let _ = self.order_upgrade(&version, false);
+            }
         }
     }
 
@@ -892,6 +1026,17 @@ impl Manager {
             ControlRequest::Deactivate { saved } => self.deactivate(saved),
             ControlRequest::Suspend => self.suspend(),
             ControlRequest::Unsuspend => self.unsuspend(),
+            ControlRequest::Upgrade { version } => {
+                let Some(version) = version.or_else(|| self.upgrade_order.clone()) else {
+                    return ControlResponse::Failed(
+                        "the PCE has ordered no release; name one: `ven upgrade VERSION`".into(),
+                    );
+                };
+                match self.order_upgrade(&version, true) {
+                    Ok(what) => ControlResponse::Upgrading(what.to_string()),
+                    Err(why) => ControlResponse::Failed(why),
+                }
+            }
         }
     }
 
@@ -997,6 +1142,7 @@ impl Manager {
         report.last_tamper = self.last_tamper.clone();
         report.pending_events = self.pending_events.len();
         report.suspected_clone = self.suspected_clone.clone();
+        report.upgrade = self.upgrade_note.clone();
         report.flows = self.flow_stats.as_ref().map(|stats| stats.snapshot());
         report.flow_uploads = self.upload_stats.as_ref().map(|stats| stats.snapshot());
         report.workers = self.monitor.components();
@@ -1036,14 +1182,15 @@ impl Manager {
     /// Says goodbye so the PCE marks the workload offline at once (unless suspended: the PCE
     /// already knows). The firewall stays as it is: enforcement does not depend on the agent
     /// running.
-    fn shutdown(mut self) {
+    fn shutdown(mut self) -> Option<std::path::PathBuf> {
         self.save_status();
         self.stop_events();
         if let Some(pairing) = self.pairing.take() {
             if !self.suspended {
                 // A restart is not a goodbye: the PCE keeps the workload in its peers' policies
-                // for a grace period.
-                let restarting = crate::cli::service::restart_announced(&self.data);
+                // for a grace period. An upgrade's start of another binary is a restart.
+                let announced = crate::cli::service::restart_announced(&self.data);
+                let restarting = announced || self.relaunch.is_some();
                 let reason = if restarting { ven_proto::GOODBYE_RESTART } else { "agent stopped" };
                 match pairing.client.goodbye(reason) {
                     Ok(()) if restarting => log::info!("told the PCE this agent restarts"),
@@ -1055,13 +1202,15 @@ impl Manager {
         self.monitor.stop_all();
         self.support_reports.stop();
         log::info!("stopped; the firewall keeps policy version {}", self.applied_version());
+        self.relaunch
     }
 }
 
 /// Whether `event` is ignored in `connectivity`. INVARIANT (the spec): a diminished VEN ignores
 /// every bolt but software upgrades and support reports; heartbeats still sync the policy.
 fn ignored_while(connectivity: Connectivity, event: &Event) -> bool {
-    connectivity == Connectivity::Diminished && !matches!(event, Event::SupportReportRequested { .. })
+    connectivity == Connectivity::Diminished
+        && !matches!(event, Event::SupportReportRequested { .. } | Event::UpgradeRequested { .. })
 }
 
 /// Whether going from `previous` to `next` can end connections: `next` enforces, and either

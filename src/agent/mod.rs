@@ -29,6 +29,7 @@ pub mod services;
 pub mod status;
 pub mod supportreport;
 pub mod tls;
+pub mod upgrade;
 pub mod uploader;
 
 use std::path::PathBuf;
@@ -76,6 +77,10 @@ pub enum AgentError {
     ChecksFailed,
     #[error(transparent)]
     SupportReport(#[from] crate::cli::supportreport::SupportError),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
+    #[error("cannot start {} agent after an upgrade step: {cause}", binary.display())]
+    Relaunch { binary: std::path::PathBuf, cause: std::io::Error },
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]
@@ -190,6 +195,9 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
     if let Err(e) = crate::logging::init_daemon(&data.log_dir(), config.logs, also_stderr) {
         log::error!("{e}; logging to stderr only");
     }
+    // Before any thread and before the signals are blocked: this process may become a release
+    // on trial, or roll one back (issue 16).
+    upgrade::launch(&data, &config);
     // INVARIANT: the signals are blocked before any thread starts, so every thread inherits the
     // mask and only the `signals` thread ever receives them.
     let mut termination = SigSet::empty();
@@ -234,7 +242,13 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         })
         .map_err(|cause| AgentError::Thread { thread: "signals", cause })?;
 
-    log::info!("ven {} starting with data directory {}", env!("CARGO_PKG_VERSION"), data.root().display());
+    upgrade::identify_running_release(&data);
+    log::info!(
+        "ven {} ({}) starting with data directory {}",
+        upgrade::agent_version(),
+        env!("CARGO_PKG_VERSION"),
+        data.root().display()
+    );
     for key in &config.unknown_keys {
         log::warn!("configuration: unknown key {key} ignored (a newer or older version's setting?)");
     }
@@ -296,7 +310,7 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         store: Some(status_store),
     });
     // The manager stops the workers when it stops.
-    manager::Manager::new(data, config, firewall, status, inputs_tx)
+    let relaunch = manager::Manager::new(data, config, firewall, status, inputs_tx)
         .with_flow_stats(Some(flow_stats), Some(upload_stats))
         .with_monitor(workers)
         .with_status_all(event_stats, backend)
@@ -307,6 +321,10 @@ pub fn run(data: DataDir, config: Config) -> Result<(), AgentError> {
         let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
     }
     let _ = signals.join();
+    if let Some(binary) = relaunch {
+        // An upgrade staged or rolled back: the installed binary takes this process over.
+        return Err(AgentError::Relaunch { binary: binary.clone(), cause: upgrade::relaunch(&binary) });
+    }
     Ok(())
 }
 

@@ -169,6 +169,53 @@ impl PceClient {
         self.post_within::<_, ()>(path::SUPPORT_REPORT, upload, Some(deadline)).map(drop)
     }
 
+    /// Streams release `version` for `target` into `into`, within `deadline`; returns its
+    /// detached signature (hex) as the PCE sent it. Nothing here is trusted: the caller checks
+    /// the bytes against the signature and its pinned key. More than
+    /// [`ven_proto::release::MAX_RELEASE_BYTES`] is refused.
+    pub fn download_release(
+        &self,
+        version: &str,
+        target: &str,
+        into: &mut dyn std::io::Write,
+        deadline: Duration,
+    ) -> Result<String, ClientError> {
+        let endpoint = path::RELEASE;
+        let mut request = self
+            .agent
+            .get(self.url(endpoint))
+            .query("version", version)
+            .query("target", target)
+            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string());
+        if let Some(auth) = &self.authorization {
+            request = request.header("authorization", auth);
+        }
+        if let Some(clone_token) = &self.clone_token {
+            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
+            if let Some(token) = clone_token.current() {
+                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
+            }
+        }
+        let request = request.config().timeout_global(Some(deadline)).build();
+        let mut response = request.call().map_err(|e| self.unreachable(e))?;
+        if response.status().as_u16() != 200 {
+            return self
+                .decode::<()>(endpoint, response)
+                .and_then(|_| Err(self.malformed(endpoint, "an answer without the release")));
+        }
+        self.keep_next_token(&response);
+        let signature = response
+            .headers()
+            .get(ven_proto::RELEASE_SIGNATURE_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| self.malformed(endpoint, "no release signature"))?;
+        let mut body =
+            response.body_mut().with_config().limit(ven_proto::release::MAX_RELEASE_BYTES).reader();
+        std::io::copy(&mut body, into).map_err(|e| self.malformed(endpoint, &e.to_string()))?;
+        Ok(signature)
+    }
+
     pub fn deactivate(&self) -> Result<(), ClientError> {
         self.post::<_, ()>(path::DEACTIVATE, &()).map(drop)
     }

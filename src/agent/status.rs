@@ -140,6 +140,8 @@ pub struct StatusReport {
     pub detail: Option<AgentDetail>,
     /// The PCE takes this copy for a clone (issue 16): since when and its words.
     pub suspected_clone: Option<state::CloneSuspicion>,
+    /// The last self-upgrade: release, phase, from which, when and how it went.
+    pub upgrade: Option<String>,
 }
 
 /// What to do about a suspected clone, for `ven status`.
@@ -191,12 +193,14 @@ impl StatusReport {
             report.connectivity = Connectivity::SuspectedClone;
         }
         report.suspected_clone = suspected_clone;
+        report.upgrade =
+            super::upgrade::read_record(data).ok().flatten().as_ref().map(super::upgrade::describe);
         Ok(report)
     }
 
     pub fn unpaired() -> Self {
         Self {
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: super::upgrade::agent_version().to_string(),
             agent_id: None,
             hostname: None,
             management_server: None,
@@ -216,6 +220,7 @@ impl StatusReport {
             workers: Vec::new(),
             detail: None,
             suspected_clone: None,
+            upgrade: None,
         }
     }
 
@@ -245,6 +250,7 @@ impl StatusReport {
                     )
                 })),
             ),
+            ("upgrade", json_option(self.upgrade.as_deref().map(json_string))),
             ("policy_state", json_option(self.policy_state.map(|s| json_string(s.as_str())))),
             ("policy_version", json_option(self.policy_version.map(|v| v.to_string()))),
             (
@@ -390,6 +396,9 @@ impl StatusReport {
                 suspicion.message
             ));
             lines.push(format!("                   {SUSPECTED_CLONE_ADVICE}"));
+        }
+        if let Some(upgrade) = &self.upgrade {
+            lines.push(format!("  last upgrade:    {upgrade}"));
         }
         if let Some(flows) = &self.flows {
             let reading = if flows.reading { "reading NFLOG" } else { "NFLOG not bound" };

@@ -31,6 +31,24 @@ pub enum RawCommand {
     Version(RawVersion),
     GenSupportReport(RawGenSupportReport),
     ConnectivityTest(RawConnectivityTest),
+    Upgrade(RawUpgrade),
+}
+
+/// Upgrade the agent to a signed release the PCE holds (default: the one it ordered), or show
+/// how the last upgrade went. The running agent downloads and verifies it, starts it on trial
+/// and rolls back if it does not report healthy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "upgrade")]
+pub struct RawUpgrade {
+    /// the release's version
+    #[argh(positional)]
+    pub version: Option<String>,
+    /// show the last upgrade and do nothing else
+    #[argh(switch)]
+    pub status: bool,
+    /// internal: watch the trial process PID:START (started by the agent itself)
+    #[argh(option, hidden_help)]
+    pub guard: Option<String>,
 }
 
 /// Pair this host with a PCE (data directory: $VEN_DATA_DIR, default /var/lib/ven).
@@ -52,6 +70,10 @@ pub struct RawActivate {
     /// name to report for this host (default: the system hostname)
     #[argh(option)]
     pub hostname: Option<String>,
+    /// the Ed25519 public key (64 hex digits) agent releases must be signed with, pinned for
+    /// self-upgrades (the configuration's release_key takes precedence)
+    #[argh(option)]
+    pub release_key: Option<String>,
 }
 
 /// Run the agent in the foreground (what the init system starts).

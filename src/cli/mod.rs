@@ -22,21 +22,52 @@ use crate::state::DataDir;
 /// A validated command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Activate { server: String, activation_code: String, trust: Trust, hostname: String },
+    Activate {
+        server: String,
+        activation_code: String,
+        trust: Trust,
+        hostname: String,
+        release_key: Option<[u8; 32]>,
+    },
     Agent,
-    Status { json: bool, all: bool },
-    Deactivate { after: FirewallAfter },
+    Status {
+        json: bool,
+        all: bool,
+    },
+    Deactivate {
+        after: FirewallAfter,
+    },
     Suspend,
     Unsuspend,
     Restore,
-    History { json: bool, show: Option<u64> },
-    Flows { query: crate::flows::store::FlowQuery, format: flows::Format },
+    History {
+        json: bool,
+        show: Option<u64>,
+    },
+    Flows {
+        query: crate::flows::store::FlowQuery,
+        format: flows::Format,
+    },
     CheckEnv,
-    Service { action: service::Action, direct: bool },
+    Service {
+        action: service::Action,
+        direct: bool,
+    },
     SetEnabled(bool),
     Version,
-    GenSupportReport { output: Option<PathBuf> },
-    ConnectivityTest { peers: Vec<connectivity::Target> },
+    GenSupportReport {
+        output: Option<PathBuf>,
+    },
+    ConnectivityTest {
+        peers: Vec<connectivity::Target>,
+    },
+    Upgrade {
+        version: Option<String>,
+    },
+    UpgradeStatus,
+    UpgradeGuard {
+        trial: String,
+    },
 }
 
 impl Command {
@@ -69,11 +100,16 @@ impl Command {
                         "{whose} {hostname:?} is not one the PCE accepts: {why}; give one with --hostname"
                     ));
                 }
+                let release_key = match a.release_key {
+                    Some(key) => Some(ven_proto::release::parse_key(&key).map_err(|e| e.to_string())?),
+                    None => None,
+                };
                 Command::Activate {
                     server: a.management_server,
                     activation_code: a.activation_code.trim().to_string(),
                     trust,
                     hostname,
+                    release_key,
                 }
             }
             args::RawCommand::Agent(_) => Command::Agent,
@@ -129,6 +165,17 @@ impl Command {
             }
             args::RawCommand::ConnectivityTest(a) => Command::ConnectivityTest {
                 peers: a.peers.iter().map(|p| connectivity::Target::parse(p)).collect::<Result<_, _>>()?,
+            },
+            args::RawCommand::Upgrade(a) => match (a.guard, a.status, a.version) {
+                (Some(trial), _, _) => Command::UpgradeGuard { trial },
+                (None, true, None) => Command::UpgradeStatus,
+                (None, true, Some(_)) => return Err("give a version or --status, not both".into()),
+                (None, false, version) => {
+                    if let Some(version) = &version {
+                        ven_proto::release::check_version(version).map_err(|e| e.to_string())?;
+                    }
+                    Command::Upgrade { version }
+                }
             },
         })
     }
@@ -226,12 +273,38 @@ fn execute(command: Command, data: &DataDir) -> Result<(), AgentError> {
             out!("Disabled (`ven enable` to run): the agent does not start.");
         }
         Command::Agent => agent::run(data.clone(), config()?)?,
+        Command::UpgradeGuard { trial } => {
+            let config = config()?;
+            if let Err(e) = crate::logging::init_daemon(&data.log_dir(), config.logs, false) {
+                eprintln!("ven: {e}");
+            }
+            agent::upgrade::guard(data, &config, &trial).map_err(AgentError::Upgrade)?;
+        }
+        Command::UpgradeStatus => match agent::upgrade::read_record(data)? {
+            Some(record) => out!("Last upgrade: {}", agent::upgrade::describe(&record)),
+            None => out!("No upgrade recorded; this is ven {}.", agent::upgrade::agent_version()),
+        },
+        Command::Upgrade { version } => {
+            match control::request(
+                &data.socket_path(),
+                &ControlRequest::Upgrade { version },
+                control::STATUS_TIMEOUT,
+            )? {
+                control::ControlResponse::Failed(why) => return Err(AgentError::Upgrade(why)),
+                control::ControlResponse::Upgrading(what) => out!("{what}"),
+                other => return Err(AgentError::Upgrade(format!("unexpected answer {other:?}"))),
+            }
+        }
         Command::Service { action, direct } => out!("{}", service::control_agent(data, action, direct)?),
         Command::SetEnabled(enabled) => out!("{}", service::set_enabled(data, enabled)?),
-        Command::Activate { server, activation_code, trust, hostname } => {
+        Command::Activate { server, activation_code, trust, hostname, release_key } => {
             let firewall = agent::firewall(&config()?);
             let identity =
                 lifecycle::activate(data, &server, &activation_code, &trust, &hostname, &firewall)?;
+            if let Some(key) = release_key {
+                agent::upgrade::pin_release_key(data, &key)?;
+                out!("Pinned release key {} for self-upgrades.", ven_proto::release::hex(&key));
+            }
             out!(
                 "Activated: agent {} ({}) is paired with the PCE at {} (CA {}).",
                 identity.agent_id,
@@ -412,9 +485,23 @@ mod tests {
                 server: "198.18.0.1:8443".into(),
                 activation_code: "abc".into(),
                 trust: Trust::CaFingerprint(fp.clone()),
-                hostname: "web".into()
+                hostname: "web".into(),
+                release_key: None,
             }
         );
+        let key = "5a".repeat(32);
+        let mut with_key = with_fp.clone();
+        with_key.extend(["--release-key", &key]);
+        assert!(
+            matches!(parse(&with_key).unwrap(), Command::Activate { release_key: Some(k), .. } if k == [0x5a; 32])
+        );
+        with_key.pop();
+        with_key.push("5a");
+        assert!(parse(&with_key).unwrap_err().contains("release key"));
+        assert_eq!(parse(&["upgrade", "0.2.0"]).unwrap(), Command::Upgrade { version: Some("0.2.0".into()) });
+        assert_eq!(parse(&["upgrade"]).unwrap(), Command::Upgrade { version: None });
+        assert_eq!(parse(&["upgrade", "--status"]).unwrap(), Command::UpgradeStatus);
+        assert!(parse(&["upgrade", "../etc"]).is_err());
         let mut both = with_fp.clone();
         both.extend(["--ca-cert", "/tmp/ca.pem"]);
         assert!(parse(&both).unwrap_err().contains("not both"));

@@ -55,6 +55,10 @@ pub enum RecordKind {
     CloneToken = 6,
     /// The PCE said this copy of the agent is a suspected clone ([`CloneSuspicion`]).
     CloneSuspected = 7,
+    /// Where a self-upgrade stands ([`crate::agent::upgrade::UpgradeRecord`]).
+    Upgrade = 8,
+    /// The release key pinned at activation (32 bytes, Ed25519 public key).
+    ReleaseKey = 9,
 }
 
 /// Paths inside one agent's data directory.
@@ -120,6 +124,16 @@ impl DataDir {
     /// Present while the PCE takes this copy of the agent for a clone ([`CloneSuspicion`]).
     pub fn clone_suspected_path(&self) -> PathBuf {
         self.state_dir().join("clone-suspected")
+    }
+
+    /// Where a self-upgrade stands (issue 16, [`crate::agent::upgrade`]).
+    pub fn upgrade_path(&self) -> PathBuf {
+        self.state_dir().join("upgrade")
+    }
+
+    /// The release key `ven activate --release-key` pinned.
+    pub fn release_key_path(&self) -> PathBuf {
+        self.state_dir().join("release-key")
     }
 
     pub fn log_dir(&self) -> PathBuf {
