@@ -447,7 +447,10 @@ pub fn launch(data: &DataDir, config: &Config) {
                 return;
             }
             maybe_killed_at(config, KillStep::Launching);
-            spawn_guardian(&record);
+            // The kill switch plays a power loss, which the guardian would not survive either.
+            if config.test_upgrade_kill.is_none() {
+                spawn_guardian(&record);
+            }
             let staged = staged_path(&record.installed);
             log::info!(
                 "upgrade to {}: starting {} on trial (start {} of {MAX_TRIAL_STARTS})",
