@@ -8,6 +8,7 @@ use crate::flows::FlowStore;
 use crate::sessions::Sessions;
 use crate::store::{Changes, Store};
 use crate::supportreports::SupportReports;
+use crate::upgrades::Upgrades;
 use crate::{clock, crypto};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -60,13 +61,20 @@ pub struct App {
     jobs: Mutex<Jobs>,
     /// Support reports asked for and received (a lock of their own: uploads write megabytes).
     support_reports: Mutex<SupportReports>,
+    /// Upgrade orders (a lock of their own, never held with the store's).
+    upgrades: Mutex<Upgrades>,
+    /// The data directory: the release store is read from it when a VEN asks (`releases`).
+    pub data_dir: PathBuf,
 }
 
 impl App {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
         flows: FlowStore,
         support_reports: SupportReports,
+        upgrades: Upgrades,
+        data_dir: PathBuf,
         admin_key: &str,
         heartbeat_interval_s: u32,
         offline_after_heartbeats: u32,
@@ -83,6 +91,8 @@ impl App {
             started_at: clock::now(),
             jobs: Mutex::default(),
             support_reports: Mutex::new(support_reports),
+            upgrades: Mutex::new(upgrades),
+            data_dir,
         }
     }
 
@@ -108,6 +118,10 @@ impl App {
 
     pub fn support_reports(&self) -> MutexGuard<'_, SupportReports> {
         self.support_reports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn upgrades(&self) -> MutexGuard<'_, Upgrades> {
+        self.upgrades.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn jobs(&self) -> MutexGuard<'_, Jobs> {

@@ -63,6 +63,23 @@ enum Sub {
     ReleaseKey(ReleaseKeyArgs),
     Release(ReleaseArgs),
     SupportReport(SupportReportArgs),
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "upgrade")]
+/// order VENs to upgrade to a release of the store (`pce upgrade VERSION --all`, `pce upgrade
+/// VERSION HOST...`), or cancel orders (`pce upgrade --cancel --all|HOST...`)
+struct UpgradeArgs {
+    /// every workload (per-workload orders still override it)
+    #[argh(switch)]
+    all: bool,
+    /// cancel the orders instead
+    #[argh(switch)]
+    cancel: bool,
+    /// VERSION then hostnames or ids (without VERSION with --cancel)
+    #[argh(positional)]
+    args: Vec<String>,
 }
 
 #[derive(FromArgs)]
@@ -124,6 +141,20 @@ struct ReleaseKeyArgs {
 #[argh(subcommand)]
 enum ReleaseKeySub {
     Generate(ReleaseKeyGenerateArgs),
+    Trust(ReleaseKeyTrustArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "trust")]
+/// trust a public release key for this PCE's release store (DIR/release-key.pub): releases are
+/// added only when their signature verifies with it
+struct ReleaseKeyTrustArgs {
+    /// the public key (64 hex digits, as `pce release-key generate` prints it)
+    #[argh(positional)]
+    key: String,
+    /// replace the key already trusted
+    #[argh(switch)]
+    replace: bool,
 }
 
 #[derive(FromArgs)]
@@ -138,7 +169,8 @@ struct ReleaseKeyGenerateArgs {
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "release")]
-/// agent releases: sign and verify (offline: no PCE needed)
+/// agent releases: sign and verify (offline), add, list and remove those of the data directory's
+/// store (works while `pce serve` runs)
 struct ReleaseArgs {
     #[argh(subcommand)]
     command: ReleaseSub,
@@ -149,6 +181,51 @@ struct ReleaseArgs {
 enum ReleaseSub {
     Sign(ReleaseSignArgs),
     Verify(ReleaseVerifyArgs),
+    Add(ReleaseAddArgs),
+    List(ReleaseListArgs),
+    Remove(ReleaseRemoveArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "add")]
+/// copy an agent binary into the release store, when its signature verifies with the trusted key
+struct ReleaseAddArgs {
+    /// the agent binary
+    #[argh(positional)]
+    binary: PathBuf,
+    /// the release's version
+    #[argh(option)]
+    version: String,
+    /// the target triple it is built for
+    #[argh(option)]
+    target: String,
+    /// its detached signature (128 hex digits, from `pce release sign`)
+    #[argh(option)]
+    signature: Option<String>,
+    /// sign it here with this signing key instead
+    #[argh(option)]
+    signing_key: Option<PathBuf>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+/// list the releases of the store
+struct ReleaseListArgs {
+    /// print a JSON array
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "remove")]
+/// remove a release from the store
+struct ReleaseRemoveArgs {
+    /// the release's version
+    #[argh(positional)]
+    version: String,
+    /// the target triple
+    #[argh(option)]
+    target: String,
 }
 
 #[derive(FromArgs)]
@@ -320,6 +397,18 @@ struct WorkloadListArgs {
 }
 
 #[derive(FromArgs)]
+#[argh(subcommand, name = "show")]
+/// show one workload: its agent's version, target and host uptime, state, labels, addresses
+struct WorkloadShowArgs {
+    /// hostname or numeric id of the workload
+    #[argh(positional)]
+    host: String,
+    /// print the admin API's JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
 #[argh(subcommand, name = "workload")]
 /// list workloads, set their labels or policy state, edit their custom iptables rules
 struct WorkloadArgs {
@@ -331,6 +420,7 @@ struct WorkloadArgs {
 #[argh(subcommand)]
 enum WorkloadSub {
     List(WorkloadListArgs),
+    Show(WorkloadShowArgs),
     Set(WorkloadSetArgs),
     Services(WorkloadServicesArgs),
     CustomRule(CustomRuleArgs),
@@ -551,6 +641,38 @@ fn convert(args: Args) -> Result<Command, String> {
                 target: verify.target,
             }));
         }
+        Sub::ReleaseKey(ReleaseKeyArgs { command: ReleaseKeySub::Trust(trust) }) => {
+            return Ok(Command::Release(crate::release::Command::TrustKey {
+                data_dir,
+                public_key: trust.key,
+                replace: trust.replace,
+            }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Add(add) }) => {
+            let signature = match (add.signature, add.signing_key) {
+                (Some(hex), None) => crate::release::SignatureSource::Hex(hex),
+                (None, Some(key)) => crate::release::SignatureSource::Key(key),
+                _ => return Err("give one of --signature HEX and --signing-key KEYFILE".into()),
+            };
+            return Ok(Command::Release(crate::release::Command::Add {
+                data_dir,
+                binary: add.binary,
+                version: add.version,
+                target: add.target,
+                signature,
+            }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::List(list) }) => {
+            return Ok(Command::Release(crate::release::Command::List { data_dir, json: list.json }));
+        }
+        Sub::Release(ReleaseArgs { command: ReleaseSub::Remove(remove) }) => {
+            return Ok(Command::Release(crate::release::Command::Remove {
+                data_dir,
+                version: remove.version,
+                target: remove.target,
+            }));
+        }
+        Sub::Upgrade(upgrade) => upgrade_command(upgrade)?,
         Sub::ActivationCode(_) => ctl::Command::ActivationCode,
         Sub::CaFingerprint(_) => ctl::Command::CaFingerprint,
         Sub::Label(LabelArgs { command: LabelSub::Create(create) }) => {
@@ -570,6 +692,9 @@ fn convert(args: Args) -> Result<Command, String> {
         }
         Sub::Workload(WorkloadArgs { command: WorkloadSub::List(list) }) => {
             ctl::Command::WorkloadList { json: list.json }
+        }
+        Sub::Workload(WorkloadArgs { command: WorkloadSub::Show(args) }) => {
+            ctl::Command::WorkloadShow { host: args.host, json: args.json }
         }
         Sub::Workload(WorkloadArgs { command: WorkloadSub::Services(args) }) => {
             ctl::Command::WorkloadServices { host: args.host, json: args.json }
@@ -638,6 +763,25 @@ fn convert(args: Args) -> Result<Command, String> {
         ca_cert: args.ca_cert,
     };
     Ok(Command::Admin(target, command))
+}
+
+/// `pce upgrade`: a version and hosts or --all; with --cancel, hosts or --all.
+fn upgrade_command(args: UpgradeArgs) -> Result<ctl::Command, String> {
+    let mut rest = args.args.into_iter();
+    let version = if args.cancel {
+        None
+    } else {
+        let version =
+            rest.next().ok_or("give the release's version: pce upgrade VERSION (--all | HOST...)")?;
+        ven_proto::release::check_version(&version).map_err(|e| e.to_string())?;
+        Some(version)
+    };
+    let hosts: Vec<String> = rest.collect();
+    match (args.all, hosts.is_empty()) {
+        (true, false) => Err("give --all or hosts, not both".into()),
+        (false, true) => Err("give --all or at least one host".into()),
+        _ => Ok(ctl::Command::Upgrade { version, all: args.all, hosts }),
+    }
 }
 
 /// The options of `pce traffic`, checked by the admin API's own parser.
@@ -808,6 +952,45 @@ mod tests {
             parse(&["support-report", "list", "--json"]),
             Ok(Command::Admin(_, ctl::Command::SupportReportList { json: true }))
         ));
+    }
+
+    #[test]
+    fn release_and_upgrade_commands_parse() {
+        assert!(matches!(
+            parse(&["--data-dir", "/d", "release", "add", "/b", "--version", "1.0", "--target", "a-b", "--signature", "00"]),
+            Ok(Command::Release(crate::release::Command::Add { data_dir, .. })) if data_dir == std::path::Path::new("/d")
+        ));
+        let both = [
+            "release",
+            "add",
+            "/b",
+            "--version",
+            "1.0",
+            "--target",
+            "a-b",
+            "--signature",
+            "00",
+            "--signing-key",
+            "/k",
+        ];
+        assert!(parse(&both).err().unwrap_or_default().contains("one of"));
+        assert!(parse(&["release", "add", "/b", "--version", "1.0", "--target", "a-b"]).is_err());
+        assert!(matches!(
+            parse(&["release-key", "trust", "ab", "--replace"]),
+            Ok(Command::Release(crate::release::Command::TrustKey { replace: true, .. }))
+        ));
+        assert!(matches!(
+            parse(&["upgrade", "1.2.0", "web", "db"]),
+            Ok(Command::Admin(_, ctl::Command::Upgrade { version: Some(v), all: false, hosts })) if v == "1.2.0" && hosts == ["web", "db"]
+        ));
+        assert!(matches!(
+            parse(&["upgrade", "--cancel", "--all"]),
+            Ok(Command::Admin(_, ctl::Command::Upgrade { version: None, all: true, .. }))
+        ));
+        assert!(parse(&["upgrade", "1.2.0"]).is_err(), "neither --all nor a host");
+        assert!(parse(&["upgrade", "1.2.0", "--all", "web"]).is_err(), "both");
+        assert!(parse(&["upgrade", "../x", "--all"]).is_err(), "a malformed version");
+        assert!(parse(&["upgrade", "--cancel"]).is_err());
     }
 
     #[test]

@@ -81,25 +81,88 @@ pub enum EventFormat {
 pub enum Command {
     ActivationCode,
     CaFingerprint,
-    ApiKeyCreate { name: String, description: String },
-    ApiKeyList { json: bool },
-    ApiKeyDelete { key_id: String },
-    LabelCreate { key: String, value: String },
-    LabelList { json: bool },
-    WorkloadList { json: bool },
-    WorkloadSet { host: String, labels: Vec<LabelRef>, state: Option<PolicyState> },
-    CustomRuleList { host: String, json: bool },
-    WorkloadServices { host: String, json: bool },
-    CustomRuleAdd { host: String, chain: CustomChain, family: RuleFamily, rule: String },
-    CustomRuleRemove { host: String, id: u32 },
-    RuleAdd { consumers: Vec<LabelRef>, providers: Vec<LabelRef>, services: Vec<ServiceSpec> },
+    ApiKeyCreate {
+        name: String,
+        description: String,
+    },
+    ApiKeyList {
+        json: bool,
+    },
+    ApiKeyDelete {
+        key_id: String,
+    },
+    LabelCreate {
+        key: String,
+        value: String,
+    },
+    LabelList {
+        json: bool,
+    },
+    WorkloadList {
+        json: bool,
+    },
+    WorkloadSet {
+        host: String,
+        labels: Vec<LabelRef>,
+        state: Option<PolicyState>,
+    },
+    CustomRuleList {
+        host: String,
+        json: bool,
+    },
+    WorkloadServices {
+        host: String,
+        json: bool,
+    },
+    CustomRuleAdd {
+        host: String,
+        chain: CustomChain,
+        family: RuleFamily,
+        rule: String,
+    },
+    CustomRuleRemove {
+        host: String,
+        id: u32,
+    },
+    RuleAdd {
+        consumers: Vec<LabelRef>,
+        providers: Vec<LabelRef>,
+        services: Vec<ServiceSpec>,
+    },
     Provision,
-    Events { format: EventFormat, event_type: Option<EventType>, max: Option<usize> },
-    Traffic { query: traffic::Query, json: bool },
-    SupportReportRequest { host: String },
-    SupportReportList { json: bool },
-    SupportReportGet { id: u64, output: PathBuf },
+    Events {
+        format: EventFormat,
+        event_type: Option<EventType>,
+        max: Option<usize>,
+    },
+    Traffic {
+        query: traffic::Query,
+        json: bool,
+    },
+    SupportReportRequest {
+        host: String,
+    },
+    SupportReportList {
+        json: bool,
+    },
+    SupportReportGet {
+        id: u64,
+        output: PathBuf,
+    },
+    WorkloadShow {
+        host: String,
+        json: bool,
+    },
+    /// An upgrade order (`version`), or its cancellation (`None`), for all or for `hosts`.
+    Upgrade {
+        version: Option<String>,
+        all: bool,
+        hosts: Vec<String>,
+    },
 }
+
+/// The admin API path of upgrade orders.
+const UPGRADE: &str = "vens/upgrade";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -242,6 +305,44 @@ pub fn run(target: Target, command: Command) -> Result<(), CtlError> {
                 text(&workload["hostname"]),
                 text(&asked["delivery"])
             );
+        }
+        Command::WorkloadShow { host, json } => {
+            let workload = find_workload(&client, &host)?;
+            if json {
+                out!("{workload:#}");
+            } else {
+                show_workload(&client, &workload)?;
+            }
+        }
+        Command::Upgrade { version, all, hosts } => {
+            let mut body = serde_json::Map::new();
+            match &version {
+                Some(version) => body.insert("release".into(), json!(version)),
+                None => body.insert("cancel".into(), json!(true)),
+            };
+            let mut names = Vec::new();
+            if all {
+                body.insert("all".into(), json!(true));
+            } else {
+                let mut vens = Vec::new();
+                for host in &hosts {
+                    let workload = find_workload(&client, host)?;
+                    names.push(text(&workload["hostname"]));
+                    vens.push(json!({ "href": workload["href"] }));
+                }
+                body.insert("vens".into(), Value::Array(vens));
+            }
+            let answer = client.send("PUT", UPGRADE, &Value::Object(body))?;
+            let whom = if all { "all workloads".to_string() } else { names.join(", ") };
+            match version {
+                Some(version) => out!(
+                    "upgrade to {version} ordered for {whom}: {} told by lightning bolt, {} at their next heartbeat, {} with a VEN too old to upgrade itself",
+                    answer["told_by_bolt"],
+                    answer["next_heartbeat"],
+                    answer["too_old"]
+                ),
+                None => out!("upgrade orders cancelled for {whom}"),
+            }
         }
         Command::SupportReportList { json } => {
             let reports = client.get("support_reports")?;
@@ -403,6 +504,51 @@ fn default_rule_set(client: &Client) -> Result<String, CtlError> {
 /// The admin API path (under `/api/v2/`) of an href (`/orgs/1/...`).
 fn api_path(href: &str) -> &str {
     href.trim_start_matches('/')
+}
+
+/// `pce workload show`: one field a line.
+fn show_workload(client: &Client, w: &Value) -> Result<(), CtlError> {
+    let row = workload_row(w);
+    let orders = client.get(UPGRADE)?;
+    let own = items(&orders["vens"]).find(|o| o["href"] == w["href"]).map(|o| text(&o["release"]));
+    let order = match own {
+        Some(order) => order,
+        None => text(&orders["all"]),
+    };
+    let uptime = match w["host_uptime_seconds"].as_u64() {
+        Some(seconds) => format!("{seconds} s ({})", duration(seconds)),
+        None => "-".to_string(),
+    };
+    let fields = [
+        ("id", row[0].clone()),
+        ("hostname", row[1].clone()),
+        ("os", text(&w["os"])),
+        ("agent version", text(&w["agent_version"])),
+        ("agent target", text(&w["agent_target"])),
+        ("host uptime", uptime),
+        ("upgrade order", order),
+        ("policy state", row[2].clone()),
+        ("status", row[3].clone()),
+        ("policy version", row[4].clone()),
+        ("applied", row[5].clone()),
+        ("labels", row[6].clone()),
+        ("addresses", row[7].clone()),
+        ("last heartbeat", row[8].clone()),
+    ];
+    for (name, value) in fields {
+        out!("{:<16}{value}", format!("{name}:"));
+    }
+    Ok(())
+}
+
+/// `3d 4h 5m`.
+fn duration(seconds: u64) -> String {
+    let (days, hours, minutes) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60);
+    match (days, hours) {
+        (0, 0) => format!("{minutes}m"),
+        (0, _) => format!("{hours}h {minutes}m"),
+        _ => format!("{days}d {hours}h {minutes}m"),
+    }
 }
 
 /// The workload whose id or (unique) hostname is `host`, as the admin API shows it.

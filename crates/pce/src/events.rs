@@ -304,6 +304,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             Wake::Event(Some(Bolt::SupportReport(request))) => {
                 send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?
             }
+            // Queued only for sessions of protocol 6 or more (`Sessions::request_upgrade`).
+            Wake::Event(Some(Bolt::Upgrade(version))) => {
+                send(&mut stream, &PceFrame::Event(Event::UpgradeRequested { version })).await?
+            }
             // Replaced by a newer session, or the agent was deactivated.
             Wake::Event(None) => return Ok(()),
             Wake::Frame(Ok(VenFrame::Pong { .. })) => last_pong = Instant::now(),

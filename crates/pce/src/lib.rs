@@ -38,12 +38,14 @@ mod http;
 mod orgevents;
 mod policy;
 mod release;
+mod releases;
 mod serve;
 mod sessions;
 mod store;
 mod supportreports;
 mod tls;
 mod traffic;
+mod upgrades;
 mod venapi;
 
 use std::process::ExitCode;
@@ -121,6 +123,9 @@ pub mod fuzzing {
     /// The admin API's hrefs, ids, query values, credentials and JSON bodies (see
     /// `api::fuzz_admin_input`).
     pub use crate::api::fuzz_admin_input as admin_input;
+
+    /// A release manifest file as the release store reads it (see `releases::fuzz_manifest`).
+    pub use crate::releases::fuzz_manifest as release_manifest;
 }
 
 /// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.

@@ -9,6 +9,7 @@ use crate::clock;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
+use ven_proto::UpgradeStep;
 
 /// Events the PCE keeps; older ones are dropped (counted).
 pub const MAX_ORG_EVENTS: usize = 10_000;
@@ -87,7 +88,7 @@ impl EventType {
             | Self::LostAgent
             | Self::CloneDetected => Severity::Warning,
             Self::WorkloadOnline | Self::AgentActivated | Self::AgentDeactivated => Severity::Info,
-            // Refusals and rollbacks are raised as warnings where they are recorded.
+            // Refusals and rollbacks are warnings: `OrgEvent::severity` reads the step.
             Self::AgentUpgrade => Severity::Info,
         }
     }
@@ -144,7 +145,16 @@ pub struct OrgEvent {
 }
 
 impl OrgEvent {
+    /// The type's severity, except for an upgrade step that failed (`refused`, `rolled-back`):
+    /// a warning.
     pub fn severity(&self) -> Severity {
+        let failed_step = || {
+            let step = self.details.get("step").and_then(Value::as_str);
+            matches!(step, Some(step) if step == UpgradeStep::Refused.as_str() || step == UpgradeStep::RolledBack.as_str())
+        };
+        if self.event_type == EventType::AgentUpgrade && failed_step() {
+            return Severity::Warning;
+        }
         self.event_type.severity()
     }
 }
@@ -376,6 +386,21 @@ mod tests {
             details.as_object().cloned().unwrap_or_default(),
         );
         log.iter().next().cloned().unwrap()
+    }
+
+    #[test]
+    fn failed_upgrade_steps_are_warnings() {
+        let event = |step: UpgradeStep| {
+            let mut event = tampering();
+            event.event_type = EventType::AgentUpgrade;
+            event.details =
+                json!({ "version": "1.2.0", "step": step.as_str() }).as_object().cloned().unwrap();
+            event.severity()
+        };
+        assert_eq!(event(UpgradeStep::Refused), Severity::Warning);
+        assert_eq!(event(UpgradeStep::RolledBack), Severity::Warning);
+        assert_eq!(event(UpgradeStep::Committed), Severity::Info);
+        assert_eq!(event(UpgradeStep::Staged), Severity::Info);
     }
 
     #[test]

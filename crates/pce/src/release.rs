@@ -1,8 +1,11 @@
-//! Release signing, offline (issue 16, self-upgrade): `pce release-key generate` makes the
-//! Ed25519 key pair releases are signed with, and `pce release sign` signs an agent binary. Both
-//! work on files alone, without a running PCE, so the signing key can stay on a build machine:
-//! the VENs pin only the public key, and the PCE (serving releases, not built yet) needs only a
-//! release and its detached signature. What a signature covers: `ven_proto::release`.
+//! Release signing and the release store, offline (issue 16, self-upgrade): `pce release-key
+//! generate` makes the Ed25519 key pair releases are signed with, and `pce release sign` signs an
+//! agent binary. Both work on files alone, without a running PCE, so the signing key can stay on
+//! a build machine: the VENs pin only the public key, and the PCE needs only a release and its
+//! detached signature. What a signature covers: `ven_proto::release`.
+//!
+//! `pce release-key trust`, `pce release add|list|remove` work on the data directory's release
+//! store (`releases`) directly, also while `pce serve` runs: it reads the store when asked.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -12,6 +15,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use ven_proto::release::{self, Manifest, ReleaseError};
 
+use crate::releases;
+
 /// An offline release command.
 pub enum Command {
     /// Writes a new signing key (PKCS#8) to the path, prints the public key (hex).
@@ -20,6 +25,22 @@ pub enum Command {
     Sign { binary: PathBuf, key: PathBuf, version: String, target: String },
     /// Verifies a binary and its signature with a public key (hex), as a VEN will.
     Verify { binary: PathBuf, signature: String, public_key: String, version: String, target: String },
+    /// Trusts a public key (hex) for the releases of the data directory's store.
+    TrustKey { data_dir: PathBuf, public_key: String, replace: bool },
+    /// Adds a release to the store: its signature given, or made with a signing key here.
+    Add { data_dir: PathBuf, binary: PathBuf, version: String, target: String, signature: SignatureSource },
+    /// Lists the store's releases.
+    List { data_dir: PathBuf, json: bool },
+    /// Removes a release from the store.
+    Remove { data_dir: PathBuf, version: String, target: String },
+}
+
+/// Where `pce release add` takes the signature from.
+pub enum SignatureSource {
+    /// A detached signature (hex), made elsewhere with `pce release sign`.
+    Hex(String),
+    /// A signing key file: the release is signed here.
+    Key(PathBuf),
 }
 
 /// Why a release command failed: the object and the cause.
@@ -35,6 +56,8 @@ pub enum ReleaseToolError {
     Random,
     #[error(transparent)]
     Release(#[from] ReleaseError),
+    #[error(transparent)]
+    Store(#[from] crate::releases::ReleaseStoreError),
 }
 
 /// Runs `command`, printing its result on stdout.
@@ -56,6 +79,32 @@ pub fn run(command: Command) -> Result<(), ReleaseToolError> {
                 manifest.length,
                 release::hex(&manifest.sha256)
             )
+        }
+        Command::TrustKey { data_dir, public_key, replace } => {
+            let key = releases::trust_key(&data_dir, &public_key, replace)?;
+            format!(
+                "trusted release key {} ({})",
+                release::hex(&key),
+                data_dir.join(releases::KEY_FILE).display()
+            )
+        }
+        Command::Add { data_dir, binary, version, target, signature } => {
+            let signature = match signature {
+                SignatureSource::Hex(hex) => release::parse_signature(&hex)?,
+                SignatureSource::Key(key) => sign(&binary, &key, &version, &target)?,
+            };
+            let added =
+                releases::add(&data_dir, &binary, &version, &target, &signature, crate::clock::now())?;
+            format!(
+                "added release {version} for {target}: {} bytes, sha256 {}",
+                added.manifest.length,
+                release::hex(&added.manifest.sha256)
+            )
+        }
+        Command::List { data_dir, json } => list(&data_dir, json)?,
+        Command::Remove { data_dir, version, target } => {
+            releases::remove(&data_dir, &version, &target)?;
+            format!("removed release {version} for {target}")
         }
     };
     // A closed pipe is not an error worth a message.
@@ -98,6 +147,48 @@ pub fn sign(binary: &Path, key: &Path, version: &str, target: &str) -> Result<[u
     let mut signature = [0u8; 64];
     signature.copy_from_slice(pair.sign(&manifest.signed_message()).as_ref());
     Ok(signature)
+}
+
+/// The store's releases as a table (or a JSON array); damaged ones say why.
+fn list(data_dir: &Path, json: bool) -> Result<String, ReleaseToolError> {
+    let entries = releases::scan(data_dir)?;
+    if json {
+        let items: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|entry| match &entry.release {
+                Ok(stored) => serde_json::json!({
+                    "version": entry.version,
+                    "target": entry.target,
+                    "length": stored.manifest.length,
+                    "sha256": release::hex(&stored.manifest.sha256),
+                    "signature": release::hex(&stored.signature),
+                    "added_at": crate::clock::rfc3339(stored.added_at),
+                }),
+                Err(e) => serde_json::json!({
+                    "version": entry.version,
+                    "target": entry.target,
+                    "damaged": e.to_string(),
+                }),
+            })
+            .collect();
+        return Ok(serde_json::Value::Array(items).to_string());
+    }
+    let mut lines =
+        vec![format!("{:<16}  {:<32}  {:>10}  {:<20}  SHA-256", "VERSION", "TARGET", "BYTES", "ADDED")];
+    for entry in &entries {
+        lines.push(match &entry.release {
+            Ok(stored) => format!(
+                "{:<16}  {:<32}  {:>10}  {:<20}  {}",
+                entry.version,
+                entry.target,
+                stored.manifest.length,
+                crate::clock::rfc3339(stored.added_at),
+                release::hex(&stored.manifest.sha256)
+            ),
+            Err(e) => format!("{:<16}  {:<32}  damaged: {e}", entry.version, entry.target),
+        });
+    }
+    Ok(lines.join("\n"))
 }
 
 fn manifest_of(binary: &Path, version: &str, target: &str) -> Result<Manifest, ReleaseToolError> {

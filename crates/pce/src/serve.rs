@@ -76,6 +76,8 @@ pub enum ServeError {
     Flows(#[from] FlowError),
     #[error(transparent)]
     SupportReports(#[from] crate::supportreports::SupportReportError),
+    #[error(transparent)]
+    Upgrades(#[from] crate::upgrades::UpgradeError),
     #[error("binding the {what} to {addr}: {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: io::Error },
     #[error("blocking SIGTERM and SIGINT: {0}")]
@@ -106,6 +108,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let (store, created) = Store::open(dir)?;
     let flows = FlowStore::open(dir)?;
     let support_reports = crate::supportreports::SupportReports::open(dir)?;
+    let mut upgrades = crate::upgrades::Upgrades::open(dir)?;
+    // Orders of workloads removed while the PCE was down (none normally) go.
+    upgrades.retain(|id| store.state().workloads.contains_key(&id))?;
 
     let mut stdout = io::stdout().lock();
     if created {
@@ -135,6 +140,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         store,
         flows,
         support_reports,
+        upgrades,
+        dir.clone(),
         &admin_key,
         config.heartbeat_interval_s,
         config.offline_after_heartbeats,

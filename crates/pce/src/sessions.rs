@@ -13,11 +13,13 @@ pub const MAX_EVENT_SESSIONS: usize = 16_384;
 pub const SESSION_QUEUE: usize = 4;
 
 /// What a session is to tell its VEN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Bolt {
     PolicyChanged(u64),
     /// A support report is asked for (the request's id).
     SupportReport(u64),
+    /// The operator ordered an upgrade to this release (protocol 6).
+    Upgrade(String),
 }
 
 /// Whether a bolt reached a session's queue.
@@ -83,6 +85,20 @@ impl Sessions {
             return Delivery::TooOld { protocol_version: entry.protocol_version };
         }
         match entry.events.try_send(Bolt::SupportReport(request)) {
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::NotConnected,
+        }
+    }
+
+    /// Queues an upgrade bolt for `agent_id` if it is connected with a protocol version that
+    /// knows it (6; an older VEN could not decode the frame and would drop its session).
+    pub fn request_upgrade(&self, agent_id: u64, version: &str) -> Delivery {
+        let sessions = self.lock();
+        let Some(entry) = sessions.get(&agent_id) else { return Delivery::NotConnected };
+        if entry.protocol_version < ven_proto::UPGRADE_PROTOCOL_VERSION {
+            return Delivery::TooOld { protocol_version: entry.protocol_version };
+        }
+        match entry.events.try_send(Bolt::Upgrade(version.to_string())) {
             Ok(()) => Delivery::Queued,
             Err(_) => Delivery::NotConnected,
         }
@@ -186,5 +202,17 @@ mod tests {
         let (_, new) = sessions.register(1, ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION, None).unwrap();
         assert_eq!(sessions.request_support_report(1, 9), Delivery::Queued);
         assert_eq!(new.try_recv(), Ok(Bolt::SupportReport(9)));
+    }
+
+    #[test]
+    fn upgrade_bolts_go_only_to_vens_of_protocol_6() {
+        let sessions = Sessions::default();
+        assert_eq!(sessions.request_upgrade(1, "1.2.0"), Delivery::NotConnected);
+        let (_, old) = sessions.register(1, 5, None).unwrap();
+        assert_eq!(sessions.request_upgrade(1, "1.2.0"), Delivery::TooOld { protocol_version: 5 });
+        assert!(old.try_recv().is_err(), "nothing a protocol-5 VEN cannot decode is queued");
+        let (_, new) = sessions.register(1, ven_proto::UPGRADE_PROTOCOL_VERSION, None).unwrap();
+        assert_eq!(sessions.request_upgrade(1, "1.2.0"), Delivery::Queued);
+        assert_eq!(new.try_recv(), Ok(Bolt::Upgrade("1.2.0".into())));
     }
 }

@@ -74,6 +74,7 @@ pub fn handle(app: &App, request: &Request) -> Response {
         ("POST", path::SERVICES) => services(app, request),
         ("POST", path::REACTIVATE) => reactivate(app, request),
         ("POST", path::SUPPORT_REPORT) => support_report(app, request),
+        ("GET", path::RELEASE) if version >= ven_proto::UPGRADE_PROTOCOL_VERSION => release(app, request),
         (
             method,
             known @ (path::ACTIVATE
@@ -87,6 +88,10 @@ pub fn handle(app: &App, request: &Request) -> Response {
             | path::REACTIVATE
             | path::SUPPORT_REPORT),
         ) => Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {known}"))),
+        (method, path::RELEASE) if version >= ven_proto::UPGRADE_PROTOCOL_VERSION => {
+            Err(error(405, ErrorKind::BadRequest, format!("{method} is not allowed on {}", path::RELEASE)))
+        }
+        // Before protocol 6 there are no releases to fetch: the endpoint does not exist.
         (_, unknown) => Err(error(404, ErrorKind::BadRequest, format!("no VEN API endpoint {unknown}"))),
     };
     result.unwrap_or_else(|response| response)
@@ -203,6 +208,13 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
     } else {
         decode(request)?
     };
+    // The target names a directory of the release store: only a well-formed triple is kept.
+    if let Some(target) = &report.target {
+        if ven_proto::release::check_target(target).is_err() {
+            log::debug!("workload {agent_id}: heartbeat names no valid target; ignored");
+            report.target = None;
+        }
+    }
     let standing = clone_standing(app, request, agent_id, true)?;
     if !standing.is_original() {
         // Answered (a restarted original waiting for the grace period keeps its footing), not
@@ -249,20 +261,114 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
             }
         }
     }
-    let (changes, policy_version) = {
+    let target = report.target.clone();
+    let (changes, policy_version, agent_version) = {
         let mut store = app.store();
         let changes = store.heartbeat(agent_id, report, clock::now()).map_err(store_error)?;
-        (changes, store.policy_version(agent_id).unwrap_or(0))
+        let agent_version = store.state().workloads.get(&agent_id).map(|w| w.agent_version.clone());
+        (changes, store.policy_version(agent_id).unwrap_or(0), agent_version)
     };
     app.publish(&changes);
     let support_report_request = app.support_reports().pending(agent_id);
+    let upgrade = if version >= ven_proto::UPGRADE_PROTOCOL_VERSION {
+        upgrade_for(app, agent_id, target.as_deref(), agent_version.as_deref())
+    } else {
+        None
+    };
     let response = HeartbeatResponse {
         policy_version,
         heartbeat_interval_s: app.heartbeat_interval_s,
         support_report_request,
-        upgrade: None,
+        upgrade,
     };
     Ok(with_next_token(heartbeat_answer(response, version), standing))
+}
+
+/// The release workload `agent_id` is to upgrade to: the one it is ordered to run, when the store
+/// holds it for the `target` its VEN names and the VEN runs another `agent_version`.
+fn upgrade_for(
+    app: &App,
+    agent_id: u64,
+    target: Option<&str>,
+    agent_version: Option<&str>,
+) -> Option<String> {
+    let ordered = app.upgrades().order_for(agent_id).map(str::to_string)?;
+    if agent_version == Some(ordered.as_str()) {
+        return None;
+    }
+    match crate::releases::find(&app.data_dir, &ordered, target?) {
+        Ok(Some(_)) => Some(ordered),
+        Ok(None) => None,
+        Err(e) => {
+            log::error!("workload {agent_id}: the upgrade to {ordered} is held back: {e}");
+            None
+        }
+    }
+}
+
+/// `GET /ven/v1/release?version=V&target=T` (protocol 6): the release's binary as stored, its
+/// signature in [`RELEASE_SIGNATURE_HEADER`](ven_proto::RELEASE_SIGNATURE_HEADER); checked
+/// against its manifest first (500 when the store's copy is altered, never served).
+fn release(app: &App, request: &Request) -> Answer {
+    let agent_id = authenticate(app, request)?;
+    // A suspected clone gets nothing new.
+    clone_standing(app, request, agent_id, false)?;
+    let query = &request.head.query;
+    let (Some(version), Some(target)) = (query_value(query, "version"), query_value(query, "target")) else {
+        return Err(error(400, ErrorKind::BadRequest, "give ?version=V&target=T"));
+    };
+    for check in [ven_proto::release::check_version(&version), ven_proto::release::check_target(&target)] {
+        check.map_err(|e| error(400, ErrorKind::BadRequest, e.to_string()))?;
+    }
+    match crate::releases::read(&app.data_dir, &version, &target) {
+        Ok((stored, bytes)) => {
+            log::info!("workload {agent_id}: release {version} for {target} sent ({} bytes)", bytes.len());
+            let signature = ven_proto::release::hex(&stored.signature);
+            Ok(Response::with_body(200, "application/octet-stream", bytes)
+                .header(ven_proto::RELEASE_SIGNATURE_HEADER, signature))
+        }
+        // ErrorKind has no NotFound (protocol 6 did not add one): the status tells, as for an
+        // unknown endpoint.
+        Err(e @ crate::releases::ReleaseStoreError::NotFound { .. }) => {
+            Err(error(404, ErrorKind::BadRequest, e.to_string()))
+        }
+        Err(e) => {
+            // Altered or damaged on the PCE's disk: never served; the operator must look.
+            log::error!("VEN API: workload {agent_id} asked for release {version} for {target}: {e}");
+            let message = match e {
+                crate::releases::ReleaseStoreError::Altered { .. } => e.to_string(),
+                _ => format!("the PCE could not read release {version} for {target}"),
+            };
+            Err(error(500, ErrorKind::Internal, message))
+        }
+    }
+}
+
+/// The first value of `key` in a query string, `%XX` escapes decoded (`+` stays: versions may
+/// hold it). `None` when absent or not UTF-8 once decoded.
+fn query_value(query: &str, key: &str) -> Option<String> {
+    let raw = query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| *k == key)?.1;
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 /// The heartbeat answer in the shape a VEN of protocol `version` decodes: before 5 without the
@@ -385,6 +491,9 @@ fn deactivate(app: &App, request: &Request) -> Answer {
     app.sessions.disconnect(agent_id);
     if let Err(e) = app.support_reports().cancel(agent_id) {
         log::error!("forgetting the support report request of workload {agent_id}: {e}");
+    }
+    if let Err(e) = app.upgrades().forget(agent_id) {
+        log::error!("forgetting the upgrade order of workload {agent_id}: {e}");
     }
     app.publish(&changes);
     Ok(Response::empty(204))
@@ -622,6 +731,16 @@ mod tests {
         ] {
             assert!(check_hostname(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn release_queries_are_decoded() {
+        assert_eq!(query_value("version=1.2.0%2Bb7&target=a-b", "version").as_deref(), Some("1.2.0+b7"));
+        assert_eq!(query_value("version=1.2.0+b7", "version").as_deref(), Some("1.2.0+b7"));
+        assert_eq!(query_value("target=a-b&target=c-d", "target").as_deref(), Some("a-b"));
+        assert_eq!(query_value("version=%zz%4", "version").as_deref(), Some("%zz%4"));
+        assert_eq!(query_value("version=%ff", "version"), None);
+        assert_eq!(query_value("x=1", "version"), None);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! One module per resource: `auth` (credentials, API keys), `labels`, `workloads` (and their
 //! custom iptables rules), `sec_policy` (draft and active versions, provisioning, policy
 //! versions) with `ip_lists`, `services` and `rule_sets` (and their rules), `pairing`, `events`,
-//! `traffic`, `support_reports` (requests to VENs and the reports received).
+//! `traffic`, `support_reports` (requests to VENs and the reports received), `upgrades` (VEN
+//! upgrade orders: `PUT /orgs/1/vens/upgrade` answers 200 with counts, not 204).
 
 mod auth;
 mod events;
@@ -29,6 +30,7 @@ mod sec_policy;
 mod services;
 mod support_reports;
 mod traffic;
+mod upgrades;
 mod workloads;
 
 use crate::app::App;
@@ -97,6 +99,7 @@ fn org_route(app: &App, method: &str, segments: &[&str], request: &Request) -> A
         ["pairing_profiles", rest @ ..] => pairing::route(app, method, rest, request),
         ["support_report_requests", rest @ ..] => support_reports::requests(app, method, rest, request),
         ["support_reports", rest @ ..] => support_reports::reports(app, method, rest, request),
+        ["vens", rest @ ..] => upgrades::route(app, method, rest, request),
         ["settings", "workloads"] if method == "GET" => Ok(workload_settings(app)),
         [kind] if method == "GET" && UNMODELLED_ORG_KINDS.contains(kind) => {
             Ok(collection(Vec::new(), request))

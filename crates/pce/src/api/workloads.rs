@@ -239,6 +239,7 @@ fn remove_custom_rule(app: &App, id: &str, rule: &str) -> Answer {
 }
 
 pub fn json(store: &Store, workload: &Workload) -> Value {
+    let facts = store.agent_facts(workload.id);
     let labels: Vec<Value> =
         workload.labels.iter().filter_map(|id| store.label(*id)).map(super::labels::json).collect();
     let interfaces: Vec<Value> = workload
@@ -304,6 +305,10 @@ pub fn json(store: &Store, workload: &Workload) -> Value {
         "hostname": workload.hostname,
         "os": workload.os,
         "agent_version": workload.agent_version,
+        // From the VEN's last protocol-6 heartbeat (memory only: unknown after a PCE restart
+        // until the next one): the target its releases must be built for, the host's uptime.
+        "agent_target": facts.and_then(|f| f.target.clone()),
+        "host_uptime_seconds": facts.and_then(|f| f.host_uptime_s.map(|up| up + clock::now().saturating_sub(f.reported_at))),
         "labels": labels,
         "policy_state": workload.policy_state.as_str(),
         "online": workload.online,

@@ -380,6 +380,20 @@ pub struct Store {
     events: EventLog,
     /// Which refused credentials become `lost_agent` events (memory only, bounded).
     lost_agents: LostAgentLimiter,
+    /// What each VEN's last protocol-6 heartbeat said of its host and build (memory only; one
+    /// entry per workload at most, dropped with it).
+    agent_facts: HashMap<u64, AgentFacts>,
+}
+
+/// The host uptime and the agent's target from a workload's last heartbeat that carried them
+/// (protocol 6), not persisted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentFacts {
+    pub host_uptime_s: Option<u64>,
+    /// Checked as a target triple by the VEN API before it reaches the store.
+    pub target: Option<String>,
+    /// When the heartbeat came (Unix seconds): the uptime now is the reported one plus the time since.
+    pub reported_at: u64,
 }
 
 /// Workload records taken by [`Store::take_workload_flush`], holding the backend until written.
@@ -467,6 +481,7 @@ impl Store {
             dirty: true,
             events,
             lost_agents: LostAgentLimiter::default(),
+            agent_facts: HashMap::new(),
         };
         if let Some(stored) = stored {
             // Workload records are tracked by their dirty marks, not by this copy.
@@ -504,6 +519,11 @@ impl Store {
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// What the workload's last protocol-6 heartbeat said of its host uptime and target.
+    pub fn agent_facts(&self, workload: u64) -> Option<&AgentFacts> {
+        self.agent_facts.get(&workload)
     }
 
     pub fn policy(&self, workload_id: u64) -> Option<&Policy> {
@@ -849,6 +869,15 @@ impl Store {
     ) -> Result<Changes, StoreError> {
         self.touch(agent_id);
         let workload = self.state.workloads.get_mut(&agent_id).ok_or(StoreError::NoWorkload(agent_id))?;
+        if report.host_uptime_s.is_some() || report.target.is_some() {
+            // Keyed by an existing workload and dropped with it: bounded by the workloads.
+            let facts = AgentFacts {
+                host_uptime_s: report.host_uptime_s,
+                target: report.target.clone(),
+                reported_at: now,
+            };
+            self.agent_facts.insert(agent_id, facts);
+        }
         workload.last_heartbeat = Some(now);
         workload.applied_policy_version = report.applied_policy_version;
         workload.applied_state = Some(report.applied_state);
@@ -973,6 +1002,7 @@ impl Store {
     /// Removes a workload and its policy, and recomputes its peers'.
     fn forget(&mut self, id: u64) -> Result<Changes, StoreError> {
         self.state.workloads.remove(&id);
+        self.agent_facts.remove(&id);
         self.touch(id);
         self.policies.remove(&id);
         self.commit()

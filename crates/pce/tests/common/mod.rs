@@ -211,6 +211,26 @@ impl Ven {
         Ok((status, response.body_mut().read_to_vec()?))
     }
 
+    /// `GET /ven/v1/release?QUERY` speaking `protocol`: status, the signature header, body.
+    pub fn release(&self, auth: &str, query: &str, protocol: u16) -> (u16, Option<String>, Vec<u8>) {
+        let url = format!("{}{}?{query}", self.base, path::RELEASE);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("authorization", auth)
+            .header(ven_proto::PROTOCOL_HEADER, &protocol.to_string())
+            .call()
+            .expect("VEN API request");
+        let signature = response
+            .headers()
+            .get(ven_proto::RELEASE_SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let status = response.status().as_u16();
+        let limit = ven_proto::release::MAX_RELEASE_BYTES + 1024;
+        (status, signature, response.body_mut().with_config().limit(limit).read_to_vec().expect("body"))
+    }
+
     pub fn post<T: serde::Serialize>(&self, path: &str, auth: Option<&str>, message: &T) -> (u16, Vec<u8>) {
         self.call(
             "POST",
