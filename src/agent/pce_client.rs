@@ -308,10 +308,38 @@ impl PceClient {
     }
 
     fn unreachable(&self, error: ureq::Error) -> ClientError {
-        ClientError::Unreachable { server: self.server.clone(), cause: error.to_string() }
+        let mut cause = error.to_string();
+        if let Some(hint) = clock_hint(crate::clock::now()) {
+            cause.push_str(&hint);
+        }
+        ClientError::Unreachable { server: self.server.clone(), cause }
     }
 
     fn malformed(&self, endpoint: &'static str, cause: &str) -> ClientError {
         ClientError::Malformed { server: self.server.clone(), endpoint, cause: cause.to_string() }
+    }
+}
+
+/// What to add to a connection error when the host's clock (`now`) is too far in the past for
+/// any certificate to be valid: the TLS error alone does not say the clock is the cause.
+fn clock_hint(now: u64) -> Option<String> {
+    (now < crate::clock::EARLIEST_SANE_CLOCK).then(|| {
+        format!(
+            " (this host's clock says {}: no certificate can be checked until the clock is set, \
+             e.g. by NTP; the last-known-good policy stays in force)",
+            crate::clock::rfc3339(now)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_far_in_the_past_is_named_as_the_cause() {
+        let hint = clock_hint(86_400).expect("1970 is too early");
+        assert!(hint.contains("1970-01-02") && hint.contains("NTP"), "{hint}");
+        assert_eq!(clock_hint(crate::clock::now()), None);
     }
 }

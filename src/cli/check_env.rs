@@ -16,8 +16,7 @@ use crate::state::{self, DataDir, Identity, RecordKind};
 
 /// How long one network check waits.
 const NETWORK_TIMEOUT: Duration = Duration::from_secs(3);
-/// A clock before this (2025-01-01) cannot be right: certificates would not validate.
-const EARLIEST_SANE_CLOCK: u64 = 1_735_689_600;
+use crate::clock::EARLIEST_SANE_CLOCK;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verdict {

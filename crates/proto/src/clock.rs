@@ -4,6 +4,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
+/// A clock before this (2025-01-01) cannot be right: no certificate of ours would be valid yet.
+pub const EARLIEST_SANE_CLOCK: u64 = 1_735_689_600;
+
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
