@@ -150,6 +150,9 @@ pub struct Config {
     pub upgrade_health_deadline: Duration,
     /// Test-only switch (`test_upgrade_kill`): SIGKILL at an upgrade step, as a power loss would.
     pub test_upgrade_kill: Option<crate::agent::upgrade::KillStep>,
+    /// Test-only switch (`test_upgrade_unhealthy`): a release on trial never counts as healthy,
+    /// so that tests can show the rollback at the deadline.
+    pub test_upgrade_unhealthy: bool,
 }
 
 /// Who installs the releases the PCE orders.
@@ -261,6 +264,7 @@ impl Default for Config {
             upgrade_mode: UpgradeMode::Auto,
             upgrade_health_deadline: Duration::from_secs(300),
             test_upgrade_kill: None,
+            test_upgrade_unhealthy: false,
         }
     }
 }
@@ -418,6 +422,7 @@ impl Config {
             "upgrade_health_deadline_s" => {
                 self.upgrade_health_deadline = Duration::from_secs(number(key, value, 10, 86_400)?)
             }
+            "test_upgrade_unhealthy" => self.test_upgrade_unhealthy = boolean(key, value)?,
             "test_upgrade_kill" => {
                 self.test_upgrade_kill = Some(crate::agent::upgrade::KillStep::parse(value)?)
             }
@@ -560,6 +565,8 @@ mod tests {
         assert_eq!(config.upgrade_health_deadline, Duration::from_secs(60));
         assert_eq!(config.test_upgrade_kill, Some(crate::agent::upgrade::KillStep::Renamed));
         assert_eq!(Config::default().test_upgrade_kill, None, "the kill switch ships off");
+        assert!(!Config::default().test_upgrade_unhealthy);
+        assert!(Config::parse("test_upgrade_unhealthy = yes").unwrap().test_upgrade_unhealthy);
         for bad in [
             "release_key = abcd",
             "upgrade_mode = sometimes",

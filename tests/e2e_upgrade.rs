@@ -402,6 +402,35 @@ fn a_release_that_fails_at_start_is_rolled_back_and_not_tried_again() {
 }
 
 #[test]
+fn a_release_not_healthy_by_its_deadline_is_rolled_back() {
+    let test = "a_release_not_healthy_by_its_deadline_is_rolled_back";
+    let Some(bins) = prerequisites(test) else { return };
+    let scratch = Scratch::new("deadline", &bins);
+    // The release runs (it is ven), but the test-only switch keeps it from counting as healthy.
+    let settings = "upgrade_health_deadline_s = 10\ntest_upgrade_unhealthy = true\n";
+    let opts = options("venupd", config(&scratch.public_key, settings));
+    let (lab, _reaper) = enforcing_lab(bins, &scratch, opts);
+    trust(&lab, &scratch.public_key);
+    let release = scratch.release_of_ven("ven-unhealthy", "\nrelease unhealthy\n");
+    trust_and_add(&lab, &scratch, &release, "9.9.9-unhealthy", &scratch.key);
+    order(&lab, "9.9.9-unhealthy");
+    let failed = wait_probing(&lab, "db rolled back at the deadline", Duration::from_secs(120), |json| {
+        running_release(env!("CARGO_PKG_VERSION"))(json) && json.contains("rolled back")
+    });
+    assert!(failed.is_empty(), "web -> db failed: {failed:?}");
+    assert!(scratch.installed_is(&scratch.pristine), "the old binary stays installed");
+    assert!(!scratch.ven.with_file_name("ven.new").exists());
+    let status = db_status(&lab).unwrap();
+    assert!(status.contains("did not report healthy within 10 s"), "{status}");
+    lab.wait_until("staged and rolled-back events", Duration::from_secs(30), |lab| {
+        let steps = upgrade_steps(lab);
+        let done = steps == ["staged", "rolled-back"];
+        Ok((!done).then(|| format!("{steps:?}")))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", diagnostics(&lab)));
+}
+
+#[test]
 fn power_loss_at_any_upgrade_step_leaves_a_working_agent() {
     let test = "power_loss_at_any_upgrade_step_leaves_a_working_agent";
     let Some(bins) = prerequisites(test) else { return };

@@ -321,7 +321,8 @@ impl Manager {
 
     /// A trial that is healthy (a heartbeat accepted, no apply error) commits.
     fn commit_trial_if_healthy(&mut self) {
-        if self.apply_error.is_some() {
+        // The test-only switch keeps a trial unhealthy until its deadline.
+        if self.apply_error.is_some() || self.config.test_upgrade_unhealthy {
             return;
         }
         let Some(trial) = self.trial.take() else { return };

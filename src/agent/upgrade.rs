@@ -965,6 +965,45 @@ mod tests {
         std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
     }
 
+    fn client() -> PceClient {
+        // Never reached: these orders are decided before any download.
+        PceClient::new("198.18.0.1:8443", b"not a certificate")
+    }
+
+    #[test]
+    fn orders_are_deferred_refused_or_taken_before_any_download() {
+        let (data, _) = scratch("orders");
+        let package = Config { upgrade_mode: UpgradeMode::Package, ..Config::default() };
+        let mut upgrader = Upgrader::new(data.clone(), package);
+        assert_eq!(upgrader.order("9.9.9", client(), false), Ok(Ordered::Deferred("9.9.9".into())));
+        assert_eq!(
+            upgrader.order(agent_version(), client(), false),
+            Ok(Ordered::AlreadyRunning(agent_version().into()))
+        );
+        assert!(upgrader.order("../../bin/sh", client(), true).unwrap_err().contains("version"));
+
+        // Self-upgrade without a pinned key: refused, with what to do.
+        let unpinned = Config { upgrade_mode: UpgradeMode::SelfUpgrade, ..Config::default() };
+        let mut upgrader = Upgrader::new(data.clone(), unpinned.clone());
+        assert!(upgrader.order("9.9.9", client(), false).unwrap_err().contains("release_key"));
+
+        // A release rolled back before is not tried again unless the operator forces it.
+        let mut record = trial_record(Path::new("/nonexistent/ven"), 2);
+        record.phase = Phase::RolledBack;
+        record.version = "9.9.9".into();
+        write_record(&data, &record).unwrap();
+        assert!(upgrader.order("9.9.9", client(), false).unwrap_err().contains("rolled back"));
+        assert!(
+            upgrader.order("9.9.9", client(), true).unwrap_err().contains("release_key"),
+            "forced: past it"
+        );
+        pin_release_key(&data, &[7; 32]).unwrap();
+        assert_eq!(release_key(&data, &unpinned), Some([7; 32]));
+        let configured = Config { release_key: Some([9; 32]), ..unpinned };
+        assert_eq!(release_key(&data, &configured), Some([9; 32]), "the configuration wins");
+        std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
+    }
+
     #[test]
     fn the_launcher_removes_what_interrupted_steps_left() {
         let (data, installed) = scratch("leftovers");
