@@ -126,6 +126,11 @@ pub mod fuzzing {
 
     /// A release manifest file as the release store reads it (see `releases::fuzz_manifest`).
     pub use crate::releases::fuzz_manifest as release_manifest;
+
+    /// Whether the release store takes `data` as a manifest file (the seeds hold some it takes).
+    pub fn release_manifest_is_accepted(data: &[u8]) -> bool {
+        crate::releases::parse_manifest(data).is_ok()
+    }
 }
 
 /// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.
