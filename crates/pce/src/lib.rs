@@ -15,11 +15,14 @@
 //! pure), `orgevents`
 //! (organisation events: ring, CEF and LEEF), `flows` (uploaded flow summaries: checks,
 //! de-duplication, bounded store, append-only log), `supportreports` (support reports asked of
-//! VENs: the requests waiting and the archives received, bounded, crash-safe), `traffic` (the
+//! VENs: the requests waiting and the archives received, bounded, crash-safe), `release` (release
+//! signing and the release commands, offline), `releases` (the signed release store on disk),
+//! `upgrades` (upgrade orders, persisted), `traffic` (the
 //! traffic query: parameters, filter, JSON), `ctl` (admin client), `clock`.
 //!
 //! Dependencies point one way (a test below checks that `use crate::` makes no cycle):
-//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`, `supportreports`;
+//! `serve` -> `api/`, `venapi`, `events` -> `app` -> `store/`, `flows`, `sessions`, `supportreports`,
+//! `upgrades`; `api/`, `venapi`, `release` -> `releases`;
 //! `api/` -> `store/` -> `policy/` (the pure model and computation the store keeps), `orgevents`,
 //! `crypto`; `traffic` -> `flows`; `tls` -> `crypto`. `ctl` takes only constants and types.
 #![forbid(unsafe_code)]
@@ -126,6 +129,11 @@ pub mod fuzzing {
 
     /// A release manifest file as the release store reads it (see `releases::fuzz_manifest`).
     pub use crate::releases::fuzz_manifest as release_manifest;
+
+    /// Whether the release store takes `data` as a manifest file (the seeds hold some it takes).
+    pub fn release_manifest_is_accepted(data: &[u8]) -> bool {
+        crate::releases::parse_manifest(data).is_ok()
+    }
 }
 
 /// Logs to stderr; `PCE_LOG` = error, warn, info (default), debug or trace.

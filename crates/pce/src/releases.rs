@@ -353,9 +353,11 @@ pub fn add(
     let key_path = data_dir.join(KEY_FILE);
     let key = trusted_key(data_dir)?.ok_or(ReleaseStoreError::NoKey { path: key_path })?;
     let exists = || ReleaseStoreError::Exists { version: version.to_string(), target: target.to_string() };
-    if find(data_dir, version, target).map_or(true, |found| found.is_some()) {
+    match find(data_dir, version, target) {
+        Ok(None) => {}
         // A damaged release of that name exists too: it must be removed first.
-        return Err(exists());
+        Ok(Some(_)) | Err(ReleaseStoreError::Damaged { .. }) => return Err(exists()),
+        Err(other) => return Err(other),
     }
     let length = fs::metadata(binary).map_err(io_error(binary))?.len();
     if length > MAX_RELEASE_BYTES {

@@ -1,6 +1,6 @@
-//! The fuzz corpora of the PCE's own files (store records, organisation events, PKI files) and of
-//! its flow uploads, replayed without a fuzzer (issue 17): every file of `fuzz/corpus/<target>/`
-//! and `fuzz/regressions/<target>/` goes through the function the target calls
+//! The fuzz corpora of the PCE's own files (store records, organisation events, PKI files,
+//! release manifests) and of its flow uploads, replayed without a fuzzer (issue 17): every file
+//! of `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/` goes through the function the target calls
 //! (`pce::fuzzing`), on the stable toolchain, in the normal `cargo test`.
 //!
 //! The store seeds are encoded by the product itself:
@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("flow_batches", pce::fuzzing::flow_batches),
     ("pce_org_events", pce::fuzzing::org_events),
     ("pce_pem_files", pce::fuzzing::pem_files),
+    ("pce_release_manifest", pce::fuzzing::release_manifest),
     ("pce_store_records", pce::fuzzing::store_records),
 ];
 
@@ -75,6 +76,19 @@ fn the_seed_records_open_as_a_store() {
         assert!(text.lines().any(|line| line.starts_with(&format!("{table}\t"))), "no {table} record");
     }
     pce::fuzzing::store_records(&seed);
+}
+
+/// The manifest seeds named `valid*` are manifests the store takes, the others ones it refuses:
+/// the fuzzer starts from both sides of the parser.
+#[test]
+fn the_release_manifest_seeds_are_on_the_side_their_name_says() {
+    let files = files(&fuzz_dir().join("corpus").join("pce_release_manifest"));
+    assert!(files.len() >= 2, "no seeds");
+    for path in files {
+        let bytes = fs::read(&path).unwrap();
+        let valid = path.file_name().unwrap().to_string_lossy().starts_with("valid");
+        assert_eq!(pce::fuzzing::release_manifest_is_accepted(&bytes), valid, "{}", path.display());
+    }
 }
 
 #[test]
