@@ -1242,11 +1242,13 @@ mod tests {
     }
 
     #[test]
-    fn a_diminished_ven_ignores_bolts_but_support_report_requests() {
+    fn a_diminished_ven_ignores_bolts_but_support_reports_and_upgrades() {
         let policy = Event::PolicyChanged { version: 3 };
         let report = Event::SupportReportRequested { request: 1 };
+        let upgrade = Event::UpgradeRequested { version: "9.9.9".into() };
         assert!(ignored_while(Connectivity::Diminished, &policy));
         assert!(!ignored_while(Connectivity::Diminished, &report), "the spec's exception");
+        assert!(!ignored_while(Connectivity::Diminished, &upgrade), "the spec's other exception");
         for connectivity in [Connectivity::Online, Connectivity::Offline] {
             assert!(!ignored_while(connectivity, &policy) && !ignored_while(connectivity, &report));
         }

@@ -303,15 +303,7 @@ pub fn stage(
         file.sync_all().map_err(UpgradeError::file(&temp))?;
         drop(file);
         maybe_killed_at(config, KillStep::Downloaded);
-        // The signature covers version, target, length and digest: the bytes are taken for what
-        // they are only once it verifies for what this agent asked.
-        let manifest = Manifest::of_reader(
-            version,
-            crate::cli::TARGET,
-            &mut File::open(&temp).map_err(UpgradeError::file(&temp))?,
-        )?;
-        manifest.verify_signature(&release::parse_signature(&signature)?, key)?;
-        check_architecture(version, &temp)?;
+        let manifest = check_release(&temp, version, &signature, key)?;
         let staged = staged_path(installed);
         std::fs::rename(&temp, &staged).map_err(UpgradeError::file(&staged))?;
         sync_dir(dir)?;
@@ -321,6 +313,25 @@ pub fn stage(
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// Checks the downloaded `file` as release `version` for this agent's target: the signature
+/// covers version, target, length and digest, so the bytes are taken for what they are only once
+/// it verifies with `key`; then the ELF header must be this machine's.
+fn check_release(
+    file: &Path,
+    version: &str,
+    signature: &str,
+    key: &[u8; 32],
+) -> Result<Manifest, UpgradeError> {
+    let manifest = Manifest::of_reader(
+        version,
+        crate::cli::TARGET,
+        &mut File::open(file).map_err(UpgradeError::file(file))?,
+    )?;
+    manifest.verify_signature(&release::parse_signature(signature)?, key)?;
+    check_architecture(version, file)?;
+    Ok(manifest)
 }
 
 fn staged_file_name(installed: &Path) -> String {
@@ -962,6 +973,50 @@ mod tests {
         assert!(!staged_path(&installed).exists());
         let event = unreported_outcome(&data).unwrap();
         assert!(matches!(event.kind, AgentEventKind::Upgrade { step: UpgradeStep::RolledBack, .. }));
+        std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_release_is_taken_only_whole_signed_for_this_target_and_machine() {
+        use ring::signature::{Ed25519KeyPair, KeyPair as _};
+        let (data, installed) = scratch("check");
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let key: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
+        let sign = |bytes: &[u8], version: &str, target: &str| {
+            let manifest = Manifest::of_reader(version, target, &mut &bytes[..]).unwrap();
+            release::hex(pair.sign(&manifest.signed_message()).as_ref())
+        };
+        // The start of this very binary (its ELF header), as a release for our target: the test
+        // binary itself is larger than a release may be.
+        let mut binary = std::fs::read("/proc/self/exe").unwrap();
+        binary.truncate(64 * 1024);
+        let file = installed.with_file_name("download");
+        std::fs::write(&file, &binary).unwrap();
+        let signature = sign(&binary, "9.9.9", crate::cli::TARGET);
+        let manifest = check_release(&file, "9.9.9", &signature, &key).unwrap();
+        assert_eq!(manifest.length, binary.len() as u64);
+
+        // Signed for another version or target, or by another key: refused.
+        assert!(check_release(&file, "9.9.8", &signature, &key).is_err());
+        let other_target = sign(&binary, "9.9.9", "riscv64gc-unknown-linux-musl");
+        assert!(check_release(&file, "9.9.9", &other_target, &key).is_err());
+        assert!(check_release(&file, "9.9.9", &signature, &[1; 32]).is_err());
+        assert!(check_release(&file, "9.9.9", "not hex", &key).is_err());
+        // Truncated or extended in transit: refused.
+        std::fs::write(&file, &binary[..binary.len() - 1]).unwrap();
+        assert!(matches!(check_release(&file, "9.9.9", &signature, &key), Err(UpgradeError::Release(_))));
+        let mut longer = binary.clone();
+        longer.push(0);
+        std::fs::write(&file, &longer).unwrap();
+        assert!(check_release(&file, "9.9.9", &signature, &key).is_err());
+        // Signed, but for another machine: refused before it is ever started.
+        let mut foreign = binary;
+        foreign[18] ^= 0x01;
+        std::fs::write(&file, &foreign).unwrap();
+        let signature = sign(&foreign, "9.9.9", crate::cli::TARGET);
+        let refused = check_release(&file, "9.9.9", &signature, &key).unwrap_err();
+        assert!(matches!(refused, UpgradeError::Architecture { .. }), "{refused}");
         std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
     }
 
