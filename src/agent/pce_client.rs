@@ -45,6 +45,11 @@ impl ClientError {
         matches!(self, Self::Refused { kind: ErrorKind::SuspectedClone, .. })
     }
 
+    /// The PCE is at its bounds (503): ask again later, nothing is wrong with the request.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Refused { status: 503, .. } | Self::Status { status: 503, .. })
+    }
+
     /// The PCE has no such endpoint (an older PCE).
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Refused { status: 404, .. } | Self::Status { status: 404, .. })

@@ -829,6 +829,15 @@ impl Upgrader {
         };
         let manifest = match thread.join() {
             Ok(Ok(manifest)) => manifest,
+            // The PCE serves a bounded number of releases at once (an order to the whole fleet):
+            // the next heartbeat that repeats the order tries again, no event, no hold.
+            Ok(Err(UpgradeError::Download { cause, .. })) if cause.is_busy() => {
+                log::info!(
+                    "upgrade to {version}: the PCE is busy serving releases; trying again at the next heartbeat"
+                );
+                self.last_attempt = None;
+                return Outcome::Report(None);
+            }
             Ok(Err(e)) => return refused(e.to_string()),
             Err(_) => return refused("the upgrade thread panicked".to_string()),
         };

@@ -49,6 +49,10 @@ pub const MAX_ANONYMOUS_BODY_BYTES: usize = 1024 * 1024;
 /// What a 503 for a full body budget asks the client to wait, in seconds.
 pub const BUSY_RETRY_AFTER_S: u32 = 2;
 static BODY_BUDGET: Budget = Budget::new(MAX_BUFFERED_BODY_BYTES);
+/// Large answers (agent releases) held at once, across all connections: an order to upgrade
+/// every VEN must not hold a release's bytes once per connection. Past it, 503.
+pub const MAX_LARGE_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+static ANSWER_BUDGET: Budget = Budget::new(MAX_LARGE_ANSWER_BYTES);
 static ANONYMOUS_BODY_BUDGET: Budget = Budget::new(MAX_ANONYMOUS_BUFFERED_BYTES);
 /// After a refusal, what the client may already have sent is read and dropped, at most this
 /// much for at most [`LINGER_TIMEOUT`], before the connection closes: closing with bytes unread
@@ -216,6 +220,15 @@ impl Response {
     }
 
     fn serialize(&self, keep_alive: bool) -> Vec<u8> {
+        let mut out = self.serialize_head(keep_alive);
+        if !matches!(self.status, 204 | 304) {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+
+    /// The status line and headers, up to and with the blank line.
+    fn serialize_head(&self, keep_alive: bool) -> Vec<u8> {
         let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).into_bytes();
         // 204 and 304 carry neither a body nor its length.
         let bodiless = matches!(self.status, 204 | 304);
@@ -233,9 +246,6 @@ impl Response {
             out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
         out.extend_from_slice(b"\r\n");
-        if !bodiless {
-            out.extend_from_slice(&self.body);
-        }
         out
     }
 }
@@ -281,6 +291,11 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Response;
     /// The answer to a request this server refused before the handler saw it; `path` when known.
     fn reject(&self, path: Option<&str>, error: &HttpError) -> Response;
+    /// The size of a large answer the admitted request will get (an agent release), reserved
+    /// from a shared budget before the handler runs; 0 for ordinary answers.
+    fn large_answer_bytes(&self, _head: &Head) -> usize {
+        0
+    }
 }
 
 /// Serves requests on `stream` until the client closes it, stops keeping it alive, or misbehaves.
@@ -312,13 +327,23 @@ where
             Err(error) => return refuse(&mut stream, handler.as_ref(), Some(&head.path), error).await,
         };
         // INVARIANT: no byte of the body is read before the head is admitted.
-        let (admission, head) = {
+        let (admission, answer_bytes, head) = {
             let handler = handler.clone();
             blocking(move || {
                 let admitted =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.admit(&head)));
                 let internal = || Response::with_body(500, "text/plain", b"internal error\n".to_vec());
-                (admitted.unwrap_or_else(|_| Admission::Refused(internal())), head)
+                let admission = admitted.unwrap_or_else(|_| Admission::Refused(internal()));
+                let answer_bytes = match admission {
+                    Admission::Authenticated => {
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handler.large_answer_bytes(&head)
+                        }))
+                        .unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                (admission, answer_bytes, head)
             })
             .await
         };
@@ -343,6 +368,11 @@ where
         let Some(reservation) = Reservation::take(length, anonymous) else {
             return refuse(&mut stream, handler.as_ref(), Some(&head.path), HttpError::Busy).await;
         };
+        // Held until the answer is written.
+        let answer_reservation = AnswerReservation::take(answer_bytes);
+        if answer_reservation.is_none() {
+            return refuse(&mut stream, handler.as_ref(), Some(&head.path), HttpError::Busy).await;
+        }
         let deadline = ticket.pending_deadline().unwrap_or(deadline);
         let body = read_body(&mut stream, &mut buf, &head, length, deadline).await?;
         if buf.capacity() > 2 * READ_CHUNK && buf.len() <= READ_CHUNK {
@@ -360,8 +390,14 @@ where
         // The body was dropped with the request.
         drop(reservation);
         let deadline = Instant::now() + WRITE_TIMEOUT;
-        within(deadline, stream.write_all(&response.serialize(keep_alive))).await?;
+        // The head, then the body as it is: a large body is not copied again.
+        within(deadline, stream.write_all(&response.serialize_head(keep_alive))).await?;
+        if !matches!(response.status, 204 | 304) {
+            within(deadline, stream.write_all(&response.body)).await?;
+        }
         within(deadline, stream.flush()).await?;
+        drop(response);
+        drop(answer_reservation);
         if !keep_alive {
             return Ok(());
         }
@@ -466,6 +502,27 @@ impl Drop for Reservation {
         BODY_BUDGET.give(self.bytes);
         if self.anonymous {
             ANONYMOUS_BODY_BUDGET.give(self.bytes);
+        }
+    }
+}
+
+/// Bytes of [`MAX_LARGE_ANSWER_BYTES`] held for one answer, given back on drop.
+struct AnswerReservation {
+    bytes: usize,
+}
+
+impl AnswerReservation {
+    fn take(bytes: usize) -> Option<Self> {
+        // `then`, not `then_some`: a reservation built and dropped on refusal would give back
+        // what it never took.
+        (bytes == 0 || ANSWER_BUDGET.take(bytes)).then(|| AnswerReservation { bytes })
+    }
+}
+
+impl Drop for AnswerReservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            ANSWER_BUDGET.give(self.bytes);
         }
     }
 }
@@ -754,6 +811,43 @@ mod tests {
         let (result, output) = exchange(&format!("{head}abc"));
         assert!(result.is_ok());
         assert!(output.ends_with("\r\n\r\nabc"), "{output}");
+    }
+
+    /// Echo, whose answers to `GET /large` count as large: more than the whole budget.
+    struct Large;
+    impl Handler for Large {
+        fn admit(&self, head: &Head) -> Admission {
+            Echo.admit(head)
+        }
+        fn handle(&self, request: Request) -> Response {
+            Response::with_body(200, "text/plain", request.head.path.into_bytes())
+        }
+        fn reject(&self, path: Option<&str>, error: &HttpError) -> Response {
+            Echo.reject(path, error)
+        }
+        fn large_answer_bytes(&self, head: &Head) -> usize {
+            if head.path == "/large" { MAX_LARGE_ANSWER_BYTES + 1 } else { 1024 }
+        }
+    }
+
+    #[test]
+    fn a_large_answer_past_the_budget_is_a_503_and_the_budget_comes_back() {
+        let serve_one = |input: &'static [u8]| {
+            let mut wire = Wire { input, output: Vec::new() };
+            let result = smol::block_on(serve(&mut wire, Arc::new(Large), &mut Ticket::detached()));
+            (result, String::from_utf8_lossy(&wire.output).into_owned())
+        };
+        let (result, output) = serve_one(b"GET /large HTTP/1.1\r\nAuthorization: good\r\n\r\n");
+        assert!(matches!(result, Err(HttpError::Busy)), "{result:?}");
+        assert!(output.starts_with("HTTP/1.1 503 ") && output.contains("retry-after: 2"), "{output}");
+        // A small reservation is answered, and given back once written: many in a row pass.
+        for _ in 0..3 {
+            let (result, output) =
+                serve_one(b"GET /small HTTP/1.1\r\nAuthorization: good\r\nConnection: close\r\n\r\n");
+            assert!(result.is_ok(), "{result:?}");
+            assert!(output.starts_with("HTTP/1.1 200 ") && output.ends_with("\r\n\r\n/small"), "{output}");
+        }
+        assert_eq!(ANSWER_BUDGET.used.load(Ordering::Acquire) % 1024, 0, "reservations are whole");
     }
 
     struct Panicky;

@@ -362,6 +362,10 @@ impl http::Handler for Api {
         response.header(PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
     }
 
+    fn large_answer_bytes(&self, head: &Head) -> usize {
+        if head.path.starts_with("/ven/") { venapi::large_answer_bytes(&self.0, head) } else { 0 }
+    }
+
     fn reject(&self, path: Option<&str>, error: &HttpError) -> Response {
         let status = error.status().unwrap_or(400);
         let message = error.to_string();

@@ -306,6 +306,23 @@ fn upgrade_for(
     }
 }
 
+/// The bytes a release download will answer with (its manifest's length), for the server's
+/// budget of large answers: when it is spent, the VEN hears 503 and asks again later.
+pub fn large_answer_bytes(app: &App, head: &Head) -> usize {
+    if head.method != "GET" || head.path != path::RELEASE {
+        return 0;
+    }
+    let (Some(version), Some(target)) =
+        (query_value(&head.query, "version"), query_value(&head.query, "target"))
+    else {
+        return 0;
+    };
+    match crate::releases::find(&app.data_dir, &version, &target) {
+        Ok(Some(stored)) => stored.manifest.length as usize,
+        _ => 0,
+    }
+}
+
 /// `GET /ven/v1/release?version=V&target=T` (protocol 6): the release's binary as stored, its
 /// signature in [`RELEASE_SIGNATURE_HEADER`](ven_proto::RELEASE_SIGNATURE_HEADER); checked
 /// against its manifest first (500 when the store's copy is altered, never served).
