@@ -399,6 +399,25 @@ fn a_release_that_fails_at_start_is_rolled_back_and_not_tried_again() {
     assert_eq!(downloads, 1, "downloaded once:\n{pce_log}");
     let status = db_status(&lab).expect("db answers");
     assert!(running_release(env!("CARGO_PKG_VERSION"))(&status), "{status}");
+
+    // The operator may insist: `ven upgrade` tries it again, and it is rolled back again.
+    let said = lab.ven(Host::Db, &["upgrade", "--status"]).unwrap();
+    assert!(said.stdout.contains("9.9.9-false rolled back"), "{}{}", said.stdout, said.stderr);
+    let retried = lab.ven(Host::Db, &["upgrade"]).unwrap();
+    assert!(retried.success() && retried.stdout.contains("downloading release 9.9.9-false"), "{retried:?}");
+    lab.wait_until("a second rolled-back event", Duration::from_secs(60), |lab| {
+        let steps = upgrade_steps(lab);
+        Ok((steps.len() < 2).then(|| format!("{steps:?}")))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", diagnostics(&lab)));
+    let failed = wait_probing(
+        &lab,
+        "db running again",
+        Duration::from_secs(60),
+        running_release(env!("CARGO_PKG_VERSION")),
+    );
+    assert!(failed.is_empty(), "web -> db failed: {failed:?}");
+    assert_eq!(upgrade_steps(&lab), ["rolled-back", "rolled-back"]);
 }
 
 #[test]
