@@ -398,4 +398,14 @@ pub fn ven_api_messages(data: &[u8]) {
     let _ = decode::<HeartbeatResponseV5>(data);
     let _ = decode::<ErrorBody>(data);
     let _ = decode::<Goodbye>(data);
+    // A release download's signature header, and the version and target it was asked for.
+    let text = String::from_utf8_lossy(data);
+    if let Ok(signature) = release::parse_signature(&text) {
+        assert_eq!(release::parse_signature(&release::hex(&signature)), Ok(signature));
+    }
+    let _ = release::parse_key(&text);
+    if release::check_version(&text).is_ok() {
+        assert!(!text.contains('/') && !text.starts_with('.'), "a version becomes a file name");
+    }
+    let _ = release::check_target(&text);
 }

@@ -334,6 +334,8 @@ fn write_encoded_seeds() {
         target: Some("aarch64-unknown-linux-musl".to_string()),
     };
     write("ven_api_messages", "heartbeat-upgrade-event", &encode(&beat));
+    write("ven_api_messages", "release-signature-header", "5a".repeat(64).as_bytes());
+    write("ven_api_messages", "release-version", b"1.2.0-rc.1+build_7");
 
     // Flow rows as the flow store keeps them (a chunk is rows back to back) and as uploaded.
     let flow = |src: &str, dst: &str, protocol, port, verdict| FlowRecord {
