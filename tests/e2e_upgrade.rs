@@ -218,14 +218,21 @@ fn upgrade_steps(lab: &Lab) -> Vec<String> {
 fn wait_probing(lab: &Lab, what: &str, limit: Duration, condition: impl Fn(&str) -> bool) -> Vec<String> {
     let started = Instant::now();
     let mut failed = Vec::new();
+    let mut probes = 0;
     // Bounded: at most one probe and one status per 300 ms, for `limit`.
     loop {
+        probes += 1;
         match lab.probe(Host::Web, Host::Db, DB_PORT) {
             Ok(Verdict::Allowed) => {}
             other => failed.push(format!("{:?}: {other:?}", started.elapsed())),
         }
         let status = db_status(lab);
         if status.as_deref().is_ok_and(&condition) {
+            eprintln!(
+                "{what}: after {:.1} s, {probes} probes web -> db, {} failed",
+                started.elapsed().as_secs_f64(),
+                failed.len()
+            );
             return failed;
         }
         assert!(
