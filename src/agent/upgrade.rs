@@ -542,15 +542,31 @@ pub fn guard(data: &DataDir, config: &Config, trial: &str) -> Result<(), String>
         command.spawn().map_err(|e| format!("cannot start the guardian: {e}"))?;
         return Ok(());
     }
+    match watch_trial(data, config, pid, started, GUARD_GRACE) {
+        Some(record) => restart_unless_started(data, &record.installed),
+        None => Ok(()),
+    }
+}
+
+/// The guardian's watch: returns the record it settled when the trial process `pid` (started at
+/// `started`) ended before it committed, or stayed `grace` past its deadline (then it is
+/// killed); `None` when the trial settled on its own.
+fn watch_trial(
+    data: &DataDir,
+    config: &Config,
+    pid: u32,
+    started: u64,
+    grace: Duration,
+) -> Option<UpgradeRecord> {
     let begun = Instant::now();
     loop {
         std::thread::sleep(GUARD_POLL);
         let mut record = match read_record(data) {
             Ok(Some(record)) if record.phase == Phase::Trial => record,
             // Settled by the trial itself (or gone): nothing to guard.
-            _ => return Ok(()),
+            _ => return None,
         };
-        let limit = Duration::from_secs(record.health_deadline_s) + GUARD_GRACE;
+        let limit = Duration::from_secs(record.health_deadline_s) + grace;
         let running = still_running(pid, started);
         if running && begun.elapsed() < limit {
             continue;
@@ -574,7 +590,7 @@ pub fn guard(data: &DataDir, config: &Config, trial: &str) -> Result<(), String>
             };
             roll_back(data, config, &mut record, why);
         }
-        return restart_unless_started(data, &record.installed);
+        return Some(record);
     }
 }
 
@@ -1026,6 +1042,48 @@ mod tests {
         let signature = sign(&foreign, "9.9.9", crate::cli::TARGET);
         let refused = check_release(&file, "9.9.9", &signature, &key).unwrap_err();
         assert!(matches!(refused, UpgradeError::Architecture { .. }), "{refused}");
+        std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn the_guardian_rolls_back_a_trial_that_dies_or_hangs_and_leaves_a_committed_one() {
+        let (data, installed) = scratch("guardian");
+        let config = Config::default();
+        let trial_of = |child: &std::process::Child, deadline_s: u64| {
+            let mut record = trial_record(&installed, 1);
+            record.health_deadline_s = deadline_s;
+            write_record(&data, &record).unwrap();
+            std::fs::write(staged_path(&installed), b"new").unwrap();
+            (child.id(), process_start_time(child.id()).unwrap())
+        };
+
+        // A trial that ends at once (as `/bin/false` would): rolled back.
+        let mut ended = Command::new("sleep").arg("0").spawn().unwrap();
+        let (pid, started) = trial_of(&ended, 60);
+        ended.wait().unwrap();
+        let settled = watch_trial(&data, &config, pid, started, Duration::ZERO).expect("the guardian acts");
+        assert_eq!(settled.phase, Phase::RolledBack);
+        assert!(settled.detail.contains("stopped before it reported healthy"), "{}", settled.detail);
+        assert!(!staged_path(&installed).exists());
+
+        // A trial alive past its deadline (and the grace): killed, then rolled back.
+        let mut hung = Command::new("sleep").arg("60").spawn().unwrap();
+        let (pid, started) = trial_of(&hung, 0);
+        let settled = watch_trial(&data, &config, pid, started, Duration::ZERO).expect("the guardian acts");
+        assert!(settled.detail.contains("did not report healthy within 0 s"), "{}", settled.detail);
+        assert!(!hung.wait().unwrap().success(), "the hung trial was killed");
+        assert_eq!(read_record(&data).unwrap().unwrap().phase, Phase::RolledBack);
+
+        // A trial that committed on its own: the guardian leaves it.
+        let mut alive = Command::new("sleep").arg("60").spawn().unwrap();
+        let (pid, started) = trial_of(&alive, 60);
+        let mut committed = read_record(&data).unwrap().unwrap();
+        committed.phase = Phase::Committed;
+        write_record(&data, &committed).unwrap();
+        assert!(watch_trial(&data, &config, pid, started, Duration::ZERO).is_none());
+        assert!(still_running(pid, started), "a committed trial is never killed");
+        alive.kill().unwrap();
+        alive.wait().unwrap();
         std::fs::remove_dir_all(data.root().parent().unwrap()).unwrap();
     }
 
