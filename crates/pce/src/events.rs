@@ -178,6 +178,8 @@ enum Wake {
 struct Current {
     policy_version: Option<u64>,
     support_report: Option<u64>,
+    /// The release an order names for this workload (see `venapi::upgrade_for`).
+    upgrade: Option<String>,
 }
 
 /// What the agent is to be told at once if `agent_token` is its token and the session comes from
@@ -218,8 +220,11 @@ async fn authenticate(
             return Err(format!("{}: no event session for this copy of the agent", standing.refusal()));
         }
         let policy_version = store.policy(agent_id).map(|policy| policy.version);
+        let target = store.agent_facts(agent_id).and_then(|facts| facts.target.clone());
+        let agent_version = store.state().workloads.get(&agent_id).map(|w| w.agent_version.clone());
         drop(store);
-        Ok(Current { policy_version, support_report: app.support_reports().pending(agent_id) })
+        let upgrade = crate::venapi::upgrade_for(&app, agent_id, target.as_deref(), agent_version.as_deref());
+        Ok(Current { policy_version, support_report: app.support_reports().pending(agent_id), upgrade })
     })
     .await
 }
@@ -275,7 +280,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     ticket.authenticated();
     log::debug!("agent {agent_id} connected to the event service ({} sessions)", app.sessions.len());
     send(&mut stream, &PceFrame::Ack { ping_interval_s: PING_INTERVAL.as_secs() as u32 }).await?;
-    let current = current.unwrap_or(Current { policy_version: None, support_report: None });
+    let current = current.unwrap_or(Current { policy_version: None, support_report: None, upgrade: None });
     if let Some(version) = current.policy_version {
         send(&mut stream, &PceFrame::Event(Event::PolicyChanged { version })).await?;
     }
@@ -283,6 +288,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(request) = current.support_report {
         if protocol_version >= ven_proto::SUPPORT_REPORT_PROTOCOL_VERSION {
             send(&mut stream, &PceFrame::Event(Event::SupportReportRequested { request })).await?;
+        }
+    }
+    // An order placed while the VEN had no session reaches it now, not at its next heartbeat.
+    if let Some(version) = current.upgrade {
+        if protocol_version >= ven_proto::UPGRADE_PROTOCOL_VERSION {
+            send(&mut stream, &PceFrame::Event(Event::UpgradeRequested { version })).await?;
         }
     }
 

@@ -286,7 +286,7 @@ fn heartbeat(app: &App, request: &Request, version: u16) -> Answer {
 
 /// The release workload `agent_id` is to upgrade to: the one it is ordered to run, when the store
 /// holds it for the `target` its VEN names and the VEN runs another `agent_version`.
-fn upgrade_for(
+pub(crate) fn upgrade_for(
     app: &App,
     agent_id: u64,
     target: Option<&str>,

@@ -179,6 +179,17 @@ fn releases_are_stored_ordered_announced_and_served_verified() {
     assert!(shown.contains("agent version:  0.1.0"), "{shown}");
     assert_eq!(beat(&ven, &web_auth, "web", TARGET, None).as_deref(), Some("1.2.0"));
 
+    // A session opened after the order (the VEN reconnected) hears it at once.
+    drop(session);
+    let mut session = event_session(d, events, web.agent_id, &web.agent_token);
+    assert!(matches!(read_event(&mut session), PceFrame::Ack { .. }));
+    assert!(matches!(read_event(&mut session), PceFrame::Event(Event::PolicyChanged { .. })));
+    assert_eq!(
+        read_event(&mut session),
+        PceFrame::Event(Event::UpgradeRequested { version: "1.2.0".into() })
+    );
+    drop(session);
+
     // A VEN of protocol 5 gets the version-5 answer, exactly.
     let old_beat = ven_proto::encode(&ven_proto::HeartbeatRequestV5 {
         applied_policy_version: 0,
