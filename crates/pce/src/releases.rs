@@ -379,6 +379,7 @@ pub fn add(
 
     let target_dir = dir(data_dir).join(target);
     fs::DirBuilder::new().recursive(true).mode(0o700).create(&target_dir).map_err(io_error(&target_dir))?;
+    sweep_abandoned(&target_dir);
     let temp = target_dir.join(format!(".{version}.tmp-{}", random_suffix()));
     fs::DirBuilder::new().mode(0o700).create(&temp).map_err(io_error(&temp))?;
     let result = (|| {
@@ -429,6 +430,28 @@ fn copy_binary(from: &Path, to: &Path, version: &str, target: &str) -> Result<Ma
     drop(copy);
     let mut written = File::open(to).map_err(io_error(to))?;
     Ok(Manifest::of_reader(version, target, &mut written)?)
+}
+
+/// A temporary directory older than this was left by an add that crashed (an add takes
+/// seconds): it is removed by the next add for the same target.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the `.VERSION.tmp-*` directories of crashed adds in `target_dir` (never read, never
+/// counted, but they hold disk); one of a concurrent add is younger and stays.
+fn sweep_abandoned(target_dir: &Path) {
+    let Ok(entries) = fs::read_dir(target_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|at| at.elapsed().ok());
+        if age.is_some_and(|age| age >= ABANDONED_AFTER) {
+            log::info!("removing {}, left by an interrupted `pce release add`", entry.path().display());
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn random_suffix() -> String {
@@ -493,6 +516,22 @@ mod tests {
             signature: [0x01; 64],
             added_at: 1_795_780_800,
         }
+    }
+
+    #[test]
+    fn an_add_sweeps_what_crashed_adds_left_but_not_a_running_one() {
+        let dir = scratch_dir("releases-sweep");
+        let target_dir = dir.join(DIR_NAME).join(TARGET);
+        let (stale, fresh) = (target_dir.join(".1.0.0.tmp-aa"), target_dir.join(".1.0.1.tmp-bb"));
+        for temp in [&stale, &fresh] {
+            fs::create_dir_all(temp).unwrap();
+            fs::write(temp.join(BINARY_FILE), b"half a copy").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - 2 * ABANDONED_AFTER;
+        File::open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+        sweep_abandoned(&target_dir);
+        assert!(!stale.exists(), "left by a crash long ago");
+        assert!(fresh.exists(), "an add may be writing it now");
     }
 
     #[test]
