@@ -118,21 +118,9 @@ impl PceClient {
 
     /// The current policy, or `None` when it is still version `have`.
     pub fn policy(&self, have: u64) -> Result<Option<Policy>, ClientError> {
-        let mut request = self
-            .agent
-            .get(self.url(path::POLICY))
-            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string());
-        if let Some(auth) = &self.authorization {
-            request = request.header("authorization", auth);
-        }
+        let mut request = self.identified(self.agent.get(self.url(path::POLICY)));
         if have != 0 {
             request = request.header("if-none-match", have.to_string());
-        }
-        if let Some(clone_token) = &self.clone_token {
-            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
-            if let Some(token) = clone_token.current() {
-                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
-            }
         }
         let response = request.call().map_err(|e| self.unreachable(e))?;
         self.decode(path::POLICY, response)
@@ -186,21 +174,8 @@ impl PceClient {
         deadline: Duration,
     ) -> Result<String, ClientError> {
         let endpoint = path::RELEASE;
-        let mut request = self
-            .agent
-            .get(self.url(endpoint))
-            .query("version", version)
-            .query("target", target)
-            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string());
-        if let Some(auth) = &self.authorization {
-            request = request.header("authorization", auth);
-        }
-        if let Some(clone_token) = &self.clone_token {
-            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
-            if let Some(token) = clone_token.current() {
-                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
-            }
-        }
+        let request = self
+            .identified(self.agent.get(self.url(endpoint)).query("version", version).query("target", target));
         let request = request.config().timeout_global(Some(deadline)).build();
         let mut response = request.call().map_err(|e| self.unreachable(e))?;
         if response.status().as_u16() != 200 {
@@ -225,6 +200,22 @@ impl PceClient {
         self.post::<_, ()>(path::DEACTIVATE, &()).map(drop)
     }
 
+    /// `request` with what every VEN API request carries: the protocol version, the credentials
+    /// and the clone token with the instance id, once there are any.
+    fn identified<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        let mut request = request.header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string());
+        if let Some(auth) = &self.authorization {
+            request = request.header("authorization", auth);
+        }
+        if let Some(clone_token) = &self.clone_token {
+            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
+            if let Some(token) = clone_token.current() {
+                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
+            }
+        }
+        request
+    }
+
     fn url(&self, endpoint: &str) -> String {
         format!("https://{}{endpoint}", self.server)
     }
@@ -245,19 +236,7 @@ impl PceClient {
         deadline: Option<Duration>,
     ) -> Result<Option<Resp>, ClientError> {
         let mut request = self
-            .agent
-            .post(self.url(endpoint))
-            .header(ven_proto::PROTOCOL_HEADER, ven_proto::PROTOCOL_VERSION.to_string())
-            .header("content-type", ven_proto::CONTENT_TYPE);
-        if let Some(auth) = &self.authorization {
-            request = request.header("authorization", auth);
-        }
-        if let Some(clone_token) = &self.clone_token {
-            request = request.header(ven_proto::INSTANCE_HEADER, clone_token.instance());
-            if let Some(token) = clone_token.current() {
-                request = request.header(ven_proto::CLONE_TOKEN_HEADER, token);
-            }
-        }
+            .identified(self.agent.post(self.url(endpoint)).header("content-type", ven_proto::CONTENT_TYPE));
         if let Some(deadline) = deadline {
             request = request.config().timeout_global(Some(deadline)).timeout_connect(Some(deadline)).build();
         }

@@ -18,7 +18,7 @@ use ven_proto::frame::{self, PceFrame, VenFrame};
 use ven_proto::{ActivateResponse, ErrorBody, PROTOCOL_VERSION};
 
 mod common;
-use common::{DataDir, Server, Ven, ca, free_port};
+use common::{DataDir, Server, Ven, free_port, tls_config};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -38,18 +38,6 @@ fn connect_from(source: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
     bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(source, 0)))?;
     connect(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)))?;
     Ok(TcpStream::from(fd))
-}
-
-fn tls_config(dir: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca(dir)).expect("CA into roots");
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    Arc::new(config)
 }
 
 /// Completes a TLS handshake on `tcp` (bounded by `timeout`).

@@ -3,20 +3,16 @@
 //! while `pce serve` runs), upgrade orders (`pce upgrade`), the heartbeat answers and bolts that
 //! carry them, and the release download (`GET /ven/v1/release`), verified as a VEN verifies it.
 
-use rustls::pki_types::ServerName;
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
-use std::time::Duration;
-use ven_proto::frame::{self, Event, PceFrame, VenFrame};
+use ven_proto::frame::{Event, PceFrame};
 use ven_proto::{
     ActivateResponse, AgentEvent, AgentEventKind, ErrorBody, HeartbeatRequest, HeartbeatResponse, HostReport,
     PROTOCOL_VERSION, PolicyState, UpgradeStep, path,
 };
 
 mod common;
-use common::{DataDir, Server, Ven, ca, cli, cli_ok, free_port};
+use common::{DataDir, Server, Ven, cli, cli_ok, event_session, free_port, read_event};
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const OTHER_TARGET: &str = "aarch64-unknown-linux-musl";
@@ -30,35 +26,6 @@ fn refused(output: Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "accepted; stdout {}", String::from_utf8_lossy(&output.stdout));
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-}
-
-fn event_session(
-    dir: &Path,
-    port: u16,
-    agent_id: u64,
-    token: &str,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca(dir)).expect("CA into roots");
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let name = ServerName::try_from("127.0.0.1").expect("server name");
-    let connection = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
-    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the event service");
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    let mut stream = rustls::StreamOwned::new(connection, tcp);
-    let hello =
-        VenFrame::Hello { protocol_version: PROTOCOL_VERSION, agent_id, agent_token: token.to_string() };
-    frame::write_frame(&mut stream, &hello).expect("send Hello");
-    stream
-}
-
-fn read_event(stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> PceFrame {
-    frame::read_frame(stream, &mut Vec::new()).expect("event frame")
 }
 
 /// A protocol-6 heartbeat naming `target` (and, with `agent_version`, a host report saying so).

@@ -3,12 +3,9 @@
 //! (ureq, trusting the CA from the data directory) and over the event service (rustls, frames from
 //! ven-proto).
 
-use rustls::pki_types::ServerName;
-use std::net::TcpStream;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ven_proto::frame::{self, Event, PceFrame, VenFrame};
+use ven_proto::frame::{Event, PceFrame};
 use ven_proto::{
     ActivateResponse, AgentEvent, AgentEventKind, CustomChain, CustomRule, Direction, ErrorBody, ErrorKind,
     FlowAck, FlowBatch, FlowRecord, FlowVerdict, HeartbeatResponse, MAX_EVENTS_PER_HEARTBEAT,
@@ -16,40 +13,10 @@ use ven_proto::{
 };
 
 mod common;
-use common::{DataDir, Server, Ven, ca, cli, cli_ok, free_port, net, protocol};
+use common::{DataDir, Server, Ven, cli, cli_ok, event_session, free_port, net, protocol, read_event};
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
     ven_proto::decode(bytes).expect("postcard body")
-}
-
-/// Opens an event session and sends Hello; returns the stream.
-fn event_session(
-    dir: &Path,
-    port: u16,
-    agent_id: u64,
-    token: &str,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca(dir)).expect("CA into roots");
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let name = ServerName::try_from("127.0.0.1").expect("server name");
-    let connection = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
-    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect to the event service");
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
-    let mut stream = rustls::StreamOwned::new(connection, tcp);
-    let hello =
-        VenFrame::Hello { protocol_version: PROTOCOL_VERSION, agent_id, agent_token: token.to_string() };
-    frame::write_frame(&mut stream, &hello).expect("send Hello");
-    stream
-}
-
-fn read_event(stream: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> PceFrame {
-    frame::read_frame(stream, &mut Vec::new()).expect("event frame")
 }
 
 #[test]

@@ -308,3 +308,40 @@ impl Ven {
 pub fn net(text: &str) -> IpNet {
     text.parse().expect("address")
 }
+
+/// The client TLS configuration of a VEN: TLS 1.3, trusting only the CA in the data directory.
+pub fn tls_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca(dir)).expect("CA into roots");
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// An event session of the current protocol, after its Hello.
+pub type EventSession = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// Opens an event session and sends Hello; returns the stream.
+pub fn event_session(dir: &Path, port: u16, agent_id: u64, token: &str) -> EventSession {
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let connection = rustls::ClientConnection::new(tls_config(dir), name).expect("TLS client");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the event service");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    let hello = ven_proto::frame::VenFrame::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id,
+        agent_token: token.to_string(),
+    };
+    ven_proto::frame::write_frame(&mut stream, &hello).expect("send Hello");
+    stream
+}
+
+/// The next frame of an event session.
+pub fn read_event(stream: &mut EventSession) -> ven_proto::frame::PceFrame {
+    ven_proto::frame::read_frame(stream, &mut Vec::new()).expect("event frame")
+}
