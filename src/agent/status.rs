@@ -171,6 +171,8 @@ impl StatusReport {
             .unwrap_or_default();
         let suspended = data.suspended_path().exists();
         let suspected_clone = read_clone_suspicion(data);
+        // The installed binary (this one) may be a release an upgrade put in place.
+        super::upgrade::identify_running_release(data);
         let mut report = Self::unpaired();
         report.connectivity = match (&identity, suspended) {
             (None, _) => Connectivity::Unpaired,
