@@ -301,6 +301,14 @@ fn a_signed_release_replaces_the_agent_while_the_firewall_stays() {
     // The agent that committed keeps enforcing: db's other ports stay closed to web.
     assert_eq!(lab.probe(Host::Web, Host::Db, DB_PORT).unwrap(), Verdict::Allowed);
     assert_ne!(lab.probe(Host::Web, Host::Db, DB_PORT + 1).unwrap(), Verdict::Allowed);
+    // Stopped, the installed binary still says which release it is.
+    let stopped = lab.ven(Host::Db, &["stop", "--direct"]).unwrap();
+    assert!(stopped.success(), "{stopped:?}");
+    let status = db_status(&lab).unwrap();
+    assert!(
+        status.contains(&format!(r#""version":"{RELEASE}""#)) && status.contains(r#""agent_running":false"#),
+        "{status}"
+    );
 }
 
 #[test]
