@@ -272,6 +272,10 @@ impl Manager {
     /// The PCE (or `ven upgrade`, `forced`) orders release `version`.
     fn order_upgrade(&mut self, version: &str, forced: bool) -> Result<super::upgrade::Ordered, String> {
         let Some(pairing) = &self.pairing else { return Err("not paired with a PCE".to_string()) };
+        // A suspended agent sends no heartbeats: a trial could never report healthy.
+        if self.suspended {
+            return Err("the VEN is suspended; `ven unsuspend` first".to_string());
+        }
         if self.trial.is_some() {
             return Err(format!("release {} is on trial; it settles first", super::upgrade::agent_version()));
         }

@@ -435,15 +435,19 @@ pub fn launch(data: &DataDir, config: &Config) {
         }
     };
     let trial_env = std::env::var_os(TRIAL_ENV).is_some();
-    let Some(mut record) = record else {
+    // What an interrupted download or staging left (a power loss before its record) is never
+    // part of an upgrade in progress: a trial's binary is the staged one named by a Trial record.
+    if !trial_env {
         if let Ok(installed) = installed_binary() {
-            if !trial_env {
+            remove_temp_files(&installed);
+            let staged_by_trial =
+                matches!(&record, Some(r) if r.phase == Phase::Trial && r.installed == installed);
+            if !staged_by_trial {
                 remove_staged(&installed);
-                remove_temp_files(&installed);
             }
         }
-        return;
-    };
+    }
+    let Some(mut record) = record else { return };
     match record.phase {
         Phase::Trial if trial_env => {}
         Phase::Trial => {
@@ -625,6 +629,13 @@ impl Trial {
     pub fn of_this_process(data: &DataDir) -> Option<Self> {
         std::env::var_os(TRIAL_ENV)?;
         let record = read_record(data).ok().flatten().filter(|record| record.phase == Phase::Trial)?;
+        // Only the staged binary itself is on trial: a variable leaked into another start must
+        // not make the old binary rename the new one into place.
+        let running = std::env::current_exe().ok()?;
+        if running != staged_path(&record.installed) {
+            log::warn!("{TRIAL_ENV} is set, but {} is not the staged binary: not a trial", running.display());
+            return None;
+        }
         log::info!(
             "on trial as release {} (from {}): committing once healthy, within {} s",
             record.version,
