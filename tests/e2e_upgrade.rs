@@ -169,7 +169,7 @@ fn start(lab: &Lab, host: Host) {
     assert!(started.success(), "{}{}\n{}", started.stdout, started.stderr, diagnostics(lab));
 }
 
-fn trust_and_add(lab: &Lab, scratch: &Scratch, binary: &Path, version: &str, key: &Path) {
+fn add_release(lab: &Lab, scratch: &Scratch, binary: &Path, version: &str, key: &Path) {
     let signature = scratch.sign(&lab.binaries().pce, binary, version, key);
     let binary = binary.to_str().unwrap();
     let added = lab.pce(&[
@@ -277,7 +277,7 @@ fn a_signed_release_replaces_the_agent_while_the_firewall_stays() {
     let (lab, _reaper) = enforcing_lab(bins, &scratch, opts);
     trust(&lab, &scratch.public_key);
     let release = scratch.release_of_ven("ven-release", "\nrelease 9.9.9-e2e\n");
-    trust_and_add(&lab, &scratch, &release, RELEASE, &scratch.key);
+    add_release(&lab, &scratch, &release, RELEASE, &scratch.key);
 
     order(&lab, RELEASE);
     let failed = wait_probing(&lab, "db running the release", Duration::from_secs(120), |json| {
@@ -330,7 +330,7 @@ fn releases_that_do_not_verify_are_refused_and_nothing_changes() {
 
     trust(&lab, &scratch.public_key);
     let release = scratch.release_of_ven("ven-wrong-key", "\nrelease wrong key\n");
-    trust_and_add(&lab, &scratch, &release, "9.9.9-wrongkey", &scratch.key);
+    add_release(&lab, &scratch, &release, "9.9.9-wrongkey", &scratch.key);
     order(&lab, "9.9.9-wrongkey");
     lab.wait_until("a refused upgrade event", Duration::from_secs(60), |lab| {
         let steps = upgrade_steps(lab);
@@ -343,7 +343,7 @@ fn releases_that_do_not_verify_are_refused_and_nothing_changes() {
     // A release altered in the PCE's store, signed with the key db pins: the PCE does not serve
     // it, and db would not take it.
     let altered = scratch.release_of_ven("ven-altered", "\nrelease altered\n");
-    trust_and_add_with_key_file(&lab, &scratch, &altered, &other_key, other_public.trim());
+    trust_instead_and_add_altered(&lab, &scratch, &altered, &other_key, other_public.trim());
     let stored =
         lab.data_dir(Host::Pce).join("releases").join(&scratch.target).join("9.9.9-altered").join("binary");
     let mut bytes = std::fs::read(&stored).expect("the stored release");
@@ -373,10 +373,10 @@ fn releases_that_do_not_verify_are_refused_and_nothing_changes() {
 
 /// Trusts `public` instead (the PCE holds one key) and adds `binary` as 9.9.9-altered signed
 /// with `key`.
-fn trust_and_add_with_key_file(lab: &Lab, scratch: &Scratch, binary: &Path, key: &Path, public: &str) {
+fn trust_instead_and_add_altered(lab: &Lab, scratch: &Scratch, binary: &Path, key: &Path, public: &str) {
     let replaced = lab.pce(&["release-key", "trust", "--replace", public]).expect("pce release-key trust");
     assert!(replaced.success(), "{}{}", replaced.stdout, replaced.stderr);
-    trust_and_add(lab, scratch, binary, "9.9.9-altered", key);
+    add_release(lab, scratch, binary, "9.9.9-altered", key);
 }
 
 #[test]
@@ -390,7 +390,7 @@ fn a_release_that_fails_at_start_is_rolled_back_and_not_tried_again() {
     // An ELF binary for this machine that exits with status 1 whatever it is asked.
     let failing = scratch.dir.join("ven-false");
     std::fs::copy("/bin/false", &failing).unwrap();
-    trust_and_add(&lab, &scratch, &failing, "9.9.9-false", &scratch.key);
+    add_release(&lab, &scratch, &failing, "9.9.9-false", &scratch.key);
 
     order(&lab, "9.9.9-false");
     // The trial dies at once; the guardian rolls back and starts the old agent.
@@ -446,7 +446,7 @@ fn a_release_not_healthy_by_its_deadline_is_rolled_back() {
     let (lab, _reaper) = enforcing_lab(bins, &scratch, opts);
     trust(&lab, &scratch.public_key);
     let release = scratch.release_of_ven("ven-unhealthy", "\nrelease unhealthy\n");
-    trust_and_add(&lab, &scratch, &release, "9.9.9-unhealthy", &scratch.key);
+    add_release(&lab, &scratch, &release, "9.9.9-unhealthy", &scratch.key);
     order(&lab, "9.9.9-unhealthy");
     let failed = wait_probing(&lab, "db rolled back at the deadline", Duration::from_secs(120), |json| {
         running_release(env!("CARGO_PKG_VERSION"))(json) && json.contains("rolled back")
@@ -480,7 +480,7 @@ fn power_loss_at_any_upgrade_step_leaves_a_working_agent() {
         // A fresh release per step, so that each upgrade is one the agent has not run.
         let version = format!("9.9.{index}-{step}");
         let release = scratch.release_of_ven(&format!("ven-{step}"), &format!("\nrelease {version}\n"));
-        trust_and_add(&lab, &scratch, &release, &version, &scratch.key);
+        add_release(&lab, &scratch, &release, &version, &scratch.key);
 
         // The agent restarts with the switch set, then the order comes.
         kill_every_process_of(std::slice::from_ref(&db_data));

@@ -287,14 +287,11 @@ impl Manager {
         match &answer {
             Ok(deferred @ super::upgrade::Ordered::Deferred(_)) if new_order => {
                 log::info!("{deferred}");
-                self.push_event(AgentEvent {
-                    at: crate::clock::now(),
-                    kind: ven_proto::AgentEventKind::Upgrade {
-                        version: version.to_string(),
-                        step: ven_proto::UpgradeStep::Deferred,
-                        detail: deferred.to_string(),
-                    },
-                });
+                self.push_event(super::upgrade::step_event(
+                    version,
+                    ven_proto::UpgradeStep::Deferred,
+                    deferred.to_string(),
+                ));
             }
             Ok(super::upgrade::Ordered::Deferred(_)) => {}
             Ok(done) if new_order || forced => log::info!("upgrade: {done}"),
@@ -330,29 +327,17 @@ impl Manager {
             return;
         }
         let Some(trial) = self.trial.take() else { return };
-        let version = trial.version().to_string();
         match trial.commit(&self.data, &self.config) {
-            Ok(event) => {
-                self.upgrade_note = super::upgrade::read_record(&self.data)
-                    .ok()
-                    .flatten()
-                    .as_ref()
-                    .map(super::upgrade::describe);
+            Ok((event, note)) => {
+                self.upgrade_note = Some(note);
                 self.push_event(event);
                 // Report it now rather than a heartbeat interval later.
                 self.next_heartbeat = Instant::now();
             }
             Err(e) => {
-                log::error!("upgrade to {version}: cannot commit: {e}; rolling back");
-                self.roll_back_trial_now(super::upgrade::Trial::of_this_process(&self.data));
+                log::error!("upgrade to {}: cannot commit: {e}; rolling back", trial.version());
+                self.relaunch = Some(trial.roll_back(&self.data, &self.config));
             }
-        }
-    }
-
-    /// A trial past its deadline (or unable to commit) rolls back: the old binary is started.
-    fn roll_back_trial_now(&mut self, trial: Option<super::upgrade::Trial>) {
-        if let Some(trial) = trial {
-            self.relaunch = Some(trial.roll_back(&self.data, &self.config));
         }
     }
 
@@ -411,8 +396,10 @@ impl Manager {
         }
         let now = Instant::now();
         if self.trial.as_ref().is_some_and(|trial| now >= trial.deadline()) {
-            let trial = self.trial.take();
-            self.roll_back_trial_now(trial);
+            // Not healthy in time: the old binary is started again.
+            if let Some(trial) = self.trial.take() {
+                self.relaunch = Some(trial.roll_back(&self.data, &self.config));
+            }
             return;
         }
         if self.enforcing() && now >= self.next_full_check {

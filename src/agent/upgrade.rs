@@ -208,7 +208,7 @@ static RUNNING_VERSION: OnceLock<String> = OnceLock::new();
 /// Finds the running binary's release label in the upgrade record ([`agent_version`]).
 pub fn identify_running_release(data: &DataDir) {
     let Ok(Some(record)) = read_record(data) else { return };
-    let Ok(digest) = running_digest() else { return };
+    let Some(digest) = running_digest() else { return };
     let label = if digest == record.sha256 {
         record.version
     } else if digest == record.from_sha256 {
@@ -219,10 +219,14 @@ pub fn identify_running_release(data: &DataDir) {
     let _ = RUNNING_VERSION.set(label);
 }
 
-fn running_digest() -> Result<[u8; 32], ReleaseError> {
-    let mut file = File::open("/proc/self/exe")
-        .map_err(|e| ReleaseError::Read { version: agent_version().into(), cause: e.to_string() })?;
-    Ok(Manifest::of_reader("running", "running-binary", &mut file)?.sha256)
+/// The SHA-256 of the running binary, read once: `/proc/self/exe` names the inode this process
+/// runs, which a rename over its path does not change.
+fn running_digest() -> Option<[u8; 32]> {
+    static DIGEST: OnceLock<Option<[u8; 32]>> = OnceLock::new();
+    *DIGEST.get_or_init(|| {
+        let mut file = File::open("/proc/self/exe").ok()?;
+        Manifest::of_reader("running", "running-binary", &mut file).ok().map(|manifest| manifest.sha256)
+    })
 }
 
 /// The pinned release key: the configuration's `release_key`, else the one `ven activate
@@ -665,27 +669,34 @@ impl Trial {
     }
 
     /// The agent is healthy: the staged binary replaces the installed one (the commit point),
-    /// then the record says so.
-    pub fn commit(mut self, data: &DataDir, config: &Config) -> Result<AgentEvent, UpgradeError> {
+    /// then the record says so. Fails only before the commit point (the caller rolls back);
+    /// past it, a record that cannot be written is settled as committed by the next launcher.
+    /// Returns the event for the PCE and what `ven status` says of it.
+    pub fn commit(&self, data: &DataDir, config: &Config) -> Result<(AgentEvent, String), UpgradeError> {
         maybe_killed_at(config, KillStep::Healthy);
         let staged = staged_path(&self.record.installed);
         std::fs::rename(&staged, &self.record.installed)
             .map_err(UpgradeError::file(&self.record.installed))?;
-        if let Some(dir) = self.record.installed.parent() {
-            sync_dir(dir)?;
-        }
         maybe_killed_at(config, KillStep::Renamed);
-        self.record.phase = Phase::Committed;
-        self.record.detail = format!("upgraded from {}", self.record.from_version);
-        self.record.at = crate::clock::now();
-        self.record.reported = true;
-        write_record(data, &self.record)?;
+        if let Some(dir) = self.record.installed.parent() {
+            if let Err(e) = sync_dir(dir) {
+                log::error!("{e}");
+            }
+        }
+        let mut record = self.record.clone();
+        record.phase = Phase::Committed;
+        record.detail = format!("upgraded from {}", record.from_version);
+        record.at = crate::clock::now();
+        record.reported = true;
+        if let Err(e) = write_record(data, &record) {
+            log::error!("{e}; the next start settles the upgrade as committed");
+        }
         log::info!(
             "upgrade to {} committed: {} is the installed binary",
-            self.record.version,
-            self.record.installed.display()
+            record.version,
+            record.installed.display()
         );
-        Ok(event(&self.record, UpgradeStep::Committed))
+        Ok((event(&record, UpgradeStep::Committed), describe(&record)))
     }
 
     /// Not healthy in time: rolls back and returns the binary to run instead.
@@ -697,13 +708,14 @@ impl Trial {
 }
 
 fn event(record: &UpgradeRecord, step: UpgradeStep) -> AgentEvent {
+    step_event(&record.version, step, record.detail.clone())
+}
+
+/// The event for the PCE saying that the upgrade to `version` took `step`.
+pub fn step_event(version: &str, step: UpgradeStep, detail: String) -> AgentEvent {
     AgentEvent {
         at: crate::clock::now(),
-        kind: AgentEventKind::Upgrade {
-            version: record.version.clone(),
-            step,
-            detail: record.detail.clone(),
-        },
+        kind: AgentEventKind::Upgrade { version: version.to_string(), step, detail: truncated(detail) },
     }
 }
 
@@ -845,14 +857,7 @@ impl Upgrader {
         let Some((version, thread)) = self.running.take() else { return Outcome::Report(None) };
         let refused = |detail: String| {
             log::error!("upgrade to {version} refused: {detail}");
-            Outcome::Report(Some(AgentEvent {
-                at: crate::clock::now(),
-                kind: AgentEventKind::Upgrade {
-                    version: version.clone(),
-                    step: UpgradeStep::Refused,
-                    detail: truncated(detail),
-                },
-            }))
+            Outcome::Report(Some(step_event(&version, UpgradeStep::Refused, detail)))
         };
         let manifest = match thread.join() {
             Ok(Ok(manifest)) => manifest,

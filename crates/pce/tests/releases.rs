@@ -158,15 +158,7 @@ fn releases_are_stored_ordered_announced_and_served_verified() {
     drop(session);
 
     // A VEN of protocol 5 gets the version-5 answer, exactly.
-    let old_beat = ven_proto::encode(&ven_proto::HeartbeatRequestV5 {
-        applied_policy_version: 0,
-        applied_state: PolicyState::Idle,
-        apply_error: None,
-        host: None,
-        events: Vec::new(),
-    });
-    let (status, body) =
-        ven.call("POST", path::HEARTBEAT, Some(&web_auth), &[(ven_proto::PROTOCOL_HEADER, "5")], old_beat);
+    let (status, body) = ven.old_heartbeat(&web_auth, 5);
     assert_eq!(status, 200);
     let v5: ven_proto::HeartbeatResponseV5 = decode(&body);
     assert_eq!(body, ven_proto::encode(&v5), "nothing a version-5 VEN does not know");

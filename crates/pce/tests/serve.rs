@@ -614,15 +614,7 @@ fn support_reports_are_requested_uploaded_and_checked() {
     assert_eq!(status, 200);
     assert_eq!(decode::<HeartbeatResponse>(&body).support_report_request, Some(request));
     // A VEN of protocol 4 decodes the version-4 answer: the same bytes, without the request.
-    let beat = ven_proto::encode(&ven_proto::HeartbeatRequestV5 {
-        applied_policy_version: 0,
-        applied_state: PolicyState::Idle,
-        apply_error: None,
-        host: None,
-        events: Vec::new(),
-    });
-    let (status, body) =
-        ven.call("POST", path::HEARTBEAT, Some(&auth), &[(ven_proto::PROTOCOL_HEADER, "4")], beat);
+    let (status, body) = ven.old_heartbeat(&auth, 4);
     assert_eq!(status, 200);
     let old: ven_proto::HeartbeatResponseV4 = decode(&body);
     assert_eq!(body, ven_proto::encode(&old), "nothing a version-4 VEN does not know");

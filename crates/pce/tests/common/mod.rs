@@ -271,6 +271,25 @@ impl Ven {
         self.post(path::HEARTBEAT, Some(auth), &beat)
     }
 
+    /// A heartbeat as a VEN of protocol `protocol` (3 to 5) sends it (`HeartbeatRequestV5`).
+    pub fn old_heartbeat(&self, auth: &str, protocol: u16) -> (u16, Vec<u8>) {
+        let beat = ven_proto::encode(&ven_proto::HeartbeatRequestV5 {
+            applied_policy_version: 0,
+            applied_state: PolicyState::Idle,
+            apply_error: None,
+            host: None,
+            events: Vec::new(),
+        });
+        let protocol = protocol.to_string();
+        self.call(
+            "POST",
+            path::HEARTBEAT,
+            Some(auth),
+            &[(ven_proto::PROTOCOL_HEADER, protocol.as_str())],
+            beat,
+        )
+    }
+
     pub fn suspend(&self, auth: &str, suspended: bool, previous_state: Option<PolicyState>) -> u16 {
         self.post(path::SUSPEND, Some(auth), &SuspendNotice { suspended, previous_state }).0
     }
